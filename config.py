@@ -1,0 +1,310 @@
+"""Configuration: the known keys with their defaults, loading a YAML file, key=value overrides, validation.
+
+A config is a plain nested dict ``{"unet": {...}, "train": {...}, "augment": {...}}`` of plain values
+(numbers, strings, lists), so it can be written to YAML and stored inside checkpoints as it is.
+``load_config`` is the only entry point the scripts need; it returns a complete, validated config or
+raises ``ConfigError`` with one line per problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem with the user's config, data or files: printed as one line, without a traceback."""
+
+
+class ConfigError(UserError):
+    """One or more config problems, one per line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key: its default, its type and the values it accepts."""
+
+    default: Any
+    kind: str  # int | float | bool | str | int_list | float_list | weights
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+    nullable: bool = False
+    aliases: dict = field(default_factory=dict)  # legacy value -> canonical value
+
+
+DATASETS = ("synthetic", "isbi2012", "pennfudan", "folder")
+DATASET_ALIASES = {"em": "isbi2012", "cells": "isbi2012", "pedestrian": "pennfudan"}
+SCHEDULES = ("warmup-cosine", "cosine", "constant", "poly")
+
+SCHEMA: dict[str, dict[str, Option]] = {
+    "unet": {
+        "input_channels": Option([16, 32, 64, 128], "int_list", "widths of the contracting path; the bottleneck has twice the last (paper: [64, 128, 256, 512])", minimum=1),
+        "image_channels": Option(1, "int", "channels of the input images: 1 grayscale, 3 RGB", minimum=1),
+        "num_classes": Option(2, "int", "output classes; masks hold class indices 0..num_classes-1", minimum=2),
+        "padding": Option(0, "int", "0: the paper's valid 3x3 convolutions (output smaller than input); 1: same-size output", choices=(0, 1)),
+        "norm": Option("batch", "str", "normalisation after each convolution (paper: none)", choices=("layer", "batch", "group", "instance", "none")),
+        "upsample": Option("transpose", "str", "transpose: the paper's 2x2 up-convolution; bilinear: upsampling + 1x1 convolution", choices=("transpose", "bilinear")),
+        "dropout": Option(0.0, "float", "dropout probability at the end of the contracting path (paper: 0.5)", minimum=0.0, maximum=0.99),
+        "use_ln": Option(None, "bool", "legacy seed key: true means norm: layer, false means norm: none", nullable=True),
+        "input_shape": Option(None, "int_list", "legacy seed key, ignored: the model works at every valid input size", nullable=True),
+    },
+    "train": {
+        "dataset_name": Option("synthetic", "str", "synthetic (generated EM-like cells), isbi2012 (alias em, cells), pennfudan (alias pedestrian), folder", choices=DATASETS, aliases=DATASET_ALIASES),
+        "data": Option("data", "str", "path to the data set (not used by synthetic)"),
+        "synthetic_images": Option(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2),
+        "synthetic_size": Option(256, "int", "side of each synthetic image in pixels", minimum=32),
+        "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, chosen from train.seed", above=0.0, maximum=0.9),
+        "tile_size": Option(252, "int", "side of the network's input tile in pixels; with padding 0 the labelled output tile is smaller", minimum=8),
+        "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
+        "batch_size": Option(4, "int", "tiles per optimisation step", minimum=1),
+        "max_epochs": Option(40, "int", "number of epochs", minimum=1),
+        "optim": Option("adam", "str", "optimizer: adamw, adam or sgd (with momentum)", choices=("adamw", "adam", "sgd")),
+        "lr": Option(1e-3, "float", "peak learning rate", above=0.0),
+        "min_lr": Option(0.0, "float", "learning rate at the end of the cosine and poly schedules", minimum=0.0),
+        "weight_decay": Option(0.0, "float", "weight decay (decoupled for adamw)", minimum=0.0),
+        "momentum": Option(0.99, "float", "SGD momentum (paper: 0.99)", minimum=0.0, maximum=0.999999),
+        "scheduler_type": Option("warmup-cosine", "str", "learning-rate schedule, stepped every batch: warmup-cosine, cosine, constant, poly (nnU-Net)", choices=SCHEDULES),
+        "warmup_epochs": Option(1.0, "float", "linear warm-up length in epochs, for any schedule (0: none)", minimum=0.0),
+        "grad_clip": Option(1.0, "float", "clip the gradient norm to this value (0: off)", minimum=0.0),
+        "use_bitsandbytes": Option(False, "bool", "use bitsandbytes' 8-bit Adam/AdamW when it works on the device, else torch's"),
+        "loss": Option("ce", "str", "ce: the paper's weighted cross-entropy; dice: soft Dice; ce+dice: their sum", choices=("ce", "dice", "ce+dice")),
+        "class_weights": Option("balanced", "weights", "balanced: the paper's w_c from class frequencies; none; or one weight per class"),
+        "w_0": Option(10.0, "float", "weight of the border term separating touching cells (paper: 10; 0: off)", minimum=0.0),
+        "sigma": Option(5.0, "float", "width of the border term in pixels (paper: about 5)", above=0.0),
+        "device": Option("auto", "str", "auto (CUDA when present), cpu, cuda or cuda:N"),
+        "num_workers": Option(0, "int", "data loader worker processes (0: load in the training process)", minimum=0),
+        "seed": Option(0, "int", "random seed for the weights, the split, the tiles and the augmentation", minimum=0),
+        "save_path": Option("weights", "str", "checkpoints go to save_path/<run>/last.pt and best.pt"),
+        "log_path": Option("logs", "str", "each run writes its config, metrics.csv and curves.png to log_path/<run>/"),
+        "run_name": Option(None, "str", "name of the run folder (default: date, time and data set)", nullable=True),
+        "eval_epoch": Option(1, "int", "validate every this many epochs", minimum=1),
+        "log_epoch": Option(1, "int", "write metrics.csv and curves.png every this many epochs", minimum=1),
+        "save_epoch": Option(1, "int", "save the last checkpoint every this many epochs", minimum=1),
+        "early_stopping": Option(0, "int", "stop after this many epochs without a better validation loss (0: never)", minimum=0),
+        "resume": Option(None, "str", "auto: continue the newest run in save_path; or a checkpoint path", nullable=True),
+    },
+    "augment": {
+        "flip": Option(True, "bool", "random horizontal and vertical flips"),
+        "rotate90": Option(True, "bool", "random rotations by multiples of 90 degrees"),
+    },
+}
+
+
+def default_config() -> dict:
+    """A complete config holding every key's default value."""
+    return {section: {key: _copy(option.default) for key, option in options.items()} for section, options in SCHEMA.items()}
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ``["train.lr=3e-4", "unet.input_channels=[16,32]"]`` into a nested dict; values are YAML."""
+    nested: dict = {}
+    problems = []
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            problems.append(f"{item!r}: overrides are written section.key=value, for example train.lr=3e-4")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problems.append(f"{name}: cannot read the value {text!r} as YAML ({error.problem})")
+            continue
+        nested.setdefault(section, {})[key] = value
+    if problems:
+        raise ConfigError(problems)
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file (``yaml.safe_load`` only); an empty file is an empty config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML: {str(error).splitlines()[0]}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: a config is a mapping of sections (unet:, train:, augment:), not {type(data).__name__}"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), notices: list | None = None) -> dict:
+    """Defaults, then the file at ``path`` (if any), then ``section.key=value`` overrides; validated.
+
+    Legacy seed keys are translated: ``unet.use_ln`` to ``unet.norm`` and ``train.dataset_name`` aliases
+    to their canonical names; ``unet.input_shape`` is ignored. One line per such translation is appended
+    to ``notices`` so that the caller can print it.
+    """
+    user = read_yaml(path) if path is not None else {}
+    return resolve(merge_overrides(user, overrides), notices)
+
+
+def merge_overrides(user: dict, overrides: Sequence[str]) -> dict:
+    """A copy of the (partial) config ``user`` with ``section.key=value`` overrides applied."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in user.items()}
+    for section, values in parse_overrides(overrides).items():
+        if isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def resolve(user: dict, notices: list | None = None) -> dict:
+    """Merge a user's (partial) config over the defaults and validate it; see ``load_config``."""
+    notices = [] if notices is None else notices
+    config = default_config()
+    problems = []
+    for section, values in user.items():
+        if section not in SCHEMA:
+            problems.append(f"{section}: unknown section{_suggest(str(section), SCHEMA)}; known sections: {', '.join(SCHEMA)}")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{section}: expected a mapping of keys, got {values!r}")
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            option = SCHEMA[section].get(key)
+            if option is None:
+                known = [f"{s}.{k}" for s, options in SCHEMA.items() for k in options]
+                problems.append(f"{name}: unknown key{_suggest(name, known)}")
+                continue
+            try:
+                config[section][key] = _check(name, option, value)
+            except ValueError as error:
+                problems.append(str(error))
+    if problems:
+        raise ConfigError(problems)
+    _apply_legacy(config, user.get("unet") or {}, notices)
+    _check_device(config["train"]["device"], problems)
+    class_weights = config["train"]["class_weights"]
+    if isinstance(class_weights, list) and len(class_weights) != config["unet"]["num_classes"]:
+        problems.append(f"train.class_weights: {len(class_weights)} weights given but unet.num_classes is {config['unet']['num_classes']}")
+    if config["train"]["min_lr"] > config["train"]["lr"]:
+        problems.append(f"train.min_lr ({config['train']['min_lr']}) is above train.lr ({config['train']['lr']})")
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check(name: str, option: Option, value: Any) -> Any:
+    """Return ``value`` converted to the option's type, or raise ValueError naming the key."""
+    if value is None:
+        if option.nullable:
+            return None
+        raise ValueError(f"{name}: a value is required ({option.help})")
+    value = option.aliases.get(value, value) if isinstance(value, str) else value
+    if option.kind == "int":
+        value = _as_int(name, value)
+    elif option.kind == "float":
+        value = _as_float(name, value)
+    elif option.kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+    elif option.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name}: expected a text value, got {value!r}")
+    elif option.kind == "int_list":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name}: expected a list of integers such as [16, 32, 64], got {value!r}")
+        value = [_as_int(name, item) for item in value]
+    elif option.kind == "weights":
+        if isinstance(value, str) and value in ("balanced", "none"):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name}: expected balanced, none or a list of one weight per class, got {value!r}")
+        value = [_as_float(name, item) for item in value]
+        if any(item < 0 for item in value) or not any(item > 0 for item in value):
+            raise ValueError(f"{name}: class weights must be >= 0 and not all 0, got {value}")
+        return value
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, option.choices))}{_suggest(str(value), list(map(str, option.choices)))}")
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            _check_range(name, option, item)
+    return value
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
+    # YAML 1.1 reads 1e-5 (no dot) as text, so numbers written that way arrive as strings.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_range(name: str, option: Option, value: float) -> None:
+    if option.minimum is not None and value < option.minimum:
+        raise ValueError(f"{name}: must be >= {option.minimum}, got {value}")
+    if option.maximum is not None and value > option.maximum:
+        raise ValueError(f"{name}: must be <= {option.maximum}, got {value}")
+    if option.above is not None and value <= option.above:
+        raise ValueError(f"{name}: must be > {option.above}, got {value}")
+
+
+def _apply_legacy(config: dict, user_unet: dict, notices: list) -> None:
+    unet = config["unet"]
+    if unet["use_ln"] is not None:
+        legacy_norm = "layer" if unet["use_ln"] else "none"
+        if "norm" in user_unet and user_unet["norm"] != legacy_norm:
+            raise ConfigError([f"unet.use_ln: {unet['use_ln']} contradicts unet.norm: {unet['norm']}; remove unet.use_ln (a legacy key)"])
+        unet["norm"] = legacy_norm
+        notices.append(f"unet.use_ln: {unet['use_ln']} is a legacy key: using unet.norm: {legacy_norm}")
+        unet["use_ln"] = None
+    if unet["input_shape"] is not None:
+        notices.append("unet.input_shape is ignored: the model works at every valid input size")
+        unet["input_shape"] = None
+
+
+def _check_device(device: str, problems: list) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        problems.append(f"train.device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def config_to_yaml(config: dict) -> str:
+    """The config as YAML text, sections and keys in schema order."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def architecture_differences(saved: dict, current: dict) -> list[str]:
+    """The ``unet.*`` keys that change the weights' shapes or meaning, where two configs differ."""
+    keys = ("input_channels", "image_channels", "num_classes", "padding", "norm", "upsample")
+    return [f"unet.{key}: checkpoint {saved['unet'].get(key)!r}, config {current['unet'][key]!r}" for key in keys if saved["unet"].get(key) != current["unet"][key]]

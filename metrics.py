@@ -1,0 +1,48 @@
+"""Segmentation metrics from a confusion matrix: pixel error, accuracy, per-class IoU and Dice."""
+
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Count pixels by (true class, predicted class).
+
+    Parameters
+    ----------
+    prediction, target : int tensors of the same shape, class indices in 0..num_classes-1.
+
+    Returns
+    -------
+    (num_classes, num_classes) int64 tensor on the CPU; row = true class, column = predicted class.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    index = target.reshape(-1).long() * num_classes + prediction.reshape(-1).long()
+    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Scores from a confusion matrix (rows: true class, columns: predicted class).
+
+    Returns ``pixel_error`` (fraction of wrong pixels, as in the ISBI 2012 challenge), ``accuracy``,
+    ``iou_<c>`` and ``dice_<c>`` for every class c, and ``iou`` / ``dice``: the mean over the foreground
+    classes 1..K-1 (for two classes, the scores of class 1). A class absent from both prediction and
+    target scores 1 (nothing to find, nothing wrongly found).
+    """
+    confusion = confusion.double()
+    total = confusion.sum().item()
+    correct = confusion.diagonal().sum().item()
+    scores = {"pixel_error": 1 - correct / total, "accuracy": correct / total}
+    true_positive = confusion.diagonal()
+    false_positive = confusion.sum(0) - true_positive
+    false_negative = confusion.sum(1) - true_positive
+    for c in range(confusion.shape[0]):
+        tp, fp, fn = true_positive[c].item(), false_positive[c].item(), false_negative[c].item()
+        scores[f"iou_{c}"] = tp / (tp + fp + fn) if tp + fp + fn else 1.0
+        scores[f"dice_{c}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    foreground = range(1, confusion.shape[0])
+    scores["iou"] = sum(scores[f"iou_{c}"] for c in foreground) / len(foreground)
+    scores["dice"] = sum(scores[f"dice_{c}"] for c in foreground) / len(foreground)
+    return scores

@@ -1,0 +1,134 @@
+"""Config loading, overrides and validation."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import SCHEMA, ConfigError, default_config, load_config, parse_overrides, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The configuration block of the seed repository's README, verbatim (device overridden below).
+SEED_README_CONFIG = """
+unet:
+  input_channels: [64, 128, 256, 512]
+  # input_shape: [570, 282, 138, 66, 30, 54, 102, 198, 390]
+  input_shape: [320, 160, 80, 40, 20]
+  num_classes: 2
+  image_channels: 3
+  dropout: 0.1
+  use_ln: True
+  padding: 1
+
+train:
+  data: 'data'
+  batch_size: 8
+  scheduler_type: 'warmup-cosine'
+  max_epochs: 50
+  warmup_epochs: 4
+  use_bitsandbytes: True
+  optim: 'adamw'
+  lr: 1e-5
+  device: 'cuda'
+  save_path: 'weights'
+  eval_epoch: 1
+  log_epoch: 1
+  save_epoch: 3
+  log_path: 'logs'
+  early_stopping: 50
+  w_0: 1.1
+  dataset_name: "pedestrian"
+"""
+
+
+def problems_of(user: dict) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        resolve(user)
+    return caught.value.problems
+
+
+def test_shipped_config_documents_every_key_and_loads():
+    text = (ROOT / "config.yaml").read_text()
+    config = load_config(ROOT / "config.yaml")
+    for section, options in SCHEMA.items():
+        for key in options:
+            line = next((line for line in text.splitlines() if re.match(rf"\s+{key}:", line)), None)
+            assert line is not None, f"{section}.{key} missing from config.yaml"
+            assert "#" in line and line.split("#", 1)[1].strip(), f"{section}.{key} has no comment in config.yaml"
+    assert set(config) == set(SCHEMA)
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    problems = problems_of({"unet": {"nrom": "batch"}, "train": {"learning_rate": 0.1}})
+    assert problems[0].startswith("unet.nrom: unknown key") and "did you mean unet.norm?" in problems[0]
+    assert problems[1].startswith("train.learning_rate: unknown key")
+    assert "did you mean" in problems_of({"trian": {"lr": 1}})[0]
+
+
+def test_wrong_types_and_ranges_are_one_line_each():
+    problems = problems_of({"train": {"batch_size": "eight", "lr": -1, "val_fraction": 1.5, "use_bitsandbytes": "yes please"}, "unet": {"padding": 2, "norm": "layernorm"}})
+    assert len(problems) == 6
+    text = "\n".join(problems)
+    assert "train.batch_size: expected an integer" in text
+    assert "train.lr: must be > 0.0" in text
+    assert "train.val_fraction: must be <= 0.9" in text
+    assert "train.use_bitsandbytes: expected true or false" in text
+    assert "unet.padding: 2 is not one of 0, 1" in text
+    assert "unet.norm: 'layernorm' is not one of" in text and "did you mean layer?" in text
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    # PyYAML reads 1e-5 as the string '1e-5'
+    assert yaml.safe_load("lr: 1e-5")["lr"] == "1e-5"
+    config = load_config(None, ["train.lr=1e-5", "train.weight_decay=5E-4"])
+    assert config["train"]["lr"] == pytest.approx(1e-5) and isinstance(config["train"]["lr"], float)
+    assert config["train"]["weight_decay"] == pytest.approx(5e-4)
+
+
+def test_overrides_are_yaml_and_applied_over_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  batch_size: 2\n")
+    config = load_config(path, ["train.lr=3e-4", "unet.input_channels=[8, 16]", "train.run_name=null", "augment.flip=false"])
+    assert config["train"]["lr"] == pytest.approx(3e-4)
+    assert config["train"]["batch_size"] == 2
+    assert config["unet"]["input_channels"] == [8, 16]
+    assert config["train"]["run_name"] is None and config["augment"]["flip"] is False
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["trainlr=3"])
+
+
+def test_seed_readme_config_is_accepted_with_the_same_meaning(tmp_path):
+    path = tmp_path / "seed.yaml"
+    path.write_text(SEED_README_CONFIG)
+    notices = []
+    config = load_config(path, ["train.device=cpu"], notices)
+    assert config["unet"]["norm"] == "layer"  # use_ln: True
+    assert config["unet"]["input_shape"] is None
+    assert config["train"]["dataset_name"] == "pennfudan"
+    assert config["train"]["lr"] == pytest.approx(1e-5)
+    assert config["train"]["w_0"] == pytest.approx(1.1) and config["train"]["early_stopping"] == 50
+    assert any("use_ln" in n for n in notices) and any("input_shape is ignored" in n for n in notices)
+    assert load_config(path, ["train.device=cpu", "unet.use_ln=false"])["unet"]["norm"] == "none"
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_config(path, ["unet.norm=batch"])
+
+
+def test_device_and_class_weight_checks():
+    assert "train.device" in problems_of({"train": {"device": "gpu"}})[0]
+    assert problems_of({"train": {"class_weights": [1, 2, 3]}}) == ["train.class_weights: 3 weights given but unet.num_classes is 2"]
+    assert resolve({"train": {"class_weights": [1, "2e0"]}})["train"]["class_weights"] == [1.0, 2.0]
+
+
+def test_defaults_are_valid():
+    assert resolve({}) == default_config()
+
+
+def test_cli_unknown_key_fails_in_one_line():
+    result = subprocess.run([sys.executable, "training.py", "train.max_epochs=1", "unet.foo=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unet.foo" in lines[0] and "unknown key" in lines[0]

@@ -1,0 +1,208 @@
+"""The training loop: outputs, reproducibility, exact resume, interruption, NaN, errors."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import training
+from config import UserError, load_config
+from training import build_optimizer, lr_factor, resolve_device, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny U-Net (widths 4, 8; depth 2 with valid convolutions: 60 px in, 20 px out) on small synthetic
+# images: 4 training images x 2 tiles = 4 steps of 2 tiles per epoch, 2 validation images.
+TINY = [
+    "unet.input_channels=[4, 8]",
+    "unet.padding=0",
+    "train.synthetic_images=6",
+    "train.synthetic_size=64",
+    "train.val_fraction=0.34",
+    "train.tile_size=60",
+    "train.samples_per_image=2",
+    "train.batch_size=2",
+    "train.warmup_epochs=0.5",
+    "train.device=cpu",
+]
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> dict:
+    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"]
+    return load_config(None, TINY + paths + list(overrides))
+
+
+def read_rows(run_log: Path) -> list[dict]:
+    with (run_log / "metrics.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def final_weights(summary: dict) -> dict:
+    return torch.load(summary["run_weights"] / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_lr_schedules_by_hand():
+    assert lr_factor(0, 100, 10, "warmup-cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "warmup-cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)  # half-way: (1 + cos(pi/2)) / 2
+    assert lr_factor(100, 100, 10, "cosine", min_factor=0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 0, "poly") == pytest.approx(0.5**0.9)
+    assert lr_factor(70, 100, 0, "constant") == 1.0
+
+
+def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
+    config = tiny_config(tmp_path, "train.max_epochs=2")
+    summary = train(config)
+    run_log, run_weights = summary["run_log"], summary["run_weights"]
+    assert run_log.parent == tmp_path / "logs" and run_weights.parent == tmp_path / "weights"
+    rows = read_rows(run_log)
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert all(0 <= float(row["val_pixel_error"]) <= 1 and math.isfinite(float(row["train_loss"])) for row in rows)
+    for name in ("curves.png", "weight_map.png"):
+        assert (run_log / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(run_log / "config.yaml") == config
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run_weights / name, weights_only=True)
+        assert state["config"] == config
+        assert {"model", "optimizer", "scheduler", "progress", "rng"} <= state.keys()
+    last = torch.load(run_weights / "last.pt", weights_only=True)
+    assert last["progress"]["epoch"] == 2 and last["progress"]["step"] == 8
+    assert not list(run_weights.glob("*.tmp"))
+
+
+def test_same_seed_same_losses_and_weights(tmp_path):
+    first = train(tiny_config(tmp_path / "a", "train.max_epochs=1"))
+    second = train(tiny_config(tmp_path / "b", "train.max_epochs=1"))
+    other = train(tiny_config(tmp_path / "c", "train.max_epochs=1", "train.seed=1"))
+    assert read_rows(first["run_log"])[0]["train_loss"] == read_rows(second["run_log"])[0]["train_loss"]
+    assert_same_weights(final_weights(first), final_weights(second))
+    assert read_rows(first["run_log"])[0]["train_loss"] != read_rows(other["run_log"])[0]["train_loss"]
+
+
+def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    baseline = train(tiny_config(tmp_path / "baseline", "train.max_epochs=3"))
+    step_count = [0]
+    original_step = training.train_step
+
+    def step_then_interrupt(*args, **kwargs):
+        loss = original_step(*args, **kwargs)
+        step_count[0] += 1
+        if step_count[0] == 6:  # epoch 2, batch 2 of 4: as if the user pressed Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(training, "train_step", step_then_interrupt)
+    stopped = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3"))
+    assert stopped["interrupted"] and stopped["epoch"] == 1 and stopped["batch"] == 2
+    monkeypatch.setattr(training, "train_step", original_step)
+    resumed = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", "train.resume=auto"))
+    assert not resumed["interrupted"] and resumed["run_log"] == stopped["run_log"]
+    assert_same_weights(final_weights(resumed), final_weights(baseline))
+    assert [row["train_loss"] for row in read_rows(resumed["run_log"])] == [row["train_loss"] for row in read_rows(baseline["run_log"])]
+
+
+def test_sigkill_mid_run_then_resume_auto(tmp_path):
+    overrides = TINY + [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.max_epochs=60", "train.run_name=killed"]
+    process = subprocess.Popen([sys.executable, "training.py", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "weights" / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=True)["progress"]["epoch"] >= 2):
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved_epoch = torch.load(last, weights_only=True)["progress"]["epoch"]
+    assert 2 <= saved_epoch < 60
+    resumed = subprocess.run([sys.executable, "training.py", *overrides[:-2], "train.max_epochs=" + str(saved_epoch + 2), "train.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {last}" in resumed.stdout
+    epochs = [int(row["epoch"]) for row in read_rows(tmp_path / "logs" / "killed")]
+    assert epochs == list(range(1, saved_epoch + 3))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
+    first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=nan"))
+    best = (first["run_weights"] / "best.pt").read_bytes()
+    original_loss = training.segmentation_loss
+    monkeypatch.setattr(training, "segmentation_loss", lambda *args: original_loss(*args) * float("nan"))
+    with pytest.raises(UserError, match="training loss became nan"):
+        train(tiny_config(tmp_path, "train.max_epochs=3", "train.resume=auto"))
+    assert (first["run_weights"] / "best.pt").read_bytes() == best
+
+
+def test_resume_with_another_architecture_names_the_keys(tmp_path):
+    first = train(tiny_config(tmp_path, "train.max_epochs=1"))
+    with pytest.raises(UserError, match=r"unet\.input_channels: checkpoint \[4, 8\], config \[4, 8, 16\]"):
+        train(tiny_config(tmp_path, "unet.input_channels=[4, 8, 16]", "train.tile_size=124", f"train.resume={first['run_weights'] / 'last.pt'}"))
+
+
+def test_runs_never_overwrite_each_other(tmp_path):
+    first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
+    second = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
+    assert first["run_log"].name == "same" and second["run_log"].name == "same-2"
+    assert (first["run_weights"] / "last.pt").exists() and (second["run_weights"] / "last.pt").exists()
+
+
+def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch):
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
+    monkeypatch.setattr(training, "evaluate", lambda *args: {"val_loss": next(losses), "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8})
+    summary = train(tiny_config(tmp_path, "train.max_epochs=6", "train.early_stopping=2"))
+    assert summary["epoch"] == 4 and summary["best_epoch"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_bitsandbytes_falls_back_to_torch_with_a_notice(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    model = torch.nn.Linear(2, 2)
+    train_config = load_config(None, ["train.use_bitsandbytes=true", "train.optim=adamw"])["train"]
+    optimizer = build_optimizer(model, train_config, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW
+    assert "bitsandbytes' 8-bit adamw does not work on cpu" in capsys.readouterr().err
+
+
+def test_test_script_reproduces_the_validation_scores_and_writes_figures(tmp_path):
+    summary = train(tiny_config(tmp_path, "train.max_epochs=2"))
+    best = summary["run_weights"] / "best.pt"
+    best_epoch = torch.load(best, weights_only=True)["progress"]["best_epoch"]
+    logged = next(row for row in read_rows(summary["run_log"]) if int(row["epoch"]) == best_epoch)
+    output = tmp_path / "figures"
+    result = subprocess.run([sys.executable, "test.py", "--checkpoint", str(best), "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    overall = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["all"]).split()
+    assert float(overall[1]) == pytest.approx(float(logged["val_pixel_error"]), abs=1e-4)
+    assert float(overall[2]) == pytest.approx(float(logged["val_dice"]), abs=1e-4)
+    figures = sorted(output.glob("val_*.png"))
+    assert len(figures) == 2 and all(path.read_bytes()[:4] == b"\x89PNG" for path in figures)
+
+
+def test_test_script_errors_are_one_line(tmp_path):
+    missing = subprocess.run([sys.executable, "test.py", f"train.save_path={tmp_path / 'nothing'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"]
+    summary = train(tiny_config(tmp_path, "train.max_epochs=1"))
+    config_path = tmp_path / "other.yaml"
+    config_path.write_text("unet:\n  input_channels: [4, 8, 16]\n  norm: layer\n")
+    other = subprocess.run([sys.executable, "test.py", "--checkpoint", str(summary["run_weights"] / "best.pt"), "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unet.input_channels" in lines[0] and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]

@@ -1,0 +1,434 @@
+"""Train a U-Net (Ronneberger et al. 2015) from a YAML config.
+
+    python training.py [--config config.yaml] [section.key=value ...]
+
+for example ``python training.py train.lr=3e-4 unet.input_channels=[16,32,64,128]``. Each run writes
+its resolved config, ``metrics.csv``, ``curves.png`` and a weight-map figure to ``log_path/<run>/`` and
+its checkpoints ``last.pt`` and ``best.pt`` to ``save_path/<run>/``. ``train.resume=auto`` continues the
+newest run exactly where it stopped; Ctrl-C saves ``last.pt`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import ConfigError, UserError, architecture_differences, config_to_yaml, load_config
+from dataset import EpochSampler, build_datasets, save_weight_map_figure
+from losses import segmentation_loss
+from metrics import confusion_matrix, segmentation_scores
+from model import UNet, count_parameters
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_pixel_error", "val_dice", "val_iou", "epoch_seconds", "images_per_second")
+CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
+
+
+def note(message: str) -> None:
+    """A one-line notice to the user, printed without disturbing the progress bar."""
+    tqdm.write(f"note: {message}", file=sys.stderr)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an explicit device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {name!r} but PyTorch sees no CUDA GPU here (a CPU-only build or no driver); use train.device=auto or cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but the Apple GPU backend is not available here; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def build_model(unet: dict) -> UNet:
+    """The U-Net described by the config's ``unet`` section."""
+    return UNet(
+        image_channels=unet["image_channels"],
+        num_classes=unet["num_classes"],
+        input_channels=unet["input_channels"],
+        padding=unet["padding"],
+        norm=unet["norm"],
+        dropout=unet["dropout"],
+        upsample=unet["upsample"],
+    )
+
+
+def build_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optim`` over the model's parameters; bitsandbytes' 8-bit variant when asked and usable."""
+    settings = {"lr": train["lr"], "weight_decay": train["weight_decay"]}
+    if train["optim"] == "sgd":
+        if train["use_bitsandbytes"]:
+            note("train.use_bitsandbytes applies to adam and adamw only: using torch's SGD")
+        return torch.optim.SGD(model.parameters(), momentum=train["momentum"], **settings)
+    if train["use_bitsandbytes"]:
+        optimizer_class = bitsandbytes_optimizer_class(train["optim"], device)
+        if optimizer_class is not None:
+            return optimizer_class(model.parameters(), **settings)
+    optimizer_class = torch.optim.AdamW if train["optim"] == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), **settings)
+
+
+def bitsandbytes_optimizer_class(optim: str, device: torch.device) -> type | None:
+    """bitsandbytes' AdamW8bit / Adam8bit if it imports and can take a step on ``device``, else None."""
+    try:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit if optim == "adamw" else bitsandbytes.optim.Adam8bit
+        # bitsandbytes keeps 8-bit state only for tensors of >= 4096 elements: probe one that size
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        optimizer_class([probe]).step()
+        return optimizer_class
+    except Exception as error:  # it fails in many ways: not installed, no kernels for this device, ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        note(f"bitsandbytes' 8-bit {optim} does not work on {device} ({reason}): using torch's {optim}")
+        return None
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_factor: float = 0.0) -> float:
+    """Learning rate at ``step`` as a fraction of the peak: linear warm-up, then the named decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule in ("cosine", "warmup-cosine"):
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "poly":
+        decay = (1 - progress) ** 0.9  # nnU-Net's exponent
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_factor + (1 - min_factor) * decay
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, loss_kind: str, grad_clip: float, device: torch.device) -> torch.Tensor:
+    """One optimisation step on ``(image, label, weight map)``; returns the loss, still on the device."""
+    image, label, weight = (tensor.to(device, non_blocking=True) for tensor in batch)
+    loss = segmentation_loss(loss_kind, model(image), label, weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, loss_kind: str, num_classes: int) -> dict[str, float]:
+    """Loss and scores over whole validation images; the model is switched to eval mode and back."""
+    was_training = model.training
+    model.eval()
+    losses, confusion = [], torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for image, label, weight in loader:
+        label, weight = label.to(device), weight.to(device)
+        logits = model(image.to(device))[..., : label.shape[-2], : label.shape[-1]]
+        losses.append(segmentation_loss(loss_kind, logits, label, weight).item())
+        confusion += confusion_matrix(logits.argmax(1), label, num_classes)
+    model.train(was_training)
+    scores = segmentation_scores(confusion)
+    return {"val_loss": sum(losses) / len(losses), "val_pixel_error": scores["pixel_error"], "val_dice": scores["dice"], "val_iou": scores["iou"]}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write with torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True``: a checkpoint is data, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
+        raise UserError(f"{path}: not a checkpoint written by this project's training.py")
+    return state
+
+
+def check_architecture(state: dict, config: dict, path: Path) -> None:
+    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``config`` disagree."""
+    differences = architecture_differences(state["config"], config)
+    if differences:
+        raise UserError(f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, or start a new run")
+
+
+def load_checkpoint(path: Path, config: dict) -> dict:
+    """``read_checkpoint``, checked to hold the architecture that ``config`` describes."""
+    state = read_checkpoint(path)
+    check_architecture(state, config, path)
+    return state
+
+
+def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
+    """The checkpoint named by ``train.resume``: ``auto`` = the newest ``last.pt`` under ``save_path``."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidates = sorted(save_path.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            note(f"train.resume=auto: no checkpoint in {save_path}/*/last.pt yet, starting a new run")
+            return None
+        return candidates[-1]
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"train.resume: checkpoint {path} not found (use auto to pick the newest run in {save_path})")
+    return path
+
+
+def new_run_name(train: dict) -> str:
+    """``run_name``, or date-time-data set; suffixed -2, -3 ... so that no earlier run is overwritten."""
+    base = train["run_name"] or f"{datetime.now():%Y-%m-%d_%H%M%S}-{train['dataset_name']}"
+    name, count = base, 1
+    while (Path(train["log_path"]) / name).exists() or (Path(train["save_path"]) / name).exists():
+        count += 1
+        name = f"{base}-{count}"
+    if train["run_name"] and name != base:
+        note(f"run folder {base} exists already: writing to {name}")
+    return name
+
+
+def read_metrics(path: Path, completed_epochs: int) -> list[dict]:
+    """The rows of a resumed run's first ``completed_epochs`` epochs (later ones are trained again)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return [row for row in csv.DictReader(file) if int(row["epoch"]) <= completed_epochs]
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Training and validation curves by epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(int(row["epoch"]), float(row[key])) for row in rows if row.get(key) not in (None, "")]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        loss_axis.plot(*series(key), marker=".", label=label)
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
+    loss_axis.set_yscale("log")
+    for key, label in (("val_dice", "Dice (foreground)"), ("val_iou", "IoU (foreground)"), ("val_pixel_error", "pixel error")):
+        score_axis.plot(*series(key), marker=".", label=label)
+    score_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    for axis in (loss_axis, score_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Within the block, Ctrl-C or SIGTERM (as cluster schedulers send) only sets a flag (a non-empty list),
+    so that the loop can stop after a whole step and save a consistent ``last.pt``; a second Ctrl-C
+    stops at once, without saving."""
+    requested: list[int] = []
+
+    def request(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        tqdm.write("stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield requested
+        return
+    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def train(config: dict) -> dict:
+    """Train as the config says; returns a summary (run folders, best validation loss, last scores)."""
+    train_config, unet = config["train"], config["unet"]
+    device = resolve_device(train_config["device"])
+    save_path, log_path = Path(train_config["save_path"]), Path(train_config["log_path"])
+    resume_path = find_resume_checkpoint(train_config["resume"], save_path)
+    checkpoint = load_checkpoint(resume_path, config) if resume_path else None
+
+    torch.manual_seed(train_config["seed"])
+    data = build_datasets(config, note)
+    train_set, batch_size = data["train"], train_config["batch_size"]
+    steps_per_epoch = len(train_set) // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size={batch_size} is more than the {len(train_set)} training tiles of an epoch: lower it or raise train.samples_per_image")
+    model = build_model(unet).to(device)
+    optimizer = build_optimizer(model, train_config, device)
+    total_steps = train_config["max_epochs"] * steps_per_epoch
+    warmup_steps = round(train_config["warmup_epochs"] * steps_per_epoch)
+    min_factor = train_config["min_lr"] / train_config["lr"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train_config["scheduler_type"], min_factor)
+    )
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_loss": math.inf, "best_epoch": -1, "loss_sum": 0.0, "run_name": None}
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = checkpoint["progress"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    else:
+        progress["run_name"] = new_run_name(train_config)
+    run_log, run_weights = log_path / progress["run_name"], save_path / progress["run_name"]
+    run_log.mkdir(parents=True, exist_ok=True)
+    run_weights.mkdir(parents=True, exist_ok=True)
+    config_file = run_log / "config.yaml" if not checkpoint else run_log / f"config-resumed-epoch{progress['epoch']}.yaml"
+    config_file.write_text(config_to_yaml(config))
+    if not checkpoint:
+        save_weight_map_figure(run_log / "weight_map.png", *data["example"], title="first training image")
+
+    sampler = EpochSampler(len(train_set), train_config["seed"])
+    loader = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, num_workers=train_config["num_workers"], pin_memory=device.type == "cuda")
+    val_loader = DataLoader(data["val"], batch_size=1)
+    metrics_path = run_log / "metrics.csv"
+    rows = read_metrics(metrics_path, progress["epoch"])
+
+    def state() -> dict:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "config": config, "progress": dict(progress), "rng": rng}
+
+    print(
+        f"U-Net {count_parameters(model):,} parameters on {device}; {len(train_set)} tiles of {train_config['tile_size']} px per epoch "
+        f"({steps_per_epoch} steps of {batch_size}), {len(data['val'])} validation images\n"
+        f"run {progress['run_name']}: logs in {run_log}, checkpoints in {run_weights}"
+        + (f"\nresuming {resume_path} at epoch {progress['epoch'] + 1}, batch {progress['batch']}" if checkpoint else ""),
+        flush=True,
+    )
+    model.train()
+    last_scores: dict = {}
+    max_epochs = train_config["max_epochs"]
+    with stop_requests() as stop_requested:
+        for epoch in range(progress["epoch"], max_epochs):
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=progress["batch"] * batch_size)
+            epoch_start, images_seen = time.perf_counter(), 0
+            loss_sum = torch.tensor(progress["loss_sum"], device=device)
+            bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{max_epochs}", unit="step", dynamic_ncols=True, leave=False)
+            for batch in loader:
+                loss_sum += train_step(model, optimizer, batch, train_config["loss"], train_config["grad_clip"], device)
+                scheduler.step()
+                progress["step"] += 1
+                progress["batch"] += 1
+                images_seen += batch[0].shape[0]
+                bar.update()
+                if progress["batch"] % CHECK_EVERY == 0 or progress["batch"] == steps_per_epoch or stop_requested:
+                    progress["loss_sum"] = loss_sum.item()
+                    if not math.isfinite(progress["loss_sum"]):
+                        raise UserError(
+                            f"the training loss became {progress['loss_sum']} in epoch {epoch + 1} (step {progress['step']}): lower train.lr "
+                            f"(now {train_config['lr']}) or set train.grad_clip; the checkpoints in {run_weights} were left as they were"
+                        )
+                    speed = images_seen / (time.perf_counter() - epoch_start)
+                    bar.set_postfix(loss=f"{progress['loss_sum'] / progress['batch']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{speed:.1f}")
+                if stop_requested:
+                    bar.close()
+                    save_checkpoint(run_weights / "last.pt", state())
+                    write_metrics(metrics_path, rows)
+                    print(f"\nstopped: saved {run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto", file=sys.stderr)
+                    return {"interrupted": True, "run_log": run_log, "run_weights": run_weights, **progress}
+            bar.close()
+            seconds = time.perf_counter() - epoch_start
+            row = {"epoch": epoch + 1, "step": progress["step"], "lr": scheduler.get_last_lr()[0], "train_loss": progress["loss_sum"] / steps_per_epoch, "epoch_seconds": round(seconds, 2), "images_per_second": round(images_seen / seconds, 2)}
+            progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
+            last_epoch = epoch + 1 == max_epochs
+            stop = False
+            if (epoch + 1) % train_config["eval_epoch"] == 0 or last_epoch:
+                last_scores = evaluate(model, val_loader, device, train_config["loss"], unet["num_classes"])
+                row.update(last_scores)
+                if not math.isfinite(last_scores["val_loss"]):
+                    raise UserError(f"the validation loss became {last_scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run_weights}")
+                if last_scores["val_loss"] < progress["best_val_loss"]:
+                    progress.update(best_val_loss=last_scores["val_loss"], best_epoch=epoch + 1)
+                    save_checkpoint(run_weights / "best.pt", state())
+                patience = train_config["early_stopping"]
+                stop = patience > 0 and epoch + 1 - progress["best_epoch"] >= patience
+            tqdm.write(
+                f"epoch {epoch + 1}/{max_epochs}  train_loss {row['train_loss']:.4f}"
+                + "".join(f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice") if key in row)
+                + f"  {seconds:.1f} s"
+            )
+            rows.append(row)
+            # metrics first: a run killed between the two writes resumes with every logged row
+            if (epoch + 1) % train_config["log_epoch"] == 0 or last_epoch or stop or stop_requested:
+                write_metrics(metrics_path, rows)
+                plot_curves(rows, run_log / "curves.png")
+            if (epoch + 1) % train_config["save_epoch"] == 0 or last_epoch or stop or stop_requested:
+                save_checkpoint(run_weights / "last.pt", state())
+            if stop_requested:
+                print(f"stopped: saved {run_weights / 'last.pt'} after epoch {epoch + 1}; continue with train.resume=auto", file=sys.stderr)
+                return {"interrupted": True, "run_log": run_log, "run_weights": run_weights, **progress}
+            if stop:
+                print(f"early stopping: no better validation loss for {patience} epochs (best at epoch {progress['best_epoch']})")
+                break
+    print(f"done: best validation loss {progress['best_val_loss']:.4f} at epoch {progress['best_epoch']}; {run_weights / 'best.pt'}")
+    return {"interrupted": False, "run_log": run_log, "run_weights": run_weights, "scores": last_scores, **progress}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a U-Net from a YAML config.", epilog="overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: config.yaml beside this script)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        notices: list[str] = []
+        config = load_config(args.config, args.overrides, notices)
+        for message in notices:
+            note(message)
+        result = train(config)
+    except KeyboardInterrupt:
+        print("\nstopped at once, without saving: the checkpoints keep their last saved state", file=sys.stderr)
+        return 130
+    except UserError as error:
+        prefix = "config error" if isinstance(error, ConfigError) else "error"
+        for line in str(error).splitlines():
+            print(f"{prefix}: {line}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
