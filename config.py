@@ -67,6 +67,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "synthetic_images": Option(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2),
         "synthetic_size": Option(256, "int", "side of each synthetic image in pixels", minimum=32),
         "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, chosen from train.seed", above=0.0, maximum=0.9),
+        "val_images": Option(None, "int_list", "indices of the images to hold out for validation instead (e.g. [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
+        "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
         "tile_size": Option(252, "int", "side of the network's input tile in pixels; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
         "batch_size": Option(4, "int", "tiles per optimisation step", minimum=1),
@@ -99,6 +101,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "augment": {
         "flip": Option(True, "bool", "random horizontal and vertical flips"),
         "rotate90": Option(True, "bool", "random rotations by multiples of 90 degrees"),
+        "rotation": Option(0.0, "float", "random rotation by up to this many degrees (180: any angle; 0: off)", minimum=0.0, maximum=180.0),
+        "scale": Option(0.1, "float", "random zoom by a factor up to 1 +- this (0: off)", minimum=0.0, maximum=0.9),
+        "shift": Option(0.0, "float", "random shift by up to this many pixels (0: off)", minimum=0.0),
+        "elastic_std": Option(10.0, "float", "elastic deformation: std in pixels of the random displacements (paper: 10; 0: off)", minimum=0.0),
+        "elastic_grid": Option(3, "int", "elastic deformation: displacements on a grid of this many nodes per side (paper: 3)", minimum=2),
+        "interpolation": Option("bilinear", "str", "image interpolation (masks: nearest, weight maps: bilinear)", choices=("bilinear", "bicubic")),
+        "brightness": Option(0.1, "float", "random brightness offset up to this many image standard deviations (0: off)", minimum=0.0),
+        "contrast": Option(0.1, "float", "random contrast factor 1 +- this (0: off)", minimum=0.0, maximum=0.99),
+        "gamma": Option(0.0, "float", "random gamma exp(+-log(1 + this)) (0: off)", minimum=0.0),
+        "noise": Option(0.0, "float", "Gaussian noise with a random std up to this, in image standard deviations (0: off)", minimum=0.0),
+        "blur": Option(0.0, "float", "Gaussian blur with a random sigma up to this many pixels (0: off)", minimum=0.0),
+        "probability": Option(1.0, "float", "fraction of the tiles that are augmented at all", minimum=0.0, maximum=1.0),
     },
 }
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import ConfigError, UserError, architecture_differences, config_to_yaml, load_config
-from dataset import EpochSampler, build_datasets, save_weight_map_figure
+from dataset import EpochSampler, augment_batch, build_datasets, save_augmentation_figure, save_weight_map_figure
 from losses import segmentation_loss
 from metrics import confusion_matrix, segmentation_scores
 from model import UNet, count_parameters
@@ -117,6 +117,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_factor + (1 - min_factor) * decay
+
+
+def augment_on_device(batch, settings: dict, seed: int, step: int, device: torch.device) -> list[torch.Tensor]:
+    """Move ``(image, label, weight)`` to the device and augment them there, with randomness fixed by
+    ``(seed, step)`` so that a resumed run sees the same augmentation."""
+    batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+    return list(augment_batch(*batch, settings, generator))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, loss_kind: str, grad_clip: float, device: torch.device) -> torch.Tensor:
@@ -320,9 +328,13 @@ def train(config: dict) -> dict:
     config_file.write_text(config_to_yaml(config))
     if not checkpoint:
         save_weight_map_figure(run_log / "weight_map.png", *data["example"], title="first training image")
+        examples = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in range(min(4, len(train_set)))))]
+        augmented = augment_on_device(examples, config["augment"], train_config["seed"], -1, device)
+        save_augmentation_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
 
     sampler = EpochSampler(len(train_set), train_config["seed"])
-    loader = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, num_workers=train_config["num_workers"], pin_memory=device.type == "cuda")
+    workers = train_config["num_workers"]
+    loader = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     val_loader = DataLoader(data["val"], batch_size=1)
     metrics_path = run_log / "metrics.csv"
     rows = read_metrics(metrics_path, progress["epoch"])
@@ -343,12 +355,12 @@ def train(config: dict) -> dict:
     max_epochs = train_config["max_epochs"]
     with stop_requests() as stop_requested:
         for epoch in range(progress["epoch"], max_epochs):
-            train_set.set_epoch(epoch)
             sampler.set_epoch(epoch, start=progress["batch"] * batch_size)
             epoch_start, images_seen = time.perf_counter(), 0
             loss_sum = torch.tensor(progress["loss_sum"], device=device)
             bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{max_epochs}", unit="step", dynamic_ncols=True, leave=False)
             for batch in loader:
+                batch = augment_on_device(batch, config["augment"], train_config["seed"], progress["step"], device)
                 loss_sum += train_step(model, optimizer, batch, train_config["loss"], train_config["grad_clip"], device)
                 scheduler.step()
                 progress["step"] += 1

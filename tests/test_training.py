@@ -72,7 +72,7 @@ def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     rows = read_rows(run_log)
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     assert all(0 <= float(row["val_pixel_error"]) <= 1 and math.isfinite(float(row["train_loss"])) for row in rows)
-    for name in ("curves.png", "weight_map.png"):
+    for name in ("curves.png", "weight_map.png", "augmented_samples.png"):
         assert (run_log / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_config(run_log / "config.yaml") == config
     for name in ("last.pt", "best.pt"):
