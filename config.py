@@ -48,6 +48,8 @@ class Option:
 DATASETS = ("synthetic", "isbi2012", "pennfudan", "folder")
 DATASET_ALIASES = {"em": "isbi2012", "cells": "isbi2012", "pedestrian": "pennfudan"}
 SCHEDULES = ("warmup-cosine", "cosine", "constant", "poly")
+BEST_METRICS = ("val_loss", "val_pixel_error", "val_dice", "val_iou", "val_rand_error", "val_vi")
+HIGHER_IS_BETTER = ("val_dice", "val_iou")
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "unet": {
@@ -95,8 +97,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "eval_epoch": Option(1, "int", "validate every this many epochs", minimum=1),
         "log_epoch": Option(1, "int", "write metrics.csv and curves.png every this many epochs", minimum=1),
         "save_epoch": Option(1, "int", "save the last checkpoint every this many epochs", minimum=1),
-        "early_stopping": Option(0, "int", "stop after this many epochs without a better validation loss (0: never)", minimum=0),
+        "best_metric": Option("val_loss", "str", "what picks best.pt and drives early stopping: val_loss, val_pixel_error, val_dice, val_iou, val_rand_error, val_vi", choices=BEST_METRICS),
+        "early_stopping": Option(0, "int", "stop after this many epochs without a better train.best_metric (0: never)", minimum=0),
         "resume": Option(None, "str", "auto: continue the newest run in save_path; or a checkpoint path", nullable=True),
+    },
+    "predict": {
+        "tile_size": Option(None, "int", "input tile side for whole-image prediction (validation, test.py); null: chosen from the image", minimum=8, nullable=True),
+        "overlap": Option(0.25, "float", "with padding 1: overlap of neighbouring tiles, blended with Gaussian weights", minimum=0.0, maximum=0.9),
+        "batch_size": Option(4, "int", "tiles per forward pass when predicting", minimum=1),
+        "tta": Option(False, "bool", "average predictions over flips and 90-degree turns (8x slower)"),
     },
     "augment": {
         "flip": Option(True, "bool", "random horizontal and vertical flips"),
@@ -217,6 +226,8 @@ def resolve(user: dict, notices: list | None = None) -> dict:
     class_weights = config["train"]["class_weights"]
     if isinstance(class_weights, list) and len(class_weights) != config["unet"]["num_classes"]:
         problems.append(f"train.class_weights: {len(class_weights)} weights given but unet.num_classes is {config['unet']['num_classes']}")
+    if config["train"]["best_metric"] in ("val_rand_error", "val_vi") and config["unet"]["num_classes"] != 2:
+        problems.append(f"train.best_metric: {config['train']['best_metric']} is measured on the cells of a two-class task, but unet.num_classes is {config['unet']['num_classes']}")
     if config["train"]["min_lr"] > config["train"]["lr"]:
         problems.append(f"train.min_lr ({config['train']['min_lr']}) is above train.lr ({config['train']['lr']})")
     if problems:

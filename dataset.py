@@ -563,14 +563,14 @@ class TileDataset(Dataset):
 
 
 class WholeImageDataset(Dataset):
-    """Whole images for validation: ``(padded image (C, H', W'), label (H, W) int64, weight (H, W))``.
+    """Whole images for validation: ``(image (C, H, W) float32, label (H, W) int64, weight (H, W) float32)``.
 
-    The image is mirror-padded by ``pad_for_model``; crop the network's output to the label's size.
+    Images of any size; ``infer.predict_probabilities`` mirrors and tiles them as the network needs.
     """
 
-    def __init__(self, images, labels, weights, depth: int, padding: int, names: Sequence[str] | None = None):
+    def __init__(self, images, labels, weights, names: Sequence[str] | None = None):
         self.names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        self.images = [pad_for_model(image, depth, padding) for image in images]
+        self.images = [torch.from_numpy(image) for image in images]
         self.labels = [torch.from_numpy(label.astype(np.int64)) for label in labels]
         self.weights = [torch.from_numpy(weight.astype(np.float32)) for weight in weights]
 
@@ -578,7 +578,7 @@ class WholeImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        return torch.from_numpy(self.images[index]), self.labels[index], self.weights[index]
+        return self.images[index], self.labels[index], self.weights[index]
 
 
 class EpochSampler(Sampler):
@@ -1255,7 +1255,7 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
 
     images, labels, weights = prepare(samples)
     train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
-    val_set = WholeImageDataset(*prepare(val_samples), depth, unet["padding"], names=[s.name for s in val_samples])
+    val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])
     return {"train": train_set, "val": val_set, "class_weights": class_weights, "example": (samples[0].image, labels[0], weights[0])}
 
 

@@ -1,8 +1,12 @@
-"""Segmentation metrics from a confusion matrix: pixel error, accuracy, per-class IoU and Dice."""
+"""Segmentation metrics: pixel error, accuracy, per-class IoU and Dice from a confusion matrix, and the
+ISBI 2012 challenge's Rand error and variation of information on connected components."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from skimage import measure
+from skimage.metrics import adapted_rand_error, variation_of_information
 
 
 def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -46,3 +50,27 @@ def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
     scores["iou"] = sum(scores[f"iou_{c}"] for c in foreground) / len(foreground)
     scores["dice"] = sum(scores[f"dice_{c}"] for c in foreground) / len(foreground)
     return scores
+
+
+def em_segmentation_scores(cell_probability: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """The ISBI 2012 challenge's measures, on the cells of a prediction and of the ground truth.
+
+    Parameters
+    ----------
+    cell_probability : (H, W) float array, the predicted probability of class 1 (cell interior).
+    label : (H, W) int array, 1 = cell interior, 0 = membrane (the ISBI polarity).
+    threshold : a pixel is predicted cell where ``cell_probability >= threshold`` (fixed at 0.5 by
+        default, which is the argmax for two classes).
+
+    Returns
+    -------
+    ``rand_error``: scikit-image's foreground-restricted adapted Rand error (the challenge's measure;
+    membrane pixels of the ground truth are ignored) between the 4-connected components of the
+    predicted and of the true cell interior; ``vi``: their variation of information (split + merge
+    conditional entropies, in bits, likewise foreground-restricted).
+    """
+    predicted_cells = measure.label(cell_probability >= threshold, connectivity=1)
+    true_cells = measure.label(label == 1, connectivity=1)
+    error = adapted_rand_error(true_cells, predicted_cells, ignore_labels=(0,))[0]
+    split, merge = variation_of_information(true_cells, predicted_cells, ignore_labels=(0,))
+    return {"rand_error": float(error), "vi": float(split + merge)}

@@ -54,8 +54,8 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` of shape (B, C, H, W); the result has the same shape."""
         # F.layer_norm normalises the trailing dimensions, so move C last.
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # the normalised shape comes from the weight, not the input, so that ONNX tracing sees a constant
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 

@@ -27,14 +27,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import ConfigError, UserError, architecture_differences, config_to_yaml, load_config
+from config import HIGHER_IS_BETTER, ConfigError, UserError, architecture_differences, config_to_yaml, load_config
 from dataset import EpochSampler, augment_batch, build_datasets, save_augmentation_figure, save_weight_map_figure
 from losses import segmentation_loss
-from metrics import confusion_matrix, segmentation_scores
+from infer import predict_probabilities
+from metrics import confusion_matrix, em_segmentation_scores, segmentation_scores
 from model import UNet, count_parameters
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
-CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_pixel_error", "val_dice", "val_iou", "epoch_seconds", "images_per_second")
+CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_pixel_error", "val_dice", "val_iou", "val_rand_error", "val_vi", "epoch_seconds", "images_per_second")
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
 
 
@@ -139,20 +140,36 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, 
     return loss.detach()
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, loss_kind: str, num_classes: int) -> dict[str, float]:
-    """Loss and scores over whole validation images; the model is switched to eval mode and back."""
-    was_training = model.training
-    model.eval()
-    losses, confusion = [], torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for image, label, weight in loader:
-        label, weight = label.to(device), weight.to(device)
-        logits = model(image.to(device))[..., : label.shape[-2], : label.shape[-1]]
-        losses.append(segmentation_loss(loss_kind, logits, label, weight).item())
-        confusion += confusion_matrix(logits.argmax(1), label, num_classes)
-    model.train(was_training)
+def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict) -> dict[str, float]:
+    """Loss and scores on whole validation images, predicted tile by tile exactly as test.py does.
+
+    ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
+    ``val_rand_error`` and ``val_vi`` (the ISBI 2012 measures on the cells, at threshold 0.5) are
+    means over the images.
+    """
+    predict, num_classes = config["predict"], config["unet"]["num_classes"]
+    losses, cell_scores = [], []
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for image, label, weight in dataset:
+        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], predict["tta"]).cpu()
+        # log-probabilities are logits whose softmax is the probabilities, so the training loss applies
+        log_probabilities = probabilities.clamp_min(1e-12).log()[None]
+        losses.append(segmentation_loss(config["train"]["loss"], log_probabilities, label[None], weight[None]).item())
+        confusion += confusion_matrix(probabilities.argmax(0), label, num_classes)
+        if num_classes == 2:
+            cell_scores.append(em_segmentation_scores(probabilities[1].numpy(), label.numpy()))
     scores = segmentation_scores(confusion)
-    return {"val_loss": sum(losses) / len(losses), "val_pixel_error": scores["pixel_error"], "val_dice": scores["dice"], "val_iou": scores["iou"]}
+    result = {"val_loss": sum(losses) / len(losses), "val_pixel_error": scores["pixel_error"], "val_dice": scores["dice"], "val_iou": scores["iou"]}
+    for key in ("rand_error", "vi") if cell_scores else ():
+        result[f"val_{key}"] = sum(item[key] for item in cell_scores) / len(cell_scores)
+    return result
+
+
+def improved(value: float, best: float | None, metric: str) -> bool:
+    """Whether ``value`` of ``train.best_metric`` beats ``best`` (None: nothing to beat yet)."""
+    if best is None:
+        return True
+    return value > best if metric in HIGHER_IS_BETTER else value < best
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -246,15 +263,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         points = [(int(row["epoch"]), float(row[key])) for row in rows if row.get(key) not in (None, "")]
         return [p[0] for p in points], [p[1] for p in points]
 
-    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axis, score_axis, vi_axis) = plt.subplots(1, 3, figsize=(16, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_axis.plot(*series(key), marker=".", label=label)
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axis.set_yscale("log")
-    for key, label in (("val_dice", "Dice (foreground)"), ("val_iou", "IoU (foreground)"), ("val_pixel_error", "pixel error")):
+    for key, label in (("val_dice", "Dice (foreground)"), ("val_iou", "IoU (foreground)"), ("val_pixel_error", "pixel error"), ("val_rand_error", "Rand error (cells)")):
         score_axis.plot(*series(key), marker=".", label=label)
     score_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    for axis in (loss_axis, score_axis):
+    vi_axis.plot(*series("val_vi"), marker=".", label="variation of information (cells)")
+    vi_axis.set(xlabel="epoch", ylabel="bits", title="validation: variation of information")
+    for axis in (loss_axis, score_axis, vi_axis):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -310,7 +329,7 @@ def train(config: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train_config["scheduler_type"], min_factor)
     )
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_loss": math.inf, "best_epoch": -1, "loss_sum": 0.0, "run_name": None}
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0, "run_name": None}
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -335,7 +354,6 @@ def train(config: dict) -> dict:
     sampler = EpochSampler(len(train_set), train_config["seed"])
     workers = train_config["num_workers"]
     loader = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(data["val"], batch_size=1)
     metrics_path = run_log / "metrics.csv"
     rows = read_metrics(metrics_path, progress["epoch"])
 
@@ -352,6 +370,7 @@ def train(config: dict) -> dict:
     )
     model.train()
     last_scores: dict = {}
+    best_metric = train_config["best_metric"]
     max_epochs = train_config["max_epochs"]
     with stop_requests() as stop_requested:
         for epoch in range(progress["epoch"], max_epochs):
@@ -389,18 +408,18 @@ def train(config: dict) -> dict:
             last_epoch = epoch + 1 == max_epochs
             stop = False
             if (epoch + 1) % train_config["eval_epoch"] == 0 or last_epoch:
-                last_scores = evaluate(model, val_loader, device, train_config["loss"], unet["num_classes"])
+                last_scores = evaluate(model, data["val"], device, config)
                 row.update(last_scores)
                 if not math.isfinite(last_scores["val_loss"]):
                     raise UserError(f"the validation loss became {last_scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run_weights}")
-                if last_scores["val_loss"] < progress["best_val_loss"]:
-                    progress.update(best_val_loss=last_scores["val_loss"], best_epoch=epoch + 1)
+                if improved(last_scores[best_metric], progress["best_value"], best_metric):
+                    progress.update(best_value=last_scores[best_metric], best_epoch=epoch + 1)
                     save_checkpoint(run_weights / "best.pt", state())
                 patience = train_config["early_stopping"]
                 stop = patience > 0 and epoch + 1 - progress["best_epoch"] >= patience
             tqdm.write(
                 f"epoch {epoch + 1}/{max_epochs}  train_loss {row['train_loss']:.4f}"
-                + "".join(f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice") if key in row)
+                + "".join(f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error") if key in row)
                 + f"  {seconds:.1f} s"
             )
             rows.append(row)
@@ -414,9 +433,9 @@ def train(config: dict) -> dict:
                 print(f"stopped: saved {run_weights / 'last.pt'} after epoch {epoch + 1}; continue with train.resume=auto", file=sys.stderr)
                 return {"interrupted": True, "run_log": run_log, "run_weights": run_weights, **progress}
             if stop:
-                print(f"early stopping: no better validation loss for {patience} epochs (best at epoch {progress['best_epoch']})")
+                print(f"early stopping: no better {best_metric} for {patience} epochs (best at epoch {progress['best_epoch']})")
                 break
-    print(f"done: best validation loss {progress['best_val_loss']:.4f} at epoch {progress['best_epoch']}; {run_weights / 'best.pt'}")
+    print(f"done: best {best_metric} {progress['best_value']:.4f} at epoch {progress['best_epoch']}; {run_weights / 'best.pt'}")
     return {"interrupted": False, "run_log": run_log, "run_weights": run_weights, "scores": last_scores, **progress}
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import measure
 
 from losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from metrics import confusion_matrix, segmentation_scores
@@ -99,3 +100,37 @@ def test_absent_class_scores_one_and_shape_mismatch_fails():
     assert scores["iou_2"] == 1.0 and scores["pixel_error"] == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_matrix(torch.zeros(2, 2), torch.zeros(3, 3), 2)
+
+
+def test_em_scores_by_hand_and_against_scikit_image():
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    from metrics import em_segmentation_scores
+
+    # two true cells separated by a membrane column; the prediction merges them (membrane missed)
+    label = np.ones((4, 5), np.int64)
+    label[:, 2] = 0
+    merged = np.ones((4, 5))
+    scores = em_segmentation_scores(merged, label)
+    # true cells of 8 px each (n = 16 foreground px); prediction: one segment holding all 16.
+    # SNEMI3D counts pairs of distinct pixels: sum p_ij^2 - n = 8^2 + 8^2 - 16 = 112,
+    # sum t_k^2 - n = 112, sum s_k^2 - n = 16^2 - 16 = 240; error = 1 - 112 / (0.5 * 112 + 0.5 * 240)
+    assert scores["rand_error"] == pytest.approx(1 - 112 / 176)
+    assert scores["vi"] == pytest.approx(1.0)  # merging two equal cells: H(pred | true) = 0, H(true | pred) = log2(2) = 1 bit
+    perfect = em_segmentation_scores(label.astype(float), label)
+    assert perfect["rand_error"] == pytest.approx(0.0) and perfect["vi"] == pytest.approx(0.0)
+    # random case against scikit-image on connected components, threshold 0.5
+    rng = np.random.default_rng(0)
+    probability = ndimage_smooth(rng.random((40, 40)))
+    truth = (ndimage_smooth(rng.random((40, 40))) > 0.5).astype(np.int64)
+    expected = adapted_rand_error(measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1))[0]
+    assert em_segmentation_scores(probability, truth)["rand_error"] == pytest.approx(expected)
+    split, merge = variation_of_information(measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1), ignore_labels=(0,))
+    assert em_segmentation_scores(probability, truth)["vi"] == pytest.approx(split + merge)
+
+
+def ndimage_smooth(noise):
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(noise, 2)
+    return (smooth - smooth.min()) / (smooth.max() - smooth.min())

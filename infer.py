@@ -1,0 +1,200 @@
+"""Whole-image inference by tiles, for images of any size.
+
+``predict_probabilities`` runs a U-Net over an image of any height and width in tiles, a few at a
+time, so that device memory is bounded by ``batch_size`` tiles whatever the image size.
+
+- ``padding=0`` (the paper's valid convolutions): the overlap-tile strategy of Ronneberger et al.
+  (2015, Fig. 2). The image is mirrored at its borders by the network's context margin and output
+  tiles are laid side by side. Every output pixel sees its full context, so the tiles join without
+  seams: the result equals one pass over the whole mirrored image (``dataset.pad_for_model``).
+- ``padding=1`` (same-size convolutions): tiles overlap and their class probabilities are blended
+  with a Gaussian importance map (sigma = tile side / 8, as in nnU-Net and MONAI), because pixels
+  near a tile's edge see zero padding instead of the image.
+
+Tiles start at multiples of ``2**depth`` px in the mirrored image, so every pooling sees the same
+2x2 windows as in a whole-image pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from dataset import network_margin, pad_for_model
+from model import UNet, output_size, valid_input_sizes
+
+DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
+
+
+def predict_probabilities(
+    model: UNet,
+    image: Tensor,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool = False,
+    amp: bool = True,
+) -> Tensor:
+    """Class probabilities of a whole image of any size, predicted tile by tile.
+
+    Parameters
+    ----------
+    model : UNet
+        The network (or any module with the attributes ``image_channels``, ``num_classes``,
+        ``depth`` and ``padding`` of ``UNet`` that returns (B, num_classes, h, w) logits). It runs
+        on the device of its parameters, in eval mode; its train/eval mode is restored afterwards.
+    image : torch.Tensor
+        (C, H, W) float image, normalised as for training (``dataset.normalize_image``),
+        C = ``model.image_channels``, any H, W >= 1, on any device.
+    tile_size : int, optional
+        Side of the network's input tiles in px, rounded up to a valid input size (see
+        ``model.valid_input_sizes``): the largest tile, which bounds memory. Default 572 for
+        padding 0 (388 px output tiles at depth 4) and 512 for padding 1. Along each axis the
+        tiles then shrink to the smallest valid size that covers the image with as few tiles, so
+        an image smaller than a tile takes one tile of its own (mirror-padded) size.
+    overlap : float, optional
+        Fraction of a tile shared with its neighbour, in [0, 1), for padding 1; the stride is
+        rounded down to a multiple of ``2**depth`` px. Ignored for padding 0, where output tiles
+        need no overlap.
+    batch_size : int, optional
+        Tiles per forward pass.
+    tta : bool, optional
+        Average the probabilities over the 8 rotations and reflections of each tile.
+    amp : bool, optional
+        On CUDA, run the network under autocast in bfloat16 (float16 where the GPU lacks
+        bfloat16). Softmax and blending are always float32; no autocast on other devices.
+
+    Returns
+    -------
+    torch.Tensor
+        (num_classes, H, W) float32 softmax probabilities on the CPU, summing to 1 over classes.
+        The CPU keeps device memory independent of the image size.
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not (C, H, W) with C = ``model.image_channels``, or an argument is out of
+        range.
+
+    Notes
+    -----
+    With padding 0 and a per-pixel normalisation ("layer", "batch", "none") the result equals,
+    up to float rounding, the softmax of one forward pass over ``dataset.pad_for_model(image)``
+    cropped to (H, W), whatever the tile size: the tile size trades memory for the work spent on
+    the context margins of the tiles. "group" and "instance" normalise over each tile instead.
+    """
+    if image.ndim != 3 or min(image.shape[-2:]) < 1:
+        raise ValueError(f"image must be a (C, H, W) tensor with H, W >= 1, got shape {tuple(image.shape)}")
+    if image.shape[0] != model.image_channels:
+        raise ValueError(
+            f"image has {image.shape[0]} channels but the model expects {model.image_channels} (unet.image_channels)"
+        )
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+
+    depth, padding = model.depth, model.padding
+    period = 2**depth
+    margin = network_margin(depth, padding)
+    height, width = image.shape[-2:]
+    # The whole mirrored input: pixel (i, j) of the network's output over it lies over image pixel
+    # (i, j), for any tile of it that starts at a multiple of the period.
+    padded = torch.from_numpy(pad_for_model(image.detach().float().cpu().numpy(), depth, padding))
+    frame = (padded.shape[-2] - 2 * margin, padded.shape[-1] - 2 * margin)
+
+    # The largest tile's output must reach at least one period so that tiles can move.
+    requested = DEFAULT_TILE_SIZE[padding] if tile_size is None else tile_size
+    largest = output_size(valid_input_sizes(max(requested, period + 2 * margin), depth, padding)[1], depth, padding)
+    smallest = output_size(valid_input_sizes(1, depth, padding)[1], depth, padding)
+    (tile_height, tops), (tile_width, lefts) = (
+        _axis_tiles(side, largest, smallest, period, 1.0 if padding == 0 else 1 - overlap) for side in frame
+    )
+    positions = [(top, left) for top in tops for left in lefts]
+    if padding == 0:
+        weight = torch.ones(tile_height, tile_width)
+    else:
+        weight = gaussian_importance_map(tile_height, tile_width)
+
+    device = next(model.parameters()).device
+    total = torch.zeros(model.num_classes, *frame)
+    weight_sum = torch.zeros(frame)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(positions), batch_size):
+                batch = positions[first : first + batch_size]
+                tiles = torch.stack(
+                    [padded[:, top : top + tile_height + 2 * margin, left : left + tile_width + 2 * margin] for top, left in batch]
+                )
+                probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
+                for (top, left), tile_probabilities in zip(batch, probabilities):
+                    total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
+                    weight_sum[top : top + tile_height, left : left + tile_width] += weight
+    finally:
+        model.train(was_training)
+    return total[:, :height, :width] / weight_sum[:height, :width]
+
+
+def gaussian_importance_map(height: int, width: int) -> Tensor:
+    """(height, width) float32 blending weights: a Gaussian centred on the tile, sigma = side / 8 per axis.
+
+    The peak is 1; the smallest weight, at a corner, is about exp(-16) = 1e-7, far above float32's
+    underflow, so a pixel that only a tile's corner reaches still gets that tile's prediction. Unlike
+    MONAI we set no floor (nnU-Net does not either): one as large as 1e-3 would give the corners of
+    tiles along the image border as much weight as the inner parts of their neighbours there.
+    """
+    axes = [
+        torch.exp(-0.5 * ((torch.arange(side, dtype=torch.float32) - (side - 1) / 2) / (side / 8)) ** 2)
+        for side in (height, width)
+    ]
+    return torch.outer(*axes)
+
+
+def _axis_tiles(frame_side: int, largest: int, smallest: int, period: int, stride_fraction: float) -> tuple[int, list[int]]:
+    """Output side of the tiles along one axis of the output frame, and where they start.
+
+    Tile output sides are valid ones, ``smallest + k * period`` px up to ``largest``; strides are
+    ``stride_fraction`` of a tile rounded down to a multiple of ``period``, and the last tile ends
+    at the frame's border. We take the smallest tiles that still cover the frame with as few tiles
+    as the largest need: a 516 px frame takes two 260 px tiles rather than two of 388 px that
+    overlap by 260 px, and a frame smaller than a tile takes one tile of its own size.
+    """
+
+    def stride(side: int) -> int:
+        return max(period, int(side * stride_fraction) // period * period)
+
+    def starts(side: int) -> list[int]:
+        return [*range(0, frame_side - side, stride(side)), frame_side - side]
+
+    count = len(starts(largest))
+    side = smallest
+    # Frame sides are valid output sides too, so a single tile stops exactly at the frame's size.
+    while side < frame_side and (side < period or (count - 1) * stride(side) + side < frame_side):
+        side += period
+    return side, starts(side)
+
+
+def _predict_tiles(model: UNet, tiles: Tensor, tta: bool, amp: bool) -> Tensor:
+    """Float32 softmax of the model on a (B, C, h, w) batch, averaged over the 8 dihedral transforms if ``tta``."""
+    transforms = [(turns, flip) for flip in (False, True) for turns in range(4)] if tta else [(0, False)]
+    total = 0
+    for turns, flip in transforms:
+        transformed = (tiles.flip(-1) if flip else tiles).rot90(turns, (-2, -1))
+        with _autocast(tiles.device, amp):
+            logits = model(transformed)
+        probabilities = logits.float().softmax(1).rot90(-turns, (-2, -1))
+        total = total + (probabilities.flip(-1) if flip else probabilities)
+    return total / len(transforms)
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast (float16 before Ampere) on CUDA when ``amp``; nothing otherwise."""
+    if not (amp and device.type == "cuda"):
+        return contextlib.nullcontext()
+    # Older GPUs only emulate bfloat16, slowly (torch.cuda.is_bf16_supported() counts that as support).
+    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16 else torch.float16)

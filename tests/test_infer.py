@@ -1,0 +1,218 @@
+"""Tests for infer.py: tiled whole-image inference against one pass over the whole mirrored image."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dataset import pad_for_model
+from infer import predict_probabilities
+from model import UNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ConvStandIn(nn.Module):
+    """One same-size convolution with the attributes of a padding-1 UNet that inference reads."""
+
+    def __init__(self, kernel_size: int, image_channels: int = 1, num_classes: int = 3, depth: int = 2):
+        super().__init__()
+        self.image_channels, self.num_classes, self.depth, self.padding = image_channels, num_classes, depth, 1
+        self.conv = nn.Conv2d(image_channels, num_classes, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def whole_image_probabilities(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Reference: softmax of one forward pass over the whole mirrored image, cropped to the image."""
+    padded = torch.from_numpy(pad_for_model(image.numpy(), model.depth, model.padding))
+    with torch.no_grad():
+        return model(padded[None]).softmax(1)[0, :, : image.shape[-2], : image.shape[-1]]
+
+
+def record_batches(model: nn.Module) -> list[tuple[int, ...]]:
+    """Input shapes of every forward call of ``model`` from now on; the model must be in eval mode."""
+    shapes = []
+
+    def hook(module, inputs):
+        assert not module.training
+        shapes.append(tuple(inputs[0].shape))
+
+    model.register_forward_pre_hook(hook)
+    return shapes
+
+
+def unet(widths=(4, 8), padding=0, norm="none", image_channels=1, seed=0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(image_channels, 2, widths, padding=padding, norm=norm).eval()
+
+
+# --- padding 0: seamless overlap-tile ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "widths, tile_size, shape",
+    [
+        ((4, 8), 60, (1, 97, 130)),  # many 20 px output tiles, the last row and column shifted back
+        ((4, 8), 60, (1, 5, 7)),  # smaller than one tile
+        ((4, 8), 60, (1, 20, 20)),  # exactly one output tile
+        ((4, 8), 60, (3, 41, 23)),  # colour
+        ((4, 8, 16), 124, (1, 97, 130)),  # depth 3: 36 px output tiles, 8 px pooling period
+        ((4, 8), 60, (1, 1, 50)),  # one row
+    ],
+)
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_padding0_tiles_equal_whole_image(widths, tile_size, shape, norm):
+    model = unet(widths, norm=norm, image_channels=shape[0])
+    image = torch.randn(shape)
+    shapes = record_batches(model)
+    probabilities = predict_probabilities(model, image, tile_size=tile_size)
+    assert probabilities.shape == (2, *shape[1:]) and probabilities.dtype == torch.float32
+    assert probabilities.device.type == "cpu"
+    torch.testing.assert_close(probabilities, whole_image_probabilities(model, image), atol=1e-5, rtol=0)
+    if shape[1:] == (97, 130):
+        assert len(shapes) > 1, "the image should have been cut into several tiles"
+
+
+def test_padding0_one_exact_tile_is_one_forward_pass():
+    model = unet()
+    shapes = record_batches(model)
+    predict_probabilities(model, torch.randn(1, 20, 20), tile_size=60)
+    assert shapes == [(1, 1, 60, 60)]
+
+
+def test_padding0_default_tile_shrinks_to_a_small_image():
+    model = unet((4, 8, 16, 32))
+    image = torch.randn(1, 5, 7)
+    shapes = record_batches(model)
+    predict_probabilities(model, image)
+    assert shapes == [(1, 1, *pad_for_model(image.numpy(), 4, 0).shape[-2:])]
+
+
+# --- padding 1: Gaussian blending ------------------------------------------------
+
+
+def test_padding1_per_pixel_model_is_exact():
+    torch.manual_seed(0)
+    model = ConvStandIn(kernel_size=1)
+    image = torch.randn(1, 97, 130)
+    probabilities = predict_probabilities(model, image, tile_size=32, overlap=0.25)
+    torch.testing.assert_close(probabilities, whole_image_probabilities(model, image), atol=1e-5, rtol=0)
+
+
+def test_padding1_gaussian_blending_hides_tile_edges():
+    # A 3x3 convolution sees zero padding at every tile edge, which is wrong inside the image. Each
+    # such edge lies nearer the centre of an overlapping tile: the Gaussian weights keep the edge's
+    # share to a few per cent, where plain averaging (or a floor on the weights, near the image's
+    # border) gives it about half: a maximum error of 0.6 (0.46) instead of 0.03 here.
+    torch.manual_seed(0)
+    model = ConvStandIn(kernel_size=3)
+    with torch.no_grad():
+        model.conv.weight.mul_(10)
+    image = torch.randn(1, 100, 100)
+    probabilities = predict_probabilities(model, image, tile_size=32, overlap=0.5)
+    error = (probabilities - whole_image_probabilities(model, image)).abs().max()
+    assert error < 0.05
+
+
+def test_padding1_unet_close_to_whole_image():
+    model = unet(padding=1)
+    image = torch.randn(1, 150, 170)
+    reference = whole_image_probabilities(model, image)
+    errors = {
+        overlap: (predict_probabilities(model, image, tile_size=64, overlap=overlap) - reference).abs().mean()
+        for overlap in (0.0, 0.5)
+    }
+    assert errors[0.5] < 0.02
+    assert errors[0.5] < errors[0.0] / 2
+
+
+def test_padding1_image_smaller_than_a_tile_is_one_padded_tile():
+    model = unet(padding=1)
+    image = torch.randn(1, 13, 30)
+    shapes = record_batches(model)
+    probabilities = predict_probabilities(model, image, tile_size=64)
+    assert shapes == [(1, 1, 16, 32)]
+    torch.testing.assert_close(probabilities, whole_image_probabilities(model, image), atol=1e-5, rtol=0)
+
+
+# --- test-time augmentation -----------------------------------------------------
+
+
+def test_tta_leaves_an_equivariant_model_unchanged():
+    torch.manual_seed(0)
+    model = ConvStandIn(kernel_size=1)
+    image = torch.randn(1, 40, 70)  # tiles of 32 x 64 px: a rotation swaps their sides
+    plain = predict_probabilities(model, image, tile_size=64)
+    augmented = predict_probabilities(model, image, tile_size=64, tta=True)
+    torch.testing.assert_close(augmented, plain, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape, tile_size", [((1, 50, 70), 60), ((1, 10, 70), 76)])  # square, oblong tiles
+def test_tta_averages_the_eight_dihedral_transforms(shape, tile_size):
+    model = unet()
+    image = torch.randn(shape)
+    padded = torch.from_numpy(pad_for_model(image.numpy(), model.depth, model.padding))[None]
+    expected = 0
+    with torch.no_grad():
+        for flip in (False, True):
+            for turns in range(4):
+                transformed = (padded.flip(-1) if flip else padded).rot90(turns, (-2, -1))
+                probabilities = model(transformed).softmax(1).rot90(-turns, (-2, -1))
+                expected = expected + (probabilities.flip(-1) if flip else probabilities) / 8
+    expected = expected[0, :, : shape[1], : shape[2]]
+    augmented = predict_probabilities(model, image, tile_size=tile_size, tta=True)
+    torch.testing.assert_close(augmented, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(augmented, predict_probabilities(model, image, tile_size=tile_size), atol=1e-3)
+
+
+# --- batching, mode, errors ------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding, tta", [(0, False), (1, False), (0, True)])
+def test_batch_size_bounds_memory_not_the_result(padding, tta):
+    model = unet(padding=padding)
+    image = torch.randn(1, 70, 90)
+    tile_size = 60 if padding == 0 else 32
+    results, largest = {}, {}
+    for batch_size in (1, 3, 100):
+        handle = model.register_forward_pre_hook(lambda module, inputs: largest.update({batch_size: max(largest.get(batch_size, 0), len(inputs[0]))}))
+        results[batch_size] = predict_probabilities(model, image, tile_size=tile_size, batch_size=batch_size, tta=tta)
+        handle.remove()
+    tiles = largest[100]  # all tiles in one batch
+    assert tiles > 3
+    assert largest[1] == 1 and largest[3] == 3
+    torch.testing.assert_close(results[1], results[3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1], results[100], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_is_restored(training):
+    model = unet(norm="batch").train(training)
+    record_batches(model)  # asserts eval mode during the forward passes
+    predict_probabilities(model, torch.randn(1, 30, 30), tile_size=60)
+    assert all(module.training == training for module in model.modules())
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"image has 3 channels but the model expects 1 \(unet.image_channels\)"):
+        predict_probabilities(unet(), torch.randn(3, 20, 20))
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (1, 1, 20, 20), (1, 0, 20)])
+def test_image_that_is_not_c_h_w_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match=r"image must be a \(C, H, W\) tensor"):
+        predict_probabilities(unet(), torch.randn(shape))
+
+
+def test_probabilities_sum_to_one():
+    probabilities = predict_probabilities(unet(padding=1), torch.randn(1, 45, 77), tile_size=32, tta=True)
+    np.testing.assert_allclose(probabilities.sum(0).numpy(), 1.0, atol=1e-5)
