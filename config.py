@@ -8,6 +8,7 @@ raises ``ConfigError`` with one line per problem.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -35,7 +36,7 @@ class Option:
     """One config key: its default, its type and the values it accepts."""
 
     default: Any
-    kind: str  # int | float | bool | str | int_list | float_list | weights
+    kind: str  # int | float | bool | str | int_list | weights | search_space
     help: str
     choices: tuple = ()
     minimum: float | None = None  # inclusive
@@ -50,6 +51,9 @@ DATASET_ALIASES = {"em": "isbi2012", "cells": "isbi2012", "pedestrian": "pennfud
 SCHEDULES = ("warmup-cosine", "cosine", "constant", "poly")
 BEST_METRICS = ("val_loss", "val_pixel_error", "val_dice", "val_iou", "val_rand_error", "val_vi")
 HIGHER_IS_BETTER = ("val_dice", "val_iou")
+MODES = ("overfit", "hp_search", "lr_find")  # overfit_one_batch modes instead of training; at most one
+SEARCH_RANGES = ("log_uniform", "uniform")
+DEFAULT_SEARCH_SPACE = {"train.lr": {"log_uniform": [1e-4, 1e-2]}, "train.optim": ["adam", "adamw"]}
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "unet": {
@@ -97,7 +101,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "eval_epoch": Option(1, "int", "validate every this many epochs", minimum=1),
         "log_epoch": Option(1, "int", "write metrics.csv and curves.png every this many epochs", minimum=1),
         "save_epoch": Option(1, "int", "save the last checkpoint every this many epochs", minimum=1),
-        "best_metric": Option("val_loss", "str", "what picks best.pt and drives early stopping: val_loss, val_pixel_error, val_dice, val_iou, val_rand_error, val_vi", choices=BEST_METRICS),
+        "best_metric": Option("val_dice", "str", "what picks best.pt and drives early stopping: val_loss, val_pixel_error, val_dice, val_iou, val_rand_error, val_vi", choices=BEST_METRICS),
         "early_stopping": Option(0, "int", "stop after this many epochs without a better train.best_metric (0: never)", minimum=0),
         "resume": Option(None, "str", "auto: continue the newest run in save_path; or a checkpoint path", nullable=True),
     },
@@ -123,6 +127,23 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "blur": Option(0.0, "float", "Gaussian blur with a random sigma up to this many pixels (0: off)", minimum=0.0),
         "probability": Option(1.0, "float", "fraction of the tiles that are augmented at all", minimum=0.0, maximum=1.0),
     },
+    "overfit_one_batch": {
+        "overfit": Option(False, "bool", "instead of training: fit a fresh model to one fixed unaugmented batch at constant train.lr until its loss < tolerance (exit code 1 if not)"),
+        "tolerance": Option(1e-2, "float", "overfit and hp_search: a model has fitted the batch when its loss falls below this", above=0.0),
+        "max_steps": Option(250, "int", "overfit and hp_search: steps at most per model", minimum=1),
+        "logging_steps": Option(10, "int", "overfit and lr_find: print the loss every this many steps", minimum=1),
+        "hp_search": Option(False, "bool", "instead of training: overfit the same batch once per point of search_space; writes trials.csv, trials.png, best_config.yaml"),
+        "full_train": Option(False, "bool", "after hp_search, train with best_config.yaml at once"),
+        "search_space": Option(DEFAULT_SEARCH_SPACE, "search_space", "section.key: a list of choices, or {log_uniform: [low, high]} or {uniform: [low, high]} for a number"),
+        "search_method": Option("random", "str", "random: trials points drawn from search_seed; grid: every combination, grid_points values per range", choices=("random", "grid")),
+        "grid_points": Option(3, "int", "grid: values per range, evenly spaced (on a log scale for log_uniform)", minimum=2),
+        "trials": Option(6, "int", "random: number of trials", minimum=1),
+        "search_seed": Option(0, "int", "random: seed of the drawn points", minimum=0),
+        "lr_find": Option(False, "bool", "instead of training: learning-rate range test on augmented training batches; writes lr_find.png, suggests train.lr"),
+        "lr_find_steps": Option(200, "int", "lr_find: steps at most, the lr rising exponentially from lr_find_min to lr_find_max", minimum=2),
+        "lr_find_min": Option(1e-7, "float", "lr_find: first learning rate", above=0.0),
+        "lr_find_max": Option(1.0, "float", "lr_find: last learning rate", above=0.0),
+    },
 }
 
 
@@ -132,7 +153,7 @@ def default_config() -> dict:
 
 
 def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else value
+    return copy.deepcopy(value)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
@@ -230,6 +251,12 @@ def resolve(user: dict, notices: list | None = None) -> dict:
         problems.append(f"train.best_metric: {config['train']['best_metric']} is measured on the cells of a two-class task, but unet.num_classes is {config['unet']['num_classes']}")
     if config["train"]["min_lr"] > config["train"]["lr"]:
         problems.append(f"train.min_lr ({config['train']['min_lr']}) is above train.lr ({config['train']['lr']})")
+    modes = config["overfit_one_batch"]
+    chosen = [mode for mode in MODES if modes[mode]]
+    if len(chosen) > 1:
+        problems.append(f"overfit_one_batch: {' and '.join(chosen)} are true together; set at most one of {', '.join(MODES)}")
+    if modes["lr_find_min"] >= modes["lr_find_max"]:
+        problems.append(f"overfit_one_batch.lr_find_min ({modes['lr_find_min']}) must be below lr_find_max ({modes['lr_find_max']})")
     if problems:
         raise ConfigError(problems)
     return config
@@ -270,12 +297,44 @@ def _check(name: str, option: Option, value: Any) -> Any:
         if any(item < 0 for item in value) or not any(item > 0 for item in value):
             raise ValueError(f"{name}: class weights must be >= 0 and not all 0, got {value}")
         return value
+    elif option.kind == "search_space":
+        return _check_search_space(name, value)
     if option.choices and value not in option.choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, option.choices))}{_suggest(str(value), list(map(str, option.choices)))}")
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             _check_range(name, option, item)
     return value
+
+
+def _check_search_space(name: str, space: Any) -> dict:
+    """A search space ``{section.key: [choices] | {log_uniform | uniform: [low, high]}}``, its choices and
+    range ends checked and converted as the option of their key says; ValueError names the entry."""
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"{name}: expected a mapping such as {{train.lr: {{log_uniform: [1e-4, 1e-2]}}, train.optim: [adam, adamw]}}, got {space!r}")
+    searchable = [f"{section}.{key}" for section, options in SCHEMA.items() if section != "overfit_one_batch" for key in options]
+    checked = {}
+    for target, values in space.items():
+        entry = f"{name}: {target}"
+        if target not in searchable:
+            raise ValueError(f"{entry}: not a key that a search can set{_suggest(str(target), searchable)}")
+        section, _, key = target.partition(".")
+        option = SCHEMA[section][key]
+        if isinstance(values, list) and values:
+            checked[target] = [_check(entry, option, value) for value in values]
+        elif isinstance(values, dict) and len(values) == 1 and next(iter(values)) in SEARCH_RANGES:
+            (kind, ends), = values.items()
+            if option.kind != "float":
+                raise ValueError(f"{entry}: a {kind} range needs a number key; list the choices of {target} instead")
+            if not isinstance(ends, list) or len(ends) != 2:
+                raise ValueError(f"{entry}: {kind} takes [low, high], got {ends!r}")
+            low, high = (_check(entry, option, end) for end in ends)
+            if not low < high or (kind == "log_uniform" and low <= 0):
+                raise ValueError(f"{entry}: {kind} needs {'0 < ' if kind == 'log_uniform' else ''}low < high, got [{low}, {high}]")
+            checked[target] = {kind: [low, high]}
+        else:
+            raise ValueError(f"{entry}: expected a list of choices, {{log_uniform: [low, high]}} or {{uniform: [low, high]}}, got {values!r}")
+    return checked
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -5,7 +5,9 @@
 for example ``python training.py train.lr=3e-4 unet.input_channels=[16,32,64,128]``. Each run writes
 its resolved config, ``metrics.csv``, ``curves.png`` and a weight-map figure to ``log_path/<run>/`` and
 its checkpoints ``last.pt`` and ``best.pt`` to ``save_path/<run>/``. ``train.resume=auto`` continues the
-newest run exactly where it stopped; Ctrl-C saves ``last.pt`` first.
+newest run exactly where it stopped; Ctrl-C saves ``last.pt`` first. ``overfit_one_batch.overfit=true``,
+``hp_search=true`` or ``lr_find=true`` run a check of ``search.py`` instead of training (an overfit that
+misses its tolerance exits with code 1).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import logging
 import math
 import os
 import signal
@@ -90,6 +93,8 @@ def build_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -
 def bitsandbytes_optimizer_class(optim: str, device: torch.device) -> type | None:
     """bitsandbytes' AdamW8bit / Adam8bit if it imports and can take a step on ``device``, else None."""
     try:
+        # bitsandbytes logs warnings about its 4-bit kernels at import, which this optimizer does not use
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit if optim == "adamw" else bitsandbytes.optim.Adam8bit
@@ -223,9 +228,10 @@ def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
     return path
 
 
-def new_run_name(train: dict) -> str:
-    """``run_name``, or date-time-data set; suffixed -2, -3 ... so that no earlier run is overwritten."""
-    base = train["run_name"] or f"{datetime.now():%Y-%m-%d_%H%M%S}-{train['dataset_name']}"
+def new_run_name(train: dict, label: str | None = None) -> str:
+    """``run_name``, or date-time-``label`` (default: the data set); suffixed -2, -3 ... so that no earlier
+    run is overwritten."""
+    base = train["run_name"] or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label or train['dataset_name']}"
     name, count = base, 1
     while (Path(train["log_path"]) / name).exists() or (Path(train["save_path"]) / name).exists():
         count += 1
@@ -449,7 +455,19 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides, notices)
         for message in notices:
             note(message)
-        result = train(config)
+        import search  # here, not at the top: search imports this module
+
+        modes = config["overfit_one_batch"]
+        if modes["lr_find"]:
+            search.lr_find(config)
+            return 0
+        if modes["overfit"]:
+            return 0 if search.overfit_batch(config)["reached"] else 1
+        if modes["hp_search"]:
+            summary = search.hp_search(config)
+            result = summary.get("train", summary)
+        else:
+            result = train(config)
     except KeyboardInterrupt:
         print("\nstopped at once, without saving: the checkpoints keep their last saved state", file=sys.stderr)
         return 130

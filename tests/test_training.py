@@ -160,7 +160,7 @@ def test_runs_never_overwrite_each_other(tmp_path):
 def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch):
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
     monkeypatch.setattr(training, "evaluate", lambda *args: {"val_loss": next(losses), "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8})
-    summary = train(tiny_config(tmp_path, "train.max_epochs=6", "train.early_stopping=2"))
+    summary = train(tiny_config(tmp_path, "train.max_epochs=6", "train.early_stopping=2", "train.best_metric=val_loss"))
     assert summary["epoch"] == 4 and summary["best_epoch"] == 2
 
 
