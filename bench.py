@@ -79,7 +79,7 @@ def main() -> None:
 
     widths = [int(width) for width in args.widths.split(",")]
     overrides = [f"unet.input_channels={widths}", f"train.tile_size={args.size}", f"train.batch_size={args.batch}", "unet.norm=none", f"train.device={args.device}"]
-    overrides += [f"train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
+    overrides += ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
     config = load_config(None, overrides)
     device = resolve_device(config["train"]["device"])
     data = build_datasets(config, print)

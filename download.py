@@ -1,7 +1,6 @@
 """Getting the public data sets: ``python dataset.py download {pennfudan,isbi2012} [--to DIR]``.
 
-``dataset.py``'s command line hands over to ``download_main``. Standard library only (tqdm for the
-progress bar when it is installed).
+``dataset.py``'s command line hands over to ``download_main``. Standard library and tqdm only.
 
 * Penn-Fudan pedestrians: downloaded from the official address, extracted safely (no path traversal,
   no symlinks, no zip bombs, nothing existing overwritten), then its layout is checked.
@@ -19,11 +18,12 @@ import shlex
 import shutil
 import stat
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from tqdm import tqdm
 
 from config import UserError
 
@@ -59,42 +59,6 @@ def _one_line(text: object) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Progress:
-    """A tqdm bar on stderr when tqdm is installed, else a simple line rewritten in place."""
-
-    def __init__(self, total: int | None, name: str, enabled: bool):
-        self.total, self.name, self.enabled, self.done = total, name, enabled, 0
-        self.bar, self.last = None, 0.0
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr, leave=True)
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(count)
-            return
-        now = time.monotonic()
-        if now - self.last >= 0.5 or (self.total is not None and self.done >= self.total):
-            self.last = now
-            of = f" of {self.total / 1e6:.1f} MB ({100 * self.done / self.total:.0f} %)" if self.total else " MB"
-            sys.stderr.write(f"\r{self.name}: {self.done / 1e6:.1f}{of}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def download(url: str, destination: Path, show_progress: bool = True, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``destination`` and return ``destination``.
 
@@ -127,24 +91,26 @@ def download(url: str, destination: Path, show_progress: bool = True, timeout: f
         with response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            progress = _Progress(total, destination.name, show_progress)
+            progress = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, file=sys.stderr, disable=not show_progress)
+            received = 0
             try:
                 with open(part, "wb") as file:
                     while True:
                         try:
                             chunk = response.read(CHUNK_BYTES)
                         except (http.client.HTTPException, OSError, ValueError, EOFError) as error:  # reset, timeout, IncompleteRead
-                            raise UserError(f"could not download {url}: connection lost after {progress.done} bytes ({_describe_network_error(error)}); {by_hand}") from None
+                            raise UserError(f"could not download {url}: connection lost after {received} bytes ({_describe_network_error(error)}); {by_hand}") from None
                         if not chunk:
                             break
                         file.write(chunk)
+                        received += len(chunk)
                         progress.update(len(chunk))
             except OSError as error:
                 raise UserError(f"cannot write {part}: {_one_line(error)}") from None
             finally:
                 progress.close()
-        if total is not None and progress.done != total:
-            raise UserError(f"could not download {url}: got {progress.done} of {total} bytes (connection closed early); {by_hand}")
+        if total is not None and received != total:
+            raise UserError(f"could not download {url}: got {received} of {total} bytes (connection closed early); {by_hand}")
         try:
             os.replace(part, destination)
         except OSError as error:

@@ -24,7 +24,6 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -314,7 +313,8 @@ def stop_requests():
 
 
 def train(config: dict) -> dict:
-    """Train as the config says; returns a summary (run folders, best validation loss, last scores)."""
+    """Train as the config says; returns a summary: run folders, progress (epoch, step, best value of
+    ``train.best_metric`` and its epoch), the last validation scores, and whether it was interrupted."""
     train_config, unet = config["train"], config["unet"]
     device = resolve_device(train_config["device"])
     save_path, log_path = Path(train_config["save_path"]), Path(train_config["log_path"])

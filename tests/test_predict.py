@@ -2,7 +2,6 @@
 logged, TIFF stacks, probabilities, overlays, diagnostics figures, ONNX export and one-line errors."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import torch
 from skimage import measure
 
 from config import UserError, load_config
-from dataset import TileDataset, WholeImageDataset, build_datasets, load_samples, network_margin, pad_for_model, read_isbi2012, read_pennfudan
+from dataset import TileDataset, build_datasets, load_samples, network_margin, pad_for_model, read_isbi2012, read_pennfudan
 from training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
