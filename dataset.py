@@ -400,54 +400,6 @@ def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int) -> np.
     return weights.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------
-
-
-def save_weight_map_figure(
-    path: str | os.PathLike,
-    image: np.ndarray,
-    label: np.ndarray,
-    weight: np.ndarray,
-    title: str = "",
-) -> None:
-    """Save a PNG with the image, its label and its weight map side by side.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Output PNG file.
-    image : ndarray of float, shape (H, W)
-        Gray-value image, shown in gray.
-    label : ndarray of int, shape (H, W)
-        Class label image.
-    weight : ndarray of float, shape (H, W)
-        Weight map, e.g. from :func:`weight_map`, shown with a colorbar.
-    title : str, optional
-        Figure title.
-    """
-    # matplotlib is imported here so that importing this module stays fast;
-    # a bare Figure renders with Agg and is never registered with pyplot, so
-    # it neither needs a GUI backend nor has to be closed.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(12, 4.2), layout="constrained")
-    image_axes, label_axes, weight_axes = figure.subplots(1, 3)
-    image_axes.imshow(image, cmap="gray", interpolation="nearest")
-    image_axes.set_title("image")
-    label_axes.imshow(label, cmap="gray", interpolation="nearest")
-    label_axes.set_title("label")
-    weight_plot = weight_axes.imshow(weight, cmap="viridis", interpolation="nearest")
-    weight_axes.set_title("weight map")
-    figure.colorbar(weight_plot, ax=weight_axes, shrink=0.8)
-    for axes in (image_axes, label_axes, weight_axes):
-        axes.set_axis_off()
-    if title:
-        figure.suptitle(title)
-    figure.savefig(path, dpi=100)
-
-
 # ---------------------------------------------------------------------------------------------------
 # From arrays to network inputs: normalisation, mirror padding, random training tiles, whole images
 # ---------------------------------------------------------------------------------------------------
@@ -968,7 +920,7 @@ def augment_batch(
     return apply_parameters(image, label, weight, params, settings)
 
 
-def save_augmentation_figure(
+def save_samples_figure(
     path: str | os.PathLike,
     image: Tensor,
     label: Tensor,
@@ -976,7 +928,9 @@ def save_augmentation_figure(
     count: int = 4,
     title: str = "",
 ) -> None:
-    """Save a PNG of augmented samples: one row per sample, columns image, label and weight.
+    """Save a PNG of samples to check by eye: one row per sample, columns image, label and weight map.
+
+    Used for the weight map of a whole training image and for augmented training tiles.
 
     Parameters
     ----------
@@ -1216,8 +1170,8 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     """Everything training needs from the data, computed once: tiles, whole validation images, weights.
 
     Returns a dict with ``train`` (TileDataset), ``val`` (WholeImageDataset), ``class_weights``
-    ((K,) float32 array or None) and ``example`` (image, label, weight of the first training image,
-    for the weight-map figure).
+    ((K,) float32 array or None) and ``example``: the normalised image (C, H, W), label and weight map
+    of the first training image, for the weight-map figure.
     """
     unet, train = config["unet"], config["train"]
     depth, num_classes = len(unet["input_channels"]), unet["num_classes"]
@@ -1256,7 +1210,7 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     images, labels, weights = prepare(samples)
     train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
     val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])
-    return {"train": train_set, "val": val_set, "class_weights": class_weights, "example": (samples[0].image, labels[0], weights[0])}
+    return {"train": train_set, "val": val_set, "class_weights": class_weights, "example": (images[0], labels[0], weights[0])}
 
 
 if __name__ == "__main__":

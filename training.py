@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import HIGHER_IS_BETTER, ConfigError, UserError, architecture_differences, config_to_yaml, load_config
-from dataset import EpochSampler, augment_batch, build_datasets, save_augmentation_figure, save_weight_map_figure
+from dataset import EpochSampler, augment_batch, build_datasets, save_samples_figure
 from losses import segmentation_loss
 from infer import predict_probabilities
 from metrics import confusion_matrix, em_segmentation_scores, segmentation_scores
@@ -352,10 +352,10 @@ def train(config: dict) -> dict:
     config_file = run_log / "config.yaml" if not checkpoint else run_log / f"config-resumed-epoch{progress['epoch']}.yaml"
     config_file.write_text(config_to_yaml(config))
     if not checkpoint:
-        save_weight_map_figure(run_log / "weight_map.png", *data["example"], title="first training image")
+        save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data["example"]), title="first training image and its weight map")
         examples = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in range(min(4, len(train_set)))))]
         augmented = augment_on_device(examples, config["augment"], train_config["seed"], -1, device)
-        save_augmentation_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
+        save_samples_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
 
     sampler = EpochSampler(len(train_set), train_config["seed"])
     workers = train_config["num_workers"]

@@ -17,7 +17,7 @@ from dataset import (
     augment_batch,
     random_parameters,
     resolve_settings,
-    save_augmentation_figure,
+    save_samples_figure,
 )
 
 ALL_OFF = {
@@ -487,6 +487,6 @@ def test_default_settings_run(tmp_path):
     image, label, weight = random_batch(3, 1, 64, 64)
     out = augment_batch(image, label, weight, {}, torch.Generator().manual_seed(17))
     path = tmp_path / "augmented.png"
-    save_augmentation_figure(path, *out, count=2, title="defaults")
+    save_samples_figure(path, *out, count=2, title="defaults")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5000

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from skimage import measure
 
-from dataset import class_balance_weights, save_weight_map_figure, synthetic_em, synthetic_em_set, weight_map
+from dataset import class_balance_weights, save_samples_figure, synthetic_em, synthetic_em_set, weight_map
 
 
 def best_threshold_accuracy(image: np.ndarray, label: np.ndarray) -> float:
@@ -221,11 +222,12 @@ def test_class_balance_weights_rejects_out_of_range_labels():
 # --------------------------------------------------------------------- figure
 
 
-def test_save_weight_map_figure_writes_png(tmp_path, tiny_cells):
+def test_samples_figure_of_one_weight_map_writes_png(tmp_path, tiny_cells):
     label, instances = tiny_cells
     image = np.random.default_rng(0).random(label.shape).astype(np.float32)
     path = tmp_path / "weights.png"
-    save_weight_map_figure(path, image, label, weight_map(label, instances), title="tiny")
+    arrays = (image[None], label.astype(np.int64), weight_map(label, instances))
+    save_samples_figure(path, *(torch.from_numpy(array)[None] for array in arrays), title="tiny")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
 

@@ -14,14 +14,9 @@ import search
 import training
 from config import ConfigError, UserError, load_config
 from dataset import EpochSampler, build_datasets
-from test_training import TINY
+from test_training import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> dict:
-    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"]
-    return load_config(None, TINY + paths + list(overrides))
 
 
 def read_trials(run_log: Path) -> list[dict]:
