@@ -312,6 +312,33 @@ def stop_requests():
             signal.signal(number, handler)
 
 
+def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device) -> dict:
+    """Load a checkpoint's model, optimizer, scheduler and random states; returns its progress."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["progress"]
+
+
+def start_run_folders(config: dict, run_log: Path, run_weights: Path, progress: dict, data: dict, device: torch.device, resumed: bool) -> None:
+    """Create the run's folders and write its resolved config; a new run also gets the figures of a
+    weight map and of augmented tiles, to check by eye before trusting the training."""
+    run_log.mkdir(parents=True, exist_ok=True)
+    run_weights.mkdir(parents=True, exist_ok=True)
+    config_file = run_log / (f"config-resumed-epoch{progress['epoch']}.yaml" if resumed else "config.yaml")
+    config_file.write_text(config_to_yaml(config))
+    if resumed:
+        return
+    save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data["example"]), title="first training image and its weight map")
+    train_set = data["train"]
+    examples = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in range(min(4, len(train_set)))))]
+    augmented = augment_on_device(examples, config["augment"], config["train"]["seed"], -1, device)
+    save_samples_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
+
+
 def train(config: dict) -> dict:
     """Train as the config says; returns a summary: run folders, progress (epoch, step, best value of
     ``train.best_metric`` and its epoch), the last validation scores, and whether it was interrupted."""
@@ -335,27 +362,12 @@ def train(config: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train_config["scheduler_type"], min_factor)
     )
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0, "run_name": None}
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = checkpoint["progress"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        progress = restore(checkpoint, model, optimizer, scheduler, device)
     else:
-        progress["run_name"] = new_run_name(train_config)
+        progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0, "run_name": new_run_name(train_config)}
     run_log, run_weights = log_path / progress["run_name"], save_path / progress["run_name"]
-    run_log.mkdir(parents=True, exist_ok=True)
-    run_weights.mkdir(parents=True, exist_ok=True)
-    config_file = run_log / "config.yaml" if not checkpoint else run_log / f"config-resumed-epoch{progress['epoch']}.yaml"
-    config_file.write_text(config_to_yaml(config))
-    if not checkpoint:
-        save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data["example"]), title="first training image and its weight map")
-        examples = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in range(min(4, len(train_set)))))]
-        augmented = augment_on_device(examples, config["augment"], train_config["seed"], -1, device)
-        save_samples_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
+    start_run_folders(config, run_log, run_weights, progress, data, device, resumed=checkpoint is not None)
 
     sampler = EpochSampler(len(train_set), train_config["seed"])
     workers = train_config["num_workers"]
