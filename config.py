@@ -113,6 +113,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "augment": {
         "flip": Option(True, "bool", "random horizontal and vertical flips"),
+        "vertical_flip": Option(True, "bool", "with flip: also upside down (false for upright scenes such as pedestrians)"),
         "rotate90": Option(True, "bool", "random rotations by multiples of 90 degrees"),
         "rotation": Option(0.0, "float", "random rotation by up to this many degrees (180: any angle; 0: off)", minimum=0.0, maximum=180.0),
         "scale": Option(0.1, "float", "random zoom by a factor up to 1 +- this (0: off)", minimum=0.0, maximum=0.9),

@@ -652,7 +652,7 @@ def random_parameters(
     params = {
         "augmented": unit() < settings["probability"],
         "flip_horizontal": (unit() < 0.5) & settings["flip"],
-        "flip_vertical": (unit() < 0.5) & settings["flip"],
+        "flip_vertical": (unit() < 0.5) & (settings["flip"] and settings["vertical_flip"]),
         "quarter_turns": torch.randint(4, (batch,), generator=generator, device=device) * int(settings["rotate90"]),
         "angle": _symmetric_uniform(settings["rotation"], (batch,), generator),
         "zoom": torch.exp(_symmetric_uniform(math.log1p(settings["scale"]), (batch,), generator)),

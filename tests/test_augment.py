@@ -191,6 +191,18 @@ def test_flips_are_exact_and_all_four_combinations_occur():
     assert seen == {0, 1, 2, 3}
 
 
+def test_without_vertical_flips_only_left_right_flips_occur():
+    image, label, weight = random_batch(32, 1, 40, 56)
+    settings = only(flip=True)
+    settings["vertical_flip"] = False
+    out_image, _, _ = augment_batch(image, label, weight, settings, torch.Generator().manual_seed(5))
+    flipped = [not torch.allclose(out_image[i], image[i], atol=1e-5) for i in range(len(image))]
+    for index in range(len(image)):
+        expected = image[index].flip(-1) if flipped[index] else image[index]
+        assert torch.allclose(out_image[index], expected, atol=1e-5)
+    assert 4 < sum(flipped) < 28
+
+
 def test_flip_parameters_mean_left_right_and_top_bottom():
     image, label, weight = random_batch(2, 1, 24, 30)
     params = identity_parameters(2)
