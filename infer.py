@@ -18,9 +18,11 @@ Tiles start at multiples of ``2**depth`` px in the mirrored image, so every pool
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dataset import network_margin, pad_for_model
 from model import UNet, output_size, valid_input_sizes
@@ -121,22 +123,33 @@ def predict_probabilities(
     device = next(model.parameters()).device
     total = torch.zeros(model.num_classes, *frame)
     weight_sum = torch.zeros(frame)
-    was_training = model.training
+    with evaluating(model), torch.inference_mode():
+        for first in range(0, len(positions), batch_size):
+            batch = positions[first : first + batch_size]
+            tiles = torch.stack(
+                [padded[:, top : top + tile_height + 2 * margin, left : left + tile_width + 2 * margin] for top, left in batch]
+            )
+            probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
+            for (top, left), tile_probabilities in zip(batch, probabilities):
+                total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
+                weight_sum[top : top + tile_height, left : left + tile_width] += weight
+    return total[:, :height, :width] / weight_sum[:height, :width]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the ``with`` block, then restore every submodule's own flag.
+
+    Restoring per submodule rather than calling ``model.train(was_training)`` keeps a deliberately
+    mixed state intact, e.g. a network trained with frozen (eval-mode) BatchNorm layers.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
-            for first in range(0, len(positions), batch_size):
-                batch = positions[first : first + batch_size]
-                tiles = torch.stack(
-                    [padded[:, top : top + tile_height + 2 * margin, left : left + tile_width + 2 * margin] for top, left in batch]
-                )
-                probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
-                for (top, left), tile_probabilities in zip(batch, probabilities):
-                    total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
-                    weight_sum[top : top + tile_height, left : left + tile_width] += weight
+        yield model
     finally:
-        model.train(was_training)
-    return total[:, :height, :width] / weight_sum[:height, :width]
+        for module, training in modes:
+            module.training = training
 
 
 def gaussian_importance_map(height: int, width: int) -> Tensor:

@@ -74,3 +74,14 @@ def em_segmentation_scores(cell_probability: np.ndarray, label: np.ndarray, thre
     error = adapted_rand_error(true_cells, predicted_cells, ignore_labels=(0,))[0]
     split, merge = variation_of_information(true_cells, predicted_cells, ignore_labels=(0,))
     return {"rand_error": float(error), "vi": float(split + merge)}
+
+
+def pool_scores(confusion: torch.Tensor, cell_scores: list[dict[str, float]]) -> dict[str, float]:
+    """Scores of several images: ``pixel_error``, ``dice`` and ``iou`` from their summed confusion
+    matrix (pooled pixels), and ``rand_error`` and ``vi`` as means of their ``em_segmentation_scores``
+    (when given)."""
+    scores = segmentation_scores(confusion)
+    pooled = {key: scores[key] for key in ("pixel_error", "dice", "iou")}
+    for key in ("rand_error", "vi") if cell_scores else ():
+        pooled[key] = sum(item[key] for item in cell_scores) / len(cell_scores)
+    return pooled

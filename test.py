@@ -25,8 +25,7 @@ import argparse
 import importlib
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -38,9 +37,9 @@ from torch import Tensor, nn
 
 from config import ConfigError, UserError, load_config, merge_overrides, resolve
 from dataset import IMAGE_SUFFIXES, build_datasets, image_files, network_margin, normalize_image, pad_for_model, read_image
-from infer import predict_probabilities
+from infer import evaluating, predict_probabilities
 from losses import segmentation_loss
-from metrics import confusion_matrix, em_segmentation_scores, segmentation_scores
+from metrics import confusion_matrix, em_segmentation_scores, pool_scores, segmentation_scores
 from training import DEFAULT_CONFIG, build_model, check_architecture, note, read_checkpoint, resolve_device
 
 OVERLAY_COLOURS = np.array([(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32)
@@ -242,33 +241,15 @@ def diagnostics(model, config: dict, device: torch.device, output: Path, layers:
             norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
             save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {data['val'].names[0]}")
             save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {data['val'].names[0]}")
-    scores = segmentation_scores(total)
-    overall = {"pixel_error": scores["pixel_error"], "dice": scores["dice"], "iou": scores["iou"]}
-    line = f"{'all':>24} {scores['pixel_error']:>12.4f} {scores['dice']:>8.4f} {scores['iou']:>8.4f}"
+    overall = pool_scores(total, cell_scores)
+    line = f"{'all':>24} {overall['pixel_error']:>12.4f} {overall['dice']:>8.4f} {overall['iou']:>8.4f}"
     if cell_scores:
-        overall.update({key: sum(item[key] for item in cell_scores) / len(cell_scores) for key in ("rand_error", "vi")})
         line += f" {overall['rand_error']:>11.4f} {overall['vi']:>8.4f}"
     print(line)
     if num_classes == 2:
         print("(Rand error and VI: on the 4-connected cells of class 1 at probability >= 0.5, foreground-restricted; means over images)")
     print(f"figures: {output}/val_*.png, saliency_*.png, gradient_norms.png, activations.png")
     return overall
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the ``with`` block, then restore every submodule's own flag.
-
-    Restoring per submodule rather than calling ``model.train(was_training)`` keeps a deliberately
-    mixed state intact, e.g. a network trained with frozen (eval-mode) BatchNorm layers.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _model_loss(
@@ -313,7 +294,7 @@ def input_saliency(
         input, maximised over the channels. Loss units per intensity unit; pixels outside the
         receptive field of every labelled output pixel are 0.
     """
-    with _evaluating(model):
+    with evaluating(model):
         loss, x = _model_loss(model, image, label, weight, loss_kind, input_requires_grad=True)
         (gradient,) = torch.autograd.grad(loss, x)
     return gradient[0].abs().amax(dim=0).cpu()
@@ -340,7 +321,7 @@ def layer_gradient_norms(
         Parameters' ``.grad`` are not touched.
     """
     named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    with _evaluating(model):
+    with evaluating(model):
         loss, _ = _model_loss(model, image, label, weight, loss_kind, input_requires_grad=False)
         gradients = torch.autograd.grad(loss, [parameter for _, parameter in named], allow_unused=True)
     return [
@@ -471,7 +452,7 @@ def activation_maps(
     handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
     parameter = next(model.parameters())
     try:
-        with _evaluating(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(image.to(parameter.device, parameter.dtype))
     finally:
         for handle in handles:
@@ -634,7 +615,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_channels: int, sample_
     model.output_size(sample_size)
     parameter = next(model.parameters())
     sample = torch.zeros(1, image_channels, sample_size, sample_size, dtype=parameter.dtype, device=parameter.device)
-    with _evaluating(model), warnings.catch_warnings():
+    with evaluating(model), warnings.catch_warnings():
         # The tracer warns at each Python-side size check in UNet.forward; turning those into constants
         # is what we want (see Notes), so the warnings would only bury real messages.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -682,7 +663,7 @@ def check_onnx(model: nn.Module, path: str | Path, sample: Tensor) -> float:
     onnxruntime = _require("onnxruntime", "ONNX check")
     parameter = next(model.parameters())
     sample = sample.detach().to(parameter.device, parameter.dtype)
-    with _evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         expected = model(sample).cpu().numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (actual,) = session.run(None, {session.get_inputs()[0].name: sample.cpu().numpy()})

@@ -33,7 +33,7 @@ from config import HIGHER_IS_BETTER, ConfigError, UserError, architecture_differ
 from dataset import EpochSampler, augment_batch, build_datasets, save_samples_figure
 from losses import segmentation_loss
 from infer import predict_probabilities
-from metrics import confusion_matrix, em_segmentation_scores, segmentation_scores
+from metrics import confusion_matrix, em_segmentation_scores, pool_scores
 from model import UNet, count_parameters
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -162,11 +162,7 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
         confusion += confusion_matrix(probabilities.argmax(0), label, num_classes)
         if num_classes == 2:
             cell_scores.append(em_segmentation_scores(probabilities[1].numpy(), label.numpy()))
-    scores = segmentation_scores(confusion)
-    result = {"val_loss": sum(losses) / len(losses), "val_pixel_error": scores["pixel_error"], "val_dice": scores["dice"], "val_iou": scores["iou"]}
-    for key in ("rand_error", "vi") if cell_scores else ():
-        result[f"val_{key}"] = sum(item[key] for item in cell_scores) / len(cell_scores)
-    return result
+    return {"val_loss": sum(losses) / len(losses), **{f"val_{key}": value for key, value in pool_scores(confusion, cell_scores).items()}}
 
 
 def improved(value: float, best: float | None, metric: str) -> bool:
