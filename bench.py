@@ -1,26 +1,50 @@
-"""Benchmark: is the data path fast enough to keep the training step busy?
+"""Benchmark: training and inference speed of the U-Net, against a bare PyTorch loop and MONAI's BasicUNet.
 
-    python bench.py [--device cpu|cuda] [--size 572] [--batch 8] [--widths 64,128,256,512] [--workers 0]
+    python bench.py [--device cpu|cuda] [--size 572] [--batch 8] [--widths 64,128,256,512]
+                    [--precision fp32|bf16|fp16] [--channels-last] [--compile] [--steps 3]
+                    [--models ours,bare,monai] [--infer-size 2048] [--workers 0 2] [--data ISBI_FOLDER]
 
-Times, on the same batch size and tile size: cutting tiles in the loader (per worker count), the
-augmentation on the device (elastic deformation, rotation, scaling, flips, gray values), and one
-training step of the U-Net (forward, backward, optimizer). Reads ISBI 2012 from ``--data`` when given,
-else generates synthetic EM images. Prints numbers; asserts nothing.
+Prints numbers and asserts nothing. Three tables:
+
+1. Training, on the same random batch for every model: ms per step, images/s, peak memory, forward
+   GFLOP per image, achieved TFLOP/s and, on CUDA, the model FLOP utilisation (MFU). ``ours`` is
+   ``training.train_step`` (weighted cross-entropy with a weight map, gradient clipping, Adam);
+   ``bare`` the same network in a five-line PyTorch loop (plain cross-entropy, Adam); ``monai``
+   MONAI's ``BasicUNet`` with the same widths and normalisation (same-size convolutions, so more
+   FLOPs per image: compare TFLOP/s). MONAI is a benchmark-only dependency (``pip install monai``).
+2. Inference: one ``--infer-size`` square image predicted by the tiled predictor (``infer.py``).
+3. The data path (loader and augmentation) against the training step: the device must never wait.
+
+FLOPs are counted from the shapes of every convolution in one forward pass (2 x multiply-adds; the
+ReLUs, norms and pooling are left out); a training step counts as 3 x forward (the backward pass is
+about twice the forward). MFU divides the achieved TFLOP/s by the card's dense peak for the
+precision (``--peak-tflops`` to give it; fp32 counts TF32 tensor cores, which PyTorch uses for
+convolutions by default). Each model runs in a process of its own, so that the peak memory (CUDA:
+``max_memory_allocated``; CPU: growth of the resident set while building and training the model)
+is its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import multiprocessing
+import resource
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from config import load_config
-from dataset import EpochSampler, augment_batch, build_datasets
-from model import UNet, count_parameters
-from training import resolve_device, train_step
+# Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (SXM modules; PCIe cards are lower)
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -28,80 +52,256 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_loader(dataset, batch_size: int, workers: int, batches: int) -> float:
-    """Seconds per batch of the DataLoader alone (tile cutting and collation), after one warm-up batch."""
-    sampler = EpochSampler(len(dataset), seed=0)
-    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=workers, persistent_workers=workers > 0)
-    iterator = iter(loader)
-    next(iterator)
+def forward_flops(model: torch.nn.Module, image_channels: int, size: int) -> float:
+    """FLOPs (2 x multiply-adds) of the convolutions in a forward pass of one ``size`` x ``size``
+    image, counted from their shapes on the meta device (nothing is computed)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):  # every input pixel spreads to kernel x out_channels outputs
+            total += 2 * inputs[0].numel() * module.out_channels * kernel // module.groups
+        else:
+            total += 2 * output.numel() * module.in_channels * kernel // module.groups
+
+    meta_model = copy.deepcopy(model).to("meta").eval()
+    hooks = [m.register_forward_hook(count) for m in meta_model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.no_grad():
+        meta_model(torch.zeros(1, image_channels, size, size, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return float(total)
+
+
+def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
+    """``ours`` and ``bare``: this project's U-Net (valid convolutions, as in the paper);
+    ``monai``: MONAI's BasicUNet with the same widths (its five levels are ours plus the bottleneck)."""
+    if name == "monai":
+        from monai.networks.nets import BasicUNet
+
+        features = (*widths, 2 * widths[-1], widths[0])
+        if len(widths) != 4:
+            raise SystemExit("MONAI's BasicUNet has depth 4: give --widths with 4 values")
+        monai_norm = {"batch": ("batch", {}), "instance": ("instance", {"affine": True}), "none": ("instance", {"affine": False})}[norm]
+        model = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features, act=("relu", {"inplace": True}), norm=monai_norm, upsample="deconv")
+        if norm == "none":  # BasicUNet always normalises: swap the norm layers for identities
+            for parent in list(model.modules()):
+                for child_name, child in parent.named_children():
+                    if isinstance(child, torch.nn.InstanceNorm2d):
+                        setattr(parent, child_name, torch.nn.Identity())
+        return model
+    from model import UNet
+
+    return UNet(1, 2, widths, padding=0, norm=norm)
+
+
+def time_training(case: str, args: argparse.Namespace, queue) -> None:
+    """Child process: time ``args.steps`` training steps of model ``case`` after ``args.warmup``."""
+    from training import autocast, resolve_device, train_step
+    from model import center_crop
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    model = build(case, args.widths, args.norm)
+    flops = forward_flops(model, 1, args.size)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, 1, args.size, args.size, generator=generator)
+    label = (torch.rand(args.batch, args.size, args.size, generator=generator) > 0.3).long()
+    weight = 1 + torch.rand(args.batch, args.size, args.size, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    step_model = torch.compile(model) if args.compile else model
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if case == "ours":
+
+        def step():
+            train_step(step_model, optimizer, (image, label, weight), "ce", 1.0, device, args.precision, scaler, channels_last=args.channels_last)
+
+    else:
+        image, label = image.to(device).contiguous(memory_format=memory_format), label.to(device)
+
+        def step():  # the loop every tutorial shows
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, args.precision):
+                logits = step_model(image)
+            loss = F.cross_entropy(logits.float(), center_crop(label, *logits.shape[-2:]))
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return (time.perf_counter() - start) / batches
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    queue.put({"seconds": seconds, "peak_bytes": peak, "flops": flops, "device": describe(device)})
 
 
-def time_augmentation(batch, settings: dict, device: torch.device, repeats: int) -> float:
-    """Seconds per batch of ``augment_batch`` on ``device``, after one warm-up call."""
-    batch = [tensor.to(device) for tensor in batch]
+def time_inference(args: argparse.Namespace, queue) -> None:
+    """Child process: the tiled predictor on one ``args.infer_size`` square image (bf16 on CUDA)."""
+    from infer import predict_probabilities
+    from training import resolve_device
+
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    model = build("ours", args.widths, args.norm).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    tiles = 0
+
+    def count(module, inputs, output):
+        nonlocal tiles
+        tiles += inputs[0].shape[0]
+
+    model.register_forward_hook(count)
+    image = torch.randn(1, args.infer_size, args.infer_size, generator=torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        predict_probabilities(model, image, args.size, batch_size=args.infer_batch)  # warm-up: cuDNN picks its kernels
+        synchronize(device)
+    tiles, start = 0, time.perf_counter()
+    for _ in range(args.infer_repeats):
+        predict_probabilities(model, image, args.size, batch_size=args.infer_batch)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.infer_repeats
+    queue.put({"seconds": seconds, "tiles": tiles / args.infer_repeats})
+
+
+def in_child(function, *arguments) -> dict:
+    """Run ``function(*arguments, queue)`` in a fresh process and return what it put in the queue."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=function, args=(*arguments, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"{function.__name__}{arguments[:1]} failed with exit code {process.exitcode}")
+    return queue.get()
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    for card, peaks in PEAK_TFLOPS.items():
+        if card in device_name:
+            return peaks[precision]
+    return None
+
+
+def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
+    """The loader (per worker count) and the augmentation, timed on the benchmark's batch."""
+    from config import load_config
+    from dataset import EpochSampler, augment_batch, build_datasets
+    from training import resolve_device
+
+    overrides = [f"unet.input_channels={args.widths}", f"train.tile_size={args.size}", f"train.batch_size={args.batch}", f"train.device={args.device}"]
+    overrides += ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
+    config = load_config(None, overrides)
+    device = resolve_device(args.device)
+    dataset = build_datasets(config, lambda message: None)["train"]
+    batch = [torch.stack(tensors).to(device) for tensors in zip(*(dataset[i] for i in range(args.batch)))]
+    settings = dict(config["augment"], rotation=180.0)
     generator = torch.Generator(device=device).manual_seed(0)
     augment_batch(*batch, settings, generator)
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
+    for _ in range(5):
         augment_batch(*batch, settings, generator)
     synchronize(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def time_train_step(model: torch.nn.Module, batch, device: torch.device, steps: int) -> float:
-    """Seconds per training step (forward, weighted cross-entropy, backward, Adam), after one warm-up step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    batch = [tensor.to(device) for tensor in batch]
-    train_step(model, optimizer, batch, "ce", 1.0, device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, batch, "ce", 1.0, device)
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    rows = [("augmentation on the device", (time.perf_counter() - start) / 5)]
+    for workers in args.workers:
+        loader = DataLoader(dataset, args.batch, sampler=EpochSampler(len(dataset), seed=0), drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+        iterator = iter(loader)
+        next(iterator)
+        start = time.perf_counter()
+        for _ in range(10):
+            next(iterator)
+        rows.append((f"loader, {workers} worker(s)", (time.perf_counter() - start) / 10))
+    data_path = rows[0][1] + min(seconds for _, seconds in rows[1:])
+    rows.append(("data path (best loader + augmentation)", data_path))
+    print(f"\ndata path ({'ISBI 2012' if args.data else 'synthetic images'}), batch {args.batch} at {args.size} px")
+    print(f"{'':40} {'ms/batch':>10} {'samples/s':>10} {'x faster than our step':>23}")
+    for name, seconds in rows:
+        print(f"{name:40} {seconds * 1000:>10.1f} {args.batch / seconds:>10.1f} {step_seconds / seconds:>23.1f}")
+    print("(loader workers run beside the step; the augmentation runs in the training process)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--size", type=int, default=572, help="input tile size in px (valid for the network)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--widths", default="64,128,256,512", help="unet.input_channels, comma-separated")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to time")
-    parser.add_argument("--steps", type=int, default=2, help="timed training steps")
-    parser.add_argument("--data", type=Path, help="ISBI 2012 folder (default: synthetic images)")
+    parser.add_argument("--widths", default="64,128,256,512", help="unet.input_channels, comma-separated (paper: 64,128,256,512)")
+    parser.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN autotuning, compiling)")
+    parser.add_argument("--models", default="ours,bare,monai", help="which of ours, bare, monai to time")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: from the card's name)")
+    parser.add_argument("--infer-size", type=int, default=2048, help="side of the image for the inference timing (0: skip)")
+    parser.add_argument("--infer-batch", type=int, default=8, help="tiles per forward pass when predicting")
+    parser.add_argument("--infer-repeats", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="loader worker counts to time (none: skip the data path)")
+    parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
     args = parser.parse_args()
+    args.widths = [int(width) for width in args.widths.split(",")]
 
-    widths = [int(width) for width in args.widths.split(",")]
-    overrides = [f"unet.input_channels={widths}", f"train.tile_size={args.size}", f"train.batch_size={args.batch}", "unet.norm=none", f"train.device={args.device}"]
-    overrides += ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
-    config = load_config(None, overrides)
-    device = resolve_device(config["train"]["device"])
-    data = build_datasets(config, print)
-    dataset = data["train"]
-    batch = [torch.stack(tensors) for tensors in zip(*(dataset[i] for i in range(args.batch)))]
-    settings = dict(config["augment"], rotation=180.0)
+    from training import resolve_device
 
-    model = UNet(1, 2, widths, padding=0, norm="none").to(device)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"tiles {args.size}x{args.size} px, batch {args.batch}, U-Net widths {widths} ({count_parameters(model):,} parameters)")
-    step = time_train_step(model, batch, device, args.steps)
-    augmentation = time_augmentation(batch, settings, device, repeats=5)
-    rows = [("training step (fwd + bwd + Adam)", step), ("augmentation on the device", augmentation)]
-    for workers in args.workers:
-        rows.append((f"loader, {workers} worker(s)", time_loader(dataset, args.batch, workers, batches=10)))
-    print(f"{'':36} {'ms/batch':>10} {'samples/s':>10} {'x faster than step':>20}")
-    for name, seconds in rows:
-        print(f"{name:36} {seconds * 1000:>10.1f} {args.batch / seconds:>10.1f} {step / seconds:>20.1f}")
-    loader_best = min(seconds for name, seconds in rows[2:])
-    data_path = loader_best + augmentation
-    print(f"{'data path (best loader + augmentation)':36} {data_path * 1000:>10.1f} {args.batch / data_path:>10.1f} {step / data_path:>20.1f}")
-    print("(with workers the loader runs beside the step; augmentation runs in the training process)")
+    device = resolve_device(args.device)
+    results = {case: in_child(time_training, case, args) for case in args.models.split(",")}
+    device_name = next(iter(results.values()))["device"]
+    peak = args.peak_tflops or (peak_tflops(device_name, args.precision) if device.type == "cuda" else None)
+    print(
+        f"{device_name}, torch {torch.__version__}; training at {args.size}x{args.size} px, batch {args.batch}, widths {args.widths}, norm {args.norm}, "
+        f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; mean of {args.steps} steps after {args.warmup}"
+        + (f"; MFU against {peak} TFLOP/s" if peak else "")
+    )
+    names = {"ours": "this repo (training.train_step)", "bare": "bare PyTorch loop, same U-Net", "monai": "MONAI BasicUNet, same widths"}
+    print(f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs bare':>8}")
+    for case, result in results.items():
+        tflops = 3 * result["flops"] * args.batch / result["seconds"] / 1e12
+        versus = f"{result['seconds'] / results['bare']['seconds']:.2f}x" if "bare" in results and case != "monai" else ""
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+        print(
+            f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} {result['peak_bytes'] / 2**20:>9.0f} "
+            f"{result['flops'] / 1e9:>10.1f} {tflops:>8.3f} {mfu:>6} {versus:>8}"
+        )
+    if args.infer_size:
+        result = in_child(time_inference, args)
+        print(
+            f"\ninference, tiled predictor ({'bf16' if device.type == 'cuda' else 'fp32'}): one {args.infer_size}x{args.infer_size} image in "
+            f"{result['seconds']:.2f} s = {1 / result['seconds']:.2f} images/s, {result['tiles']:.0f} tiles of {args.size} px = {result['tiles'] / result['seconds']:.1f} tiles/s"
+        )
+    if args.workers:
+        step_seconds = results["ours"]["seconds"] if "ours" in results else next(iter(results.values()))["seconds"]
+        data_path_table(args, step_seconds)
 
 
 if __name__ == "__main__":

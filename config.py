@@ -75,9 +75,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, chosen from train.seed", above=0.0, maximum=0.9),
         "val_images": Option(None, "int_list", "indices of the images to hold out for validation instead (e.g. [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
+        "test_images": Option(None, "int_list", "indices of images held out of training and validation, scored by test.py (ISBI: [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "tile_size": Option(252, "int", "side of the network's input tile in pixels; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
-        "batch_size": Option(4, "int", "tiles per optimisation step", minimum=1),
+        "batch_size": Option(4, "int", "tiles per forward pass in each process; an optimisation step sees batch_size x grad_accum_steps x processes tiles", minimum=1),
+        "grad_accum_steps": Option(1, "int", "gradient accumulation: forward passes per optimisation step (a larger batch without the memory)", minimum=1),
         "max_epochs": Option(40, "int", "number of epochs", minimum=1),
         "optim": Option("adam", "str", "optimizer: adamw, adam or sgd (with momentum)", choices=("adamw", "adam", "sgd")),
         "lr": Option(1e-3, "float", "peak learning rate", above=0.0),
@@ -88,6 +90,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "warmup_epochs": Option(1.0, "float", "linear warm-up length in epochs, for any schedule (0: none)", minimum=0.0),
         "grad_clip": Option(1.0, "float", "clip the gradient norm to this value (0: off)", minimum=0.0),
         "use_bitsandbytes": Option(False, "bool", "use bitsandbytes' 8-bit Adam/AdamW when it works on the device, else torch's"),
+        "precision": Option("fp32", "str", "fp32; bf16 or fp16: mixed precision by autocast (fp16 adds loss scaling); bf16 is about 2x faster on recent GPUs", choices=("fp32", "bf16", "fp16")),
+        "channels_last": Option(False, "bool", "keep activations channels-last (NHWC), the layout tensor cores prefer: faster on GPUs with bf16/fp16, often slower on CPUs"),
+        "compile": Option(False, "bool", "torch.compile the model: a minute of compiling, then faster steps; falls back to eager with a notice if it fails"),
+        "activation_checkpointing": Option(False, "bool", "recompute each block's activations in the backward pass: less memory for large tiles, about a third slower"),
         "loss": Option("ce", "str", "ce: the paper's weighted cross-entropy; dice: soft Dice; ce+dice: their sum", choices=("ce", "dice", "ce+dice")),
         "class_weights": Option("balanced", "weights", "balanced: the paper's w_c from class frequencies; none; or one weight per class"),
         "w_0": Option(10.0, "float", "weight of the border term separating touching cells (paper: 10; 0: off)", minimum=0.0),
@@ -110,6 +116,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "overlap": Option(0.25, "float", "with padding 1: overlap of neighbouring tiles, blended with Gaussian weights", minimum=0.0, maximum=0.9),
         "batch_size": Option(4, "int", "tiles per forward pass when predicting", minimum=1),
         "tta": Option(False, "bool", "average predictions over flips and 90-degree turns (8x slower)"),
+        "threshold": Option(0.5, "threshold", "two classes: a pixel is class 1 where its probability >= this; auto: calibrated on the validation images after training", above=0.0, maximum=0.999),
+        "watershed_seeds": Option(None, "float", "two classes: cut class-1 regions that touch through thin gaps apart, by a watershed from seeds of probability >= this (ISBI: 0.95); null: off", above=0.0, maximum=0.999, nullable=True),
     },
     "augment": {
         "flip": Option(True, "bool", "random horizontal and vertical flips"),
@@ -300,6 +308,10 @@ def _check(name: str, option: Option, value: Any) -> Any:
         return value
     elif option.kind == "search_space":
         return _check_search_space(name, value)
+    elif option.kind == "threshold":
+        if value == "auto":
+            return value
+        value = _as_float(name, value)
     if option.choices and value not in option.choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, option.choices))}{_suggest(str(value), list(map(str, option.choices)))}")
     for item in value if isinstance(value, list) else [value]:

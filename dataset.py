@@ -538,21 +538,26 @@ class EpochSampler(Sampler):
 
     It yields ``epoch * size + i`` so that ``TileDataset`` knows the epoch even in persistent workers.
     Skipping lets a run interrupted mid-epoch continue with exactly the batches it had not seen.
+    With ``world_size`` processes (DistributedDataParallel) each takes every ``world_size``-th item of
+    the same order from its ``rank`` on, so the shards are disjoint and equally long (a remainder of
+    fewer than ``world_size`` items is left out), as in torch's ``DistributedSampler``.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size, self.epoch, self.start = size, seed, rank, world_size, 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Start ``epoch``, skipping the first ``start`` items of this process's shard."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.start :] + self.epoch * self.size
-        return iter(order.tolist())
+        order = torch.randperm(self.size, generator=generator) + self.epoch * self.size
+        shard = order[self.rank : self.size // self.world_size * self.world_size : self.world_size]
+        return iter(shard[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.size // self.world_size - self.start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1169,7 +1174,8 @@ def load_samples(config: dict) -> tuple[list[Sample], list[Sample] | None]:
 def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     """Everything training needs from the data, computed once: tiles, whole validation images, weights.
 
-    Returns a dict with ``train`` (TileDataset), ``val`` (WholeImageDataset), ``class_weights``
+    Returns a dict with ``train`` (TileDataset), ``val`` and ``test`` (WholeImageDataset; ``test`` is
+    None without ``train.test_images``), ``class_weights``
     ((K,) float32 array or None) and ``example``: the normalised image (C, H, W), label and weight map
     of the first training image, for the weight-map figure.
     """
@@ -1180,18 +1186,30 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     except ValueError as error:
         raise UserError(f"train.tile_size: {error}") from None
     samples, val_samples = load_samples(config)
+    test_index = sorted(set(train["test_images"] or []))
+    outside = [i for i in test_index if not 0 <= i < len(samples)]
+    if outside:
+        raise UserError(f"train.test_images: {outside} not among the {len(samples)} images (0..{len(samples) - 1})")
+    pool = [i for i in range(len(samples)) if i not in test_index]
+    if val_samples is not None:
+        train_index = pool
+    elif train["val_images"]:
+        val_index = sorted(set(train["val_images"]))
+        outside = [i for i in val_index if not 0 <= i < len(samples)]
+        if outside:
+            raise UserError(f"train.val_images: {outside} not among the {len(samples)} images (0..{len(samples) - 1})")
+        if set(val_index) & set(test_index):
+            raise UserError(f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test")
+        train_index = [i for i in pool if i not in val_index]
+    else:
+        train_part, val_part = split_indices(len(pool), train["val_fraction"], train["seed"])
+        train_index, val_index = [pool[i] for i in train_part], [pool[i] for i in val_part]
+    if not train_index:
+        raise UserError("train.val_images and train.test_images hold every image: leave some for training")
+    test_samples = [samples[i] for i in test_index]
     if val_samples is None:
-        if train["val_images"]:
-            outside = [i for i in train["val_images"] if not 0 <= i < len(samples)]
-            if outside:
-                raise UserError(f"train.val_images: {outside} not among the {len(samples)} images (0..{len(samples) - 1})")
-            val_index = sorted(set(train["val_images"]))
-            train_index = [i for i in range(len(samples)) if i not in val_index]
-            if not train_index:
-                raise UserError("train.val_images holds every image: leave some for training")
-        else:
-            train_index, val_index = split_indices(len(samples), train["val_fraction"], train["seed"])
-        samples, val_samples = [samples[i] for i in train_index], [samples[i] for i in val_index]
+        val_samples = [samples[i] for i in val_index]
+    samples = [samples[i] for i in train_index]
     channels = sorted({1 if s.image.ndim == 2 else s.image.shape[-1] for s in samples + val_samples})
     if channels != [unet["image_channels"]]:
         note(f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them")
@@ -1210,7 +1228,8 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     images, labels, weights = prepare(samples)
     train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
     val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])
-    return {"train": train_set, "val": val_set, "class_weights": class_weights, "example": (images[0], labels[0], weights[0])}
+    test_set = WholeImageDataset(*prepare(test_samples), names=[s.name for s in test_samples]) if test_samples else None
+    return {"train": train_set, "val": val_set, "test": test_set, "class_weights": class_weights, "example": (images[0], labels[0], weights[0])}
 
 
 if __name__ == "__main__":

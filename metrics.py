@@ -57,7 +57,8 @@ def em_segmentation_scores(cell_probability: np.ndarray, label: np.ndarray, thre
 
     Parameters
     ----------
-    cell_probability : (H, W) float array, the predicted probability of class 1 (cell interior).
+    cell_probability : (H, W) float array, the predicted probability of class 1 (cell interior), or a
+        boolean mask of the predicted cells.
     label : (H, W) int array, 1 = cell interior, 0 = membrane (the ISBI polarity).
     threshold : a pixel is predicted cell where ``cell_probability >= threshold`` (fixed at 0.5 by
         default, which is the argmax for two classes).
@@ -85,3 +86,12 @@ def pool_scores(confusion: torch.Tensor, cell_scores: list[dict[str, float]]) ->
     for key in ("rand_error", "vi") if cell_scores else ():
         pooled[key] = sum(item[key] for item in cell_scores) / len(cell_scores)
     return pooled
+
+
+
+def image_scores(classes: torch.Tensor, label: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, dict[str, float] | None]:
+    """The confusion matrix of one image's predicted ``classes`` (H, W) against ``label`` (H, W) and,
+    for two classes, its ``em_segmentation_scores``; combine several images' with ``pool_scores``."""
+    confusion = confusion_matrix(classes, label, num_classes)
+    cells = em_segmentation_scores((classes == 1).numpy(), label.numpy()) if num_classes == 2 else None
+    return confusion, cells

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 NORMS = ("layer", "batch", "group", "instance", "none")
@@ -418,6 +419,8 @@ class UNet(nn.Module):
         # bottleneck output.
         self.encoder_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bottleneck_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Not part of the architecture (the weights are the same): set True to trade compute for memory
+        self.activation_checkpointing = False
 
         self.apply(_he_init)
 
@@ -453,14 +456,26 @@ class UNet(nn.Module):
         _output_size(x.shape[-2], self.depth, self.padding, "input height")
         _output_size(x.shape[-1], self.depth, self.padding, "input width")
 
-        skips = [self.inc(x)]
+        run = _checkpointed if self.activation_checkpointing and self.training and torch.is_grad_enabled() else _call
+        skips = [run(self.inc, x)]
         for down in self.downs:
-            skips.append(down(skips[-1]))
+            skips.append(run(down, skips[-1]))
         skips[-1] = self.encoder_dropout(skips[-1])
-        x = self.bottleneck_dropout(self.bottleneck(skips[-1]))
+        x = self.bottleneck_dropout(run(self.bottleneck, skips[-1]))
         for up, skip in zip(self.ups, reversed(skips)):
-            x = up(x, skip)
+            x = run(up, x, skip)
         return self.outc(x)
+
+
+def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    # Keep only the block's inputs; its inner activations are recomputed in the backward pass.
+    # A BatchNorm block updates its running statistics twice per step (in the forward pass and in
+    # the recomputation), a negligible change of their momentum.
+    return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+
+
+def _call(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    return block(*inputs)
 
 
 def _is_positive_int(value: object) -> bool:

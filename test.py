@@ -1,7 +1,7 @@
 """Use and inspect a trained U-Net: predict masks for new images, or look at its validation diagnostics.
 
     python test.py --input FILE|DIR|STACK.tif --output DIR [--probabilities] [--overlay] [--tta]
-    python test.py [--show] [--layers inc,bottleneck]          # diagnostics on the validation images
+    python test.py [--split test|val] [--show] [--layers inc]  # masks, scores and diagnostics on held-out images
     python test.py --export model.onnx                          # ONNX with dynamic height and width
 
 Common options: ``--checkpoint PATH`` (default: the newest ``best.pt`` under ``train.save_path``),
@@ -13,7 +13,8 @@ With ``--input``, each image gets a mask of the same name in ``--output``: for t
 class indices; a multi-page TIFF gives a multi-page TIFF. ``--probabilities`` adds float32 TIFFs of the
 class-1 probability, ``--overlay`` colour overlays on the input.
 
-Without ``--input``, for each validation image of the training data it saves a figure with input,
+Without ``--input``, for each test image (``train.test_images``; else each validation image, or choose
+with ``--split``) it writes the mask to ``masks/`` and scores it, and saves a figure with input,
 ground truth, prediction, probability, errors and weight map, the saliency (gradient of the loss
 with respect to the input), and for the first image a plot of per-layer gradient and weight norms
 and the activation maps of chosen layers; it prints the scores, as training computed them.
@@ -37,9 +38,9 @@ from torch import Tensor, nn
 
 from config import ConfigError, UserError, load_config, merge_overrides, resolve
 from dataset import IMAGE_SUFFIXES, build_datasets, image_files, network_margin, normalize_image, pad_for_model, read_image
-from infer import evaluating, predict_probabilities
+from infer import evaluating, predict_probabilities, predicted_classes
 from losses import segmentation_loss
-from metrics import confusion_matrix, em_segmentation_scores, pool_scores, segmentation_scores
+from metrics import image_scores, pool_scores, segmentation_scores
 from training import DEFAULT_CONFIG, build_model, check_architecture, note, read_checkpoint, resolve_device
 
 OVERLAY_COLOURS = np.array([(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32)
@@ -104,26 +105,35 @@ def image_slices(path: Path, channels: int) -> tuple[list[np.ndarray], bool]:
     return images, stack
 
 
-def mask_image(probabilities: torch.Tensor) -> np.ndarray:
-    """(H, W) uint8 mask: 0/255 for two classes (255 = class 1, at probability >= 0.5), else class indices."""
-    if probabilities.shape[0] == 2:
-        return np.where(probabilities[1].numpy() >= 0.5, 255, 0).astype(np.uint8)
-    return probabilities.argmax(0).numpy().astype(np.uint8)
+def decision_threshold(config: dict, state: dict) -> float:
+    """``predict.threshold``: a number as given, or for ``auto`` the one calibrated after training and
+    stored in the checkpoint (0.5 with a notice when there is none)."""
+    threshold = config["predict"]["threshold"]
+    if threshold != "auto":
+        return threshold
+    if "threshold" not in state:
+        note(f"predict.threshold=auto but {state['path']} holds no calibrated threshold (it is stored at the end of training): using 0.5")
+    return state.get("threshold", 0.5)
 
 
-def overlay_image(image: np.ndarray, probabilities: torch.Tensor, opacity: float = 0.45) -> np.ndarray:
+def mask_image(classes: np.ndarray, num_classes: int = 2) -> np.ndarray:
+    """(H, W) uint8 mask of (H, W) class indices (``infer.predicted_classes``): 0/255 for two classes
+    (255 = class 1), else the class indices."""
+    return (classes * 255 if num_classes == 2 else classes).astype(np.uint8)
+
+
+def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45) -> np.ndarray:
     """(H, W, 3) uint8: the input in gray or colour with each predicted class > 0 tinted in its colour."""
     pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels if pixels.ndim == 3 and pixels.shape[-1] >= 3 else np.repeat(pixels.reshape(pixels.shape[:2] + (1,)), 3, axis=-1)
     pixels = pixels[..., :3]
     pixels = 255 * (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1e-12)
-    classes = probabilities.argmax(0).numpy()
     colours = OVERLAY_COLOURS[classes % len(OVERLAY_COLOURS)]
     tint = (classes > 0)[..., None]
     return np.where(tint, (1 - opacity) * pixels + opacity * colours, pixels).astype(np.uint8)
 
 
-def predict_files(model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device) -> list[Path]:
+def predict_files(model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device, threshold: float = 0.5) -> list[Path]:
     """Write a mask (and optionally probabilities and an overlay) for every input; returns the masks."""
     predict, channels = config["predict"], config["unet"]["image_channels"]
     output.mkdir(parents=True, exist_ok=True)
@@ -138,11 +148,12 @@ def predict_files(model, config: dict, inputs: list[Path], output: Path, probabi
         for index, image in enumerate(images):
             normalized = torch.from_numpy(normalize_image(image, channels)).to(device)
             result = predict_probabilities(model, normalized, predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"])
-            masks.append(mask_image(result))
+            classes = predicted_classes(result, threshold, predict["watershed_seeds"]).numpy()
+            masks.append(mask_image(classes, result.shape[0]))
             cell_probabilities.append(result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32))
             if overlay:
                 name = f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"
-                skimage.io.imsave(output / name, overlay_image(image, result), check_contrast=False)
+                skimage.io.imsave(output / name, overlay_image(image, classes), check_contrast=False)
         if suffix == ".tif":
             tifffile.imwrite(mask_path, np.stack(masks) if stack else masks[0], photometric="minisblack")
         else:
@@ -159,11 +170,11 @@ def predict_files(model, config: dict, inputs: list[Path], output: Path, probabi
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_prediction_figure(path: Path, image: np.ndarray, label: np.ndarray, probability: np.ndarray, weight: np.ndarray, title: str) -> None:
-    """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1), errors, weights."""
+def save_prediction_figure(path: Path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray, probability: np.ndarray, weight: np.ndarray, title: str) -> None:
+    """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1) from the
+    (K, H, W) probabilities, errors, weights."""
     from matplotlib.figure import Figure
 
-    prediction = probability.argmax(0)
     errors = np.zeros(label.shape + (3,), dtype=np.float32)
     errors[(prediction != label) & (label == 0)] = (1, 0.2, 0.2)  # predicted foreground on background: red
     errors[(prediction != label) & (label != 0)] = (0.2, 0.4, 1)  # missed foreground: blue
@@ -210,45 +221,56 @@ def whole_image_batch(model, image: Tensor, label: Tensor, weight: Tensor, devic
     return padded.to(device), full_label.to(device), full_weight.to(device)
 
 
-def diagnostics(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool) -> dict[str, float]:
-    """Figures and a printed table of scores for every validation image; returns the overall scores."""
+def diagnostics(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool, split: str | None = None, threshold: float = 0.5) -> dict[str, float]:
+    """Masks, figures and a printed table of scores for every image of ``split`` (``test``: the images
+    of ``train.test_images``; ``val``: the validation images; default: test when there are test images);
+    returns the overall scores. The scores are those of the masks written to ``output/masks``."""
     data = build_datasets(config, note)
+    split = split or ("test" if data["test"] is not None else "val")
+    if data[split] is None:
+        raise UserError("--split test: the config sets no train.test_images; use --split val, or train with train.test_images=[...]")
+    dataset = data[split]
     predict, num_classes = config["predict"], config["unet"]["num_classes"]
-    output.mkdir(parents=True, exist_ok=True)
+    (output / "masks").mkdir(parents=True, exist_ok=True)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     cell_scores = []
+    print(f"{len(dataset)} {'test' if split == 'test' else 'validation'} images" + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else ""))
     header = f"{'image':>24} {'pixel error':>12} {'Dice':>8} {'IoU':>8}" + (f" {'Rand error':>11} {'VI':>8}" if num_classes == 2 else "")
     print(header)
-    for index, (image, label, weight) in enumerate(data["val"]):
-        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"])
-        confusion = confusion_matrix(probabilities.argmax(0), label, num_classes)
+    for index, (image, label, weight) in enumerate(dataset):
+        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"]).cpu()
+        mask_path = output / "masks" / f"{Path(dataset.names[index]).stem}.png"
+        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"]).numpy()
+        skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)
+        # score the mask as written: the file is what a user would submit
+        written = torch.from_numpy(skimage.io.imread(mask_path).astype(np.int64))
+        confusion, cells = image_scores(written // 255 if num_classes == 2 else written, label, num_classes)
         total += confusion
         scores = segmentation_scores(confusion)
-        line = f"{data['val'].names[index]:>24} {scores['pixel_error']:>12.4f} {scores['dice']:>8.4f} {scores['iou']:>8.4f}"
-        if num_classes == 2:
-            cells = em_segmentation_scores(probabilities[1].numpy(), label.numpy())
+        line = f"{dataset.names[index]:>24} {scores['pixel_error']:>12.4f} {scores['dice']:>8.4f} {scores['iou']:>8.4f}"
+        if cells:
             cell_scores.append(cells)
             line += f" {cells['rand_error']:>11.4f} {cells['vi']:>8.4f}"
         print(line)
-        title = f"{data['val'].names[index]}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
-        save_prediction_figure(output / f"val_{index:03d}.png", image.numpy(), label.numpy(), probabilities.numpy(), weight.numpy(), title)
+        title = f"{dataset.names[index]}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
+        save_prediction_figure(output / f"{split}_{index:03d}.png", image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy(), title)
         whole = whole_image_batch(model, image, label, weight, device)
         saliency = input_saliency(model, *whole, config["train"]["loss"])
         margin = network_margin(model.depth, model.padding)
         saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
-        save_saliency_figure(output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{data['val'].names[index]}: |d loss / d input|")
+        save_saliency_figure(output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{dataset.names[index]}: |d loss / d input|")
         if index == 0:
             norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
-            save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {data['val'].names[0]}")
-            save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {data['val'].names[0]}")
+            save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {dataset.names[0]}")
+            save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {dataset.names[0]}")
     overall = pool_scores(total, cell_scores)
     line = f"{'all':>24} {overall['pixel_error']:>12.4f} {overall['dice']:>8.4f} {overall['iou']:>8.4f}"
     if cell_scores:
         line += f" {overall['rand_error']:>11.4f} {overall['vi']:>8.4f}"
     print(line)
     if num_classes == 2:
-        print("(Rand error and VI: on the 4-connected cells of class 1 at probability >= 0.5, foreground-restricted; means over images)")
-    print(f"figures: {output}/val_*.png, saliency_*.png, gradient_norms.png, activations.png")
+        print("(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images)")
+    print(f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png")
     return overall
 
 
@@ -681,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probabilities", action="store_true", help="also write float32 class-1 probability TIFFs")
     parser.add_argument("--overlay", action="store_true", help="also write colour overlays of the prediction on the input")
     parser.add_argument("--tta", action="store_true", help="average over flips and 90-degree turns (as predict.tta=true)")
+    parser.add_argument("--split", choices=("test", "val"), help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)")
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
     parser.add_argument("--export", type=Path, metavar="MODEL.onnx", help="export the model to ONNX and check it against PyTorch")
     parser.add_argument("--show", action="store_true", help="also show the diagnostic figures on screen")
@@ -694,12 +717,13 @@ def main(argv: list[str] | None = None) -> int:
             difference = check_onnx(model, args.export, torch.randn(1, config["unet"]["image_channels"], config["train"]["tile_size"], config["train"]["tile_size"]))
             print(f"wrote {args.export}; onnxruntime and PyTorch differ by at most {difference:.2e}")
             return 0
+        threshold = decision_threshold(config, state)
         if args.input:
-            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device)
+            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, threshold)
             return 0
         run_name = state["progress"].get("run_name") or state["path"].parent.name
         output = args.output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
-        diagnostics(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta)
+        diagnostics(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold)
     except UserError as error:
         prefix = "config error" if isinstance(error, ConfigError) else "error"
         for line in str(error).splitlines():
