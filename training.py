@@ -200,8 +200,9 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
 
     ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
     ``val_rand_error`` and ``val_vi`` (the ISBI 2012 measures on the cells) are means over the images.
-    Two classes are told apart at ``predict.threshold`` (0.5 while it is ``auto``, not yet calibrated). With several processes each predicts every ``world_size``-th image and
-    all of them get the scores of all images.
+    Two classes are told apart as ``infer.predicted_classes`` says, at ``predict.threshold`` (0.5 while
+    it is ``auto``, not yet calibrated). With several processes each predicts every ``world_size``-th
+    image and all of them get the scores of all images.
     """
     predict, num_classes = config["predict"], config["unet"]["num_classes"]
     threshold = 0.5 if predict["threshold"] == "auto" else predict["threshold"]

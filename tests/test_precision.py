@@ -146,3 +146,24 @@ def test_sampler_shards_are_disjoint_equal_and_resumable():
     full.set_epoch(2)
     assert list(sampler) == list(full)[1:]
     assert all(20 <= index < 30 for index in full)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bitsandbytes_8bit_adamw_trains_with_mixed_precision_and_accumulation(precision):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = UNet(input_channels=(8, 16), norm="batch")
+    optimizer = training.build_optimizer(model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU)
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        pytest.skip("bitsandbytes' 8-bit optimizer does not run on this machine's CPU")
+    assert any(state.get("state1") is not None and state["state1"].dtype == torch.uint8 for state in _states_after_a_step(model, optimizer, precision))
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    batch = tiny_batch()
+    losses = [train_step(model, optimizer, batch, "ce", 1.0, CPU, precision=precision, scaler=scaler, accum_steps=2).item() for _ in range(30)]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def _states_after_a_step(model, optimizer, precision):
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    train_step(model, optimizer, tiny_batch(), "ce", 1.0, CPU, precision=precision, scaler=scaler, accum_steps=2)
+    return list(optimizer.state.values())

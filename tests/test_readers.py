@@ -13,7 +13,8 @@ from config import UserError, load_config
 from dataset import TileDataset, build_datasets, load_samples, network_margin, pad_for_model, read_isbi2012, read_pennfudan
 from training import train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def write(path: Path, array: np.ndarray) -> None:
@@ -199,3 +200,28 @@ def test_real_pennfudan():
     assert len(samples) == 170 and val is None
     assert all(s.image.ndim == 3 and s.image.shape[:2] == s.label.shape for s in samples[:10])
     assert samples[0].instances.max() >= 1
+
+
+@pytest.mark.parametrize("name", ["isbi2012", "isbi2012_cpu", "pennfudan", "pennfudan_cpu"])
+def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
+    config = load_config(ROOT / "configs" / f"{name}.yaml", [], [])
+    train = config["train"]
+    test_images = train["test_images"]
+    assert test_images and not set(test_images) & set(train["val_images"] or [])
+    if name.startswith("isbi2012"):
+        assert test_images == [24, 25, 26, 27, 28, 29] and train["val_images"] == [21, 22, 23]
+        assert config["unet"]["padding"] == 0 and config["unet"]["image_channels"] == 1 and train["w_0"] > 0 and config["augment"]["elastic_std"] > 0
+    else:
+        assert config["unet"]["padding"] == 1 and config["unet"]["image_channels"] == 3
+
+
+@pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
+def test_isbi_cpu_config_trains_on_slices_0_to_20_and_tests_on_24_to_29():
+    config = load_config(ROOT / "configs" / "isbi2012_cpu.yaml", [f"train.data={SHARED / 'isbi2012'}"], [])
+    data = build_datasets(config, lambda message: None)
+    assert len(data["train"]) == 21 * config["train"]["samples_per_image"]
+    truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
+    for part, slices in (("val", [21, 22, 23]), ("test", [24, 25, 26, 27, 28, 29])):
+        assert len(data[part]) == len(slices)
+        for index, slice_index in enumerate(slices):
+            assert np.array_equal(data[part][index][1].numpy(), truth[slice_index] == 255)
