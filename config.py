@@ -76,6 +76,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "val_images": Option(None, "int_list", "indices of the images to hold out for validation instead (e.g. [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
         "test_images": Option(None, "int_list", "indices of images held out of training and validation, scored by test.py (ISBI: [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
+        "image_scale": Option(1.0, "float", "resize images by this factor for the network (0.5: half the side, a quarter of the work, twice the context); scores and masks stay at full size", above=0.0, maximum=4.0),
         "tile_size": Option(252, "int", "side of the network's input tile in pixels; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
         "batch_size": Option(4, "int", "tiles per forward pass in each process; an optimisation step sees batch_size x grad_accum_steps x processes tiles", minimum=1),

@@ -435,6 +435,23 @@ def normalize_image(image: np.ndarray, channels: int) -> np.ndarray:
     return ((array - array.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` times ``scale``, rounded, at least 1 px."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(C, H, W) float image resized to ``size`` bilinearly, anti-aliased when shrinking: how training
+    and prediction both rescale images for ``train.image_scale``."""
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) integer mask (classes or instance ids) resized to ``size`` by nearest neighbour."""
+    resized = F.interpolate(torch.from_numpy(mask.astype(np.float64))[None, None], size=size, mode="nearest-exact")
+    return resized[0, 0].numpy().astype(mask.dtype)
+
+
 def mirror_pad(array: np.ndarray, before: int, after_height: int, after_width: int) -> np.ndarray:
     """Mirror the last two axes outwards: ``before`` pixels on top and left, the given amounts after.
 
@@ -1171,6 +1188,14 @@ def load_samples(config: dict) -> tuple[list[Sample], list[Sample] | None]:
     return samples, val_samples
 
 
+def rescale_sample(sample: Sample, scale: float, channels: int) -> Sample:
+    """``sample`` with its image normalised (``normalize_image``) and resized by ``scale``
+    (``resize_image``), and its label and instances resized by nearest neighbour."""
+    size = scaled_size(*sample.label.shape, scale)
+    image = resize_image(torch.from_numpy(normalize_image(sample.image, channels)), size).numpy()
+    return Sample(image, resize_mask(sample.label, size), resize_mask(sample.instances, size), sample.name)
+
+
 def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     """Everything training needs from the data, computed once: tiles, whole validation images, weights.
 
@@ -1225,6 +1250,10 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
         weights = [weight_map(s.label, s.instances, train["w_0"], train["sigma"], class_weights) for s in part]
         return images, [s.label for s in part], weights
 
+    if train["image_scale"] != 1:
+        # training tiles come from rescaled images; validation and test images keep their size, and the
+        # predictor rescales them on the way in and the probabilities on the way out
+        samples = [rescale_sample(sample, train["image_scale"], unet["image_channels"]) for sample in samples]
     images, labels, weights = prepare(samples)
     train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
     val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])

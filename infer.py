@@ -23,10 +23,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from dataset import network_margin, pad_for_model
+from dataset import network_margin, pad_for_model, resize_image, scaled_size
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 
@@ -41,6 +42,7 @@ def predict_probabilities(
     batch_size: int = 4,
     tta: bool = False,
     amp: bool = True,
+    image_scale: float = 1.0,
 ) -> Tensor:
     """Class probabilities of a whole image of any size, predicted tile by tile.
 
@@ -70,6 +72,10 @@ def predict_probabilities(
     amp : bool, optional
         On CUDA, run the network under autocast in bfloat16 (float16 where the GPU lacks
         bfloat16). Softmax and blending are always float32; no autocast on other devices.
+    image_scale : float, optional
+        ``train.image_scale`` of a model trained on rescaled images: the image is resized by this
+        factor first (``dataset.resize_image``), and the probabilities are resized back
+        (bilinearly) to (H, W).
 
     Returns
     -------
@@ -98,6 +104,10 @@ def predict_probabilities(
         )
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    if image_scale != 1:
+        resized = resize_image(image.float(), scaled_size(*image.shape[-2:], image_scale))
+        probabilities = predict_probabilities(model, resized, tile_size, overlap, batch_size, tta, amp)
+        return F.interpolate(probabilities[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
 
@@ -137,6 +147,13 @@ def predict_probabilities(
                 total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
                 weight_sum[top : top + tile_height, left : left + tile_width] += weight
     return total[:, :height, :width] / weight_sum[:height, :width]
+
+
+def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:
+    """``predict_probabilities`` with the settings of a config's ``predict`` section and its
+    ``train.image_scale``; ``tta`` forces test-time augmentation on."""
+    predict = config["predict"]
+    return predict_probabilities(model, image, predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"], image_scale=config["train"]["image_scale"])
 
 
 def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None) -> Tensor:

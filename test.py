@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from config import ConfigError, UserError, load_config, merge_overrides, resolve
 from dataset import IMAGE_SUFFIXES, build_datasets, image_files, network_margin, normalize_image, pad_for_model, read_image
-from infer import evaluating, predict_probabilities, predicted_classes
+from infer import evaluating, predict_with_config, predicted_classes
 from losses import segmentation_loss
 from metrics import image_scores, pool_scores, segmentation_scores
 from training import DEFAULT_CONFIG, build_model, check_architecture, note, read_checkpoint, resolve_device
@@ -147,7 +147,7 @@ def predict_files(model, config: dict, inputs: list[Path], output: Path, probabi
         masks, cell_probabilities = [], []
         for index, image in enumerate(images):
             normalized = torch.from_numpy(normalize_image(image, channels)).to(device)
-            result = predict_probabilities(model, normalized, predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"])
+            result = predict_with_config(model, normalized, config, tta)
             classes = predicted_classes(result, threshold, predict["watershed_seeds"]).numpy()
             masks.append(mask_image(classes, result.shape[0]))
             cell_probabilities.append(result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32))
@@ -238,7 +238,7 @@ def diagnostics(model, config: dict, device: torch.device, output: Path, layers:
     header = f"{'image':>24} {'pixel error':>12} {'Dice':>8} {'IoU':>8}" + (f" {'Rand error':>11} {'VI':>8}" if num_classes == 2 else "")
     print(header)
     for index, (image, label, weight) in enumerate(dataset):
-        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"]).cpu()
+        probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
         mask_path = output / "masks" / f"{Path(dataset.names[index]).stem}.png"
         classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"]).numpy()
         skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from config import HIGHER_IS_BETTER, ConfigError, UserError, architecture_differences, config_to_yaml, load_config
 from dataset import EpochSampler, augment_batch, build_datasets, save_samples_figure
 from losses import segmentation_loss
-from infer import calibrate_threshold, predict_probabilities, predicted_classes
+from infer import calibrate_threshold, predict_with_config, predicted_classes
 from metrics import image_scores, pool_scores
 from model import UNet, count_parameters
 
@@ -210,7 +210,7 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for index in range(rank, len(dataset), world_size):
         image, label, weight = dataset[index]
-        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], predict["tta"]).cpu()
+        probabilities = predict_with_config(model, image.to(device), config).cpu()
         # log-probabilities are logits whose softmax is the probabilities, so the training loss applies
         log_probabilities = probabilities.clamp_min(1e-12).log()[None]
         losses.append(segmentation_loss(config["train"]["loss"], log_probabilities, label[None], weight[None]).item())
@@ -237,7 +237,7 @@ def calibrate(checkpoint_path: Path, dataset, device: torch.device, config: dict
     predict = config["predict"]
     cell_probabilities, labels = [], []
     for image, label, _ in dataset:
-        probabilities = predict_probabilities(model, image.to(device), predict["tile_size"], predict["overlap"], predict["batch_size"], predict["tta"])
+        probabilities = predict_with_config(model, image.to(device), config)
         cell_probabilities.append(probabilities[1].cpu().numpy())
         labels.append(label.numpy())
     metric = config["train"]["best_metric"].removeprefix("val_").replace("loss", "pixel_error")

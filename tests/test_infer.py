@@ -216,3 +216,35 @@ def test_image_that_is_not_c_h_w_is_a_clear_error(shape):
 def test_probabilities_sum_to_one():
     probabilities = predict_probabilities(unet(padding=1), torch.randn(1, 45, 77), tile_size=32, tta=True)
     np.testing.assert_allclose(probabilities.sum(0).numpy(), 1.0, atol=1e-5)
+
+
+def test_image_scale_predicts_on_the_resized_image_and_returns_the_full_size():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
+    image = torch.randn(1, 90, 70)
+    probabilities = predict_probabilities(model, image, 64, image_scale=0.5)
+    assert probabilities.shape == (2, 90, 70)
+    torch.testing.assert_close(probabilities.sum(0), torch.ones(90, 70))
+    small = F.interpolate(image[None], size=(45, 35), mode="bilinear", antialias=True, align_corners=False)[0]
+    expected = F.interpolate(predict_probabilities(model, small, 64)[None], size=(90, 70), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(probabilities, expected)
+
+
+def test_image_scale_shrinks_the_training_images_only():
+    from skimage.transform import resize
+
+    from config import load_config
+    from dataset import build_datasets, synthetic_em_set
+
+    config = load_config(None, ["unet.input_channels=[4, 8]", "train.synthetic_images=4", "train.synthetic_size=63", "train.val_images=[3]", "train.tile_size=60", "train.image_scale=0.3333333"])
+    data = build_datasets(config, lambda message: None)
+    _, label, _ = synthetic_em_set(4, 63, config["train"]["seed"])[0]
+    example_image, example_label, example_weight = data["example"]  # the first training image
+    assert example_image.shape == (1, 21, 21) and example_weight.shape == (21, 21)
+    # nearest neighbour at 1/3 samples every third pixel from the second, as scikit-image's order-0 resize does
+    expected = resize(label, (21, 21), order=0, anti_aliasing=False, preserve_range=True).astype(label.dtype)
+    assert np.array_equal(example_label, expected)
+    image, val_label, _ = data["val"][0]
+    assert image.shape[-2:] == (63, 63) and val_label.shape == (63, 63)
