@@ -116,7 +116,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "tile_size": Option(None, "int", "input tile side for whole-image prediction (validation, test.py); null: chosen from the image", minimum=8, nullable=True),
         "overlap": Option(0.25, "float", "with padding 1: overlap of neighbouring tiles, blended with Gaussian weights", minimum=0.0, maximum=0.9),
         "batch_size": Option(4, "int", "tiles per forward pass when predicting", minimum=1),
-        "tta": Option(False, "bool", "average predictions over flips and 90-degree turns (8x slower)"),
+        "tta": Option(False, "bool", "average predictions over the flips and turns that the training augmentation covered (up to 8x slower)"),
         "threshold": Option(0.5, "threshold", "two classes: a pixel is class 1 where its probability >= this; auto: calibrated on the validation images after training", above=0.0, maximum=0.999),
         "watershed_seeds": Option(None, "float", "two classes: cut class-1 regions that touch through thin gaps apart, by a watershed from seeds of probability >= this (ISBI: 0.95); null: off", above=0.0, maximum=0.999, nullable=True),
     },

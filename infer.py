@@ -18,7 +18,7 @@ Tiles start at multiples of ``2**depth`` px in the mirrored image, so every pool
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,6 +32,7 @@ from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
+DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
 
 
 def predict_probabilities(
@@ -40,7 +41,7 @@ def predict_probabilities(
     tile_size: int | None = None,
     overlap: float = 0.25,
     batch_size: int = 4,
-    tta: bool = False,
+    tta: bool | Sequence[tuple[int, bool]] = False,
     amp: bool = True,
     image_scale: float = 1.0,
 ) -> Tensor:
@@ -67,8 +68,10 @@ def predict_probabilities(
         need no overlap.
     batch_size : int, optional
         Tiles per forward pass.
-    tta : bool, optional
-        Average the probabilities over the 8 rotations and reflections of each tile.
+    tta : bool or sequence of (int, bool), optional
+        Test-time augmentation: average the probabilities over transforms of each tile. True: the 8
+        rotations and reflections; or the ``(quarter turns, left-right flip)`` pairs to use, such as
+        ``tta_transforms(config["augment"])``, the ones the model was trained to handle.
     amp : bool, optional
         On CUDA, run the network under autocast in bfloat16 (float16 where the GPU lacks
         bfloat16). Softmax and blending are always float32; no autocast on other devices.
@@ -151,9 +154,11 @@ def predict_probabilities(
 
 def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:
     """``predict_probabilities`` with the settings of a config's ``predict`` section and its
-    ``train.image_scale``; ``tta`` forces test-time augmentation on."""
+    ``train.image_scale``; ``tta`` forces test-time augmentation on, over the transforms that the
+    config's augmentation trained for (``tta_transforms``)."""
     predict = config["predict"]
-    return predict_probabilities(model, image, predict["tile_size"], predict["overlap"], predict["batch_size"], tta or predict["tta"], image_scale=config["train"]["image_scale"])
+    transforms = tta_transforms(config["augment"]) if tta or predict["tta"] else False
+    return predict_probabilities(model, image, predict["tile_size"], predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
 
 
 def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None) -> Tensor:
@@ -282,9 +287,23 @@ def _axis_tiles(frame_side: int, largest: int, smallest: int, period: int, strid
     return side, starts(side)
 
 
-def _predict_tiles(model: UNet, tiles: Tensor, tta: bool, amp: bool) -> Tensor:
-    """Float32 softmax of the model on a (B, C, h, w) batch, averaged over the 8 dihedral transforms if ``tta``."""
-    transforms = [(turns, flip) for flip in (False, True) for turns in range(4)] if tta else [(0, False)]
+def tta_transforms(augment: dict) -> list[tuple[int, bool]]:
+    """The ``(quarter turns, left-right flip)`` pairs of test-time augmentation that the training
+    augmentation (a config's ``augment`` section) covered: all 8 with 90-degree turns (or rotations of
+    90 degrees and more), the 4 flips and half turn with both flips, identity and the left-right flip
+    with left-right flips only (upright scenes such as pedestrians), else the identity alone."""
+    if augment["rotate90"] or augment["rotation"] >= 90:
+        return DIHEDRAL
+    if augment["flip"] and augment["vertical_flip"]:
+        return [(0, False), (0, True), (2, False), (2, True)]  # (2, True) is the upside-down flip
+    if augment["flip"]:
+        return [(0, False), (0, True)]
+    return [(0, False)]
+
+
+def _predict_tiles(model: UNet, tiles: Tensor, tta: bool | Sequence[tuple[int, bool]], amp: bool) -> Tensor:
+    """Float32 softmax of the model on a (B, C, h, w) batch, averaged over the ``tta`` transforms."""
+    transforms = (DIHEDRAL if tta is True else list(tta)) if tta else [(0, False)]
     total = 0
     for turns, flip in transforms:
         transformed = (tiles.flip(-1) if flip else tiles).rot90(turns, (-2, -1))

@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)")
     parser.add_argument("--probabilities", action="store_true", help="also write float32 class-1 probability TIFFs")
     parser.add_argument("--overlay", action="store_true", help="also write colour overlays of the prediction on the input")
-    parser.add_argument("--tta", action="store_true", help="average over flips and 90-degree turns (as predict.tta=true)")
+    parser.add_argument("--tta", action="store_true", help="average over the flips and turns that the training augmentation covered (as predict.tta=true)")
     parser.add_argument("--split", choices=("test", "val"), help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)")
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
     parser.add_argument("--export", type=Path, metavar="MODEL.onnx", help="export the model to ONNX and check it against PyTorch")

@@ -248,3 +248,27 @@ def test_image_scale_shrinks_the_training_images_only():
     assert np.array_equal(example_label, expected)
     image, val_label, _ = data["val"][0]
     assert image.shape[-2:] == (63, 63) and val_label.shape == (63, 63)
+
+
+def test_tta_uses_only_the_transforms_that_training_augmented():
+    from config import default_config
+    from infer import DIHEDRAL, tta_transforms
+
+    augment = default_config()["augment"]
+    assert tta_transforms(augment) == DIHEDRAL and len(set(DIHEDRAL)) == 8
+    assert tta_transforms({**augment, "rotate90": False}) == [(0, False), (0, True), (2, False), (2, True)]
+    assert tta_transforms({**augment, "rotate90": False, "vertical_flip": False}) == [(0, False), (0, True)]
+    assert tta_transforms({**augment, "rotate90": False, "flip": False}) == [(0, False)]
+    assert tta_transforms({**augment, "rotate90": False, "flip": False, "rotation": 180.0}) == DIHEDRAL
+
+    torch.manual_seed(0)
+    model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
+    image = torch.randn(1, 64, 64)
+    plain = predict_probabilities(model, image, 64)
+    mirrored = predict_probabilities(model, image.flip(-1), 64).flip(-1)
+    both = predict_probabilities(model, image, 64, tta=[(0, False), (0, True)])
+    torch.testing.assert_close(both, (plain + mirrored) / 2)
+    upside_down = predict_probabilities(model, image.flip(-2), 64).flip(-2)
+    four = predict_probabilities(model, image, 64, tta=[(0, False), (0, True), (2, False), (2, True)])
+    half_turn = predict_probabilities(model, image.rot90(2, (-2, -1)), 64).rot90(-2, (-2, -1))
+    torch.testing.assert_close(four, (plain + mirrored + upside_down + half_turn) / 4)
