@@ -1188,14 +1188,6 @@ def load_samples(config: dict) -> tuple[list[Sample], list[Sample] | None]:
     return samples, val_samples
 
 
-def rescale_sample(sample: Sample, scale: float, channels: int) -> Sample:
-    """``sample`` with its image normalised (``normalize_image``) and resized by ``scale``
-    (``resize_image``), and its label and instances resized by nearest neighbour."""
-    size = scaled_size(*sample.label.shape, scale)
-    image = resize_image(torch.from_numpy(normalize_image(sample.image, channels)), size).numpy()
-    return Sample(image, resize_mask(sample.label, size), resize_mask(sample.instances, size), sample.name)
-
-
 def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     """Everything training needs from the data, computed once: tiles, whole validation images, weights.
 
@@ -1245,16 +1237,24 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
     else:
         class_weights = np.asarray(train["class_weights"], dtype=np.float32)
 
-    def prepare(part: list[Sample]) -> tuple[list, list, list]:
-        images = [normalize_image(s.image, unet["image_channels"]) for s in part]
-        weights = [weight_map(s.label, s.instances, train["w_0"], train["sigma"], class_weights) for s in part]
-        return images, [s.label for s in part], weights
+    def prepare(part: list[Sample], scale: float = 1.0) -> tuple[list, list, list]:
+        """Normalised images, labels and weight maps, resized by ``scale`` (``resize_image`` for the
+        images, nearest neighbour for labels and instances) before the weight maps are computed."""
+        images, labels, weights = [], [], []
+        for sample in part:
+            image, label, instances = normalize_image(sample.image, unet["image_channels"]), sample.label, sample.instances
+            if scale != 1:
+                size = scaled_size(*label.shape, scale)
+                image = resize_image(torch.from_numpy(image), size).numpy()
+                label, instances = resize_mask(label, size), resize_mask(instances, size)
+            images.append(image)
+            labels.append(label)
+            weights.append(weight_map(label, instances, train["w_0"], train["sigma"], class_weights))
+        return images, labels, weights
 
-    if train["image_scale"] != 1:
-        # training tiles come from rescaled images; validation and test images keep their size, and the
-        # predictor rescales them on the way in and the probabilities on the way out
-        samples = [rescale_sample(sample, train["image_scale"], unet["image_channels"]) for sample in samples]
-    images, labels, weights = prepare(samples)
+    # training tiles come from rescaled images; validation and test images keep their size, and the
+    # predictor rescales them on the way in and the probabilities on the way out
+    images, labels, weights = prepare(samples, train["image_scale"])
     train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
     val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])
     test_set = WholeImageDataset(*prepare(test_samples), names=[s.name for s in test_samples]) if test_samples else None

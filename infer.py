@@ -216,14 +216,14 @@ def calibrate_threshold(
     -------
     The best threshold (the one nearest 0.5 among equals) and, per candidate, ``{"threshold", ...scores}``.
     """
+    images = [(torch.from_numpy(np.stack([1 - probability, probability])), torch.from_numpy(np.asarray(label))) for probability, label in zip(cell_probabilities, labels)]
     table = []
     for threshold in thresholds:
         confusion = torch.zeros(2, 2, dtype=torch.int64)
         cells = []
-        for probability, label in zip(cell_probabilities, labels):
-            two_class = torch.from_numpy(np.stack([1 - probability, probability]))
+        for two_class, label in images:
             classes = predicted_classes(two_class, float(threshold), watershed_seeds)
-            image_confusion, image_cells = image_scores(classes, torch.from_numpy(np.asarray(label)), 2)
+            image_confusion, image_cells = image_scores(classes, label, 2)
             confusion += image_confusion
             cells.append(image_cells)
         table.append({"threshold": float(threshold), **pool_scores(confusion, cells)})
