@@ -8,7 +8,7 @@ Prints numbers and asserts nothing. Three tables:
 
 1. Training, on the same random batch for every model: ms per step, images/s, peak memory, forward
    GFLOP per image, achieved TFLOP/s and, on CUDA, the model FLOP utilisation (MFU). ``ours`` is
-   ``training.train_step`` (weighted cross-entropy with a weight map, gradient clipping, Adam);
+   ``step.train_step`` (weighted cross-entropy with a weight map, gradient clipping, Adam);
    ``bare`` the same network in a five-line PyTorch loop (plain cross-entropy, Adam); ``monai``
    MONAI's ``BasicUNet`` with the same widths and normalisation (same-size convolutions, so more
    FLOPs per image: compare TFLOP/s). MONAI is a benchmark-only dependency (``pip install monai``).
@@ -98,13 +98,12 @@ def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
 
 def time_training(case: str, args: argparse.Namespace, queue) -> None:
     """Child process: time ``args.steps`` training steps of model ``case`` after ``args.warmup``."""
-    from training import autocast, resolve_device, train_step
+    from device import prepare_device, resolve_device
     from model import center_crop
+    from step import autocast, train_step
 
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+    prepare_device(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     model = build(case, args.widths, args.norm)
@@ -160,8 +159,8 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
 
 def time_inference(args: argparse.Namespace, queue) -> None:
     """Child process: the tiled predictor on one ``args.infer_size`` square image (bf16 on CUDA)."""
+    from device import resolve_device
     from infer import predict_probabilities
-    from training import resolve_device
 
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -215,8 +214,9 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     """The loader (per worker count) and the augmentation, timed on the benchmark's batch."""
     from config import load_config
-    from dataset import EpochSampler, augment_batch, build_datasets
-    from training import resolve_device
+    from augment import augment_batch
+    from dataset import EpochSampler, build_datasets
+    from device import resolve_device
 
     overrides = [f"unet.input_channels={args.widths}", f"train.tile_size={args.size}", f"train.batch_size={args.batch}", f"train.device={args.device}"]
     overrides += ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
@@ -272,7 +272,7 @@ def main() -> None:
     args = parser.parse_args()
     args.widths = [int(width) for width in args.widths.split(",")]
 
-    from training import resolve_device
+    from device import resolve_device
 
     device = resolve_device(args.device)
     results = {case: in_child(time_training, case, args) for case in args.models.split(",")}
@@ -283,7 +283,7 @@ def main() -> None:
         f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; mean of {args.steps} steps after {args.warmup}"
         + (f"; MFU against {peak} TFLOP/s" if peak else "")
     )
-    names = {"ours": "this repo (training.train_step)", "bare": "bare PyTorch loop, same U-Net", "monai": "MONAI BasicUNet, same widths"}
+    names = {"ours": "this repo (step.train_step)", "bare": "bare PyTorch loop, same U-Net", "monai": "MONAI BasicUNet, same widths"}
     print(f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs bare':>8}")
     for case, result in results.items():
         tflops = 3 * result["flops"] * args.batch / result["seconds"] / 1e12

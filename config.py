@@ -46,6 +46,7 @@ class Option:
     aliases: dict = field(default_factory=dict)  # legacy value -> canonical value
 
 
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")  # the shipped config, beside the scripts
 DATASETS = ("synthetic", "isbi2012", "pennfudan", "folder")
 DATASET_ALIASES = {"em": "isbi2012", "cells": "isbi2012", "pedestrian": "pennfudan"}
 SCHEDULES = ("warmup-cosine", "cosine", "constant", "poly")

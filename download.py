@@ -31,6 +31,7 @@ PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
 DEFAULT_MAX_EXTRACT_BYTES = 2 * 1024**3  # 2 GiB: Penn-Fudan is about 53 MB uncompressed
 CHUNK_BYTES = 1 << 16
+REDOWNLOAD = "delete it and download it again"  # what to do with a corrupt archive
 
 ISBI2012_HELP = """\
 ISBI 2012 (segmentation of neuronal structures in EM stacks) cannot be downloaded automatically:
@@ -191,95 +192,110 @@ def safe_extract_zip(archive: Path, target: Path, max_total_bytes: int = DEFAULT
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
         raise UserError(f"{archive}: archive not found")
-    redo = "delete it and download it again"
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
-        raise UserError(f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or incomplete download?): {redo}") from None
+        raise UserError(f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or incomplete download?): {REDOWNLOAD}") from None
     with zf:
-        root = target.resolve()
-        plan: list[tuple[zipfile.ZipInfo, Path]] = []
-        seen: dict[str, bool] = {}  # normalised member name -> is a folder
-        folders: set[str] = set()  # every folder that the members so far lie in
-        total = 0
-        for info in zf.infolist():
-            problem = _member_problem(info.filename, info)
-            if problem is None:
-                parts = [part for part in info.filename.replace("\\", "/").split("/") if part not in ("", ".")]
-                key = "/".join(parts)
-                destination = root.joinpath(*parts).resolve()
-                if destination == root or root not in destination.parents:
-                    problem = f"would be written outside {target}"
-                elif key in seen and not (seen[key] and info.is_dir()):
-                    problem = "appears twice in the archive"
-                elif any(seen.get("/".join(parts[:i])) is False for i in range(1, len(parts))):
-                    problem = "lies inside another member that is a file"
-                elif not info.is_dir() and key in folders:
-                    problem = "is a file, but other members lie inside it"
-            if problem is not None:
-                raise UserError(f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; nothing was extracted)")
-            seen[key] = info.is_dir()
-            folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
-            if not info.is_dir():
-                total += info.file_size
-            plan.append((info, target.joinpath(*parts)))
-        if total > max_total_bytes:
-            raise UserError(f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of {max_total_bytes:,} bytes (zip bomb?)")
-        try:
-            bad = zf.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
-            raise UserError(f"{archive}: corrupt zip archive ({_one_line(error) or type(error).__name__}): {redo}") from None
-        if bad is not None:
-            raise UserError(f"{archive}: corrupt zip archive (bad CRC of the member {bad!r}): {redo}")
+        plan = _extraction_plan(zf, archive, target, max_total_bytes)
+        skip = _unchanged_members(zf, archive, target, plan)
+        return _write_members(zf, archive, plan, skip)
 
-        # Conflicts with existing files, before writing anything.
-        if target.exists() and not target.is_dir():
-            raise UserError(f"{target}: exists and is not a folder; cannot extract {archive} into it")
-        skip: set[str] = set()
-        for info, destination in plan:
-            if info.is_dir():
-                if destination.exists() and not destination.is_dir():
-                    raise UserError(f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that file away and run again")
-                continue
-            for parent in destination.parents:
-                if parent == target:
-                    break
-                if parent.exists() and not parent.is_dir():
-                    raise UserError(f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move that file away and run again")
-            if destination.is_dir():
-                raise UserError(f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that folder away and run again")
-            if destination.exists() or destination.is_symlink():
-                try:
-                    same = destination.is_file() and _same_content(zf, info, destination)
-                except OSError as error:
-                    raise UserError(f"cannot read {destination}: {_one_line(error)}") from None
-                if not same:
-                    raise UserError(f"{destination} already exists with other content than {info.filename!r} in {archive}: move it away (or delete it) and run again")
-                skip.add(info.filename)
 
-        # Write: every file through a temporary file in its folder, renamed once complete.
-        files: list[Path] = []
-        for info, destination in plan:
+def _extraction_plan(zf: zipfile.ZipFile, archive: Path, target: Path, max_total_bytes: int) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """Each member with its destination under ``target``, after checking every member's name and the
+    archive's total size and CRCs; a UserError at the first problem."""
+    root = target.resolve()
+    plan: list[tuple[zipfile.ZipInfo, Path]] = []
+    seen: dict[str, bool] = {}  # normalised member name -> is a folder
+    folders: set[str] = set()  # every folder that the members so far lie in
+    total = 0
+    for info in zf.infolist():
+        problem = _member_problem(info.filename, info)
+        if problem is None:
+            parts = [part for part in info.filename.replace("\\", "/").split("/") if part not in ("", ".")]
+            key = "/".join(parts)
+            destination = root.joinpath(*parts).resolve()
+            if destination == root or root not in destination.parents:
+                problem = f"would be written outside {target}"
+            elif key in seen and not (seen[key] and info.is_dir()):
+                problem = "appears twice in the archive"
+            elif any(seen.get("/".join(parts[:i])) is False for i in range(1, len(parts))):
+                problem = "lies inside another member that is a file"
+            elif not info.is_dir() and key in folders:
+                problem = "is a file, but other members lie inside it"
+        if problem is not None:
+            raise UserError(f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; nothing was extracted)")
+        seen[key] = info.is_dir()
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if not info.is_dir():
+            total += info.file_size
+        plan.append((info, target.joinpath(*parts)))
+    if total > max_total_bytes:
+        raise UserError(f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of {max_total_bytes:,} bytes (zip bomb?)")
+    try:
+        bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+        raise UserError(f"{archive}: corrupt zip archive ({_one_line(error) or type(error).__name__}): {REDOWNLOAD}") from None
+    if bad is not None:
+        raise UserError(f"{archive}: corrupt zip archive (bad CRC of the member {bad!r}): {REDOWNLOAD}")
+    return plan
+
+
+def _unchanged_members(zf: zipfile.ZipFile, archive: Path, target: Path, plan: list[tuple[zipfile.ZipInfo, Path]]) -> set[str]:
+    """The names of the file members already extracted with the same content (to skip); a UserError
+    when a destination exists with other content or a file stands where a folder must go."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is not a folder; cannot extract {archive} into it")
+    skip: set[str] = set()
+    for info, destination in plan:
+        if info.is_dir():
+            if destination.exists() and not destination.is_dir():
+                raise UserError(f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that file away and run again")
+            continue
+        for parent in destination.parents:
+            if parent == target:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise UserError(f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move that file away and run again")
+        if destination.is_dir():
+            raise UserError(f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that folder away and run again")
+        if destination.exists() or destination.is_symlink():
             try:
-                if info.is_dir():
-                    destination.mkdir(parents=True, exist_ok=True)
-                    continue
-                files.append(destination)
-                if info.filename in skip:
-                    continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                temporary = destination.with_name(f".{destination.name}.{os.getpid()}.extracting")
-                try:
-                    with open(temporary, "wb") as file, zf.open(info) as member:  # mode from the umask, like any new file
-                        shutil.copyfileobj(member, file, CHUNK_BYTES)
-                    os.replace(temporary, destination)
-                except BaseException:
-                    temporary.unlink(missing_ok=True)
-                    raise
-            except zipfile.BadZipFile as error:
-                raise UserError(f"{archive}: corrupt zip archive ({_one_line(error)}): {redo}") from None
+                same = destination.is_file() and _same_content(zf, info, destination)
             except OSError as error:
-                raise UserError(f"cannot extract {info.filename!r} from {archive} to {destination}: {_one_line(error)}") from None
+                raise UserError(f"cannot read {destination}: {_one_line(error)}") from None
+            if not same:
+                raise UserError(f"{destination} already exists with other content than {info.filename!r} in {archive}: move it away (or delete it) and run again")
+            skip.add(info.filename)
+    return skip
+
+
+def _write_members(zf: zipfile.ZipFile, archive: Path, plan: list[tuple[zipfile.ZipInfo, Path]], skip: set[str]) -> list[Path]:
+    """Write the planned members: every file through a temporary file in its folder, renamed once
+    complete; returns the paths of all file members."""
+    files: list[Path] = []
+    for info, destination in plan:
+        try:
+            if info.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            files.append(destination)
+            if info.filename in skip:
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            temporary = destination.with_name(f".{destination.name}.{os.getpid()}.extracting")
+            try:
+                with open(temporary, "wb") as file, zf.open(info) as member:  # mode from the umask, like any new file
+                    shutil.copyfileobj(member, file, CHUNK_BYTES)
+                os.replace(temporary, destination)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+        except zipfile.BadZipFile as error:
+            raise UserError(f"{archive}: corrupt zip archive ({_one_line(error)}): {REDOWNLOAD}") from None
+        except OSError as error:
+            raise UserError(f"cannot extract {info.filename!r} from {archive} to {destination}: {_one_line(error)}") from None
     return files
 
 

@@ -6,7 +6,7 @@ time, so that device memory is bounded by ``batch_size`` tiles whatever the imag
 - ``padding=0`` (the paper's valid convolutions): the overlap-tile strategy of Ronneberger et al.
   (2015, Fig. 2). The image is mirrored at its borders by the network's context margin and output
   tiles are laid side by side. Every output pixel sees its full context, so the tiles join without
-  seams: the result equals one pass over the whole mirrored image (``dataset.pad_for_model``).
+  seams: the result equals one pass over the whole mirrored image (``preprocess.pad_for_model``).
 - ``padding=1`` (same-size convolutions): tiles overlap and their class probabilities are blended
   with a Gaussian importance map (sigma = tile side / 8, as in nnU-Net and MONAI), because pixels
   near a tile's edge see zero padding instead of the image.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from dataset import network_margin, pad_for_model, resize_image, scaled_size
+from preprocess import network_margin, pad_for_model, resize_image, scaled_size
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 
@@ -54,7 +54,7 @@ def predict_probabilities(
         ``depth`` and ``padding`` of ``UNet`` that returns (B, num_classes, h, w) logits). It runs
         on the device of its parameters, in eval mode; its train/eval mode is restored afterwards.
     image : torch.Tensor
-        (C, H, W) float image, normalised as for training (``dataset.normalize_image``),
+        (C, H, W) float image, normalised as for training (``preprocess.normalize_image``),
         C = ``model.image_channels``, any H, W >= 1, on any device.
     tile_size : int, optional
         Side of the network's input tiles in px, rounded up to a valid input size (see
@@ -77,7 +77,7 @@ def predict_probabilities(
         bfloat16). Softmax and blending are always float32; no autocast on other devices.
     image_scale : float, optional
         ``train.image_scale`` of a model trained on rescaled images: the image is resized by this
-        factor first (``dataset.resize_image``), and the probabilities are resized back
+        factor first (``preprocess.resize_image``), and the probabilities are resized back
         (bilinearly) to (H, W).
 
     Returns
@@ -95,7 +95,7 @@ def predict_probabilities(
     Notes
     -----
     With padding 0 and a per-pixel normalisation ("layer", "batch", "none") the result equals,
-    up to float rounding, the softmax of one forward pass over ``dataset.pad_for_model(image)``
+    up to float rounding, the softmax of one forward pass over ``preprocess.pad_for_model(image)``
     cropped to (H, W), whatever the tile size: the tile size trades memory for the work spent on
     the context margins of the tiles. "group" and "instance" normalise over each tile instead.
     """

@@ -467,6 +467,19 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
+def build_model(unet: dict) -> UNet:
+    """The U-Net described by a config's ``unet`` section."""
+    return UNet(
+        image_channels=unet["image_channels"],
+        num_classes=unet["num_classes"],
+        input_channels=unet["input_channels"],
+        padding=unet["padding"],
+        norm=unet["norm"],
+        dropout=unet["dropout"],
+        upsample=unet["upsample"],
+    )
+
+
 def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     # Keep only the block's inputs; its inner activations are recomputed in the backward pass.
     # A BatchNorm block updates its running statistics twice per step (in the forward pass and in

@@ -6,7 +6,7 @@
 
 A model that cannot drive its loss on one fixed batch towards zero has a bug, a far-off learning rate or
 data it cannot learn from; how fast it gets there is a cheap first signal for ranking settings. All
-three modes train with ``training.train_step``, the step of full training (same loss, weight map
+three modes train with ``step.train_step``, the step of full training (same loss, weight map
 included), and write to their own folder ``train.log_path/<date>_<time>-<mode>/``.
 """
 
@@ -25,10 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import training
+from augment import augment_on_device
 from config import ConfigError, UserError, config_to_yaml, resolve
+from console import note
 from dataset import EpochSampler, TileDataset, build_datasets
-from model import center_crop, output_size
+from device import resolve_device
+from model import build_model, center_crop, output_size
+from runs import new_run_folder
+from step import build_optimizer, train_step
 
 # Keys that change the optimisation but not the data: trials differing only in these share one data set.
 OPTIMISATION_KEYS = {
@@ -74,12 +78,12 @@ def fit_one_batch(config: dict, batch: list[torch.Tensor], device: torch.device,
     """
     train, settings = config["train"], config["overfit_one_batch"]
     torch.manual_seed(train["seed"])
-    model = training.build_model(config["unet"]).to(device)
-    optimizer = training.build_optimizer(model, train, device)
+    model = build_model(config["unet"]).to(device)
+    optimizer = build_optimizer(model, train, device)
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(1, settings["max_steps"] + 1):
-        loss = training.train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
+        loss = train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
         losses.append(loss)
         stop = not math.isfinite(loss) or loss < settings["tolerance"]
         if log_every and (step == 1 or step % log_every == 0 or stop):
@@ -112,22 +116,14 @@ def verdict(result: dict, config: dict) -> list[str]:
     return lines
 
 
-def new_run_folder(config: dict, mode: str) -> Path:
-    """A new folder ``train.log_path/<date>_<time>-<mode>`` (or ``train.run_name``) with the config in it."""
-    folder = Path(config["train"]["log_path"]) / training.new_run_name(config["train"], mode)
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(config_to_yaml(config))
-    return folder
-
-
 def overfit_batch(config: dict) -> dict:
     """``overfit_one_batch.overfit``: fit one fixed batch, print the loss and a verdict, plot ``loss.png``.
 
     Returns ``fit_one_batch``'s result with ``verdict`` (the printed lines) and ``run_log``.
     """
     train, settings = config["train"], config["overfit_one_batch"]
-    device = training.resolve_device(train["device"])
-    batch, warnings = fixed_batch(build_datasets(config, training.note)["train"], config)
+    device = resolve_device(train["device"])
+    batch, warnings = fixed_batch(build_datasets(config, note)["train"], config)
     run_log = new_run_folder(config, "overfit")
     print(
         f"overfitting one fixed batch of {train['batch_size']} unaugmented {train['tile_size']} px tiles on {device}: {train['optim']} at constant lr {train['lr']:g}, "
@@ -221,13 +217,14 @@ def hp_search(config: dict) -> dict:
 
     Writes ``trials.csv`` (ranked), ``trials.png`` and ``best_config.yaml`` (the best trial's config,
     modes off) to the run folder, also after Ctrl-C for the trials finished by then. A diverging trial
-    is recorded and the search goes on. With ``full_train`` the best config is then trained.
-    Returns ``results`` (ranked), ``interrupted``, ``run_log`` and, after full_train, ``train``.
+    is recorded and the search goes on. Returns ``results`` (ranked), ``interrupted``, ``run_log`` and,
+    with ``full_train`` (unless interrupted or every trial diverged), ``full_train_config``: the best
+    config, modes off, for training.py to train.
     """
     settings = config["overfit_one_batch"]
     points = search_points(settings)
     configs = trial_configs(config, points)
-    device = training.resolve_device(config["train"]["device"])
+    device = resolve_device(config["train"]["device"])
     run_log = new_run_folder(config, "hp_search")
     print(f"hp search: {len(configs)} trials ({settings['search_method']}) over {', '.join(settings['search_space'])}, each fitting one fixed batch from the same start until the loss < {settings['tolerance']:g} or {settings['max_steps']} steps; results in {run_log}", flush=True)
     train_sets, results, interrupted = {}, [], False
@@ -235,10 +232,10 @@ def hp_search(config: dict) -> dict:
         for number, (values, trial) in enumerate(zip(points, configs), 1):
             key = data_key(trial)
             if key not in train_sets:
-                train_sets[key] = build_datasets(trial, training.note)["train"]
+                train_sets[key] = build_datasets(trial, note)["train"]
             batch, warnings = fixed_batch(train_sets[key], trial)
             for warning in warnings:
-                training.note(warning)
+                note(warning)
             result = fit_one_batch(trial, [tensor.to(device) for tensor in batch], device)
             results.append({"trial": number, "values": values, "config": trial, **result})
             print(f"trial {number}/{len(configs)}  {describe(values)}: {verdict(result, trial)[0]}", flush=True)
@@ -256,9 +253,9 @@ def hp_search(config: dict) -> dict:
     best_path.write_text(config_to_yaml(with_modes_off(best["config"])))
     print(f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config {best_path}")
     if best["diverged"]:
-        training.note("every trial diverged: lower the learning rates of search_space")
+        note("every trial diverged: lower the learning rates of search_space")
     elif settings["full_train"] and not interrupted:
-        summary["train"] = training.train(with_modes_off(best["config"]))
+        summary["full_train_config"] = with_modes_off(best["config"])
     return summary
 
 
@@ -330,14 +327,14 @@ def lr_find(config: dict) -> dict:
     ``smoothed`` and ``run_log``.
     """
     train, settings = config["train"], config["overfit_one_batch"]
-    device = training.resolve_device(train["device"])
-    train_set = build_datasets(config, training.note)["train"]
+    device = resolve_device(train["device"])
+    train_set = build_datasets(config, note)["train"]
     if train["batch_size"] > len(train_set):
         raise UserError(f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image")
     run_log = new_run_folder(config, "lr_find")
     torch.manual_seed(train["seed"])
-    model = training.build_model(config["unet"]).to(device)
-    optimizer = training.build_optimizer(model, train, device)
+    model = build_model(config["unet"]).to(device)
+    optimizer = build_optimizer(model, train, device)
     model.train()
     sampler = EpochSampler(len(train_set), train["seed"])
     loader = DataLoader(train_set, train["batch_size"], sampler=sampler, drop_last=True, num_workers=train["num_workers"])
@@ -352,8 +349,8 @@ def lr_find(config: dict) -> dict:
     for step, (lr, batch) in enumerate(zip(np.geomspace(settings["lr_find_min"], settings["lr_find_max"], settings["lr_find_steps"]).tolist(), batches())):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = training.augment_on_device(batch, config["augment"], train["seed"], step, device)
-        loss = training.train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
+        batch = augment_on_device(batch, config["augment"], train["seed"], step, device)
+        loss = train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         lrs.append(lr)
         losses.append(loss)

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from config import ConfigError
 
-from dataset import (
+from augment import (
     AUGMENT_DEFAULTS,
     BLUR_TRUNCATE,
     apply_parameters,

@@ -7,17 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_script import (
+from config import UserError
+from diagnostics import (
     activation_maps,
-    check_onnx,
-    export_onnx,
     input_saliency,
     layer_gradient_norms,
     save_activation_figure,
     save_gradient_norm_figure,
     save_saliency_figure,
 )
-from config import UserError
+from export import check_onnx, export_onnx
 from losses import segmentation_loss
 from model import UNet, center_crop
 

@@ -12,7 +12,8 @@ import torch
 from config import load_config
 from dataset import build_datasets
 from tests.test_training import TINY
-from training import build_model, evaluate
+from model import build_model
+from validation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ import test_script
 from config import UserError, load_config
 from dataset import build_datasets, synthetic_em_set
 from infer import calibrate_threshold, predict_probabilities, separate_cells
-from training import build_model, train
+from model import build_model
+from training import train
 
 
 def folder_config(root, *overrides):

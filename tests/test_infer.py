@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dataset import pad_for_model
+from preprocess import pad_for_model
 from infer import predict_probabilities
 from model import UNet
 

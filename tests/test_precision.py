@@ -9,8 +9,9 @@ import torch
 import training
 from dataset import EpochSampler
 from model import UNet
+from step import build_optimizer, train_step
 from tests.test_training import read_rows, tiny_config
-from training import train, train_step
+from training import train
 
 CPU = torch.device("cpu")
 
@@ -153,7 +154,7 @@ def test_bitsandbytes_8bit_adamw_trains_with_mixed_precision_and_accumulation(pr
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = UNet(input_channels=(8, 16), norm="batch")
-    optimizer = training.build_optimizer(model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU)
+    optimizer = build_optimizer(model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU)
     if not type(optimizer).__module__.startswith("bitsandbytes"):
         pytest.skip("bitsandbytes' 8-bit optimizer does not run on this machine's CPU")
     assert any(state.get("state1") is not None and state["state1"].dtype == torch.uint8 for state in _states_after_a_step(model, optimizer, precision))

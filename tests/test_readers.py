@@ -10,7 +10,9 @@ import torch
 from skimage import measure
 
 from config import UserError, load_config
-from dataset import TileDataset, build_datasets, load_samples, network_margin, pad_for_model, read_isbi2012, read_pennfudan
+from dataset import TileDataset, build_datasets, load_samples
+from preprocess import network_margin, pad_for_model
+from readers import read_isbi2012, read_pennfudan
 from training import train
 
 ROOT = Path(__file__).resolve().parents[1]

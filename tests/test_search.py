@@ -30,8 +30,8 @@ def is_png(path: Path) -> bool:
 
 def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monkeypatch, capsys):
     calls = []
-    original_step = training.train_step
-    monkeypatch.setattr(training, "train_step", lambda *args: calls.append(1) or original_step(*args))
+    original_step = search.train_step
+    monkeypatch.setattr(search, "train_step", lambda *args: calls.append(1) or original_step(*args))
     result = search.overfit_batch(tiny_config(tmp_path, "train.lr=0.01", "overfit_one_batch.tolerance=0.1", "overfit_one_batch.max_steps=200"))
     assert result["reached"] and not result["diverged"]
     assert result["steps"] == len(result["losses"]) == len(calls) < 200
@@ -83,8 +83,9 @@ def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, mon
     monkeypatch.setattr(training, "train", lambda config: trained.append(config) or {"interrupted": False})
     space = "{train.lr: {log_uniform: [1e-3, 3e-2]}, train.optim: [adam, sgd]}"
     config = tiny_config(tmp_path, f"overfit_one_batch.search_space={space}", "overfit_one_batch.trials=3", "overfit_one_batch.tolerance=0.2", "overfit_one_batch.max_steps=40", "overfit_one_batch.hp_search=true", "overfit_one_batch.full_train=true")
-    summary = search.hp_search(config)
-    rows = read_trials(summary["run_log"])
+    assert training.run_config(config) == 0  # the search, then full training of its best config
+    (run_log,) = (tmp_path / "logs").glob("*-hp_search")
+    rows = read_trials(run_log)
     assert len(rows) == 3 and sorted(int(row["trial"]) for row in rows) == [1, 2, 3]
 
     def rule(row):
@@ -93,8 +94,8 @@ def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, mon
         return (0, int(row["steps"])) if row["reached"] == "True" else (1, float(row["final_loss"]))
 
     assert rows == sorted(rows, key=rule) and [row["rank"] for row in rows] == ["1", "2", "3"]
-    assert is_png(summary["run_log"] / "trials.png")
-    best = load_config(summary["run_log"] / "best_config.yaml")
+    assert is_png(run_log / "trials.png")
+    best = load_config(run_log / "best_config.yaml")
     assert best["train"]["lr"] == float(rows[0]["train.lr"]) and best["train"]["optim"] == rows[0]["train.optim"]
     assert not any(best["overfit_one_batch"][mode] for mode in ("overfit", "hp_search", "lr_find", "full_train"))
     assert best["unet"] == config["unet"] and best["overfit_one_batch"]["search_space"] == config["overfit_one_batch"]["search_space"]
@@ -162,7 +163,7 @@ def test_ctrl_c_in_trial_2_still_writes_trial_1(tmp_path, monkeypatch):
 
     monkeypatch.setattr(search, "fit_one_batch", interrupt_the_second)
     summary = search.hp_search(tiny_config(tmp_path, "overfit_one_batch.trials=3", "overfit_one_batch.max_steps=5", "overfit_one_batch.full_train=true"))
-    assert summary["interrupted"] and len(calls) == 2 and "train" not in summary
+    assert summary["interrupted"] and len(calls) == 2 and "full_train_config" not in summary
     rows = read_trials(summary["run_log"])
     assert [row["trial"] for row in rows] == ["1"]
     best = load_config(summary["run_log"] / "best_config.yaml")

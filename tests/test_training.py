@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import step
 import training
 from config import UserError, load_config
-from training import build_optimizer, lr_factor, resolve_device, train
+from device import resolve_device
+from step import build_optimizer, lr_factor
+from training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +140,8 @@ def test_sigkill_mid_run_then_resume_auto(tmp_path):
 def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
     first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=nan"))
     best = (first["run_weights"] / "best.pt").read_bytes()
-    original_loss = training.segmentation_loss
-    monkeypatch.setattr(training, "segmentation_loss", lambda *args: original_loss(*args) * float("nan"))
+    original_loss = step.segmentation_loss
+    monkeypatch.setattr(step, "segmentation_loss", lambda *args: original_loss(*args) * float("nan"))
     with pytest.raises(UserError, match="training loss became nan"):
         train(tiny_config(tmp_path, "train.max_epochs=3", "train.resume=auto"))
     assert (first["run_weights"] / "best.pt").read_bytes() == best

@@ -1,0 +1,441 @@
+"""Batched data augmentation in torch, on the training device, and a figure of augmented tiles.
+
+The U-Net paper (Ronneberger et al. 2015, sec. 3.1) trains on few images and relies on strong
+augmentation: shifts, rotations, gray-value variations and, above all, smooth elastic deformations
+from random displacement vectors on a coarse 3 x 3 grid (10 px standard deviation), interpolated
+bicubically to per-pixel displacements. Here every sample of a batch gets its own random geometry,
+combined into one sampling grid, so that each tensor is resampled once (one interpolation, one
+blur of detail); the intensity changes then act on the image alone. All randomness comes from one
+``torch.Generator`` on the tensors' device, drawn in batched calls: the same seed gives the same
+batch, and nothing waits for the host on a GPU.
+
+The work is split so that it can be checked: :func:`random_parameters` draws explicit per-sample
+parameters, :func:`apply_parameters` applies given parameters, and :func:`augment_batch` does both.
+
+Conventions: pixel (row i, column j) has its centre at coordinate (y, x) = (i, j) px, the tile spans
+[-0.5, H - 0.5] x [-0.5, W - 0.5] (``align_corners=False``) and turns happen about its centre
+((H - 1) / 2, (W - 1) / 2). Vectors in parameters are (row, column) = (down, right) in px. Outside
+the tile, content is mirrored about the tile's edges (``padding_mode="reflection"``: the edge pixel
+is repeated, d c b a | a b c d, unlike NumPy's "reflect" padding).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from config import default_config, resolve
+
+AUGMENT_DEFAULTS = default_config()["augment"]
+
+# Below this sigma (px) a Gaussian kernel is a delta to float precision at the centre tap anyway;
+# using an exact delta keeps such samples bit-exact and avoids dividing by a vanishing sigma.
+MIN_BLUR_SIGMA = 0.1
+
+# The blur kernel is cut off at this many sigmas of the largest possible sigma (99.7 % of the mass).
+BLUR_TRUNCATE = 3.0
+
+_GEOMETRIC_KEYS = ("flip", "rotate90", "rotation", "scale", "shift", "elastic_std")
+
+
+def resolve_settings(settings: dict) -> dict:
+    """``settings`` (any subset of the config's ``augment`` keys) completed with the defaults and
+    checked like the config; a ConfigError names an unknown key or a value out of range."""
+    return resolve({"augment": settings})["augment"]
+
+
+def _symmetric_uniform(half_width: float, size: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Float32 tensor of the given size, uniform in [-half_width, half_width]."""
+    unit = torch.rand(size, generator=generator, device=generator.device)
+    return (2.0 * unit - 1.0) * half_width
+
+
+def random_parameters(
+    shape: tuple[int, int, int, int], settings: dict, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Draw random per-sample augmentation parameters for a batch.
+
+    Every per-sample parameter is drawn whether or not its transform is on (a disabled transform
+    gets its identity value), so switching one transform off leaves the draws of the others alone.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Image batch shape (B, C, H, W).
+    settings : dict
+        Augmentation settings, see the config's ``augment`` section.
+    generator : torch.Generator
+        Source of all randomness; the tensors are created on its device.
+
+    Returns
+    -------
+    dict of str to Tensor
+        On the generator's device, B = batch size, g = ``settings["elastic_grid"]``:
+
+        - ``augmented``: (B,) bool, whether the sample is augmented at all.
+        - ``flip_horizontal``, ``flip_vertical``: (B,) bool, mirror left-right / top-bottom.
+        - ``quarter_turns``: (B,) int64 in 0..3, counter-clockwise turns by 90 degrees.
+        - ``angle``: (B,) float32, further counter-clockwise rotation in degrees.
+        - ``zoom``: (B,) float32, magnification (> 1 enlarges the content).
+        - ``shift``: (B, 2) float32, translation of the content in px (down, right).
+        - ``displacement``: (B, 2, g, g) float32, elastic displacements in px (down, right) at the
+          coarse grid nodes; output pixel p shows the content found at p + displacement(p).
+        - ``brightness``: (B,) float32, additive offset in image units.
+        - ``contrast``: (B,) float32, factor about the sample's mean.
+        - ``gamma``: (B,) float32, exponent.
+        - ``noise_std``: (B,) float32, noise standard deviation in image units.
+        - ``blur_sigma``: (B,) float32, Gaussian blur sigma in px.
+        - ``noise``: (B, C, H, W) float32 standard normal noise, only present when
+          ``settings["noise"] > 0``.
+    """
+    settings = resolve_settings(settings)
+    batch, channels, height, width = shape
+    grid = settings["elastic_grid"]
+    device = generator.device
+
+    def unit() -> Tensor:
+        return torch.rand(batch, generator=generator, device=device)
+
+    params = {
+        "augmented": unit() < settings["probability"],
+        "flip_horizontal": (unit() < 0.5) & settings["flip"],
+        "flip_vertical": (unit() < 0.5) & (settings["flip"] and settings["vertical_flip"]),
+        "quarter_turns": torch.randint(4, (batch,), generator=generator, device=device) * int(settings["rotate90"]),
+        "angle": _symmetric_uniform(settings["rotation"], (batch,), generator),
+        "zoom": torch.exp(_symmetric_uniform(math.log1p(settings["scale"]), (batch,), generator)),
+        "shift": _symmetric_uniform(settings["shift"], (batch, 2), generator),
+        "displacement": settings["elastic_std"]
+        * torch.randn((batch, 2, grid, grid), generator=generator, device=device),
+        "brightness": _symmetric_uniform(settings["brightness"], (batch,), generator),
+        "contrast": 1.0 + _symmetric_uniform(settings["contrast"], (batch,), generator),
+        "gamma": torch.exp(_symmetric_uniform(math.log1p(settings["gamma"]), (batch,), generator)),
+        "noise_std": settings["noise"] * unit(),
+        "blur_sigma": settings["blur"] * unit(),
+    }
+    if settings["noise"] > 0:
+        # Drawn last: the per-sample draws above do not depend on whether noise is on.
+        params["noise"] = torch.randn((batch, channels, height, width), generator=generator, device=device)
+    return params
+
+
+def sampling_grid(params: dict[str, Tensor], height: int, width: int, elastic: bool) -> Tensor:
+    """Sampling grid of the geometric parameters, for ``F.grid_sample(..., align_corners=False)``.
+
+    The content is flipped, turned by ``90 * quarter_turns + angle`` degrees counter-clockwise and
+    zoomed, all about the tile centre, then shifted, then deformed elastically. The grid holds the
+    inverse map: for each output pixel p the source point
+    ``q = c + A^-1 (p + displacement(p) - shift - c)``, c = tile centre, A = zoom * rotation * flip.
+
+    Parameters
+    ----------
+    params : dict of str to Tensor
+        As returned by :func:`random_parameters`; uses ``flip_horizontal``, ``flip_vertical``,
+        ``quarter_turns``, ``angle``, ``zoom``, ``shift`` and, if ``elastic``, ``displacement``.
+    height, width : int
+        Tile size in px.
+    elastic : bool
+        Whether to add the elastic displacement field.
+
+    Returns
+    -------
+    Tensor
+        (B, H, W, 2) float32, source points in normalised (x, y) coordinates: -1 and 1 are the
+        outer edges of the tile, not the centres of its edge pixels.
+    """
+    # Trigonometry in float64 so that multiples of 90 degrees give exact 0 and +-1 after the cast:
+    # flips and quarter turns then move pixel centres exactly onto pixel centres.
+    turn = torch.deg2rad(params["angle"].double() + 90.0 * params["quarter_turns"])
+    cos, sin = torch.cos(turn), torch.sin(turn)
+    mirror_x = 1.0 - 2.0 * params["flip_horizontal"].double()
+    mirror_y = 1.0 - 2.0 * params["flip_vertical"].double()
+    # Inverse of "rotate counter-clockwise by phi" in (x, y) with y pointing down is
+    # (x, y) -> (x cos - y sin, x sin + y cos); the flip is its own inverse and comes last.
+    inverse = torch.stack(
+        [torch.stack([mirror_x * cos, -mirror_x * sin], dim=-1), torch.stack([mirror_y * sin, mirror_y * cos], dim=-1)],
+        dim=-2,
+    ) / params["zoom"].double()[:, None, None]
+    # A pixel coordinate u (centres at 0..W-1) is 2 (u - c) / W in normalised coordinates; since
+    # the map is linear about the centre, the scaling folds into the matrix.
+    to_normalised = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64, device=inverse.device)
+    matrix = (to_normalised[:, None] * inverse).float()  # (B, 2, 2), acts on (x, y)
+
+    # Offsets (x, y) of each output pixel from the tile centre, minus the shift: (B, 1, W), (B, H, 1).
+    shift = params["shift"].float()
+    offset_x = torch.arange(width, dtype=torch.float32, device=matrix.device) - (width - 1) / 2.0
+    offset_y = torch.arange(height, dtype=torch.float32, device=matrix.device)[:, None] - (height - 1) / 2.0
+    offset_x = offset_x - shift[:, 1, None, None]
+    offset_y = offset_y - shift[:, 0, None, None]
+    entry = matrix[:, :, :, None, None]
+    grid_x = entry[:, 0, 0] * offset_x + entry[:, 0, 1] * offset_y  # (B, H, W)
+    grid_y = entry[:, 1, 0] * offset_x + entry[:, 1, 1] * offset_y
+    if elastic:
+        # The map is linear, so the matrix can act on the few coarse displacement vectors before
+        # they are upsampled rather than on every pixel's vector.
+        coarse = torch.einsum("bij,bjkl->bikl", matrix, params["displacement"].float().flip(1))
+        field = upsample_bicubic(coarse, height, width)
+        grid_x = grid_x + field[:, 0]
+        grid_y = grid_y + field[:, 1]
+    return torch.stack([grid_x, grid_y], dim=-1)
+
+
+def upsample_bicubic(coarse: Tensor, height: int, width: int) -> Tensor:
+    """Bicubic upsampling of a coarse grid of values, e.g. displacements, to every pixel.
+
+    Parameters
+    ----------
+    coarse : Tensor
+        (B, K, m, n) float, values at the nodes of an m x n grid whose outer nodes lie on the
+        centres of the tile's corner pixels (``align_corners=True``).
+    height, width : int
+        Tile size in px.
+
+    Returns
+    -------
+    Tensor
+        (B, K, H, W), the same as ``F.interpolate(coarse, (H, W), mode="bicubic", align_corners=True)``.
+    """
+    # Bicubic interpolation is separable and linear in the node values: interpolating each node's
+    # unit impulse along one axis gives (H, m) and (W, n) weight matrices, and the result is
+    # rows @ coarse @ cols^T: a few multiply-adds per pixel instead of 16 taps, much faster on a CPU.
+    def weights(nodes: int, size: int) -> Tensor:
+        impulses = torch.eye(nodes, dtype=coarse.dtype, device=coarse.device)[None, :, :, None]
+        return F.interpolate(impulses, size=(size, 1), mode="bicubic", align_corners=True)[0, :, :, 0].T
+
+    return weights(coarse.shape[-2], height) @ coarse @ weights(coarse.shape[-1], width).T
+
+
+def gaussian_blur(image: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Blur each sample with its own Gaussian, in one grouped convolution with reflect padding.
+
+    Parameters
+    ----------
+    image : Tensor
+        (B, C, H, W) float.
+    sigma : Tensor
+        (B,) float, standard deviation in px per sample; below :data:`MIN_BLUR_SIGMA` the sample is
+        returned unchanged.
+    radius : int
+        Kernel radius in px, the same for all samples (kernel side 2 * radius + 1); smaller than H
+        and W.
+
+    Returns
+    -------
+    Tensor
+        (B, C, H, W), same dtype. Beyond the border the image is mirrored without repeating the edge
+        pixel (PyTorch ``reflect`` = scipy.ndimage ``mirror``).
+    """
+    batch, channels, height, width = image.shape
+    taps = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    sigma = sigma.to(image.dtype).repeat_interleave(channels)[:, None]  # one kernel per (sample, channel)
+    kernel = torch.exp(-0.5 * (taps / sigma.clamp_min(MIN_BLUR_SIGMA)) ** 2)
+    kernel = torch.where(sigma < MIN_BLUR_SIGMA, (taps == 0).to(image.dtype), kernel)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel_2d = kernel[:, None, :, None] * kernel[:, None, None, :]  # (B*C, 1, k, k), separable Gaussian
+    planes = F.pad(image.reshape(1, batch * channels, height, width), (radius,) * 4, mode="reflect")
+    return F.conv2d(planes, kernel_2d, groups=batch * channels).reshape(image.shape)
+
+
+def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: dict) -> Tensor:
+    """Apply blur, gamma, contrast, brightness and noise, in this order, per sample.
+
+    Blur comes first as the optics would; noise comes last, as the sensor adds it after everything
+    else. Transforms whose magnitude in ``settings`` is 0 are skipped.
+
+    Parameters
+    ----------
+    image : Tensor
+        (B, C, H, W) float.
+    params : dict of str to Tensor
+        As returned by :func:`random_parameters`.
+    settings : dict
+        Augmentation settings, see the config's ``augment`` section.
+
+    Returns
+    -------
+    Tensor
+        (B, C, H, W), same dtype.
+    """
+    settings = resolve_settings(settings)
+    per_sample = (-1, 1, 1, 1)
+    dims = (1, 2, 3)
+    # Each step is written in as few full-size passes as possible (addcmul, in-place on fresh
+    # intermediates): on a CPU these element-wise passes, not the arithmetic, take the time.
+    if settings["blur"] > 0:
+        radius = max(1, math.ceil(BLUR_TRUNCATE * settings["blur"]))
+        image = gaussian_blur(image, params["blur_sigma"], radius)
+    if settings["gamma"] > 0:
+        low = image.amin(dim=dims, keepdim=True)
+        span = (image.amax(dim=dims, keepdim=True) - low).clamp_min(torch.finfo(image.dtype).tiny)
+        # The clamp only absorbs rounding just outside [0, 1], where a fractional power is undefined.
+        unit = ((image - low) / span).clamp_(0.0, 1.0)
+        image = torch.addcmul(low, unit.pow_(params["gamma"].reshape(per_sample)), span)
+    if settings["contrast"] > 0 or settings["brightness"] > 0:
+        # mean + (x - mean) * factor + brightness, as one affine map x * factor + offset; a disabled
+        # part has its identity value (factor 1, brightness 0).
+        factor = params["contrast"].reshape(per_sample)
+        offset = image.mean(dim=dims, keepdim=True) * (1.0 - factor) + params["brightness"].reshape(per_sample)
+        image = torch.addcmul(offset, image, factor)
+    if settings["noise"] > 0:
+        image = torch.addcmul(image, params["noise_std"].reshape(per_sample), params["noise"])
+    return image
+
+
+def apply_parameters(
+    image: Tensor, label: Tensor, weight: Tensor, params: dict[str, Tensor], settings: dict
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Augment a batch with given per-sample parameters.
+
+    Geometry: one sampling grid per sample (see :func:`sampling_grid`) and one ``F.grid_sample``
+    call per tensor, mirroring at the tile edges: the image with ``settings["interpolation"]``, the
+    label with nearest neighbour (so it keeps its class values), the weight bilinearly. When all
+    geometric transforms are off, no resampling happens. Then the image's intensity is changed
+    (:func:`adjust_intensity`). Samples with ``params["augmented"]`` false are returned unchanged.
+
+    Parameters
+    ----------
+    image : Tensor
+        (B, C, H, W) float32.
+    label : Tensor
+        (B, H, W) int64 class indices.
+    weight : Tensor
+        (B, H, W) float32 per-pixel loss weights.
+    params : dict of str to Tensor
+        As returned by :func:`random_parameters`, on the tensors' device.
+    settings : dict
+        Augmentation settings, see the config's ``augment`` section; they decide which transforms run.
+
+    Returns
+    -------
+    image, label, weight : Tensor
+        Same shapes, dtypes and device as the inputs.
+    """
+    settings = resolve_settings(settings)
+    if image.ndim != 4 or label.shape != (image.shape[0], *image.shape[2:]) or weight.shape != label.shape:
+        raise ValueError(
+            f"expected image (B, C, H, W) with label and weight (B, H, W), got image {tuple(image.shape)}, "
+            f"label {tuple(label.shape)}, weight {tuple(weight.shape)}"
+        )
+    height, width = image.shape[-2:]
+    new_image, new_label, new_weight = image, label, weight
+    if any(settings[key] for key in _GEOMETRIC_KEYS):
+        grid = sampling_grid(params, height, width, elastic=settings["elastic_std"] > 0)
+        resample = {"padding_mode": "reflection", "align_corners": False}
+        new_image = F.grid_sample(image, grid, mode=settings["interpolation"], **resample)
+        # Class indices are exact in float32 (below 2**24), and nearest sampling only copies them.
+        label_plane = label[:, None].to(image.dtype)
+        new_label = F.grid_sample(label_plane, grid, mode="nearest", **resample)[:, 0].to(label.dtype)
+        new_weight = F.grid_sample(weight[:, None], grid, mode="bilinear", **resample)[:, 0]
+    new_image = adjust_intensity(new_image, params, settings)
+    if settings["probability"] == 1.0:
+        return new_image, new_label, new_weight
+    # Selecting per sample (rather than resampling with an identity grid) keeps skipped samples
+    # bit-exact and needs no host round trip to know which samples those are.
+    keep = ~params["augmented"]
+    return (
+        torch.where(keep[:, None, None, None], image, new_image),
+        torch.where(keep[:, None, None], label, new_label),
+        torch.where(keep[:, None, None], weight, new_weight),
+    )
+
+
+def augment_batch(
+    image: Tensor, label: Tensor, weight: Tensor, settings: dict, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomly augment a batch of training tiles on their device (U-Net paper, sec. 3.1).
+
+    Parameters
+    ----------
+    image : Tensor
+        (B, C, H, W) float32, each image normalised to zero mean and unit std.
+    label : Tensor
+        (B, H, W) int64 class indices.
+    weight : Tensor
+        (B, H, W) float32 per-pixel loss weights.
+    settings : dict
+        Augmentation settings, any subset of the config's ``augment`` section.
+    generator : torch.Generator
+        Source of all randomness, on the same device type as the tensors.
+
+    Returns
+    -------
+    image, label, weight : Tensor
+        Augmented, same shapes, dtypes and device as the inputs.
+    """
+    if generator.device.type != image.device.type:
+        raise ValueError(f"generator is on {generator.device}, the batch on {image.device}: use one device")
+    params = random_parameters(tuple(image.shape), settings, generator)
+    return apply_parameters(image, label, weight, params, settings)
+
+
+def augment_on_device(batch, settings: dict, seed: int, step: int, device: torch.device, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """Move ``(image, label, weight)`` to the device and augment them there, with randomness fixed by
+    ``(seed, step, rank)`` so that a resumed run sees the same augmentation and the processes of a
+    distributed run draw different augmentations."""
+    batch = [tensor.to(device, non_blocking=True) for tensor in batch]
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * world_size + rank + 1)
+    return list(augment_batch(*batch, settings, generator))
+
+
+
+def save_samples_figure(
+    path: str | os.PathLike,
+    image: Tensor,
+    label: Tensor,
+    weight: Tensor,
+    count: int = 4,
+    title: str = "",
+) -> None:
+    """Save a PNG of samples to check by eye: one row per sample, columns image, label and weight map.
+
+    Used for the weight map of a whole training image and for augmented training tiles.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output PNG file.
+    image : Tensor
+        (B, C, H, W) float; one channel is shown in gray, three as RGB (each sample stretched to
+        [0, 1]), otherwise the first channel.
+    label : Tensor
+        (B, H, W) int class indices.
+    weight : Tensor
+        (B, H, W) float weight maps, on one colour scale for all rows.
+    count : int, optional
+        Number of samples shown, the first ones of the batch (fewer if the batch is smaller).
+    title : str, optional
+        Figure title.
+    """
+    # matplotlib is imported here so that importing this module stays fast; a bare Figure renders
+    # with Agg and is never registered with pyplot, so it needs no GUI backend and no closing.
+    from matplotlib.figure import Figure
+
+    rows = min(count, image.shape[0])
+    images = image[:rows].detach().float().cpu().numpy()
+    labels = label[:rows].detach().cpu().numpy()
+    weights = weight[:rows].detach().float().cpu().numpy()
+    weight_range = {"vmin": float(weights.min()), "vmax": float(weights.max())}
+
+    figure = Figure(figsize=(9, 3 * rows + 0.5), layout="constrained")
+    axes = figure.subplots(rows, 3, squeeze=False)
+    for row in range(rows):
+        if images.shape[1] == 3:
+            rgb = np.moveaxis(images[row], 0, -1)
+            rgb = (rgb - rgb.min()) / max(float(np.ptp(rgb)), 1e-12)
+            axes[row, 0].imshow(rgb, interpolation="nearest")
+        else:
+            axes[row, 0].imshow(images[row, 0], cmap="gray", interpolation="nearest")
+        axes[row, 1].imshow(labels[row], cmap="gray", interpolation="nearest")
+        weight_plot = axes[row, 2].imshow(weights[row], cmap="viridis", interpolation="nearest", **weight_range)
+        for column in range(3):
+            axes[row, column].set_axis_off()
+    for column, name in enumerate(("image", "label", "weight")):
+        axes[0, column].set_title(name)
+    figure.colorbar(weight_plot, ax=axes[:, 2], shrink=0.6)
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=100)

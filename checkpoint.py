@@ -1,0 +1,134 @@
+"""Checkpoints: written safely, read back as data, checked against the config, resumed, and turned back into a model.
+
+A checkpoint (``weights/<run>/last.pt`` or ``best.pt``) holds the model, optimizer, scheduler and loss
+scaler states, the resolved config, the progress (epoch, batch, step, best value, run name) and the
+random states, so that a run resumes exactly and ``test.py`` can rebuild the model from it alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from config import DEFAULT_CONFIG, UserError, architecture_differences, load_config, merge_overrides, resolve
+from console import first_line, note
+from device import resolve_device
+from model import UNet, build_model
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write with torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True``: a checkpoint is data, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as error:
+        raise UserError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
+    if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
+        raise UserError(f"{path}: not a checkpoint written by this project's training.py")
+    return state
+
+
+def check_architecture(state: dict, config: dict, path: Path) -> None:
+    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``config`` disagree."""
+    differences = architecture_differences(state["config"], config)
+    if differences:
+        raise UserError(f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, or start a new run")
+
+
+def load_checkpoint(path: Path, config: dict) -> dict:
+    """``read_checkpoint``, checked to hold the architecture that ``config`` describes."""
+    state = read_checkpoint(path)
+    check_architecture(state, config, path)
+    return state
+
+
+def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
+    """The checkpoint named by ``train.resume``: ``auto`` = the newest ``last.pt`` under ``save_path``."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidates = sorted(save_path.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            note(f"train.resume=auto: no checkpoint in {save_path}/*/last.pt yet, starting a new run")
+            return None
+        return candidates[-1]
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"train.resume: checkpoint {path} not found (use auto to pick the newest run in {save_path})")
+    return path
+
+
+def find_best_checkpoint(save_path: Path) -> Path:
+    """The newest ``best.pt`` under ``save_path/<run>/``."""
+    candidates = sorted(save_path.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no checkpoint found: looked for {save_path}/*/best.pt; train first (python training.py) or pass --checkpoint PATH")
+    return candidates[-1]
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, config: dict, progress: dict, device: torch.device) -> dict:
+    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``)."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "config": config,
+        "progress": dict(progress),
+        "rng": rng,
+    }
+
+
+def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, device: torch.device) -> dict:
+    """Load a checkpoint's model, optimizer, scheduler, loss scaler and random states; returns its progress."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["progress"]
+
+
+def load_model(checkpoint: Path | None, config_path: Path | None, overrides: list[str]) -> tuple[UNet, dict, dict, torch.device]:
+    """``(model in eval mode on its device, config, checkpoint contents, device)`` for a checkpoint
+    (default: the newest ``best.pt`` under ``train.save_path``) and the config stored in it, or the one
+    at ``config_path``, with ``section.key=value`` overrides; the architecture must match."""
+    if checkpoint is None:
+        checkpoint = find_best_checkpoint(Path(load_config(config_path or DEFAULT_CONFIG, overrides)["train"]["save_path"]))
+    state = read_checkpoint(checkpoint)
+    notices: list[str] = []
+    config = load_config(config_path, overrides, notices) if config_path else resolve(merge_overrides(state["config"], overrides), notices)
+    for message in notices:
+        note(message)
+    check_architecture(state, config, checkpoint)
+    device = resolve_device(config["train"]["device"])
+    model = build_model(config["unet"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    state["path"] = checkpoint
+    return model, config, state, device
+
+
+def decision_threshold(config: dict, state: dict) -> float:
+    """``predict.threshold``: a number as given, or for ``auto`` the one calibrated after training and
+    stored in the checkpoint (0.5 with a notice when there is none)."""
+    threshold = config["predict"]["threshold"]
+    if threshold != "auto":
+        return threshold
+    if "threshold" not in state:
+        note(f"predict.threshold=auto but {state['path']} holds no calibrated threshold (it is stored at the end of training): using 0.5")
+    return state.get("threshold", 0.5)

@@ -1,0 +1,89 @@
+"""Preprocessing shared by training and inference: normalisation, rescaling and mirror padding.
+
+Training tiles, validation images and images segmented by test.py all pass through these functions,
+so that the network sees every image on the same scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import output_size, valid_input_sizes
+
+
+def normalize_image(image: np.ndarray, channels: int) -> np.ndarray:
+    """The one preprocessing step shared by training and inference.
+
+    Parameters
+    ----------
+    image : (H, W), (H, W, C) or (C, H, W) array of any numeric dtype (uint8 0..255, float ...).
+        A trailing axis of size 1, 3 or 4 is read as channels-last.
+    channels : 1 (grayscale) or 3 (RGB): what the network expects. RGB is averaged to gray and gray is
+        repeated to RGB; an alpha channel is dropped.
+
+    Returns
+    -------
+    (channels, H, W) float32 array with zero mean and unit standard deviation per image, so that
+    images of different brightness and bit depth reach the network on one scale.
+    """
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):
+        array = np.moveaxis(array, -1, 0)
+    elif array.ndim != 3:
+        raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {array.shape}")
+    if array.shape[0] == 4:
+        array = array[:3]
+    if array.shape[0] != channels:
+        array = array.mean(axis=0, keepdims=True) if channels == 1 else np.repeat(array.mean(axis=0, keepdims=True), channels, axis=0)
+    std = array.std()
+    return ((array - array.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` times ``scale``, rounded, at least 1 px."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(C, H, W) float image resized to ``size`` bilinearly, anti-aliased when shrinking: how training
+    and prediction both rescale images for ``train.image_scale``."""
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) integer mask (classes or instance ids) resized to ``size`` by nearest neighbour."""
+    resized = F.interpolate(torch.from_numpy(mask.astype(np.float64))[None, None], size=size, mode="nearest-exact")
+    return resized[0, 0].numpy().astype(mask.dtype)
+
+
+def mirror_pad(array: np.ndarray, before: int, after_height: int, after_width: int) -> np.ndarray:
+    """Mirror the last two axes outwards: ``before`` pixels on top and left, the given amounts after.
+
+    The overlap-tile strategy of the paper: context missing at the image border is filled by mirroring.
+    NumPy's ``reflect`` mode keeps mirroring for pads larger than the image.
+    """
+    pad = [(0, 0)] * (array.ndim - 2) + [(before, after_height), (before, after_width)]
+    return np.pad(array, pad, mode="reflect") if any(p for pair in pad for p in pair) else array
+
+
+def network_margin(depth: int, padding: int) -> int:
+    """Pixels the network's output loses on each side of its input: 0 with padding 1, 92 for the paper's network."""
+    smallest = valid_input_sizes(1, depth, padding)[1]
+    return (smallest - output_size(smallest, depth, padding)) // 2
+
+
+def pad_for_model(image: np.ndarray, depth: int, padding: int) -> np.ndarray:
+    """Mirror-pad a whole ``(C, H, W)`` image to a valid network input whose output covers it.
+
+    The output's pixel (i, j) then lies over the image's pixel (i, j): crop the output to
+    ``[..., :H, :W]``. With padding 0 the image gets the network's context margin on every side.
+    """
+    height, width = image.shape[-2:]
+    margin = network_margin(depth, padding)
+    sizes = [valid_input_sizes(side + 2 * margin, depth, padding)[1] for side in (height, width)]
+    return mirror_pad(image, margin, sizes[0] - height - margin, sizes[1] - width - margin)
