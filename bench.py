@@ -3,8 +3,10 @@
     python bench.py [--device cpu|cuda] [--size 572] [--batch 8] [--widths 64,128,256,512]
                     [--precision fp32|bf16|fp16] [--channels-last] [--compile] [--steps 3]
                     [--models ours,bare,monai] [--infer-size 2048] [--workers 0 2] [--data ISBI_FOLDER]
+    python bench.py --data-scale 30,240,960      # data at scale: in memory (as before the cache) vs the cache
+    python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
 
-Prints numbers and asserts nothing. Three tables:
+Prints numbers and asserts nothing. Three tables by default:
 
 1. Training, on the same random batch for every model: ms per step, images/s, peak memory, forward
    GFLOP per image, achieved TFLOP/s and, on CUDA, the model FLOP utilisation (MFU). ``ours`` is
@@ -22,6 +24,12 @@ precision (``--peak-tflops`` to give it; fp32 counts TF32 tensor cores, which Py
 convolutions by default). Each model runs in a process of its own, so that the peak memory (CUDA:
 ``max_memory_allocated``; CPU: growth of the resident set while building and training the model)
 is its own.
+
+``--data-scale`` writes folders of N images of 512x512 px and prints, for the in-memory data path of
+before the preprocessing cache (kept here to compare with) and for the cache (cold, then warm): the
+start-up time per image, peak RSS, RAM and disk bytes per pixel, and the loader's time per batch
+against the shipped model's training step. ``--predict-stack`` writes a multi-page TIFF and prints
+the peak RSS of ``test.py --input`` on it.
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
+import os
 import resource
+import shutil
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -250,6 +262,158 @@ def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     print("(loader workers run beside the step; the augmentation runs in the training process)")
 
 
+
+def data_scale_table(counts: list[int]) -> None:
+    """``--data-scale``: start-up, memory and loader speed for folders of N images of 512x512 px, read
+    in memory as before the cache and through the cache (cold, then warm), with the shipped config's
+    tiles and batch; the loader's time per batch against the shipped model's training step."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="unet-bench-data-"))
+    try:
+        write_scale_folders(root, counts)
+        step = in_child(time_shipped_step)
+        print(f"\ndata at scale: folders of 512x512 px images, config.yaml's tiles and batch; one epoch through the loader; the shipped model's step takes {step['seconds'] * 1000:.0f} ms")
+        print(f"{'images':>7} {'path':>16} {'start s/image':>14} {'peak RSS GB':>12} {'RAM B/px':>9} {'disk B/px':>10} {'ms/batch':>9} {'x faster than step':>19}")
+        for count in counts:
+            for kind, cache_dir in (("memory", None), ("cache, cold", root / f"cache{count}"), ("cache, warm", root / f"cache{count}")):
+                result = in_child(measure_data_path, kind, root / f"n{count}", cache_dir)
+                disk = sum(path.stat().st_size for path in cache_dir.rglob("*.npy")) / result["pixels"] if cache_dir else 0
+                print(
+                    f"{count:>7} {kind:>16} {result['startup'] / count:>14.4f} {result['peak_rss'] / 1e9:>12.2f} {(result['peak_rss'] - result['baseline_rss']) / result['pixels']:>9.1f} "
+                    f"{disk:>10.1f} {result['per_batch'] * 1000:>9.1f} {step['seconds'] / result['per_batch']:>19.1f}"
+                )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def write_scale_folders(root: Path, counts: list[int]) -> None:
+    """``root/n<N>/{images,masks}`` for each N: 30 synthetic EM images of 512 px as 8-bit PNGs and
+    0/255 masks, repeated under new names; each folder holds its own hard links, so its files (and
+    cache entries) are its own."""
+    import skimage.io
+
+    from synthetic import synthetic_em_set
+
+    originals = root / "originals"
+    for folder in ("images", "masks"):
+        (originals / folder).mkdir(parents=True)
+    for index, (image, label, _) in enumerate(synthetic_em_set(30, 512, seed=0)):
+        skimage.io.imsave(originals / "images" / f"{index}.png", (image * 255).astype(np.uint8), check_contrast=False)
+        skimage.io.imsave(originals / "masks" / f"{index}.png", (label * 255).astype(np.uint8), check_contrast=False)
+    for count in counts:
+        for folder in ("images", "masks"):
+            (root / f"n{count}" / folder).mkdir(parents=True)
+            for index in range(count):
+                os.link(originals / folder / f"{index % 30}.png", root / f"n{count}" / folder / f"{index:05d}.png")
+
+
+def scale_config(data: Path, cache_dir: Path | None):
+    from config import DEFAULT_CONFIG, load_config
+
+    return load_config(DEFAULT_CONFIG, ["train.dataset_name=folder", f"train.data={data}", f"train.cache_dir={cache_dir}", "train.device=cpu"])
+
+
+def time_shipped_step(queue) -> None:
+    """Child process: ms per training step of config.yaml's model on a batch of its tiles, on the CPU."""
+    from config import DEFAULT_CONFIG, load_config
+    from model import build_model
+    from step import build_optimizer, train_step
+
+    config = load_config(DEFAULT_CONFIG, ["train.device=cpu"])
+    train, size = config["train"], config["train"]["tile_size"]
+    torch.manual_seed(0)
+    model = build_model(config["unet"])
+    optimizer = build_optimizer(model, train, torch.device("cpu"))
+    batch = (torch.randn(train["batch_size"], 1, size, size), torch.randint(0, 2, (train["batch_size"], size, size)), torch.ones(train["batch_size"], size, size))
+    train_step(model, optimizer, batch, train["loss"], train["grad_clip"], torch.device("cpu"))
+    start = time.perf_counter()
+    for _ in range(3):
+        train_step(model, optimizer, batch, train["loss"], train["grad_clip"], torch.device("cpu"))
+    queue.put({"seconds": (time.perf_counter() - start) / 3})
+
+
+def measure_data_path(kind: str, data: Path, cache_dir: Path | None, queue) -> None:
+    """Child process: build the training tiles of a folder (``memory``: every image preprocessed and
+    kept in RAM, as before the cache; else through the cache) and read one epoch through the loader."""
+    from dataset import EpochSampler, build_datasets
+
+    config = scale_config(data, cache_dir or data / "unused")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    tiles = in_memory_tiles(config) if kind == "memory" else build_datasets(config, lambda message: None)["train"]
+    startup = time.perf_counter() - start
+    loader = DataLoader(tiles, config["train"]["batch_size"], sampler=EpochSampler(len(tiles), seed=0), drop_last=True)
+    start, batches = time.perf_counter(), 0
+    for _ in loader:
+        batches += 1
+    pixels = sum(1 for _ in (data / "images").iterdir()) * 512 * 512
+    queue.put({"startup": startup, "per_batch": (time.perf_counter() - start) / batches, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline_rss": baseline, "pixels": pixels})
+
+
+def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
+    """The data path before the preprocessing cache, kept here to compare with: every image read,
+    normalised (float32) and weighted (float32 weight map) at start, its tiles cut from mirror-padded
+    copies in RAM."""
+    from dataset import list_samples
+    from model import output_size
+    from preprocess import mirror_pad, normalize_image
+    from weight_maps import class_balance_weights, weight_map
+
+    unet, train = config["unet"], config["train"]
+    samples = [sample.read(unet["num_classes"]) for sample in list_samples(config)[0]]
+    class_weights = class_balance_weights([sample.label for sample in samples], unet["num_classes"])
+    tile, out = train["tile_size"], output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
+    margin = (tile - out) // 2
+    arrays = [
+        [mirror_pad(array, margin, margin, margin) for array in (normalize_image(s.image, unet["image_channels"]), s.label.astype(np.int64), weight_map(s.label, s.instances, train["w_0"], train["sigma"], class_weights))]
+        for s in samples
+    ]
+
+    class InMemoryTiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(arrays) * train["samples_per_image"]
+
+        def __getitem__(self, key):
+            epoch, index = divmod(key, len(self))
+            rng = np.random.default_rng([train["seed"], epoch, index])
+            image, label, weight = arrays[index // train["samples_per_image"]]
+            top, left = (int(rng.integers(0, side - 2 * margin - out + 1)) for side in label.shape)
+            window = (slice(top, top + tile), slice(left, left + tile))
+            return torch.from_numpy(np.ascontiguousarray(image[(slice(None), *window)])), torch.from_numpy(label[window].copy()), torch.from_numpy(weight[window].copy())
+
+    return InMemoryTiles()
+
+
+def predict_stack_table(gigabytes: float) -> None:
+    """``--predict-stack``: peak memory of ``test.py --input`` on a multi-page TIFF of this many GB
+    (8-bit pages of 2048x2048 px, as an EM stack) with a small U-Net (widths 4-8, so that it runs in minutes on a CPU)."""
+    import subprocess
+    import tempfile
+
+    import tifffile
+
+    from checkpoint import save_checkpoint
+    from config import load_config
+    from model import build_model
+
+    root = Path(tempfile.mkdtemp(prefix="unet-bench-stack-"))
+    try:
+        config = load_config(None, ["unet.input_channels=[4, 8]", "train.device=cpu"])
+        save_checkpoint(root / "small.pt", {"model": build_model(config["unet"]).state_dict(), "config": config, "progress": {"epoch": 0}})
+        pages = max(1, round(gigabytes * 2**30 / 2048**2))
+        rng = np.random.default_rng(0)
+        with tifffile.TiffWriter(root / "stack.tif") as writer:
+            for _ in range(pages):
+                writer.write(rng.integers(0, 255, (2048, 2048), dtype=np.uint8), photometric="minisblack", contiguous=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint", str(root / "small.pt"), "--input", str(root / "stack.tif"), "--output", str(root / "out"), "--probabilities"], check=True, stdout=subprocess.DEVNULL)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        print(f"\ntest.py --input on a {(root / 'stack.tif').stat().st_size / 2**30:.2f} GiB TIFF of {pages} pages of 2048x2048 px (masks and probabilities): "
+              f"peak RSS {peak / 2**30:.2f} GiB, {time.perf_counter() - start:.0f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -269,8 +433,16 @@ def main() -> None:
     parser.add_argument("--infer-repeats", type=int, default=1)
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="loader worker counts to time (none: skip the data path)")
     parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
+    parser.add_argument("--data-scale", help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)")
+    parser.add_argument("--predict-stack", type=float, metavar="GB", help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2")
     args = parser.parse_args()
     args.widths = [int(width) for width in args.widths.split(",")]
+    if args.data_scale:
+        data_scale_table([int(count) for count in args.data_scale.split(",")])
+    if args.predict_stack:
+        predict_stack_table(args.predict_stack)
+    if args.data_scale or args.predict_stack:
+        return
 
     from device import resolve_device
 

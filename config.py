@@ -71,6 +71,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "train": {
         "dataset_name": Option("synthetic", "str", "synthetic (generated EM-like cells), isbi2012 (alias em, cells), pennfudan (alias pedestrian), folder", choices=DATASETS, aliases=DATASET_ALIASES),
         "data": Option("data", "str", "path to the data set (not used by synthetic)"),
+        "cache_dir": Option("cache", "str", "each image is preprocessed once (normalised, resized, weight map) into this folder and read from there; safe to delete"),
         "synthetic_images": Option(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2),
         "synthetic_size": Option(256, "int", "side of each synthetic image in pixels", minimum=32),
         "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, chosen from train.seed", above=0.0, maximum=0.9),

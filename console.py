@@ -31,10 +31,12 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def report_error(error: UserError) -> int:
-    """Print a UserError on stderr, one ``config error:`` or ``error:`` line per line of its message
-    (process 0 alone); returns the exit code: 2 for a config error, 1 otherwise."""
+def report_error(error: UserError | OSError) -> int:
+    """Print a UserError on stderr, one ``config error:`` or ``error:`` line per line of its message,
+    or an OSError (a full disk, a file that cannot be written) as one line with its file (process 0
+    alone); returns the exit code: 2 for a config error, 1 otherwise."""
     prefix = "config error" if isinstance(error, ConfigError) else "error"
-    for line in str(error).splitlines() if is_main_process() else ():
+    lines = str(error).splitlines() if isinstance(error, UserError) else [first_line(error)]
+    for line in lines if is_main_process() else ():
         print(f"{prefix}: {line}", file=sys.stderr)
     return 2 if isinstance(error, ConfigError) else 1

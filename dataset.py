@@ -1,12 +1,11 @@
 """Data sets for training: the configured images, split, as random overlap-tiles and as whole images.
 
-The images of ``train.dataset_name`` are split into training, validation and test images; training
-images become random tiles with their labels and weight maps, validation and test images stay whole.
+The images of ``train.dataset_name`` are listed without reading them and split into training,
+validation and test images; each is preprocessed once into the cache (``cache.py``) and read from
+there lazily: training tiles one at a time, validation and test images one whole image at a time,
+so memory does not grow with the number of images.
 
     python dataset.py download {pennfudan,isbi2012} [--to data/]   # get the public data sets
-
-Everything is computed once per image (normalisation, weight maps); training tiles are then cut from
-the prepared arrays.
 """
 
 from __future__ import annotations
@@ -18,16 +17,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cache import PreparedImage, prepare_images, preprocessing_settings
 from config import UserError
 from model import output_size
-from preprocess import mirror_pad, normalize_image, resize_image, resize_mask, scaled_size
-from readers import Sample, read_folder_pairs, read_isbi2012, read_pennfudan
-from synthetic import synthetic_em_set
-from weight_maps import class_balance_weights, weight_map
+from preprocess import mirrored_indices, take_window
+from readers import read_folder_pairs, read_isbi2012, read_pennfudan
+from synthetic import SyntheticSample
+from weight_maps import add_class_weights, balanced_class_weights
 
 
 class TileDataset(Dataset):
-    """Random training tiles with their labels and weight maps (overlap-tile, paper Fig. 2).
+    """Random training tiles with their labels and weight maps (overlap-tile, paper Fig. 2), cut from
+    the cached images.
 
     Item ``i`` is a tile of image ``i // samples_per_image`` at a random position. The sampler passes
     ``epoch * len(dataset) + i`` as the key, and each item's randomness comes from ``(seed, epoch, i)``
@@ -35,9 +36,8 @@ class TileDataset(Dataset):
 
     Parameters
     ----------
-    images : list of (C, H, W) float32 arrays (see ``normalize_image``).
-    labels : list of (H, W) int arrays of class indices.
-    weights : list of (H, W) float32 weight maps.
+    images : the training images' cache entries (``cache.PreparedImage``).
+    class_weights : (K,) weights ``w_c`` added to each entry's border term, or None for all ones.
     tile_size : network input side in px; ``output_size`` : network output side in px for that input.
         For padding 0 the input tile reaches ``margin = (tile_size - output_size) / 2`` px beyond the
         labelled output tile on every side, mirrored where it leaves the image.
@@ -45,20 +45,14 @@ class TileDataset(Dataset):
 
     Each item is ``(image (C, T, T) float32, label (T, T) int64, weight (T, T) float32)``, T =
     ``tile_size``: labels and weights cover the whole input tile (mirrored like the image), so that
-    augmentation can move them with the image; the loss crops them to the output's centre.
+    augmentation can move them with the image; the loss crops them to the output's centre. Only the
+    tile's pixels are read from disk.
     """
 
-    def __init__(self, images, labels, weights, tile_size: int, output_size: int, samples_per_image: int, seed: int):
+    def __init__(self, images: Sequence[PreparedImage], class_weights: np.ndarray | None, tile_size: int, output_size: int, samples_per_image: int, seed: int):
+        self.images, self.class_weights = list(images), class_weights
         self.margin = (tile_size - output_size) // 2
         self.tile_size, self.output_size, self.samples_per_image, self.seed = tile_size, output_size, samples_per_image, seed
-        self.images, self.labels, self.weights = [], [], []
-        for image, label, weight in zip(images, labels, weights):
-            # images smaller than the output tile are mirrored up to its size
-            after_h = self.margin + max(0, output_size - image.shape[-2])
-            after_w = self.margin + max(0, output_size - image.shape[-1])
-            self.images.append(mirror_pad(image, self.margin, after_h, after_w))
-            self.labels.append(mirror_pad(label.astype(np.int64), self.margin, after_h, after_w))
-            self.weights.append(mirror_pad(weight.astype(np.float32), self.margin, after_h, after_w))
 
     def __len__(self) -> int:
         return len(self.images) * self.samples_per_image
@@ -66,34 +60,43 @@ class TileDataset(Dataset):
     def __getitem__(self, key: int):
         epoch, index = divmod(key, len(self))
         rng = np.random.default_rng([self.seed, epoch, index])
-        image_index = index // self.samples_per_image
-        label = self.labels[image_index]
-        # the output tile's top-left corner, in image coordinates, is where the input tile starts
-        # in the padded arrays
-        top = int(rng.integers(0, label.shape[0] - 2 * self.margin - self.output_size + 1))
-        left = int(rng.integers(0, label.shape[1] - 2 * self.margin - self.output_size + 1))
-        window = (slice(top, top + self.tile_size), slice(left, left + self.tile_size))
-        image = self.images[image_index][(slice(None), *window)]
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(label[window].copy()), torch.from_numpy(self.weights[image_index][window].copy())
+        prepared = self.images[index // self.samples_per_image]
+        height, width = prepared.shape
+        # the output tile lies inside the image (images smaller than it are mirrored up to its size);
+        # the input tile reaches margin px further, mirrored where it leaves the image
+        top = int(rng.integers(0, max(height, self.output_size) - self.output_size + 1))
+        left = int(rng.integers(0, max(width, self.output_size) - self.output_size + 1))
+        rows = mirrored_indices(top - self.margin, self.tile_size, height)
+        cols = mirrored_indices(left - self.margin, self.tile_size, width)
+        image, label, border = prepared.arrays()
+        label_tile = take_window(label, rows, cols)
+        border_tile = None if border is None else take_window(border, rows, cols)
+        return (
+            torch.from_numpy(take_window(image, rows, cols).astype(np.float32)),
+            torch.from_numpy(label_tile.astype(np.int64)),
+            torch.from_numpy(add_class_weights(label_tile, border_tile, self.class_weights)),
+        )
 
 
 class WholeImageDataset(Dataset):
-    """Whole images for validation: ``(image (C, H, W) float32, label (H, W) int64, weight (H, W) float32)``.
+    """Whole images for validation and test, read from the cache one at a time:
+    ``(image (C, H, W) float32, label (H, W) int64, weight (H, W) float32)``.
 
     Images of any size; ``infer.predict_probabilities`` mirrors and tiles them as the network needs.
     """
 
-    def __init__(self, images, labels, weights, names: Sequence[str] | None = None):
-        self.names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        self.images = [torch.from_numpy(image) for image in images]
-        self.labels = [torch.from_numpy(label.astype(np.int64)) for label in labels]
-        self.weights = [torch.from_numpy(weight.astype(np.float32)) for weight in weights]
+    def __init__(self, images: Sequence[PreparedImage], class_weights: np.ndarray | None):
+        self.images, self.class_weights = list(images), class_weights
+        self.names = [prepared.name for prepared in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
-        return self.images[index], self.labels[index], self.weights[index]
+        image, label, border = self.images[index].arrays()
+        label = np.array(label)
+        weight = add_class_weights(label, None if border is None else np.array(border), self.class_weights)
+        return torch.from_numpy(np.array(image, dtype=np.float32)), torch.from_numpy(label.astype(np.int64)), torch.from_numpy(weight)
 
 
 class EpochSampler(Sampler):
@@ -132,17 +135,17 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[val_count:]), sorted(order[:val_count])
 
 
-def load_samples(config: dict) -> tuple[list[Sample], list[Sample] | None]:
-    """``(training samples, validation samples or None)`` of the configured data set.
+def list_samples(config: dict) -> tuple[list, list | None]:
+    """``(training samples, validation samples or None)`` of the configured data set, not yet read
+    (``readers.FileSample``, ``synthetic.SyntheticSample``).
 
     Validation samples come from the data set's own split (Penn-Fudan's ``valid_*`` folders) or from
     ``train.val_data``; None means: split ``train.val_fraction`` off the training samples.
     """
-    train, num_classes = config["train"], config["unet"]["num_classes"]
+    train = config["train"]
     name, root = train["dataset_name"], Path(train["data"])
     if name == "synthetic":
-        generated = synthetic_em_set(train["synthetic_images"], train["synthetic_size"], train["seed"])
-        samples, val_samples = [Sample(image, label, instances, f"synthetic {i}") for i, (image, label, instances) in enumerate(generated)], None
+        samples, val_samples = [SyntheticSample(f"synthetic {i}", train["seed"], i, train["synthetic_size"]) for i in range(train["synthetic_images"])], None
     else:
         if not root.exists():
             raise UserError(f"train.data: {root} not found; point it at the {name} data (python dataset.py download {name} --to data/ helps get it)")
@@ -151,40 +154,29 @@ def load_samples(config: dict) -> tuple[list[Sample], list[Sample] | None]:
         elif name == "pennfudan":
             samples, val_samples = read_pennfudan(root)
         else:
-            samples, val_samples = read_folder_pairs(root / "images", root / "masks", num_classes), None
+            samples, val_samples = read_folder_pairs(root / "images", root / "masks"), None
     if train["val_data"]:
         val_root = Path(train["val_data"])
-        val_samples = read_isbi2012(val_root) if name == "isbi2012" else read_folder_pairs(val_root / "images", val_root / "masks", num_classes)
+        val_samples = read_isbi2012(val_root) if name == "isbi2012" else read_folder_pairs(val_root / "images", val_root / "masks")
     return samples, val_samples
 
 
-def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
-    """Everything training needs from the data, computed once: tiles, whole validation images, weights.
-
-    Returns a dict with ``train`` (TileDataset), ``val`` and ``test`` (WholeImageDataset; ``test`` is
-    None without ``train.test_images``), ``class_weights``
-    ((K,) float32 array or None) and ``example``: the normalised image (C, H, W), label and weight map
-    of the first training image, for the weight-map figure.
-    """
-    unet, train = config["unet"], config["train"]
-    depth, num_classes = len(unet["input_channels"]), unet["num_classes"]
-    try:
-        out_size = output_size(train["tile_size"], depth, unet["padding"])
-    except ValueError as error:
-        raise UserError(f"train.tile_size: {error}") from None
-    samples, val_samples = load_samples(config)
+def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the training, validation and test images among ``count`` samples: test images from
+    ``train.test_images``, validation from ``train.val_images`` or a seeded ``train.val_fraction`` of the
+    rest (none where the data set brings its own validation images)."""
     test_index = sorted(set(train["test_images"] or []))
-    outside = [i for i in test_index if not 0 <= i < len(samples)]
+    outside = [i for i in test_index if not 0 <= i < count]
     if outside:
-        raise UserError(f"train.test_images: {outside} not among the {len(samples)} images (0..{len(samples) - 1})")
-    pool = [i for i in range(len(samples)) if i not in test_index]
-    if val_samples is not None:
-        train_index = pool
+        raise UserError(f"train.test_images: {outside} not among the {count} images (0..{count - 1})")
+    pool = [i for i in range(count) if i not in test_index]
+    if own_validation:
+        train_index, val_index = pool, []
     elif train["val_images"]:
         val_index = sorted(set(train["val_images"]))
-        outside = [i for i in val_index if not 0 <= i < len(samples)]
+        outside = [i for i in val_index if not 0 <= i < count]
         if outside:
-            raise UserError(f"train.val_images: {outside} not among the {len(samples)} images (0..{len(samples) - 1})")
+            raise UserError(f"train.val_images: {outside} not among the {count} images (0..{count - 1})")
         if set(val_index) & set(test_index):
             raise UserError(f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test")
         train_index = [i for i in pool if i not in val_index]
@@ -193,42 +185,60 @@ def build_datasets(config: dict, note: Callable[[str], None] = print) -> dict:
         train_index, val_index = [pool[i] for i in train_part], [pool[i] for i in val_part]
     if not train_index:
         raise UserError("train.val_images and train.test_images hold every image: leave some for training")
-    test_samples = [samples[i] for i in test_index]
-    if val_samples is None:
-        val_samples = [samples[i] for i in val_index]
-    samples = [samples[i] for i in train_index]
-    channels = sorted({1 if s.image.ndim == 2 else s.image.shape[-1] for s in samples + val_samples})
-    if channels != [unet["image_channels"]]:
-        note(f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them")
-    if train["class_weights"] == "balanced":
-        class_weights = class_balance_weights([s.label for s in samples], num_classes)
-    elif train["class_weights"] == "none":
-        class_weights = None
-    else:
-        class_weights = np.asarray(train["class_weights"], dtype=np.float32)
+    return train_index, val_index, test_index
 
-    def prepare(part: list[Sample], scale: float = 1.0) -> tuple[list, list, list]:
-        """Normalised images, labels and weight maps, resized by ``scale`` (``resize_image`` for the
-        images, nearest neighbour for labels and instances) before the weight maps are computed."""
-        images, labels, weights = [], [], []
-        for sample in part:
-            image, label, instances = normalize_image(sample.image, unet["image_channels"]), sample.label, sample.instances
-            if scale != 1:
-                size = scaled_size(*label.shape, scale)
-                image = resize_image(torch.from_numpy(image), size).numpy()
-                label, instances = resize_mask(label, size), resize_mask(instances, size)
-            images.append(image)
-            labels.append(label)
-            weights.append(weight_map(label, instances, train["w_0"], train["sigma"], class_weights))
-        return images, labels, weights
 
+def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> dict:
+    """Everything training needs from the data: tiles, whole validation and test images, class weights.
+
+    Each image is preprocessed into the cache once (``cache.prepare_images``; under torchrun the
+    processes ``rank`` of ``world_size`` share the work) and read lazily from there. Returns a dict with
+    ``train`` (TileDataset), ``val`` and ``test`` (WholeImageDataset; ``test`` is None without
+    ``train.test_images``), ``class_weights`` ((K,) float32 array or None) and ``example``: the
+    normalised image (C, H, W), label and weight map of the first training image, for the weight-map
+    figure.
+    """
+    unet, train = config["unet"], config["train"]
+    try:
+        out_size = output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
+    except ValueError as error:
+        raise UserError(f"train.tile_size: {error}") from None
+    samples, val_samples = list_samples(config)
+    train_index, val_index, test_index = split_samples(train, len(samples), own_validation=val_samples is not None)
+    val_samples = val_samples if val_samples is not None else [samples[i] for i in val_index]
+    parts = [[samples[i] for i in train_index], val_samples, [samples[i] for i in test_index]]
     # training tiles come from rescaled images; validation and test images keep their size, and the
     # predictor rescales them on the way in and the probabilities on the way out
-    images, labels, weights = prepare(samples, train["image_scale"])
-    train_set = TileDataset(images, labels, weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
-    val_set = WholeImageDataset(*prepare(val_samples), names=[s.name for s in val_samples])
-    test_set = WholeImageDataset(*prepare(test_samples), names=[s.name for s in test_samples]) if test_samples else None
-    return {"train": train_set, "val": val_set, "test": test_set, "class_weights": class_weights, "example": (images[0], labels[0], weights[0])}
+    scales = [train["image_scale"]] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
+    prepared = prepare_images([sample for part in parts for sample in part], scales, preprocessing_settings(config), train["cache_dir"], note, rank, world_size)
+    train_images, val_images = prepared[: len(parts[0])], prepared[len(parts[0]) : len(parts[0]) + len(parts[1])]
+    test_images = prepared[len(parts[0]) + len(parts[1]) :]
+    channels = sorted({image.source_channels for image in train_images + val_images})
+    if channels != [unet["image_channels"]]:
+        note(f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them")
+    class_weights = configured_class_weights(train["class_weights"], train_images, unet["num_classes"])
+    train_set = TileDataset(train_images, class_weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
+    example_image, example_label, example_weight = WholeImageDataset(train_images[:1], class_weights)[0]
+    return {
+        "train": train_set,
+        "val": WholeImageDataset(val_images, class_weights),
+        "test": WholeImageDataset(test_images, class_weights) if test_images else None,
+        "class_weights": class_weights,
+        "example": (example_image.numpy(), example_label.numpy(), example_weight.numpy()),
+    }
+
+
+def configured_class_weights(setting, train_images: Sequence[PreparedImage], num_classes: int) -> np.ndarray | None:
+    """``train.class_weights``: ``balanced`` (from the pixel counts of the training images), ``none``
+    (None) or the given list, as (K,) float32."""
+    if setting == "balanced":
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for image in train_images:
+            counts += np.asarray(image.class_counts, dtype=np.int64)
+        return balanced_class_weights(counts)
+    if setting == "none":
+        return None
+    return np.asarray(setting, dtype=np.float32)
 
 
 if __name__ == "__main__":

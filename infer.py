@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from preprocess import network_margin, pad_for_model, resize_image, scaled_size
+from preprocess import mirrored_indices, network_margin, resize_image, scaled_size, take_window
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 
@@ -118,10 +118,11 @@ def predict_probabilities(
     period = 2**depth
     margin = network_margin(depth, padding)
     height, width = image.shape[-2:]
-    # The whole mirrored input: pixel (i, j) of the network's output over it lies over image pixel
-    # (i, j), for any tile of it that starts at a multiple of the period.
-    padded = torch.from_numpy(pad_for_model(image.detach().float().cpu().numpy(), depth, padding))
-    frame = (padded.shape[-2] - 2 * margin, padded.shape[-1] - 2 * margin)
+    # The output frame over the mirrored input of ``pad_for_model``: pixel (i, j) of the network's
+    # output lies over image pixel (i, j), for any tile that starts at a multiple of the period. Tiles
+    # are cut from the image with mirrored indices, so the mirrored copy is never made.
+    source = image.detach().float().cpu().numpy()
+    frame = tuple(valid_input_sizes(side + 2 * margin, depth, padding)[1] - 2 * margin for side in (height, width))
 
     # The largest tile's output must reach at least one period so that tiles can move.
     requested = DEFAULT_TILE_SIZE[padding] if tile_size is None else tile_size
@@ -131,25 +132,33 @@ def predict_probabilities(
         _axis_tiles(side, largest, smallest, period, 1.0 if padding == 0 else 1 - overlap) for side in frame
     )
     positions = [(top, left) for top in tops for left in lefts]
-    if padding == 0:
-        weight = torch.ones(tile_height, tile_width)
-    else:
-        weight = gaussian_importance_map(tile_height, tile_width)
+    weight = gaussian_importance_map(tile_height, tile_width) if padding else None
 
     device = next(model.parameters()).device
     total = torch.zeros(model.num_classes, *frame)
-    weight_sum = torch.zeros(frame)
+    # padding 0: output tiles meet or overlap with equal values, so each is written, not blended
+    weight_sum = torch.zeros(frame) if padding else None
     with evaluating(model), torch.inference_mode():
         for first in range(0, len(positions), batch_size):
             batch = positions[first : first + batch_size]
-            tiles = torch.stack(
-                [padded[:, top : top + tile_height + 2 * margin, left : left + tile_width + 2 * margin] for top, left in batch]
-            )
+            tiles = torch.stack([
+                torch.from_numpy(take_window(
+                    source,
+                    mirrored_indices(top - margin, tile_height + 2 * margin, height),
+                    mirrored_indices(left - margin, tile_width + 2 * margin, width),
+                ))
+                for top, left in batch
+            ])
             probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
             for (top, left), tile_probabilities in zip(batch, probabilities):
-                total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
-                weight_sum[top : top + tile_height, left : left + tile_width] += weight
-    return total[:, :height, :width] / weight_sum[:height, :width]
+                if weight_sum is None:
+                    total[:, top : top + tile_height, left : left + tile_width] = tile_probabilities
+                else:
+                    total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
+                    weight_sum[top : top + tile_height, left : left + tile_width] += weight
+    if weight_sum is not None:
+        total /= weight_sum  # in place: the result is the size of the image, not a second copy of it
+    return total[:, :height, :width]
 
 
 def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:

@@ -7,6 +7,9 @@ pass through the preprocessing of training (``preprocess.normalize_image``) and 
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ import torch
 from config import UserError
 from console import note
 from infer import predict_with_config, predicted_classes
-from preprocess import normalize_image
-from readers import IMAGE_SUFFIXES, image_files, read_image
+from preprocess import image_statistics, network_margin, normalize_image, row_axis
+from readers import IMAGE_SUFFIXES, image_files, read_image, tiff_pages
+
+BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
 
 OVERLAY_COLOURS = np.array([(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32)
 
@@ -34,27 +39,41 @@ def input_images(path: Path) -> list[Path]:
     return [path]
 
 
-def image_slices(path: Path, channels: int) -> tuple[list[np.ndarray], bool]:
-    """``(images, is_stack)``: the pages of a multi-page TIFF, or the one image of any other file."""
-    pixels = read_image(path)
-    stack = False
+def image_pages(path: Path, channels: int) -> tuple[list[tuple[int, ...]], Iterator[np.ndarray]]:
+    """``(shapes, pages)``: the shape of each image in ``path`` and an iterator that reads them one at
+    a time, as stored: the pages of a multi-page TIFF, or the one image of any other file. A UserError
+    names a file whose images have a channel count the model cannot take."""
+    image = None
     if path.suffix.lower() in (".tif", ".tiff"):
-        with tifffile.TiffFile(path) as tiff:
-            stack = len(tiff.pages) > 1  # a page per slice; (3, H, W) alone could be one RGB image
-    images = list(pixels) if stack else [pixels]
-    for image in images:
-        found = 1 if image.ndim == 2 else min(image.shape[0], image.shape[-1])  # channels first or last
-        if found not in (1, 3, 4):
-            raise UserError(f"{path}: an image of {found} channels; the model takes {channels} (unet.image_channels)")
-        if found != channels and not (found == 4 and channels == 3):
-            note(f"{path.name} has {found} channel(s), the model takes {channels}: converting it as training does")
-    return images, stack
+        shapes = tiff_pages(path)  # from the tags: no pixels read yet
+    else:
+        image = read_image(path)
+        shapes = [image.shape]
+    shape = shapes[0]
+    found = 1 if len(shape) == 2 else min(shape[0], shape[-1])  # channels first or last
+    if found not in (1, 3, 4):
+        raise UserError(f"{path}: an image of {found} channels; the model takes {channels} (unet.image_channels)")
+    if found != channels and not (found == 4 and channels == 3):
+        note(f"{path.name} has {found} channel(s), the model takes {channels}: converting it as training does")
+
+    def pages() -> Iterator[np.ndarray]:
+        if len(shapes) == 1:  # (3, H, W) in one page is one RGB image, not a stack
+            yield read_image(path) if image is None else image
+            return
+        with tifffile.TiffFile(path) as tiff:  # open once: finding page k walks the pages before it
+            for page in tiff.pages:
+                yield page.asarray()
+
+    return shapes, pages()
 
 
 def mask_image(classes: np.ndarray, num_classes: int = 2) -> np.ndarray:
     """(H, W) uint8 mask of (H, W) class indices (``infer.predicted_classes``): 0/255 for two classes
     (255 = class 1), else the class indices."""
-    return (classes * 255 if num_classes == 2 else classes).astype(np.uint8)
+    mask = classes.astype(np.uint8)
+    if num_classes == 2:
+        mask *= 255  # in place: a mask of a large image is a large array
+    return mask
 
 
 def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45) -> np.ndarray:
@@ -69,32 +88,109 @@ def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45)
 
 
 def predict_files(model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device, threshold: float = 0.5) -> list[Path]:
-    """Write a mask (and optionally probabilities and an overlay) for every input; returns the masks."""
+    """Write a mask (and optionally probabilities and overlays) for every input; returns the masks.
+
+    A multi-page TIFF is read, predicted and written a page at a time, so memory follows one page,
+    not the stack. Outputs are written under temporary names and renamed when complete: an
+    interrupted run leaves no half-written mask.
+    """
     predict, channels = config["predict"], config["unet"]["image_channels"]
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in inputs:
-        images, stack = image_slices(path, channels)
+        shapes, pages = image_pages(path, channels)
+        count, stack = len(shapes), len(shapes) > 1
+        if not stack and plane_pixels(shapes[0]) > BAND_PIXELS:
+            image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
+            written.append(predict_large_image(model, config, path, next(pages) if image is None else image, output, probabilities, tta, device, threshold))
+            continue
         suffix = ".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"
-        mask_path = output / (path.stem + suffix)
+        mask_path, probability_path = output / (path.stem + suffix), output / f"{path.stem}_probability.tif"
         if mask_path.resolve() == path.resolve():
             raise UserError(f"--output {output}: the mask would overwrite its input {path}; choose another folder")
-        masks, cell_probabilities = [], []
-        for index, image in enumerate(images):
-            normalized = torch.from_numpy(normalize_image(image, channels)).to(device)
-            result = predict_with_config(model, normalized, config, tta)
-            classes = predicted_classes(result, threshold, predict["watershed_seeds"]).numpy()
-            masks.append(mask_image(classes, result.shape[0]))
-            cell_probabilities.append(result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32))
-            if overlay:
-                name = f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"
-                skimage.io.imsave(output / name, overlay_image(image, classes), check_contrast=False)
-        if suffix == ".tif":
-            tifffile.imwrite(mask_path, np.stack(masks) if stack else masks[0], photometric="minisblack")
-        else:
-            skimage.io.imsave(mask_path, masks[0], check_contrast=False)
-        if probabilities:
-            tifffile.imwrite(output / f"{path.stem}_probability.tif", np.stack(cell_probabilities) if stack else cell_probabilities[0], photometric="minisblack")
+        with contextlib.ExitStack() as open_files:
+            pixels = sum(plane_pixels(shape) for shape in shapes)
+            mask_writer = open_files.enter_context(tifffile.TiffWriter(partial(mask_path), bigtiff=needs_bigtiff(pixels))) if suffix == ".tif" else None
+            probability_writer = open_files.enter_context(tifffile.TiffWriter(partial(probability_path), bigtiff=needs_bigtiff(4 * pixels))) if probabilities else None
+            for index, image in enumerate(pages):
+                normalized = torch.from_numpy(normalize_image(image, channels)).to(device)
+                result = predict_with_config(model, normalized, config, tta)
+                classes = predicted_classes(result, threshold, predict["watershed_seeds"]).numpy()
+                mask = mask_image(classes, result.shape[0])
+                if mask_writer is None:
+                    skimage.io.imsave(partial(mask_path), mask, check_contrast=False)
+                else:
+                    mask_writer.write(mask, photometric="minisblack", contiguous=True)
+                if probability_writer is not None:
+                    probability_writer.write(result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32), photometric="minisblack", contiguous=True)
+                if overlay:
+                    name = f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"
+                    skimage.io.imsave(output / name, overlay_image(image, classes), check_contrast=False)
+        for finished in (mask_path, probability_path) if probabilities else (mask_path,):
+            os.replace(partial(finished), finished)
         written.append(mask_path)
-        print(f"{path} -> {mask_path}" + (f" ({len(images)} slices)" if stack else ""))
+        print(f"{path} -> {mask_path}" + (f" ({count} slices)" if stack else ""))
     return written
+
+
+def needs_bigtiff(data_bytes: int) -> bool:
+    """Whether a TIFF of this much pixel data needs the BigTIFF format (classic TIFF ends at 4 GiB;
+    a margin is left for the tags)."""
+    return data_bytes > 2**32 - 2**26
+
+
+def partial(path: Path) -> Path:
+    """Where ``path`` is written until it is complete (same folder and suffix, so readers know the format)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def plane_pixels(shape: tuple[int, ...]) -> int:
+    """Height x width of an image of ``shape`` (H, W), (H, W, C) or (C, H, W)."""
+    height, width = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4) else shape[:2]
+    return height * width
+
+
+def tiff_memmap(path: Path) -> np.ndarray | None:
+    """The pixels of a one-page TIFF memory-mapped (read only when used), or None where its layout
+    does not allow it (compressed, not contiguous)."""
+    try:
+        return tifffile.memmap(path, mode="r")
+    except ValueError:
+        return None
+
+
+def predict_large_image(model, config: dict, path: Path, image: np.ndarray, output: Path, probabilities: bool, tta: bool, device: torch.device, threshold: float) -> Path:
+    """Predict one large image in bands of rows, each with enough rows of context above and below
+    that its output rows see what they would see in one pass over the whole image, into memory-mapped
+    output TIFFs (whatever the input's format): memory follows one band, not the image. With padding 0
+    the result equals the whole image's; with padding 1 the tiles fall elsewhere within a band than
+    within the whole image, and since each tile sees zero padding at its edges the blended
+    probabilities differ slightly (as between two tile sizes). The watershed cut of
+    ``predict.watershed_seeds`` runs per band (with its context); no overlay is written."""
+    channels, depth, padding = config["unet"]["image_channels"], model.depth, model.padding
+    axis = row_axis(image)
+    height, width = image.shape[axis], image.shape[axis + 1]
+    period = 2**depth
+    # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
+    reach = network_margin(depth, padding) if padding == 0 else (config["predict"]["tile_size"] or 512) // 2
+    context = -(-reach // period) * period
+    band_rows = max(period, BAND_PIXELS // width // period * period)
+    statistics = image_statistics(image, channels)
+    mask_path = output / f"{path.stem}.tif"
+    masks = tifffile.memmap(partial(mask_path), shape=(height, width), dtype=np.uint8, photometric="minisblack", bigtiff=needs_bigtiff(height * width))
+    cells = tifffile.memmap(partial(output / f"{path.stem}_probability.tif"), shape=(height, width), dtype=np.float32, photometric="minisblack", bigtiff=needs_bigtiff(4 * height * width)) if probabilities else None
+    for top in range(0, height, band_rows):
+        start, bottom, stop = max(0, top - context), min(height, top + band_rows), min(height, top + band_rows + context)
+        band = np.take(image, range(start, stop), axis=axis)
+        result = predict_with_config(model, torch.from_numpy(normalize_image(band, channels, statistics)).to(device), config, tta)
+        classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"]).numpy()
+        masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
+        if cells is not None:
+            cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()
+    masks.flush()
+    os.replace(partial(mask_path), mask_path)
+    if cells is not None:
+        cells.flush()
+        os.replace(partial(output / f"{path.stem}_probability.tif"), output / f"{path.stem}_probability.tif")
+    print(f"{path} -> {mask_path} ({height}x{width} px in bands of {band_rows} rows)")
+    return mask_path

@@ -14,7 +14,7 @@ from torch import Tensor
 from model import output_size, valid_input_sizes
 
 
-def normalize_image(image: np.ndarray, channels: int) -> np.ndarray:
+def normalize_image(image: np.ndarray, channels: int, statistics: tuple[float, float] | None = None) -> np.ndarray:
     """The one preprocessing step shared by training and inference.
 
     Parameters
@@ -23,12 +23,28 @@ def normalize_image(image: np.ndarray, channels: int) -> np.ndarray:
         A trailing axis of size 1, 3 or 4 is read as channels-last.
     channels : 1 (grayscale) or 3 (RGB): what the network expects. RGB is averaged to gray and gray is
         repeated to RGB; an alpha channel is dropped.
+    statistics : ``(mean, std)`` to normalise with instead of the image's own: those of the whole
+        image (``image_statistics``) when ``image`` is one band of it.
 
     Returns
     -------
     (channels, H, W) float32 array with zero mean and unit standard deviation per image, so that
-    images of different brightness and bit depth reach the network on one scale.
+    images of different brightness and bit depth reach the network on one scale; rounded to float16
+    precision (11 significant bits), in which the preprocessing cache stores it, so that an image
+    predicted from its file and from the cache is the same image.
     """
+    array = channels_first(image, channels)
+    if array is image or np.shares_memory(array, image):
+        array = array.copy()  # normalised in place below: never the caller's array
+    mean, std = statistics if statistics is not None else (array.mean(), array.std())
+    array -= mean
+    array /= std if std > 0 else 1.0
+    return array.astype(np.float16).astype(np.float32)
+
+
+def channels_first(image: np.ndarray, channels: int) -> np.ndarray:
+    """(channels, H, W) float32 of an (H, W), (H, W, C) or (C, H, W) image, with the channel
+    conversion of ``normalize_image``."""
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
@@ -40,8 +56,24 @@ def normalize_image(image: np.ndarray, channels: int) -> np.ndarray:
         array = array[:3]
     if array.shape[0] != channels:
         array = array.mean(axis=0, keepdims=True) if channels == 1 else np.repeat(array.mean(axis=0, keepdims=True), channels, axis=0)
-    std = array.std()
-    return ((array - array.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return array
+
+
+def row_axis(image: np.ndarray) -> int:
+    """The axis of an image's rows: 1 for a (C, H, W) image, else 0 (as ``channels_first`` reads it)."""
+    return 1 if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4) else 0
+
+
+def image_statistics(image: np.ndarray, channels: int, band_rows: int = 1024) -> tuple[float, float]:
+    """Mean and standard deviation of an image too large to convert whole (a memory-mapped file, say),
+    after the channel conversion of ``normalize_image``, summed in float64 over bands of rows."""
+    axis = row_axis(image)
+    total = squares = count = 0.0
+    for top in range(0, image.shape[axis], band_rows):
+        band = channels_first(np.take(image, range(top, min(top + band_rows, image.shape[axis])), axis=axis), channels).astype(np.float64)
+        total, squares, count = total + band.sum(), squares + np.square(band).sum(), count + band.size
+    mean = total / count
+    return mean, float(np.sqrt(max(squares / count - mean**2, 0.0)))
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -69,6 +101,26 @@ def mirror_pad(array: np.ndarray, before: int, after_height: int, after_width: i
     """
     pad = [(0, 0)] * (array.ndim - 2) + [(before, after_height), (before, after_width)]
     return np.pad(array, pad, mode="reflect") if any(p for pair in pad for p in pair) else array
+
+
+def mirrored_indices(start: int, length: int, size: int) -> np.ndarray:
+    """Indices into an axis of ``size`` pixels for the positions ``start .. start + length - 1`` of
+    that axis mirrored outwards as ``mirror_pad`` does (NumPy's ``reflect``: d c b | a b c d | c b a,
+    repeated for positions more than one image away): (length,) int64 in ``[0, size)``."""
+    positions = np.arange(start, start + length)
+    if size == 1:
+        return np.zeros(length, dtype=np.int64)
+    period = 2 * (size - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded < size, folded, period - folded).astype(np.int64)
+
+
+def take_window(array: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``array[..., rows, :][..., cols]`` for index arrays from ``mirrored_indices``, reading only the
+    block they span from a memory-mapped ``array`` (..., H, W); a new in-memory array."""
+    top, left = int(rows.min()), int(cols.min())
+    block = np.asarray(array[..., top : int(rows.max()) + 1, left : int(cols.max()) + 1])
+    return block.take(rows - top, axis=-2).take(cols - left, axis=-1)
 
 
 def network_margin(depth: int, padding: int) -> int:

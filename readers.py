@@ -1,7 +1,8 @@
 """Reading annotated images from disk: the layouts of ISBI 2012, Penn-Fudan and a folder of images and masks.
 
-Each reader returns ``Sample``s: the image as stored, its mask as class indices, and the objects'
-instance ids for the weight map. Problems with a file are one-line ``UserError``s naming it.
+Listing a data set reads no pixels: each reader returns ``FileSample``s, which say where an image and
+its mask lie and how the mask is read; ``FileSample.read`` reads one of them when it is needed (the
+preprocessing cache reads each image once). Problems with a file are one-line ``UserError``s naming it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,50 @@ class Sample:
     name: str
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Pixels of an image file (PNG, JPEG, TIFF, BMP), as stored; a UserError names an unreadable file."""
+@dataclass(frozen=True)
+class FileSample:
+    """One annotated image on disk, not yet read: ``image`` and ``mask`` files (``page``: the slice of
+    multi-page TIFF stacks, None for single images) and how the mask is read: ``classes`` (class
+    indices, or 0/255 for two classes; objects are the 4-connected components of each class) or
+    ``instances`` (one id per object, every id > 0 is class 1, as Penn-Fudan's masks)."""
+
+    name: str
+    image: Path
+    mask: Path
+    mask_kind: str = "classes"
+    page: int | None = None
+
+    def identity(self) -> list:
+        """What the pixels depend on: the files (resolved path, size, modification time in ns), the
+        page and the mask kind; a changed file gives a new identity."""
+        files = []
+        for path in (self.image, self.mask):
+            status = path.stat()
+            files.append([str(path.resolve()), status.st_size, status.st_mtime_ns])
+        return ["file", files, self.page, self.mask_kind]
+
+    def read(self, num_classes: int) -> Sample:
+        """Read the image and its mask as a ``Sample``; a UserError names a file that does not fit."""
+        image, mask = read_image(self.image, self.page), read_image(self.mask, self.page)
+        where = f"{self.mask} page {self.page}" if self.page is not None else str(self.mask)
+        if image.shape[:2] != mask.shape[:2]:
+            raise UserError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {self.name} is {image.shape[1]}x{image.shape[0]}")
+        if self.mask_kind == "instances":
+            instances = (mask[..., 0] if mask.ndim == 3 else mask).astype(np.int32)
+            return Sample(image, (instances > 0).astype(np.uint8), instances, self.name)
+        label = label_from_mask(mask, num_classes, where)
+        return Sample(image, label, object_instances(label), self.name)
+
+
+def read_image(path: Path, page: int | None = None) -> np.ndarray:
+    """Pixels of an image file (PNG, JPEG, TIFF, BMP), as stored, or of one ``page`` of a multi-page
+    TIFF (only that page is read); a UserError names an unreadable file."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
+            if page is None:
+                return tifffile.imread(path)
+            with tifffile.TiffFile(path) as tiff:
+                return tiff.pages[page].asarray()
         return skimage.io.imread(path)
     except Exception as error:  # the readers raise many types for broken files
         raise UserError(f"{path}: cannot read this image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
@@ -97,20 +137,23 @@ def object_instances(label: np.ndarray) -> np.ndarray:
     return instances
 
 
-def read_folder_pairs(image_folder: Path, mask_folder: Path, num_classes: int) -> list[Sample]:
-    """Images and masks paired by stem, masks checked and converted by ``label_from_mask``."""
-    samples = []
-    for image_path, mask_path in pair_by_stem(image_folder, mask_folder):
-        image, mask = read_image(image_path), read_image(mask_path)
-        if image.shape[:2] != mask.shape[:2]:
-            raise UserError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
-        label = label_from_mask(mask, num_classes, str(mask_path))
-        samples.append(Sample(image, label, object_instances(label), image_path.name))
-    return samples
+def tiff_pages(path: Path) -> list[tuple[int, ...]]:
+    """The shape of each page of a TIFF file, read from its tags (no pixels); a UserError names an unreadable file."""
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return [page.shape for page in tiff.pages]
+    except Exception as error:  # tifffile raises many types for broken files
+        raise UserError(f"{path}: cannot read this TIFF ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
-def read_isbi2012(root: Path) -> list[Sample]:
-    """The ISBI 2012 training slices: the challenge's TIFF stacks, or ``images/`` + ``labels/`` folders.
+def read_folder_pairs(image_folder: Path, mask_folder: Path, mask_kind: str = "classes") -> list[FileSample]:
+    """Images and masks paired by stem (``pair_by_stem``), named by the image file."""
+    return [FileSample(image.name, image, mask, mask_kind) for image, mask in pair_by_stem(image_folder, mask_folder)]
+
+
+def read_isbi2012(root: Path) -> list[FileSample]:
+    """The ISBI 2012 training slices: the challenge's TIFF stacks (a ``FileSample`` per page), or
+    ``images/`` + ``labels/`` folders.
 
     Labels: 255 = cell interior -> class 1, 0 = membrane -> class 0; cells are the 4-connected
     components of class 1.
@@ -119,23 +162,17 @@ def read_isbi2012(root: Path) -> list[Sample]:
     if volume.is_file():
         if not labels.is_file():
             raise UserError(f"{labels}: not found next to {volume.name}; ISBI 2012 needs both stacks")
-        images, masks = read_image(volume), read_image(labels)
-        if images.ndim == 2:
-            images, masks = images[None], masks[None]
-        if images.shape != masks.shape:
-            raise UserError(f"{labels}: shape {masks.shape} differs from {volume.name}'s {images.shape}")
-        samples = []
-        for index, (image, mask) in enumerate(zip(images, masks)):
-            label = label_from_mask(mask, 2, f"{labels} slice {index}")
-            samples.append(Sample(image, label, object_instances(label), f"{volume.name} slice {index}"))
-        return samples
+        image_pages, label_pages = tiff_pages(volume), tiff_pages(labels)
+        if image_pages != label_pages:
+            raise UserError(f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s {len(image_pages)} of {image_pages[0]}")
+        return [FileSample(f"{volume.name} slice {index}", volume, labels, page=index) for index in range(len(image_pages))]
     for folder in (root, root / "train"):
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
-            return read_folder_pairs(folder / "images", folder / "labels", 2)
+            return read_folder_pairs(folder / "images", folder / "labels")
     raise UserError(f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see python dataset.py download isbi2012)")
 
 
-def read_pennfudan(root: Path) -> tuple[list[Sample], list[Sample] | None]:
+def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | None]:
     """Penn-Fudan pedestrians: ``(training samples, validation samples or None)``.
 
     Reads the official layout (``PNGImages/``, ``PedMasks/``) or the common mirror's layout
@@ -144,20 +181,8 @@ def read_pennfudan(root: Path) -> tuple[list[Sample], list[Sample] | None]:
     """
     if not (root / "PNGImages").is_dir() and (root / "PennFudanPed").is_dir():
         root = root / "PennFudanPed"
-
-    def read(image_folder: Path, mask_folder: Path) -> list[Sample]:
-        samples = []
-        for image_path, mask_path in pair_by_stem(image_folder, mask_folder):
-            image, mask = read_image(image_path), read_image(mask_path)
-            if mask.ndim == 3:
-                mask = mask[..., 0]
-            if image.shape[:2] != mask.shape[:2]:
-                raise UserError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {image_path.name} is {image.shape[1]}x{image.shape[0]}")
-            samples.append(Sample(image, (mask > 0).astype(np.uint8), mask.astype(np.int32), image_path.name))
-        return samples
-
     if (root / "PNGImages").is_dir():
-        return read(root / "PNGImages", root / "PedMasks"), None
+        return read_folder_pairs(root / "PNGImages", root / "PedMasks", "instances"), None
     if (root / "train_images").is_dir():
-        return read(root / "train_images", root / "train_masks"), read(root / "valid_images", root / "valid_masks")
+        return read_folder_pairs(root / "train_images", root / "train_masks", "instances"), read_folder_pairs(root / "valid_images", root / "valid_masks", "instances")
     raise UserError(f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, valid_images/, valid_masks/ (python dataset.py download pennfudan)")

@@ -9,11 +9,14 @@ instance ids, which the border term of the weight map needs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure, morphology
+
+from readers import Sample
 
 
 def _smooth_noise(size: int, correlation_length: float, rng: np.random.Generator) -> np.ndarray:
@@ -250,3 +253,25 @@ def synthetic_em_set(
     """
     children = np.random.SeedSequence(seed).spawn(count)
     return [synthetic_em(size, np.random.default_rng(child), cell_diameter) for child in children]
+
+
+@dataclass(frozen=True)
+class SyntheticSample:
+    """Image ``index`` of the synthetic set of ``seed``, generated when read: the same image as
+    ``synthetic_em_set(count, size, seed)[index]`` for any ``count``."""
+
+    name: str
+    seed: int
+    index: int
+    size: int
+
+    def identity(self) -> list:
+        """What the pixels depend on (with the generator's code, which the cache hashes)."""
+        return ["synthetic", self.seed, self.index, self.size]
+
+    def read(self, num_classes: int) -> Sample:
+        """Generate the image; ``num_classes`` is not needed (labels are 0/1) but kept for the common interface."""
+        # the index-th child of SeedSequence(seed), as SeedSequence.spawn makes it
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.index,)))
+        image, label, instances = synthetic_em(self.size, rng)
+        return Sample(image, label, instances, self.name)

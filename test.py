@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         run_name = state["progress"].get("run_name") or state["path"].parent.name
         output = args.output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
         diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold)
-    except UserError as error:
+    except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
     if args.show:
         import matplotlib.image

@@ -154,7 +154,7 @@ def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Ru
     prepare_device(device, precision)
 
     torch.manual_seed(train_config["seed"])
-    data = build_datasets(config, note)
+    data = build_datasets(config, note, rank, world_size)
     batch_tiles = train_config["batch_size"] * train_config["grad_accum_steps"]
     steps_per_epoch = len(data["train"]) // (batch_tiles * world_size)
     if steps_per_epoch == 0:
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstopped at once, without saving: the checkpoints keep their last saved state", file=sys.stderr)
         return 130
-    except UserError as error:
+    except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
 
 

@@ -1,7 +1,8 @@
 """The U-Net paper's pixel-wise loss weights: class balance and the border term between touching objects.
 
 The weight map is eq. 2 of Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image
-Segmentation" (MICCAI 2015). It is computed once per training image and cut into tiles with it.
+Segmentation" (MICCAI 2015). Its border term is computed once per image (``border_weights``) and
+stored in the preprocessing cache; the class weights are added per tile (``add_class_weights``).
 """
 
 from __future__ import annotations
@@ -62,20 +63,23 @@ def weight_map(
     ``[0, w_0 * 1e-6)``, so the result differs from the exact map by less
     than ``1e-6 * w_0``.
     """
+    return add_class_weights(label, border_weights(label, instances, w_0, sigma), class_weights)
+
+
+def border_weights(label: np.ndarray, instances: np.ndarray, w_0: float = 10.0, sigma: float = 5.0) -> np.ndarray | None:
+    """The border term of :func:`weight_map` alone: ``w_0 * exp(-(d1 + d2)**2 / (2 sigma**2))`` on
+    background pixels (``label == 0``), 0 elsewhere; (H, W) float64, or None where it is 0 everywhere
+    (``w_0 == 0`` or fewer than two instances). It does not depend on the class weights, so it can be
+    computed once per image and stored, whatever split and class balance a run chooses."""
     label = np.asarray(label)
     instances = np.asarray(instances)
     if label.shape != instances.shape:
         raise ValueError(f"label {label.shape} and instances {instances.shape} differ in shape")
-    if class_weights is None:
-        weights = np.ones(label.shape, dtype=np.float64)
-    else:
-        weights = np.asarray(class_weights, dtype=np.float64)[label]
-
     # find_objects gives one slot per id up to the maximum, None for unused ids.
     boxes = ndimage.find_objects(np.where(instances > 0, instances, 0))
     present = [(index + 1, box) for index, box in enumerate(boxes) if box is not None]
     if w_0 == 0 or len(present) < 2:
-        return weights.astype(np.float32)
+        return None
 
     radius = math.ceil(sigma * math.sqrt(-2.0 * math.log(_BORDER_TERM_TOLERANCE)))
     height, width = instances.shape
@@ -95,7 +99,22 @@ def weight_map(
         nearest[window] = np.minimum(nearest_window, distance)
 
     border = w_0 * np.exp(-((nearest + second) ** 2) / (2.0 * sigma**2))
-    weights += np.where(label == 0, border, 0.0)
+    return np.where(label == 0, border, 0.0)
+
+
+def add_class_weights(label: np.ndarray, border: np.ndarray | None, class_weights: np.ndarray | None = None) -> np.ndarray:
+    """The weight map ``w_c(label) + border`` as (H, W) float32, summed in float64.
+
+    ``label`` (H, W) class indices, ``border`` (H, W) from :func:`border_weights` in any float dtype
+    (None: 0), ``class_weights`` (num_classes,) or None for all ones. Works on any window of an image:
+    the weights of a tile are those of the whole image cut to the tile.
+    """
+    if class_weights is None:
+        weights = np.ones(np.shape(label), dtype=np.float64)
+    else:
+        weights = np.asarray(class_weights, dtype=np.float64)[label]
+    if border is not None:
+        weights += border
     return weights.astype(np.float32)
 
 
@@ -120,13 +139,22 @@ def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int) -> np.
     ndarray of float32, shape (num_classes,)
         The weight of each class.
     """
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for image in labels:
-        image = np.asarray(image)
-        if image.size and (image.min() < 0 or image.max() >= num_classes):
-            raise ValueError(f"label values must lie in [0, {num_classes})")
-        counts += np.bincount(image.ravel(), minlength=num_classes)
-    weights = np.ones(num_classes, dtype=np.float64)
+    return balanced_class_weights(sum((class_counts(image, num_classes) for image in labels), np.zeros(num_classes, dtype=np.int64)))
+
+
+def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) int64: the number of pixels of each class in ``label``; a ValueError for
+    values outside ``[0, num_classes)``."""
+    label = np.asarray(label)
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"label values must lie in [0, {num_classes})")
+    return np.bincount(label.ravel(), minlength=num_classes).astype(np.int64)
+
+
+def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
+    """:func:`class_balance_weights` from the pixel counts of each class, (num_classes,) int."""
+    counts = np.asarray(counts, dtype=np.int64)
+    weights = np.ones(len(counts), dtype=np.float64)
     seen = counts > 0
     frequency = counts[seen] / counts.sum()
     # With w_c = a / freq_c, sum_c freq_c * w_c = a * (number of seen classes).

@@ -33,7 +33,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path):
-    overrides = [*TINY, f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.max_epochs=2", "train.run_name=ddp"]
+    overrides = [*TINY, f"train.cache_dir={tmp_path / 'cache'}", f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.max_epochs=2", "train.run_name=ddp"]
     result = torchrun(tmp_path, *overrides)
     # 8 tiles per epoch, 2 per process and step: 2 steps of 4
     assert "2 steps of 4 = 2 x 1 accumulated x 2 processes" in result.stdout

@@ -10,7 +10,8 @@ from skimage.metrics import adapted_rand_error
 
 import test_script
 from config import UserError, load_config
-from dataset import build_datasets, synthetic_em_set
+from dataset import build_datasets
+from synthetic import synthetic_em_set
 from infer import calibrate_threshold, predict_probabilities, separate_cells
 from model import build_model
 from training import train

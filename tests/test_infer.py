@@ -236,7 +236,8 @@ def test_image_scale_shrinks_the_training_images_only():
     from skimage.transform import resize
 
     from config import load_config
-    from dataset import build_datasets, synthetic_em_set
+    from dataset import build_datasets
+    from synthetic import synthetic_em_set
 
     config = load_config(None, ["unet.input_channels=[4, 8]", "train.synthetic_images=4", "train.synthetic_size=63", "train.val_images=[3]", "train.tile_size=60", "train.image_scale=0.3333333"])
     data = build_datasets(config, lambda message: None)

@@ -11,9 +11,11 @@ import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error
 
+import predict
 import test_script
 from config import load_config
-from dataset import synthetic_em_set
+from model import build_model
+from synthetic import synthetic_em_set
 from training import train
 
 
@@ -78,6 +80,30 @@ def test_stack_probabilities_and_overlays(trained, tmp_path):
     assert overlay.shape == (80, 80, 3)
 
 
+
+def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(trained, tmp_path, monkeypatch):
+    root, summary = trained
+    slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
+    pages = slices + [slices[0][::-1], slices[1].T.copy()]
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack(pages), photometric="minisblack")
+    (tmp_path / "pages").mkdir()
+    for index, page in enumerate(pages):
+        tifffile.imwrite(tmp_path / "pages" / f"page{index}.tif", page, photometric="minisblack")
+    whole_reads = []
+    original_imread = tifffile.imread
+    monkeypatch.setattr(tifffile, "imread", lambda path, *args, **kwargs: whole_reads.append(Path(path).name) or original_imread(path, *args, **kwargs))
+    best = str(summary["run_weights"] / "best.pt")
+    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "out"), "--probabilities"]) == 0
+    assert "stack.tif" not in whole_reads  # never read whole: page by page
+    monkeypatch.setattr(tifffile, "imread", original_imread)
+    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "pages"), "--output", str(tmp_path / "single"), "--probabilities"]) == 0
+    masks, probabilities = tifffile.imread(tmp_path / "out" / "stack.tif"), tifffile.imread(tmp_path / "out" / "stack_probability.tif")
+    assert masks.shape == probabilities.shape == (5, 80, 80)
+    for index in range(5):
+        assert np.array_equal(masks[index], tifffile.imread(tmp_path / "single" / f"page{index}.tif"))
+        assert np.array_equal(probabilities[index], tifffile.imread(tmp_path / "single" / f"page{index}_probability.tif"))
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
 def test_diagnostics_figures(trained, tmp_path, capsys):
     _, summary = trained
     assert test_script.main(["--checkpoint", str(summary["run_weights"] / "best.pt"), "--output", str(tmp_path)]) == 0
@@ -107,9 +133,51 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     ]
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 20, 2), np.uint8), photometric="minisblack", planarconfig="contig")
     cases.append((["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "o")], "an image of 2 channels; the model takes 1"))
+    (tmp_path / "a_file").write_text("in the way")
+    cases.append((["--input", str(root / "val" / "images"), "--output", str(tmp_path / "a_file")], "File exists"))  # an OSError, one line too
     for arguments, message in cases:
         capsys.readouterr()
         assert test_script.main(["--checkpoint", best, *arguments]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (arguments, lines)
     assert (root / "val" / "images" / "slice00.png").stat().st_size > 0  # the input is still there
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypatch, padding):
+    torch.manual_seed(0)
+    config = load_config(None, ["unet.input_channels=[4, 8]", f"unet.padding={padding}", "train.device=cpu", "predict.tile_size=64"])
+    model = build_model(config["unet"]).eval()
+    image = (np.random.default_rng(3).random((203, 150)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "large.tif", image, photometric="minisblack")  # uncompressed: memory-mapped
+    skimage.io.imsave(tmp_path / "large.png", image, check_contrast=False)
+    whole = tmp_path / "whole"
+    predict.predict_files(model, config, [tmp_path / "large.tif"], whole, True, False, False, torch.device("cpu"))
+    monkeypatch.setattr(predict, "BAND_PIXELS", 150 * 40)  # bands of 40 rows (a multiple of 2**depth = 4)
+    for name in ("large.tif", "large.png"):
+        banded = tmp_path / f"banded_{name[-3:]}"
+        predict.predict_files(model, config, [tmp_path / name], banded, True, False, False, torch.device("cpu"))
+        probability, reference = tifffile.imread(banded / "large_probability.tif"), tifffile.imread(whole / "large_probability.tif")
+        masks, reference_masks = tifffile.imread(banded / "large.tif"), tifffile.imread(whole / "large.tif")
+        assert probability.shape == masks.shape == (203, 150)
+        if padding == 0:  # every output row sees the same input rows: the same probabilities
+            np.testing.assert_allclose(probability, reference, atol=1e-5)
+            assert np.mean(masks == reference_masks) > 0.999
+        else:  # the tiles fall elsewhere in a band, and tiles of padding 1 blend zero-padded edges: close, not equal
+            assert np.abs(probability - reference).mean() < 0.02 and np.mean(masks == reference_masks) > 0.99
+        assert not list(banded.glob(".*"))
+
+
+def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatch):
+    root, summary = trained
+    slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
+    best = str(summary["run_weights"] / "best.pt")
+    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "classic"), "--probabilities"]) == 0
+    assert not predict.needs_bigtiff(2 * 2**30) and predict.needs_bigtiff(4 * 2**30)  # classic TIFF offsets are 32 bits
+    monkeypatch.setattr(predict, "needs_bigtiff", lambda data_bytes: True)  # as for a stack whose probabilities pass 4 GiB
+    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "big"), "--probabilities"]) == 0
+    for name in ("stack.tif", "stack_probability.tif"):
+        with tifffile.TiffFile(tmp_path / "big" / name) as big:
+            assert big.is_bigtiff
+        assert np.array_equal(tifffile.imread(tmp_path / "big" / name), tifffile.imread(tmp_path / "classic" / name))

@@ -12,6 +12,7 @@ import torch
 
 import search
 import training
+from cache import write_entry
 from config import ConfigError, UserError, load_config
 from dataset import EpochSampler, build_datasets
 from test_training import TINY, tiny_config
@@ -71,9 +72,13 @@ def test_the_batch_is_fixed_and_unaugmented(tmp_path):
 
 
 def test_labels_beyond_the_classes_are_an_error(tmp_path):
-    config = tiny_config(tmp_path)
+    config = tiny_config(tmp_path, "train.class_weights=none")  # a class weight per class could not weigh label 2
     train_set = build_datasets(config)["train"]
-    train_set.labels = [label * 2 for label in train_set.labels]
+    doubled = []
+    for index, prepared in enumerate(train_set.images):
+        image, label, border = prepared.arrays()
+        doubled.append(write_entry(tmp_path / f"doubled{index}", prepared.name, image, label * 2, border, 1, num_classes=3))
+    train_set.images = doubled
     with pytest.raises(UserError, match="label 2 but unet.num_classes is 2"):
         search.fixed_batch(train_set, config)
 
@@ -187,7 +192,7 @@ def test_suggest_lr_picks_the_steepest_descent_before_the_minimum():
 
 
 def test_cli_modes(tmp_path):
-    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"]
+    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", f"train.cache_dir={tmp_path / 'cache'}"]
     both = subprocess.run([sys.executable, "training.py", *TINY, *paths, "overfit_one_batch.overfit=true", "overfit_one_batch.hp_search=true"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert both.returncode == 2
     assert both.stderr.strip().splitlines() == ["config error: overfit_one_batch: overfit and hp_search are true together; set at most one of overfit, hp_search, lr_find"]

@@ -119,7 +119,7 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monke
 
 
 def test_sigkill_mid_run_then_resume_auto(tmp_path):
-    overrides = TINY + [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.max_epochs=60", "train.run_name=killed"]
+    overrides = TINY + [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", f"train.cache_dir={tmp_path / 'cache'}", "train.max_epochs=60", "train.run_name=killed"]
     process = subprocess.Popen([sys.executable, "training.py", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "weights" / "killed" / "last.pt"
     deadline = time.time() + 120

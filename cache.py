@@ -1,0 +1,277 @@
+"""The preprocessing cache: each image normalised, labelled and weighted once, then memory-mapped from disk.
+
+Training and validation read their images from here, a tile or an image at a time, so memory does not
+grow with the number of images, and a second run (or a resumed one) starts without preprocessing.
+An entry is a folder ``cache_dir/<image name>-<key>/`` holding
+
+- ``image.npy``  (C, H, W) float16: the image after ``preprocess.normalize_image`` and the resize of
+  ``train.image_scale``;
+- ``label.npy``  (H, W) uint8: class indices;
+- ``border.npy`` (H, W) float16: the border term of the paper's weight map (absent where it is 0
+  everywhere). The class weights are added per tile (``weight_maps.add_class_weights``), so an entry
+  depends neither on the split nor on the class balance;
+- ``meta.json``: name, shape, channels of the source image and the pixel count of each class.
+
+The key hashes everything the arrays depend on: the source (the files' path, size and modification
+time, or a synthetic image's seed and index), the settings of preprocessing (``unet.image_channels``,
+``unet.num_classes``, ``train.image_scale``, ``train.w_0``, ``train.sigma``) and the code that
+computes them (the text of this module and of readers, synthetic, preprocess and weight_maps). Change
+any of them and the entry is built anew: nothing stale is read. Old entries stay until the folder is
+deleted, which is safe at any time.
+
+Why float16 suffices: a normalised image has zero mean and unit standard deviation, and float16 keeps
+11 significant bits, a step of 2^-8 = 0.004 for values within +-2 and 0.03 at 16 standard deviations;
+one gray level of an 8-bit image with a standard deviation of 30 levels is 0.033 units, and the
+network's bf16 autocast keeps only 8 bits. The border term (0 to ``w_0``) is kept to 0.05 % of its
+value, a difference no loss weight feels. Labels are exact.
+
+Entries are written to a temporary folder and renamed when complete, so a run killed while building
+leaves no half entry (the finished ones are kept: the next run builds the rest); an entry found
+incomplete or damaged (a missing or truncated file) is named in a note and rebuilt. Missing entries
+are built in parallel over the CPU cores with a progress bar; under torchrun each process builds its
+share and waits for the others'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from config import UserError
+from preprocess import normalize_image, resize_image, resize_mask, scaled_size
+from weight_maps import border_weights, class_counts
+
+CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
+MIN_PARALLEL = 8  # fewer missing entries are built in this process, without starting workers
+POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the others have built their share
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image's cache entry: ``shape`` (H, W) of its arrays, ``source_channels`` of the image file,
+    ``class_counts`` (pixels of each class), ``has_border`` (False: the border term is 0 everywhere)."""
+
+    folder: Path
+    name: str
+    shape: tuple[int, int]
+    source_channels: int
+    class_counts: tuple[int, ...]
+    has_border: bool
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(image (C, H, W) float16, label (H, W) uint8, border (H, W) float16 or None)``, memory-mapped
+        read-only: only what is indexed is read, and the mapping closes when the arrays are dropped, so
+        nothing stays in the process's memory."""
+        border = np.load(self.folder / "border.npy", mmap_mode="r") if self.has_border else None
+        return np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"), border
+
+
+def preprocessing_settings(config: dict) -> dict:
+    """The settings of a config that enter an entry (besides the per-image ``train.image_scale``)."""
+    unet, train = config["unet"], config["train"]
+    return {"channels": unet["image_channels"], "num_classes": unet["num_classes"], "w_0": train["w_0"], "sigma": train["sigma"]}
+
+
+def prepare_images(
+    samples: Sequence, scales: Sequence[float], settings: dict, cache_dir: str | Path, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1
+) -> list[PreparedImage]:
+    """The cache entries of ``samples`` (``readers.FileSample`` or ``synthetic.SyntheticSample``), each
+    resized by its ``scales`` factor, building the missing ones; in the order of ``samples``."""
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temporaries(cache_dir)
+    except OSError as error:
+        raise UserError(f"train.cache_dir: cannot write to {cache_dir} ({error.strerror or error}): set train.cache_dir to a writable folder") from None
+    folders = [cache_dir / entry_name(sample, scale, settings) for sample, scale in zip(samples, scales)]
+    entries: dict[int, PreparedImage] = {}
+    missing = []
+    for index, folder in enumerate(folders):
+        entry, problem = read_entry(folder)
+        if entry is not None:
+            entries[index] = entry
+            continue
+        if problem:
+            note(f"cache entry {folder} of {samples[index].name} is incomplete or damaged ({problem}): rebuilding it")
+        missing.append(index)
+    share = missing[rank::world_size]  # under torchrun each process builds every world_size-th missing entry
+    for index in share:
+        shutil.rmtree(folders[index], ignore_errors=True)
+    jobs = [(samples[index], scales[index], folders[index]) for index in share]
+    build_entries(jobs, settings, f"preparing {len(missing)} image(s) into {cache_dir} (once)", show_progress=rank == 0, workers=max(1, (os.cpu_count() or 1) // world_size))
+    for index in missing:
+        entries[index] = wait_for_entry(folders[index], samples[index].name, waiting=world_size > 1)
+    return [entries[index] for index in range(len(folders))]
+
+
+def entry_name(sample, scale: float, settings: dict) -> str:
+    """``<image name>-<key>``: the name for people, the key (20 hex digits of a SHA-256) for correctness."""
+    identity = {"source": sample.identity(), "scale": scale, "settings": settings, "code": code_version()}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', sample.name)[:40]}-{key}"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the text of the modules that compute entries: new code, new entries."""
+    digest = hashlib.sha256()
+    for module in CODE_MODULES:
+        digest.update((Path(__file__).with_name(f"{module}.py")).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
+    """``(entry, None)`` for a complete entry, ``(None, None)`` where there is none, ``(None, problem)``
+    for a damaged one. Reads meta.json and the header of each array (a few hundred bytes), and checks
+    that each file holds all the bytes its header announces."""
+    if not folder.is_dir():
+        return None, None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        channels, height, width = meta["shape"]
+        expected = {"image": ((channels, height, width), np.float16), "label": ((height, width), np.uint8)}
+        if meta["has_border"]:
+            expected["border"] = ((height, width), np.float16)
+        for array, (shape, dtype) in expected.items():
+            check_array_file(folder / f"{array}.npy", shape, dtype)
+        entry = PreparedImage(folder, meta["name"], (height, width), meta["source_channels"], tuple(meta["class_counts"]), meta["has_border"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return entry, None
+
+
+def check_array_file(path: Path, shape: tuple[int, ...], dtype) -> None:
+    """Raise ValueError unless ``path`` is a .npy file of ``shape`` and ``dtype`` with all its data."""
+    with path.open("rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        found_shape, fortran_order, found_dtype = read_header(file)
+        size = os.fstat(file.fileno()).st_size
+        needed = file.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran_order:
+        raise ValueError(f"{path.name} holds {found_dtype} {tuple(found_shape)}, expected {np.dtype(dtype)} {tuple(shape)}")
+    if size != needed:
+        raise ValueError(f"{path.name} has {size} bytes, expected {needed}")
+
+
+def build_entries(jobs: list[tuple], settings: dict, description: str, show_progress: bool, workers: int) -> None:
+    """Build the entries of ``jobs`` (sample, scale, folder): in worker processes when there are many."""
+    if not jobs:
+        return
+    with tqdm(total=len(jobs), desc=description, unit="image", disable=not show_progress, leave=False) as bar:
+        workers = min(workers, len(jobs))
+        if workers == 1 or len(jobs) < MIN_PARALLEL:
+            for job in jobs:
+                build_entry(*job, settings)
+                bar.update()
+            return
+        # fork where it is safe (Linux), as torch's DataLoader does: workers start at once and the
+        # caller's script need not guard its code with if __name__ == "__main__"; one torch thread per
+        # worker, as in DataLoader workers, keeps the cores shared and torch's OpenMP pool out of forks
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+        futures = [pool.submit(build_entry, *job, settings) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def build_entry(sample, scale: float, folder: Path, settings: dict) -> None:
+    """Read one image, preprocess it as training needs it and write its entry atomically."""
+    data = sample.read(settings["num_classes"])
+    image = normalize_image(data.image, settings["channels"])
+    label, instances = data.label, data.instances
+    if scale != 1:
+        size = scaled_size(*label.shape, scale)
+        image = resize_image(torch.from_numpy(image), size).numpy()
+        label, instances = resize_mask(label, size), resize_mask(instances, size)
+    border = border_weights(label, instances, settings["w_0"], settings["sigma"])
+    source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
+    try:
+        write_entry(folder, data.name, image, label, border, source_channels, settings["num_classes"])
+    except OSError as error:  # a full disk, a folder without write permission
+        raise UserError(f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set train.cache_dir to another folder") from None
+
+
+def write_entry(folder: Path, name: str, image: np.ndarray, label: np.ndarray, border: np.ndarray | None, source_channels: int, num_classes: int) -> PreparedImage:
+    """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` (H, W) or None)
+    into a temporary folder, then rename it to ``folder``: it appears whole or not at all."""
+    temporary = folder.with_name(f".{folder.name}.{host_name()}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    meta = {
+        "name": name,
+        "shape": list(image.shape),
+        "source_channels": source_channels,
+        "class_counts": class_counts(label, num_classes).tolist(),
+        "has_border": border is not None,
+    }
+    try:
+        temporary.mkdir()
+        np.save(temporary / "image.npy", np.ascontiguousarray(image, dtype=np.float16))
+        np.save(temporary / "label.npy", np.ascontiguousarray(label, dtype=np.uint8))
+        if border is not None:
+            np.save(temporary / "border.npy", np.ascontiguousarray(border, dtype=np.float16))
+        (temporary / "meta.json").write_text(json.dumps(meta))
+        os.rename(temporary, folder)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if not (isinstance(error, OSError) and folder.is_dir()):  # else another process built the same entry first
+            raise
+    return read_entry(folder)[0]
+
+
+def wait_for_entry(folder: Path, name: str, waiting: bool) -> PreparedImage:
+    """The entry at ``folder``, waiting for another process to build it when ``waiting`` (a damaged
+    entry that process is about to replace may be seen meanwhile; torchrun stops every process if
+    the builder fails)."""
+    while True:
+        entry, problem = read_entry(folder)
+        if entry is not None:
+            return entry
+        if not waiting:
+            raise UserError(f"cache entry {folder} of {name} was not built ({problem or 'missing'}): delete it and run again")
+        time.sleep(POLL_SECONDS)
+
+
+def remove_abandoned_temporaries(cache_dir: Path) -> None:
+    """Delete the temporary folders of builds on this machine whose process is gone (killed mid-build)."""
+    host = host_name()
+    for path in cache_dir.glob(".*.tmp"):
+        parts = path.name.rsplit(".", 3)
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not process_alive(int(parts[2])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def host_name() -> str:
+    """This machine's name, without dots (temporary folders split their names at dots)."""
+    return re.sub(r"\W", "_", socket.gethostname())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
