@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from model import nearest_valid_input_size
+
 
 class UserError(Exception):
     """A problem with the user's config, data or files: printed as one line, without a traceback."""
@@ -47,6 +49,7 @@ class Option:
 
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")  # the shipped config, beside the scripts
+AUTO_TILE_SIDE = 256  # train.tile_size: auto aims here: a few cells of EM, a good part of a photo at half size
 DATASETS = ("synthetic", "isbi2012", "pennfudan", "folder")
 DATASET_ALIASES = {"em": "isbi2012", "cells": "isbi2012", "pedestrian": "pennfudan"}
 SCHEDULES = ("warmup-cosine", "cosine", "constant", "poly")
@@ -79,7 +82,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
         "test_images": Option(None, "int_list", "indices of images held out of training and validation, scored by test.py (ISBI: [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "image_scale": Option(1.0, "float", "resize images by this factor for the network (0.5: half the side, a quarter of the work, twice the context); scores and masks stay at full size", above=0.0, maximum=4.0),
-        "tile_size": Option(252, "int", "side of the network's input tile in pixels; with padding 0 the labelled output tile is smaller", minimum=8),
+        "tile_size": Option("auto", "int_or_auto", "side of the network's input tile in pixels; auto: the valid size nearest 256 px (or the legacy unet.input_shape[0]) for the depth and padding; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
         "batch_size": Option(4, "int", "tiles per forward pass in each process; an optimisation step sees batch_size x grad_accum_steps x processes tiles", minimum=1),
         "grad_accum_steps": Option(1, "int", "gradient accumulation: forward passes per optimisation step (a larger batch without the memory)", minimum=1),
@@ -115,7 +118,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "resume": Option(None, "str", "auto: continue the newest run in save_path; or a checkpoint path", nullable=True),
     },
     "predict": {
-        "tile_size": Option(None, "int", "input tile side for whole-image prediction (validation, test.py); null: chosen from the image", minimum=8, nullable=True),
+        "tile_size": Option("auto", "int_or_auto", "largest input tile side for whole-image prediction (validation, test.py), rounded up to a valid size; auto: 572 px with padding 0, 512 with padding 1 (smaller images take one tile of their own size)", minimum=8, nullable=True),
         "overlap": Option(0.25, "float", "with padding 1: overlap of neighbouring tiles, blended with Gaussian weights", minimum=0.0, maximum=0.9),
         "batch_size": Option(4, "int", "tiles per forward pass when predicting", minimum=1),
         "tta": Option(False, "bool", "average predictions over the flips and turns that the training augmentation covered (up to 8x slower)"),
@@ -254,7 +257,12 @@ def resolve(user: dict, notices: list | None = None) -> dict:
                 problems.append(str(error))
     if problems:
         raise ConfigError(problems)
+    legacy_side = (config["unet"]["input_shape"] or [None])[0]
     _apply_legacy(config, user.get("unet") or {}, notices)
+    try:
+        _resolve_tile_size(config["train"], config["unet"], legacy_side, notices)
+    except ValueError as error:
+        problems.append(f"train.tile_size: auto: {error}")
     _check_device(config["train"]["device"], problems)
     class_weights = config["train"]["class_weights"]
     if isinstance(class_weights, list) and len(class_weights) != config["unet"]["num_classes"]:
@@ -315,6 +323,12 @@ def _check(name: str, option: Option, value: Any) -> Any:
         if value == "auto":
             return value
         value = _as_float(name, value)
+    elif option.kind == "int_or_auto":
+        if value == "auto":
+            return value
+        if isinstance(value, str):
+            raise ValueError(f"{name}: expected an integer or auto, got {value!r}")
+        value = _as_int(name, value)
     if option.choices and value not in option.choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, option.choices))}{_suggest(str(value), list(map(str, option.choices)))}")
     for item in value if isinstance(value, list) else [value]:
@@ -390,8 +404,20 @@ def _apply_legacy(config: dict, user_unet: dict, notices: list) -> None:
         notices.append(f"unet.use_ln: {unet['use_ln']} is a legacy key: using unet.norm: {legacy_norm}")
         unet["use_ln"] = None
     if unet["input_shape"] is not None:
-        notices.append("unet.input_shape is ignored: the model works at every valid input size")
+        notices.append("unet.input_shape is a legacy key: the model works at every valid input size (its first value sets train.tile_size: auto)")
         unet["input_shape"] = None
+
+
+def _resolve_tile_size(train: dict, unet: dict, legacy_side: int | None, notices: list) -> None:
+    """``train.tile_size: auto``: the valid input size nearest ``AUTO_TILE_SIDE`` (or the seed's
+    ``unet.input_shape[0]``) for the configured depth and padding, with a notice saying which."""
+    if train["tile_size"] != "auto":
+        return
+    depth, padding = len(unet["input_channels"]), unet["padding"]
+    target = legacy_side or AUTO_TILE_SIDE
+    train["tile_size"] = nearest_valid_input_size(target, depth, padding)
+    source = "unet.input_shape[0]" if legacy_side else "a sensible side"
+    notices.append(f"train.tile_size auto: {train['tile_size']} px, the valid input nearest {target} px ({source}) for depth {depth} and padding {padding}")
 
 
 def _check_device(device: str, problems: list) -> None:

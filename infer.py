@@ -167,7 +167,8 @@ def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = Fa
     config's augmentation trained for (``tta_transforms``)."""
     predict = config["predict"]
     transforms = tta_transforms(config["augment"]) if tta or predict["tta"] else False
-    return predict_probabilities(model, image, predict["tile_size"], predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
+    tile_size = None if predict["tile_size"] in (None, "auto") else predict["tile_size"]
+    return predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
 
 
 def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None) -> Tensor:

@@ -172,7 +172,8 @@ def predict_large_image(model, config: dict, path: Path, image: np.ndarray, outp
     height, width = image.shape[axis], image.shape[axis + 1]
     period = 2**depth
     # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
-    reach = network_margin(depth, padding) if padding == 0 else (config["predict"]["tile_size"] or 512) // 2
+    tile_size = config["predict"]["tile_size"]
+    reach = network_margin(depth, padding) if padding == 0 else (512 if tile_size in (None, "auto") else tile_size) // 2
     context = -(-reach // period) * period
     band_rows = max(period, BAND_PIXELS // width // period * period)
     statistics = image_statistics(image, channels)

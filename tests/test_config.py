@@ -111,7 +111,9 @@ def test_seed_readme_config_is_accepted_with_the_same_meaning(tmp_path):
     assert config["train"]["dataset_name"] == "pennfudan"
     assert config["train"]["lr"] == pytest.approx(1e-5)
     assert config["train"]["w_0"] == pytest.approx(1.1) and config["train"]["early_stopping"] == 50
-    assert any("use_ln" in n for n in notices) and any("input_shape is ignored" in n for n in notices)
+    assert any("use_ln" in n for n in notices) and any("input_shape is a legacy key" in n for n in notices)
+    # the seed's input_shape[0] (320) with its padding 1 sets train.tile_size: auto, and the run says so
+    assert config["train"]["tile_size"] == 320 and any(n.startswith("train.tile_size auto: 320 px") for n in notices)
     assert load_config(path, ["train.device=cpu", "unet.use_ln=false"])["unet"]["norm"] == "none"
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(path, ["unet.norm=batch"])
@@ -124,7 +126,10 @@ def test_device_and_class_weight_checks():
 
 
 def test_defaults_are_valid():
-    assert resolve({}) == default_config()
+    expected = default_config()
+    assert expected["train"]["tile_size"] == "auto"
+    expected["train"]["tile_size"] = 252  # auto: the valid size nearest 256 px for depth 4, padding 0
+    assert resolve({}) == expected
 
 
 def test_cli_unknown_key_fails_in_one_line():

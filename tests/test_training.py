@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import skimage.io
 import torch
 
 import step
@@ -17,6 +19,7 @@ import training
 from config import UserError, load_config
 from device import resolve_device
 from step import build_optimizer, lr_factor
+from tests.test_config import SEED_README_CONFIG
 from training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,5 +210,26 @@ def test_test_script_errors_are_one_line(tmp_path):
     config_path.write_text("unet:\n  input_channels: [4, 8, 16]\n  norm: layer\n")
     other = subprocess.run([sys.executable, "test.py", "--checkpoint", str(summary["run_weights"] / "best.pt"), "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert other.returncode == 1
-    lines = other.stderr.strip().splitlines()
+    lines = [line for line in other.stderr.strip().splitlines() if not line.startswith("note: train.tile_size auto")]  # other.yaml's tile is auto
     assert len(lines) == 1 and "unet.input_channels" in lines[0] and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]
+
+
+def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
+    """The seed repo's README config, unchanged but for the device, the data path, the network's
+    size and the length: padding 1 and its input_shape[0] (320) give the tile, pedestrians the data."""
+    rng = np.random.default_rng(0)
+    for folder in ("PNGImages", "PedMasks"):
+        (tmp_path / "PennFudanPed" / folder).mkdir(parents=True)
+    for index in range(10):  # Penn-Fudan's official layout: photos and instance-id masks
+        image = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+        mask = np.zeros((64, 80), np.uint8)
+        mask[10:50, 5 + index : 25 + index], mask[12:60, 40:60] = 1, 2
+        skimage.io.imsave(tmp_path / "PennFudanPed" / "PNGImages" / f"FudanPed{index:05d}.png", image, check_contrast=False)
+        skimage.io.imsave(tmp_path / "PennFudanPed" / "PedMasks" / f"FudanPed{index:05d}_mask.png", mask, check_contrast=False)
+    path = tmp_path / "seed.yaml"
+    path.write_text(SEED_README_CONFIG)
+    notices = []
+    config = load_config(path, ["train.device=cpu", f"train.data={tmp_path / 'PennFudanPed'}", "unet.input_channels=[4, 8]", "train.max_epochs=1", f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"], notices)
+    summary = train(config)
+    assert not summary["interrupted"] and summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
+    assert config["train"]["tile_size"] == 320 and "tiles of 320 px" in capsys.readouterr().out
