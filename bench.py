@@ -225,8 +225,8 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     """The loader (per worker count) and the augmentation, timed on the benchmark's batch."""
-    from config import load_config
     from augment import augment_batch
+    from config import load_config
     from dataset import EpochSampler, build_datasets
     from device import resolve_device
 
@@ -358,10 +358,11 @@ def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
     from dataset import list_samples
     from model import output_size
     from preprocess import mirror_pad, normalize_image
+    from readers import mask_settings
     from weight_maps import class_balance_weights, weight_map
 
     unet, train = config["unet"], config["train"]
-    samples = [sample.read(unet["num_classes"]) for sample in list_samples(config)[0]]
+    samples = [sample.read(mask_settings(config)) for sample in list_samples(config)[0]]
     class_weights = class_balance_weights([sample.label for sample in samples], unet["num_classes"])
     tile, out = train["tile_size"], output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
     margin = (tile - out) // 2

@@ -10,11 +10,15 @@ An entry is a folder ``cache_dir/<image name>-<key>/`` holding
 - ``border.npy`` (H, W) float16: the border term of the paper's weight map (absent where it is 0
   everywhere). The class weights are added per tile (``weight_maps.add_class_weights``), so an entry
   depends neither on the split nor on the class balance;
-- ``meta.json``: name, shape, channels of the source image and the pixel count of each class.
+- ``instances.npy`` (H, W) uint16 (uint32 beyond 65535 objects): the object ids, for the instance
+  scores of validation and test images (only in entries at the image's own size);
+- ``meta.json``: name, shape, channels of the source image, the pixel count of each class and how
+  the mask was read.
 
 The key hashes everything the arrays depend on: the source (the files' path, size and modification
 time, or a synthetic image's seed and index), the settings of preprocessing (``unet.image_channels``,
-``unet.num_classes``, ``train.image_scale``, ``train.w_0``, ``train.sigma``) and the code that
+``unet.num_classes``, ``train.image_scale``, ``train.w_0``, ``train.sigma``, ``train.mask_type``,
+``mask_values``, ``mask_colors``) and the code that
 computes them (the text of this module and of readers, synthetic, preprocess and weight_maps). Change
 any of them and the entry is built anew: nothing stale is read. Old entries stay until the folder is
 deleted, which is safe at any time.
@@ -55,6 +59,7 @@ from tqdm import tqdm
 
 from config import UserError
 from preprocess import normalize_image, resize_image, resize_mask, scaled_size
+from readers import mask_settings
 from weight_maps import border_weights, class_counts
 
 CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
@@ -65,7 +70,9 @@ POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the othe
 @dataclass(frozen=True)
 class PreparedImage:
     """One image's cache entry: ``shape`` (H, W) of its arrays, ``source_channels`` of the image file,
-    ``class_counts`` (pixels of each class), ``has_border`` (False: the border term is 0 everywhere)."""
+    ``class_counts`` (pixels of each class), ``has_border`` (False: the border term is 0 everywhere),
+    ``mask_read_as`` (``classes``, ``instances`` or ``generated``) and ``has_instances`` (the object
+    ids are stored: entries at the image's own size, which validation and test images use)."""
 
     folder: Path
     name: str
@@ -73,6 +80,8 @@ class PreparedImage:
     source_channels: int
     class_counts: tuple[int, ...]
     has_border: bool
+    mask_read_as: str = "classes"
+    has_instances: bool = False
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(image (C, H, W) float16, label (H, W) uint8, border (H, W) float16 or None)``, memory-mapped
@@ -81,11 +90,18 @@ class PreparedImage:
         border = np.load(self.folder / "border.npy", mmap_mode="r") if self.has_border else None
         return np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"), border
 
+    def instances(self) -> np.ndarray:
+        """(H, W) object ids (0 = none) of the image, in memory; a ValueError where they are not stored."""
+        if not self.has_instances:
+            raise ValueError(f"{self.folder}: this entry stores no object ids (a resized training image)")
+        return np.load(self.folder / "instances.npy")
+
 
 def preprocessing_settings(config: dict) -> dict:
-    """The settings of a config that enter an entry (besides the per-image ``train.image_scale``)."""
-    unet, train = config["unet"], config["train"]
-    return {"channels": unet["image_channels"], "num_classes": unet["num_classes"], "w_0": train["w_0"], "sigma": train["sigma"]}
+    """The settings of a config that enter an entry (besides the per-image ``train.image_scale``):
+    the channels, the border term's ``w_0`` and ``sigma``, and how masks are read (``readers.mask_settings``)."""
+    train = config["train"]
+    return {"channels": config["unet"]["image_channels"], "w_0": train["w_0"], "sigma": train["sigma"], **mask_settings(config)}
 
 
 def prepare_images(
@@ -148,9 +164,11 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
         expected = {"image": ((channels, height, width), np.float16), "label": ((height, width), np.uint8)}
         if meta["has_border"]:
             expected["border"] = ((height, width), np.float16)
+        if meta["instances_dtype"]:
+            expected["instances"] = ((height, width), np.dtype(meta["instances_dtype"]))
         for array, (shape, dtype) in expected.items():
             check_array_file(folder / f"{array}.npy", shape, dtype)
-        entry = PreparedImage(folder, meta["name"], (height, width), meta["source_channels"], tuple(meta["class_counts"]), meta["has_border"])
+        entry = PreparedImage(folder, meta["name"], (height, width), meta["source_channels"], tuple(meta["class_counts"]), meta["has_border"], meta["mask_read_as"], bool(meta["instances_dtype"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return entry, None
@@ -197,7 +215,7 @@ def build_entries(jobs: list[tuple], settings: dict, description: str, show_prog
 
 def build_entry(sample, scale: float, folder: Path, settings: dict) -> None:
     """Read one image, preprocess it as training needs it and write its entry atomically."""
-    data = sample.read(settings["num_classes"])
+    data = sample.read(settings)
     image = normalize_image(data.image, settings["channels"])
     label, instances = data.label, data.instances
     if scale != 1:
@@ -207,14 +225,19 @@ def build_entry(sample, scale: float, folder: Path, settings: dict) -> None:
     border = border_weights(label, instances, settings["w_0"], settings["sigma"])
     source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
     try:
-        write_entry(folder, data.name, image, label, border, source_channels, settings["num_classes"])
+        # object ids only where validation and test can use them: at the image's own size
+        write_entry(folder, data.name, image, label, border, source_channels, settings["num_classes"], instances if scale == 1 else None, data.mask_read_as)
     except OSError as error:  # a full disk, a folder without write permission
         raise UserError(f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set train.cache_dir to another folder") from None
 
 
-def write_entry(folder: Path, name: str, image: np.ndarray, label: np.ndarray, border: np.ndarray | None, source_channels: int, num_classes: int) -> PreparedImage:
-    """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` (H, W) or None)
-    into a temporary folder, then rename it to ``folder``: it appears whole or not at all."""
+def write_entry(
+    folder: Path, name: str, image: np.ndarray, label: np.ndarray, border: np.ndarray | None, source_channels: int, num_classes: int,
+    instances: np.ndarray | None = None, mask_read_as: str = "classes",
+) -> PreparedImage:
+    """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` and
+    ``instances`` (H, W) or None) into a temporary folder, then rename it to ``folder``: it appears
+    whole or not at all. Object ids are stored as uint16 where they fit, else uint32."""
     temporary = folder.with_name(f".{folder.name}.{host_name()}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     meta = {
@@ -223,6 +246,8 @@ def write_entry(folder: Path, name: str, image: np.ndarray, label: np.ndarray, b
         "source_channels": source_channels,
         "class_counts": class_counts(label, num_classes).tolist(),
         "has_border": border is not None,
+        "instances_dtype": None if instances is None else ("uint16" if instances.max(initial=0) < 2**16 else "uint32"),
+        "mask_read_as": mask_read_as,
     }
     try:
         temporary.mkdir()
@@ -230,6 +255,8 @@ def write_entry(folder: Path, name: str, image: np.ndarray, label: np.ndarray, b
         np.save(temporary / "label.npy", np.ascontiguousarray(label, dtype=np.uint8))
         if border is not None:
             np.save(temporary / "border.npy", np.ascontiguousarray(border, dtype=np.float16))
+        if instances is not None:
+            np.save(temporary / "instances.npy", np.ascontiguousarray(instances, dtype=meta["instances_dtype"]))
         (temporary / "meta.json").write_text(json.dumps(meta))
         os.rename(temporary, folder)
     except BaseException as error:

@@ -74,6 +74,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "train": {
         "dataset_name": Option("synthetic", "str", "synthetic (generated EM-like cells), isbi2012 (alias em, cells), pennfudan (alias pedestrian), folder", choices=DATASETS, aliases=DATASET_ALIASES),
         "data": Option("data", "str", "path to the data set (not used by synthetic)"),
+        "mask_type": Option("auto", "str", "how masks are read: classes (class indices, or 0/255 for two classes), instances (one integer id per object, two classes), auto (instances where a two-class mask holds other values than 0/1 or 0/255)", choices=("auto", "classes", "instances")),
+        "mask_values": Option(None, "number_list", "gray values of the masks for classes 0, 1, ... (e.g. [0, 128, 255]); null: the values are the classes", nullable=True),
+        "mask_colors": Option(None, "colour_list", "RGB colours of the masks for classes 0, 1, ... (e.g. [[0, 0, 0], [255, 0, 0], [0, 255, 0]]); null: masks are gray", nullable=True),
         "cache_dir": Option("cache", "str", "each image is preprocessed once (normalised, resized, weight map) into this folder and read from there; safe to delete"),
         "synthetic_images": Option(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2),
         "synthetic_size": Option(256, "int", "side of each synthetic image in pixels", minimum=32),
@@ -269,6 +272,13 @@ def resolve(user: dict, notices: list | None = None) -> dict:
         problems.append(f"train.class_weights: {len(class_weights)} weights given but unet.num_classes is {config['unet']['num_classes']}")
     if config["train"]["best_metric"] in ("val_rand_error", "val_vi") and config["unet"]["num_classes"] != 2:
         problems.append(f"train.best_metric: {config['train']['best_metric']} is measured on the cells of a two-class task, but unet.num_classes is {config['unet']['num_classes']}")
+    for key in ("mask_values", "mask_colors"):
+        if config["train"][key] is not None and len(config["train"][key]) != config["unet"]["num_classes"]:
+            problems.append(f"train.{key}: {len(config['train'][key])} given but unet.num_classes is {config['unet']['num_classes']}: one per class")
+    if config["train"]["dataset_name"] == "synthetic" and config["unet"]["num_classes"] not in (2, 3):
+        problems.append(f"unet.num_classes: the synthetic images have 2 classes (membrane, cell) or 3 (and organelles), not {config['unet']['num_classes']}")
+    if config["train"]["mask_type"] == "instances" and config["unet"]["num_classes"] != 2:
+        problems.append(f"train.mask_type: instances (one id per object) gives two classes, but unet.num_classes is {config['unet']['num_classes']}")
     if config["train"]["min_lr"] > config["train"]["lr"]:
         problems.append(f"train.min_lr ({config['train']['min_lr']}) is above train.lr ({config['train']['lr']})")
     modes = config["overfit_one_batch"]
@@ -323,6 +333,20 @@ def _check(name: str, option: Option, value: Any) -> Any:
         if value == "auto":
             return value
         value = _as_float(name, value)
+    elif option.kind == "number_list":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name}: expected a list of numbers such as [0, 128, 255], got {value!r}")
+        value = [_as_float(name, item) for item in value]
+        if len(set(value)) != len(value):
+            raise ValueError(f"{name}: each value may stand for one class only, got {value}")
+        return value
+    elif option.kind == "colour_list":
+        if not isinstance(value, list) or not value or not all(isinstance(colour, list) and len(colour) == 3 for colour in value):
+            raise ValueError(f"{name}: expected a list of [r, g, b] colours such as [[0, 0, 0], [255, 0, 0]], got {value!r}")
+        value = [[_as_int(name, channel) for channel in colour] for colour in value]
+        if any(not 0 <= channel <= 255 for colour in value for channel in colour) or len({tuple(colour) for colour in value}) != len(value):
+            raise ValueError(f"{name}: colours are distinct [r, g, b] of 0..255, got {value}")
+        return value
     elif option.kind == "int_or_auto":
         if value == "auto":
             return value

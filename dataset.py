@@ -6,6 +6,7 @@ there lazily: training tiles one at a time, validation and test images one whole
 so memory does not grow with the number of images.
 
     python dataset.py download {pennfudan,isbi2012} [--to data/]   # get the public data sets
+    python dataset.py check PATH                                    # a data set's fingerprint and config lines
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def list_samples(config: dict) -> tuple[list, list | None]:
     train = config["train"]
     name, root = train["dataset_name"], Path(train["data"])
     if name == "synthetic":
-        samples, val_samples = [SyntheticSample(f"synthetic {i}", train["seed"], i, train["synthetic_size"]) for i in range(train["synthetic_images"])], None
+        samples, val_samples = [SyntheticSample(f"synthetic {i}", train["seed"], i, train["synthetic_size"], config["unet"]["num_classes"]) for i in range(train["synthetic_images"])], None
     else:
         if not root.exists():
             raise UserError(f"train.data: {root} not found; point it at the {name} data (python dataset.py download {name} --to data/ helps get it)")
@@ -216,6 +217,9 @@ def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int 
     channels = sorted({image.source_channels for image in train_images + val_images})
     if channels != [unet["image_channels"]]:
         note(f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them")
+    if train["mask_type"] == "auto" and train["mask_values"] is None and train["mask_colors"] is None and (train["dataset_name"] == "folder" or train["val_data"]):
+        note(mask_decision(prepared))
+    note(data_summary(train_images, val_images, test_images))
     class_weights = configured_class_weights(train["class_weights"], train_images, unet["num_classes"])
     train_set = TileDataset(train_images, class_weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
     example_image, example_label, example_weight = WholeImageDataset(train_images[:1], class_weights)[0]
@@ -226,6 +230,32 @@ def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int 
         "class_weights": class_weights,
         "example": (example_image.numpy(), example_label.numpy(), example_weight.numpy()),
     }
+
+
+def data_summary(train_images: Sequence[PreparedImage], val_images: Sequence[PreparedImage], test_images: Sequence[PreparedImage]) -> str:
+    """One line on the data a run trains on (``python dataset.py check`` says more): counts, sizes,
+    channels and the class fractions of the training images."""
+    heights, widths = [image.shape[0] for image in train_images], [image.shape[1] for image in train_images]
+    counts = np.sum([image.class_counts for image in train_images], axis=0)
+    channels = sorted({image.source_channels for image in train_images})
+    return (
+        f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; training images "
+        f"{min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px, {'/'.join(map(str, channels))} channel(s), class fractions "
+        + ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
+    )
+
+
+def mask_decision(prepared: Sequence[PreparedImage]) -> str:
+    """The one line that says how ``train.mask_type: auto`` read the masks, and why."""
+    instances = [image.name for image in prepared if image.mask_read_as == "instances"]
+    classes = sum(image.mask_read_as == "classes" for image in prepared)
+    if not instances:
+        return f"train.mask_type auto: read the {classes} masks as class indices (0/255 or values below unet.num_classes); set train.mask_type to decide yourself"
+    because = "two classes, and the masks hold other values than 0/1 or 0/255"
+    return (
+        f"train.mask_type auto: read {len(instances)} of {len(prepared)} masks as one id per object, foreground = id > 0, the ids feeding the border weights "
+        f"({because}, e.g. {instances[0]}){f', and {classes} as class indices' if classes else ''}; set train.mask_type to decide yourself"
+    )
 
 
 def configured_class_weights(setting, train_images: Sequence[PreparedImage], num_classes: int) -> np.ndarray | None:
@@ -244,6 +274,10 @@ def configured_class_weights(setting, train_images: Sequence[PreparedImage], num
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] == ["check"]:
+        from datacheck import check_main
+
+        sys.exit(check_main(sys.argv[1:]))
     from download import download_main
 
     sys.exit(download_main(sys.argv[1:]))

@@ -14,23 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import skimage.io
+import tifffile
 import torch
 from torch import Tensor, nn
 
 from config import UserError
 from console import note
 from dataset import build_datasets
-from infer import evaluating, predict_with_config, predicted_classes
+from infer import evaluating, predict_with_config, predicted_classes, predicted_objects, uniform_prediction_note
 from losses import segmentation_loss
-from metrics import image_scores, pool_scores, segmentation_scores
+from metrics import image_scores, instance_f1, instance_matches, pool_scores, segmentation_scores
 from predict import mask_image
 from preprocess import network_margin, pad_for_model
 
 
-def diagnose(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool, split: str | None = None, threshold: float = 0.5) -> dict[str, float]:
+def diagnose(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool, split: str | None = None, threshold: float = 0.5, instances: bool = False) -> dict[str, float]:
     """Masks, figures and a printed table of scores for every image of ``split`` (``test``: the images
     of ``train.test_images``; ``val``: the validation images; default: test when there are test images);
-    returns the overall scores. The scores are those of the masks written to ``output/masks``."""
+    returns the overall scores. The scores are those of the masks written to ``output/masks``; with
+    two classes also the instance F1 at IoU 0.5 of the predicted objects against the true ones, and
+    with ``instances`` their ids as ``masks/<name>_instances.tif``."""
     data = build_datasets(config, note)
     split = split or ("test" if data["test"] is not None else "val")
     if data[split] is None:
@@ -38,46 +41,72 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
     dataset = data[split]
     predict, num_classes = config["predict"], config["unet"]["num_classes"]
     (output / "masks").mkdir(parents=True, exist_ok=True)
-    total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    cell_scores = []
+    total, cell_scores, objects, uniform = torch.zeros(num_classes, num_classes, dtype=torch.int64), [], np.zeros(3, dtype=np.int64), []
     print(f"{len(dataset)} {'test' if split == 'test' else 'validation'} images" + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else ""))
-    header = f"{'image':>24} {'pixel error':>12} {'Dice':>8} {'IoU':>8}" + (f" {'Rand error':>11} {'VI':>8}" if num_classes == 2 else "")
-    print(header)
+    columns = score_columns(num_classes)
+    print(f"{'image':>24}" + "".join(f" {title:>{width}}" for title, _, width in columns))
     for index, (image, label, weight) in enumerate(dataset):
         probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
-        mask_path = output / "masks" / f"{Path(dataset.names[index]).stem}.png"
+        name = dataset.names[index]
         classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"]).numpy()
+        mask_path = output / "masks" / f"{Path(name).stem}.png"
         skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)
         # score the mask as written: the file is what a user would submit
-        written = torch.from_numpy(skimage.io.imread(mask_path).astype(np.int64))
-        confusion, cells = image_scores(written // 255 if num_classes == 2 else written, label, num_classes)
+        written = skimage.io.imread(mask_path).astype(np.int64)
+        written = written // 255 if num_classes == 2 else written
+        confusion, cells = image_scores(torch.from_numpy(written), label, num_classes)
         total += confusion
-        scores = segmentation_scores(confusion)
-        line = f"{dataset.names[index]:>24} {scores['pixel_error']:>12.4f} {scores['dice']:>8.4f} {scores['iou']:>8.4f}"
+        scores = {**segmentation_scores(confusion), **(cells or {})}
         if cells:
             cell_scores.append(cells)
-            line += f" {cells['rand_error']:>11.4f} {cells['vi']:>8.4f}"
-        print(line)
-        title = f"{dataset.names[index]}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
-        save_prediction_figure(output / f"{split}_{index:03d}.png", image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy(), title)
-        whole = whole_image_batch(model, image, label, weight, device)
-        saliency = input_saliency(model, *whole, config["train"]["loss"])
-        margin = network_margin(model.depth, model.padding)
-        saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
-        save_saliency_figure(output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{dataset.names[index]}: |d loss / d input|")
-        if index == 0:
-            norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
-            save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {dataset.names[0]}")
-            save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {dataset.names[0]}")
+        if num_classes == 2:
+            found = predicted_objects(written)
+            matched = instance_matches(dataset.images[index].instances(), found)
+            objects += matched
+            scores["object_f1"] = instance_f1(*matched)
+            if instances:
+                tifffile.imwrite(output / "masks" / f"{Path(name).stem}_instances.tif", found.astype(np.uint16 if found.max() < 2**16 else np.uint32), photometric="minisblack")
+        if len(np.unique(written)) == 1:
+            uniform.append(name)
+        print(f"{name:>24}" + "".join(f" {scores[key]:>{width}.4f}" for _, key, width in columns))
+        save_image_figures(model, config, device, output, split, index, name, (image, label, weight), classes, probabilities, scores, layers)
     overall = pool_scores(total, cell_scores)
-    line = f"{'all':>24} {overall['pixel_error']:>12.4f} {overall['dice']:>8.4f} {overall['iou']:>8.4f}"
-    if cell_scores:
-        line += f" {overall['rand_error']:>11.4f} {overall['vi']:>8.4f}"
-    print(line)
     if num_classes == 2:
-        print("(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images)")
+        overall["object_f1"] = instance_f1(*objects)
+    print(f"{'all':>24}" + "".join(f" {overall[key]:>{width}.4f}" for _, key, width in columns))
+    if num_classes == 2:
+        print(f"(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images. Object F1: "
+              f"{objects[0]} of {objects[1]} true and {objects[2]} predicted objects matched at IoU > 0.5)")
+    if uniform:
+        note(uniform_prediction_note(uniform, len(dataset), f"{'test' if split == 'test' else 'validation'} images"))
     print(f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png")
     return overall
+
+
+def score_columns(num_classes: int) -> list[tuple[str, str, int]]:
+    """The table's columns ``(title, score key, width)``: pixel error, Dice and IoU of the foreground,
+    with two classes the Rand error, VI and object F1, with more the Dice of each class."""
+    columns = [("pixel error", "pixel_error", 12), ("Dice", "dice", 8), ("IoU", "iou", 8)]
+    if num_classes == 2:
+        return columns + [("Rand error", "rand_error", 11), ("VI", "vi", 8), ("object F1", "object_f1", 10)]
+    return columns + [(f"Dice {c}", f"dice_{c}", 8) for c in range(num_classes)]
+
+
+def save_image_figures(model, config: dict, device: torch.device, output: Path, split: str, index: int, name: str, item: tuple, classes: np.ndarray, probabilities: Tensor, scores: dict, layers: list[str] | None) -> None:
+    """The figures of one image: prediction panels and saliency; for the first image also the
+    per-layer gradient and weight norms and the activation maps."""
+    image, label, weight = item
+    title = f"{name}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
+    save_prediction_figure(output / f"{split}_{index:03d}.png", image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy(), title)
+    whole = whole_image_batch(model, image, label, weight, device)
+    saliency = input_saliency(model, *whole, config["train"]["loss"])
+    margin = network_margin(model.depth, model.padding)
+    saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
+    save_saliency_figure(output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|")
+    if index == 0:
+        norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
+        save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {name}")
+        save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {name}")
 
 
 def save_prediction_figure(path: Path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray, probability: np.ndarray, weight: np.ndarray, title: str) -> None:

@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from preprocess import mirrored_indices, network_margin, resize_image, scaled_size, take_window
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
+from preprocess import (
+    mirrored_indices,
+    network_margin,
+    resize_image,
+    scaled_size,
+    take_window,
+)
+from readers import object_instances
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
 DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
@@ -184,6 +191,22 @@ def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_s
     if watershed_seeds is not None:
         cells = separate_cells(cells, probabilities[1].numpy(), watershed_seeds)
     return torch.from_numpy(cells).long()
+
+
+def predicted_objects(classes: np.ndarray) -> np.ndarray:
+    """(H, W) int32 object ids of predicted (H, W) classes: the 4-connected components of each class
+    > 0 (for two classes, of class 1, after the watershed cut of ``predicted_classes``)."""
+    return object_instances(classes)
+
+
+def uniform_prediction_note(names: list[str], total: int, where: str) -> str:
+    """The one line for predictions that are a single class everywhere (``names``: those images, of
+    ``total`` in ``where``), naming the likely causes and what to check."""
+    which = f"all {total}" if len(names) == total else f"{len(names)} of {total} (e.g. {names[0]})"
+    return (
+        f"{which} {where} are predicted as a single class everywhere: check how the masks were read (python dataset.py check DATA; "
+        "train.mask_type, mask_values, mask_colors), the class balance (train.class_weights: balanced), and predict.threshold; early in training it can pass"
+    )
 
 
 def separate_cells(cells: np.ndarray, cell_probability: np.ndarray, seed_threshold: float) -> np.ndarray:

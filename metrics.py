@@ -1,5 +1,6 @@
-"""Segmentation metrics: pixel error, accuracy, per-class IoU and Dice from a confusion matrix, and the
-ISBI 2012 challenge's Rand error and variation of information on connected components."""
+"""Segmentation metrics: pixel error, accuracy, per-class IoU and Dice from a confusion matrix, the
+ISBI 2012 challenge's Rand error and variation of information on connected components, and the F1
+of matched objects (instance F1 at an IoU threshold)."""
 
 from __future__ import annotations
 
@@ -79,10 +80,11 @@ def em_segmentation_scores(cell_probability: np.ndarray, label: np.ndarray, thre
 
 def pool_scores(confusion: torch.Tensor, cell_scores: list[dict[str, float]]) -> dict[str, float]:
     """Scores of several images: ``pixel_error``, ``dice`` and ``iou`` from their summed confusion
-    matrix (pooled pixels), and ``rand_error`` and ``vi`` as means of their ``em_segmentation_scores``
-    (when given)."""
+    matrix (pooled pixels), with more than two classes also ``dice_<c>`` of each class, and
+    ``rand_error`` and ``vi`` as means of their ``em_segmentation_scores`` (when given)."""
     scores = segmentation_scores(confusion)
-    pooled = {key: scores[key] for key in ("pixel_error", "dice", "iou")}
+    per_class = [f"dice_{c}" for c in range(confusion.shape[0])] if confusion.shape[0] > 2 else []
+    pooled = {key: scores[key] for key in ("pixel_error", "dice", "iou", *per_class)}
     for key in ("rand_error", "vi") if cell_scores else ():
         pooled[key] = sum(item[key] for item in cell_scores) / len(cell_scores)
     return pooled
@@ -95,3 +97,28 @@ def image_scores(classes: torch.Tensor, label: torch.Tensor, num_classes: int) -
     confusion = confusion_matrix(classes, label, num_classes)
     cells = em_segmentation_scores((classes == 1).numpy(), label.numpy()) if num_classes == 2 else None
     return confusion, cells
+
+
+def instance_matches(true_ids: np.ndarray, predicted_ids: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
+    """``(matched, true objects, predicted objects)`` of two (H, W) integer id images (0 = no object).
+
+    A true and a predicted object match when their intersection over union exceeds ``threshold``;
+    from 0.5 on an object can match at most one other (two overlaps above half its union cannot
+    both fit), so counting the pairs above the threshold is the optimal matching.
+    """
+    true_ids, predicted_ids = np.asarray(true_ids).ravel(), np.asarray(predicted_ids).ravel()
+    true_labels, true_areas = np.unique(true_ids[true_ids > 0], return_counts=True)
+    predicted_labels, predicted_areas = np.unique(predicted_ids[predicted_ids > 0], return_counts=True)
+    both = (true_ids > 0) & (predicted_ids > 0)
+    if not both.any():
+        return 0, len(true_labels), len(predicted_labels)
+    pairs, intersections = np.unique(np.stack([true_ids[both], predicted_ids[both]]), axis=1, return_counts=True)
+    unions = true_areas[np.searchsorted(true_labels, pairs[0])] + predicted_areas[np.searchsorted(predicted_labels, pairs[1])] - intersections
+    return int(np.count_nonzero(intersections / unions > threshold)), len(true_labels), len(predicted_labels)
+
+
+def instance_f1(matched: int, true_objects: int, predicted_objects: int) -> float:
+    """F1 of the object matching: ``2 TP / (2 TP + FP + FN)`` = ``2 matched / (true + predicted)``;
+    1.0 when there is no object on either side."""
+    total = true_objects + predicted_objects
+    return 2 * matched / total if total else 1.0

@@ -19,7 +19,7 @@ import torch
 
 from config import UserError
 from console import note
-from infer import predict_with_config, predicted_classes
+from infer import predict_with_config, predicted_classes, predicted_objects, uniform_prediction_note
 from preprocess import image_statistics, network_margin, normalize_image, row_axis
 from readers import IMAGE_SUFFIXES, image_files, read_image, tiff_pages
 
@@ -87,50 +87,76 @@ def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45)
     return np.where(tint, (1 - opacity) * pixels + opacity * colours, pixels).astype(np.uint8)
 
 
-def predict_files(model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device, threshold: float = 0.5) -> list[Path]:
-    """Write a mask (and optionally probabilities and overlays) for every input; returns the masks.
+def predict_files(
+    model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device, threshold: float = 0.5, instances: bool = False
+) -> list[Path]:
+    """Write a mask (and optionally probabilities, object ids and overlays) for every input; returns
+    the masks.
 
     A multi-page TIFF is read, predicted and written a page at a time, so memory follows one page,
     not the stack. Outputs are written under temporary names and renamed when complete: an
-    interrupted run leaves no half-written mask.
+    interrupted run leaves no half-written mask. ``instances`` writes ``<name>_instances.tif``: uint16
+    object ids, the 4-connected components of class 1 after the watershed cut of
+    ``predict.watershed_seeds``.
     """
-    predict, channels = config["predict"], config["unet"]["image_channels"]
+    channels = config["unet"]["image_channels"]
     output.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, uniform, total = [], [], 0
     for path in inputs:
         shapes, pages = image_pages(path, channels)
-        count, stack = len(shapes), len(shapes) > 1
+        stack = len(shapes) > 1
         if not stack and plane_pixels(shapes[0]) > BAND_PIXELS:
+            if instances:
+                note(f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)")
             image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
             written.append(predict_large_image(model, config, path, next(pages) if image is None else image, output, probabilities, tta, device, threshold))
             continue
-        suffix = ".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"
-        mask_path, probability_path = output / (path.stem + suffix), output / f"{path.stem}_probability.tif"
-        if mask_path.resolve() == path.resolve():
+        targets = {"mask": output / (path.stem + (".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"))}
+        if probabilities:
+            targets["probability"] = output / f"{path.stem}_probability.tif"
+        if instances:
+            targets["instances"] = output / f"{path.stem}_instances.tif"
+        if targets["mask"].resolve() == path.resolve():
             raise UserError(f"--output {output}: the mask would overwrite its input {path}; choose another folder")
+        pixels = sum(plane_pixels(shape) for shape in shapes)
+        bytes_per_pixel = {"mask": 1, "probability": 4, "instances": 2}
         with contextlib.ExitStack() as open_files:
-            pixels = sum(plane_pixels(shape) for shape in shapes)
-            mask_writer = open_files.enter_context(tifffile.TiffWriter(partial(mask_path), bigtiff=needs_bigtiff(pixels))) if suffix == ".tif" else None
-            probability_writer = open_files.enter_context(tifffile.TiffWriter(partial(probability_path), bigtiff=needs_bigtiff(4 * pixels))) if probabilities else None
+            writers = {key: open_files.enter_context(tifffile.TiffWriter(partial(target), bigtiff=needs_bigtiff(bytes_per_pixel[key] * pixels))) for key, target in targets.items() if target.suffix == ".tif"}
             for index, image in enumerate(pages):
-                normalized = torch.from_numpy(normalize_image(image, channels)).to(device)
-                result = predict_with_config(model, normalized, config, tta)
-                classes = predicted_classes(result, threshold, predict["watershed_seeds"]).numpy()
-                mask = mask_image(classes, result.shape[0])
-                if mask_writer is None:
-                    skimage.io.imsave(partial(mask_path), mask, check_contrast=False)
-                else:
-                    mask_writer.write(mask, photometric="minisblack", contiguous=True)
-                if probability_writer is not None:
-                    probability_writer.write(result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32), photometric="minisblack", contiguous=True)
+                page = predict_page(model, image, config, tta, device, threshold, set(targets), f"{path.name}" + (f" page {index}" if stack else ""))
+                for key, writer in writers.items():
+                    writer.write(page[key], photometric="minisblack", contiguous=True)
+                if "mask" not in writers:
+                    skimage.io.imsave(partial(targets["mask"]), page["mask"], check_contrast=False)
                 if overlay:
-                    name = f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"
-                    skimage.io.imsave(output / name, overlay_image(image, classes), check_contrast=False)
-        for finished in (mask_path, probability_path) if probabilities else (mask_path,):
-            os.replace(partial(finished), finished)
-        written.append(mask_path)
-        print(f"{path} -> {mask_path}" + (f" ({count} slices)" if stack else ""))
+                    skimage.io.imsave(output / (f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"), overlay_image(image, page["classes"]), check_contrast=False)
+                uniform += [f"{path.name}" + (f" page {index}" if stack else "")] if page["uniform"] else []
+                total += 1
+        for target in targets.values():
+            os.replace(partial(target), target)
+        written.append(targets["mask"])
+        print(f"{path} -> {targets['mask']}" + (f" ({len(shapes)} slices)" if stack else ""))
+    if uniform:
+        note(uniform_prediction_note(uniform, total, "predicted images"))
     return written
+
+
+def predict_page(model, image: np.ndarray, config: dict, tta: bool, device: torch.device, threshold: float, outputs: set[str], name: str) -> dict:
+    """One image's ``classes`` (H, W) int64 and, as they are written, its ``mask``, its class-1
+    ``probability`` (float32) and its object ids (``instances``, uint16) where ``outputs`` asks for
+    them, and whether it is a single class everywhere (``uniform``)."""
+    channels = config["unet"]["image_channels"]
+    result = predict_with_config(model, torch.from_numpy(normalize_image(image, channels)).to(device), config, tta)
+    classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"]).numpy()
+    page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}
+    if "probability" in outputs:
+        page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
+    if "instances" in outputs:
+        objects = predicted_objects(classes)
+        if objects.max() >= 2**16:
+            raise UserError(f"{name}: {objects.max()} objects, more than a uint16 TIFF of object ids holds (65535): split the image")
+        page["instances"] = objects.astype(np.uint16)
+    return page
 
 
 def needs_bigtiff(data_bytes: int) -> bool:

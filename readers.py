@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import skimage.io
 import tifffile
 from skimage import measure
@@ -24,25 +25,36 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 class Sample:
     """One annotated image as read from disk: ``image`` (H, W) or (H, W, C) of the file's dtype,
     ``label`` (H, W) uint8 class indices, ``instances`` (H, W) int32 object ids (0 = none) for the
-    weight map, and ``name`` (file or slice) for messages."""
+    weight map, ``name`` (file or slice) for messages, and ``mask_read_as``: how its mask was read
+    (``classes`` or ``instances``; ``generated`` for synthetic images)."""
 
     image: np.ndarray
     label: np.ndarray
     instances: np.ndarray
     name: str
+    mask_read_as: str = "classes"
+
+
+MASK_TYPES = ("auto", "classes", "instances")
+
+
+def mask_settings(config: dict) -> dict:
+    """What reading a mask depends on: ``unet.num_classes`` and ``train.mask_type``, ``mask_values``
+    and ``mask_colors``."""
+    train = config["train"]
+    return {"num_classes": config["unet"]["num_classes"], "mask_type": train["mask_type"], "mask_values": train["mask_values"], "mask_colors": train["mask_colors"]}
 
 
 @dataclass(frozen=True)
 class FileSample:
     """One annotated image on disk, not yet read: ``image`` and ``mask`` files (``page``: the slice of
-    multi-page TIFF stacks, None for single images) and how the mask is read: ``classes`` (class
-    indices, or 0/255 for two classes; objects are the 4-connected components of each class) or
-    ``instances`` (one id per object, every id > 0 is class 1, as Penn-Fudan's masks)."""
+    multi-page TIFF stacks, None for single images) and how its data set's masks are read by default
+    (``mask_kind``, one of ``MASK_TYPES``; ``train.mask_type`` overrides it unless that is auto)."""
 
     name: str
     image: Path
     mask: Path
-    mask_kind: str = "classes"
+    mask_kind: str = "auto"
     page: int | None = None
 
     def identity(self) -> list:
@@ -54,17 +66,16 @@ class FileSample:
             files.append([str(path.resolve()), status.st_size, status.st_mtime_ns])
         return ["file", files, self.page, self.mask_kind]
 
-    def read(self, num_classes: int) -> Sample:
-        """Read the image and its mask as a ``Sample``; a UserError names a file that does not fit."""
-        image, mask = read_image(self.image, self.page), read_image(self.mask, self.page)
+    def read(self, settings: dict) -> Sample:
+        """Read the image and its mask as a ``Sample``, the mask as ``settings`` (``mask_settings``)
+        say; a UserError names a file that does not fit."""
+        image, mask = read_image(self.image, self.page), read_mask(self.mask, self.page)
         where = f"{self.mask} page {self.page}" if self.page is not None else str(self.mask)
         if image.shape[:2] != mask.shape[:2]:
             raise UserError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {self.name} is {image.shape[1]}x{image.shape[0]}")
-        if self.mask_kind == "instances":
-            instances = (mask[..., 0] if mask.ndim == 3 else mask).astype(np.int32)
-            return Sample(image, (instances > 0).astype(np.uint8), instances, self.name)
-        label = label_from_mask(mask, num_classes, where)
-        return Sample(image, label, object_instances(label), self.name)
+        kind = settings["mask_type"] if settings["mask_type"] != "auto" else self.mask_kind
+        label, instances, read_as = label_from_mask(mask, settings, where, kind)
+        return Sample(image, label, instances, self.name, read_as)
 
 
 def read_image(path: Path, page: int | None = None) -> np.ndarray:
@@ -81,6 +92,19 @@ def read_image(path: Path, page: int | None = None) -> np.ndarray:
         raise UserError(f"{path}: cannot read this image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
+def read_mask(path: Path, page: int | None = None) -> np.ndarray:
+    """A mask file's values as stored: a palette image (PNG, BMP) gives its palette indices, which
+    labelling tools use as class indices, not the colours they stand for."""
+    if path.suffix.lower() in (".png", ".bmp"):
+        try:
+            with PIL.Image.open(path) as image:
+                if image.mode == "P":
+                    return np.array(image)
+        except Exception:  # read_image names an unreadable file
+            pass
+    return read_image(path, page)
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files of ``folder``, sorted by name; a UserError if there is none."""
     if not folder.is_dir():
@@ -92,40 +116,115 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def pair_by_stem(image_folder: Path, mask_folder: Path) -> list[tuple[Path, Path]]:
-    """Each image with its mask: the mask file of the same stem, or of the stem plus ``_mask``."""
+    """Each image with its mask: the mask file of the same stem, or of the stem plus ``_mask``; a
+    UserError names the first image without exactly one mask."""
+    pairs, problems, _ = match_by_stem(image_folder, mask_folder)
+    if problems:
+        raise UserError(problems[0])
+    return pairs
+
+
+def match_by_stem(image_folder: Path, mask_folder: Path) -> tuple[list[tuple[Path, Path]], list[str], list[Path]]:
+    """``(pairs, problems, masks without an image)``: the images with exactly one mask of the same
+    stem (or the stem plus ``_mask``), a line per image with none or several, and the unused masks."""
     masks: dict[str, list[Path]] = {}
     for path in image_files(mask_folder):
         stem = path.stem[: -len("_mask")] if path.stem.endswith("_mask") else path.stem
         masks.setdefault(stem, []).append(path)
-    pairs = []
-    for image in image_files(image_folder):
+    pairs, problems, images = [], [], image_files(image_folder)
+    for image in images:
         found = masks.get(image.stem, [])
         if not found:
-            raise UserError(f"{image}: no mask named {image.stem}.* or {image.stem}_mask.* in {mask_folder}")
-        if len(found) > 1:
-            raise UserError(f"{image}: several masks match ({', '.join(p.name for p in found)}); keep one")
-        pairs.append((image, found[0]))
-    return pairs
-
-
-def label_from_mask(mask: np.ndarray, num_classes: int, name: str) -> np.ndarray:
-    """Class indices (H, W) uint8 from a mask file's pixels: 0/255 binary masks become 0/1.
-
-    Masks must hold one channel (gray or identical RGB channels) of class indices 0..num_classes-1,
-    or 0 and 255 only when there are two classes.
-    """
-    if mask.ndim == 3:
-        if mask.shape[-1] in (3, 4) and np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2]):
-            mask = mask[..., 0]
+            problems.append(f"{image}: no mask named {image.stem}.* or {image.stem}_mask.* in {mask_folder}")
+        elif len(found) > 1:
+            problems.append(f"{image}: several masks match ({', '.join(p.name for p in found)}); keep one")
         else:
-            raise UserError(f"{name}: mask is a colour image; save masks with one channel of class indices (0..{num_classes - 1}) or 0/255")
+            pairs.append((image, found[0]))
+    stems = {image.stem for image in images}
+    return pairs, problems, [path for stem, paths in masks.items() if stem not in stems for path in paths]
+
+
+def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+    """``(label, instances, read_as)`` of a mask's values: (H, W) uint8 class indices, (H, W) int32
+    object ids for the weight map, and ``classes`` or ``instances``.
+
+    - RGB masks map colours to classes by ``mask_colors`` (``[[r, g, b], ...]``, class i = colour i);
+      gray masks stored as RGB (equal channels) are gray.
+    - ``mask_values`` maps gray values to classes (class i = value i), e.g. ``[0, 128, 255]``.
+    - ``kind`` ``instances``: one integer id per object, 0 = background; class 1 where id > 0 (two
+      classes). ``classes``: class indices 0..num_classes-1, or 0/255 (and 0/1, 0.0/1.0) for two
+      classes; objects are the 4-connected components of each class. ``auto``: instances when there
+      are two classes and the mask holds other values than 0/1 or 0/255, else classes.
+
+    A value or colour outside the mapping is a UserError that lists the values found and the key to set.
+    """
+    num_classes = settings["num_classes"]
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        if settings["mask_colors"] is not None:
+            label = mapped(colour_codes(mask), [colour_code(colour) for colour in settings["mask_colors"]], name, "colour", "train.mask_colors", colours_of(mask))
+            return label, object_instances(label), "classes"
+        if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
+            raise UserError(f"{name}: mask is a colour image with the colours {listed(colours_of(mask))}: set train.mask_colors: [[r, g, b], ...] (class i = colour i), or save masks with one channel of class indices")
+        mask = mask[..., 0]
+    elif mask.ndim != 2:
+        raise UserError(f"{name}: a mask of shape {mask.shape}; expected one channel (H, W) or RGB (H, W, 3)")
     values = np.unique(mask)
+    if settings["mask_values"] is not None:
+        label = mapped(mask, settings["mask_values"], name, "value", "train.mask_values", values.tolist())
+        return label, object_instances(label), "classes"
+    integers = bool(np.all(values == np.round(values))) and values.min() >= 0
+    binary = set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}
+    if kind == "auto":
+        kind = "instances" if num_classes == 2 and integers and not binary else "classes"
+    if kind == "instances":
+        if not integers:
+            raise UserError(f"{name}: instance masks hold integer ids >= 0, found {listed(values.tolist())}")
+        instances = mask.astype(np.int32)
+        return (instances > 0).astype(np.uint8), instances, "instances"
     if num_classes == 2 and set(values.tolist()) <= {0, 255}:
-        return (mask == 255).astype(np.uint8)
-    if values.min() < 0 or values.max() >= num_classes or not np.array_equal(values, np.round(values)):
+        label = (mask == 255).astype(np.uint8)
+        return label, object_instances(label), "classes"
+    if not integers or values.max() >= num_classes:
         bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))][0]
-        raise UserError(f"{name}: mask value {bad:g} is not a class of unet.num_classes={num_classes} (expected 0..{num_classes - 1}, or 0/255 for two classes)")
-    return mask.astype(np.uint8)
+        hint = f"train.mask_values: {values.tolist()} maps them to classes 0..{num_classes - 1}" if len(values) == num_classes else f"set train.mask_values to map {num_classes} values to classes 0..{num_classes - 1}"
+        raise UserError(f"{name}: mask value {bad:g} is not a class of unet.num_classes={num_classes} (values found: {listed(values.tolist())}; expected 0..{num_classes - 1}, or 0/255 for two classes): {hint}")
+    label = mask.astype(np.uint8)
+    return label, object_instances(label), "classes"
+
+
+def colour_code(colour) -> int:
+    """An RGB colour ``[r, g, b]`` as one integer ``r * 65536 + g * 256 + b``."""
+    return int(colour[0]) << 16 | int(colour[1]) << 8 | int(colour[2])
+
+
+def colours_of(mask: np.ndarray) -> list[list[int]]:
+    """The distinct ``[r, g, b]`` colours of an (H, W, 3 or 4) mask, sorted."""
+    return [[int(code) >> 16, int(code) >> 8 & 255, int(code) & 255] for code in np.unique(colour_codes(mask))]
+
+
+def colour_codes(mask: np.ndarray) -> np.ndarray:
+    """(H, W) int64 ``colour_code`` of each pixel of an (H, W, 3 or 4) mask (alpha ignored)."""
+    rgb = mask[..., :3].astype(np.int64)
+    return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+
+
+def mapped(values: np.ndarray, table: list, name: str, what: str, key: str, found: list) -> np.ndarray:
+    """(H, W) uint8: the index in ``table`` of each of ``values``; a UserError lists what was found
+    when a value is not in the table."""
+    keys = np.asarray(table, dtype=np.float64)
+    order = np.argsort(keys)
+    positions = np.clip(np.searchsorted(keys[order], values), 0, len(keys) - 1)
+    known = keys[order][positions] == values
+    if not np.all(known):
+        bad = values[~known].flat[0]
+        shown = [int(bad) >> 16, int(bad) >> 8 & 255, int(bad) & 255] if what == "colour" else f"{bad:g}"
+        raise UserError(f"{name}: mask {what} {shown} is not in {key} (found: {listed(found)}): add it to {key}")
+    return order[positions].astype(np.uint8)
+
+
+def listed(items: list, shown: int = 8) -> str:
+    """The first ``shown`` items, and how many there are in all when there are more."""
+    return ", ".join(str(item) for item in items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 def object_instances(label: np.ndarray) -> np.ndarray:
@@ -146,7 +245,7 @@ def tiff_pages(path: Path) -> list[tuple[int, ...]]:
         raise UserError(f"{path}: cannot read this TIFF ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
-def read_folder_pairs(image_folder: Path, mask_folder: Path, mask_kind: str = "classes") -> list[FileSample]:
+def read_folder_pairs(image_folder: Path, mask_folder: Path, mask_kind: str = "auto") -> list[FileSample]:
     """Images and masks paired by stem (``pair_by_stem``), named by the image file."""
     return [FileSample(image.name, image, mask, mask_kind) for image, mask in pair_by_stem(image_folder, mask_folder)]
 
@@ -165,10 +264,10 @@ def read_isbi2012(root: Path) -> list[FileSample]:
         image_pages, label_pages = tiff_pages(volume), tiff_pages(labels)
         if image_pages != label_pages:
             raise UserError(f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s {len(image_pages)} of {image_pages[0]}")
-        return [FileSample(f"{volume.name} slice {index}", volume, labels, page=index) for index in range(len(image_pages))]
+        return [FileSample(f"{volume.name} slice {index}", volume, labels, "classes", page=index) for index in range(len(image_pages))]
     for folder in (root, root / "train"):
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
-            return read_folder_pairs(folder / "images", folder / "labels")
+            return read_folder_pairs(folder / "images", folder / "labels", "classes")
     raise UserError(f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see python dataset.py download isbi2012)")
 
 

@@ -107,7 +107,7 @@ def _dark_blobs(
 
 
 def synthetic_em(
-    size: int, rng: np.random.Generator, cell_diameter: float = 24.0
+    size: int, rng: np.random.Generator, cell_diameter: float = 24.0, classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate one synthetic EM slice with neuronal membranes.
 
@@ -132,6 +132,11 @@ def synthetic_em(
         state.
     cell_diameter : float, optional
         Typical distance between neighbouring cell centres in pixels.
+    classes : int, optional
+        2: membrane and cell interior; 3: the dark blobs inside cells become a
+        class of their own (organelles), so a model must tell them from
+        membranes of the same darkness by their shape. The image does not
+        depend on it.
 
     Returns
     -------
@@ -139,7 +144,7 @@ def synthetic_em(
         Gray values in [0, 1]; membranes are dark.
     label : ndarray of uint8, shape (size, size)
         1 = cell interior, 0 = membrane (ISBI 2012 polarity, where the real
-        labels store 255 for interior).
+        labels store 255 for interior); with ``classes=3``, 2 = organelle.
     instances : ndarray of int32, shape (size, size)
         0 on membrane, 1..n for the cells: the 4-connected components of
         ``label == 1``, numbered as ``skimage.measure.label(label == 1,
@@ -221,6 +226,8 @@ def synthetic_em(
     # shape tells them apart.
     in_blob, blob_level = _dark_blobs(edge_distance - 0.5 * thickness, cell_diameter, rng)
     image[in_blob] = blob_level[in_blob]
+    if classes == 3:
+        label[in_blob & interior] = 2
 
     image = ndimage.gaussian_filter(image, 1.0)
     image += rng.normal(0.0, 0.06, size=image.shape)
@@ -258,20 +265,21 @@ def synthetic_em_set(
 @dataclass(frozen=True)
 class SyntheticSample:
     """Image ``index`` of the synthetic set of ``seed``, generated when read: the same image as
-    ``synthetic_em_set(count, size, seed)[index]`` for any ``count``."""
+    ``synthetic_em_set(count, size, seed)[index]`` for any ``count``, with 2 or 3 ``classes``."""
 
     name: str
     seed: int
     index: int
     size: int
+    classes: int = 2
 
     def identity(self) -> list:
         """What the pixels depend on (with the generator's code, which the cache hashes)."""
-        return ["synthetic", self.seed, self.index, self.size]
+        return ["synthetic", self.seed, self.index, self.size, self.classes]
 
-    def read(self, num_classes: int) -> Sample:
-        """Generate the image; ``num_classes`` is not needed (labels are 0/1) but kept for the common interface."""
+    def read(self, settings: dict) -> Sample:
+        """Generate the image (``settings``, the mask settings of ``readers.FileSample.read``, do not apply)."""
         # the index-th child of SeedSequence(seed), as SeedSequence.spawn makes it
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.index,)))
-        image, label, instances = synthetic_em(self.size, rng)
-        return Sample(image, label, instances, self.name)
+        image, label, instances = synthetic_em(self.size, rng, classes=self.classes)
+        return Sample(image, label, instances, self.name, "generated")

@@ -1,6 +1,6 @@
 """Use and inspect a trained U-Net: predict masks for new images, or look at its validation diagnostics.
 
-    python test.py --input FILE|DIR|STACK.tif --output DIR [--probabilities] [--overlay] [--tta]
+    python test.py --input FILE|DIR|STACK.tif --output DIR [--probabilities] [--instances] [--overlay] [--tta]
     python test.py [--split test|val] [--show] [--layers inc]  # masks, scores and diagnostics on held-out images
     python test.py --export model.onnx                          # ONNX with dynamic height and width
 
@@ -11,7 +11,8 @@ such as ``train.device=cpu`` or ``predict.tile_size=572``.
 With ``--input``, each image gets a mask of the same name in ``--output``: for two classes a 0/255 PNG
 (255 = class 1; for ISBI 2012 this is the challenge's label convention), for more classes a PNG of
 class indices; a multi-page TIFF gives a multi-page TIFF. ``--probabilities`` adds float32 TIFFs of the
-class-1 probability, ``--overlay`` colour overlays on the input.
+class-1 probability, ``--instances`` uint16 TIFFs of object ids (connected components of class 1),
+``--overlay`` colour overlays on the input.
 
 Without ``--input``, for each test image (``train.test_images``; else each validation image, or choose
 with ``--split``) it writes the mask to ``masks/`` and scores it, and saves a figure with input,
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)")
     parser.add_argument("--probabilities", action="store_true", help="also write float32 class-1 probability TIFFs")
     parser.add_argument("--overlay", action="store_true", help="also write colour overlays of the prediction on the input")
+    parser.add_argument("--instances", action="store_true", help="also write uint16 TIFFs of object ids (the connected components of class 1 after predict.watershed_seeds' cut)")
     parser.add_argument("--tta", action="store_true", help="average over the flips and turns that the training augmentation covered (as predict.tta=true)")
     parser.add_argument("--split", choices=("test", "val"), help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)")
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
@@ -61,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         threshold = decision_threshold(config, state)
         if args.input:
-            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, threshold)
+            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, threshold, args.instances)
             return 0
         run_name = state["progress"].get("run_name") or state["path"].parent.name
         output = args.output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
-        diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold)
+        diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold, args.instances)
     except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
     if args.show:

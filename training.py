@@ -35,14 +35,27 @@ from tqdm import tqdm
 
 import search
 from augment import augment_on_device
-from checkpoint import find_resume_checkpoint, load_checkpoint, restore, save_checkpoint, training_state
+from checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    training_state,
+)
 from config import DEFAULT_CONFIG, HIGHER_IS_BETTER, UserError, load_config
 from console import first_line, note, report_error
 from dataset import EpochSampler, build_datasets
 from device import prepare_device
 from distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
+from infer import uniform_prediction_note
 from model import build_model, count_parameters
-from runs import new_run_name, plot_curves, read_metrics, start_run_folders, write_metrics
+from runs import (
+    new_run_name,
+    plot_curves,
+    read_metrics,
+    start_run_folders,
+    write_metrics,
+)
 from step import build_optimizer, build_scheduler, train_step
 from validation import calibrate, evaluate
 
@@ -78,6 +91,7 @@ class Run:
     run_log: Path
     run_weights: Path
     rows: list[dict]
+    warned_uniform: bool = False  # the note on predictions of a single class is given once
 
     @property
     def main_process(self) -> bool:
@@ -280,6 +294,9 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
     scores = evaluate(run.model, run.data["val"], run.device, run.config, run.rank, run.world_size)
     if not math.isfinite(scores["val_loss"]):
         raise UserError(f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run.run_weights}")
+    if scores.get("uniform_images") == len(run.data["val"]) and not run.warned_uniform:
+        note(f"epoch {epoch + 1}: " + uniform_prediction_note(run.data["val"].names, len(run.data["val"]), "validation images"))
+        run.warned_uniform = True
     best_metric = run.config["train"]["best_metric"]
     if improved(scores[best_metric], run.progress["best_value"], best_metric):
         run.progress.update(best_value=scores[best_metric], best_epoch=epoch + 1)

@@ -24,12 +24,13 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
     ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
     ``val_rand_error`` and ``val_vi`` (the ISBI 2012 measures on the cells) are means over the images.
     Two classes are told apart as ``infer.predicted_classes`` says, at ``predict.threshold`` (0.5 while
-    it is ``auto``, not yet calibrated). With several processes each predicts every ``world_size``-th
-    image and all of them get the scores of all images.
+    it is ``auto``, not yet calibrated). ``uniform_images`` counts the images predicted as a single
+    class everywhere (not a column of metrics.csv). With several processes each predicts every
+    ``world_size``-th image and all of them get the scores of all images.
     """
     predict, num_classes = config["predict"], config["unet"]["num_classes"]
     threshold = 0.5 if predict["threshold"] == "auto" else predict["threshold"]
-    losses, cell_scores = [], []
+    losses, cell_scores, uniform = [], [], 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for index in range(rank, len(dataset), world_size):
         image, label, weight = dataset[index]
@@ -37,16 +38,20 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
         # log-probabilities are logits whose softmax is the probabilities, so the training loss applies
         log_probabilities = probabilities.clamp_min(1e-12).log()[None]
         losses.append(segmentation_loss(config["train"]["loss"], log_probabilities, label[None], weight[None]).item())
-        image_confusion, cells = image_scores(predicted_classes(probabilities, threshold, predict["watershed_seeds"]), label, num_classes)
+        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"])
+        uniform += int(classes.min() == classes.max())
+        image_confusion, cells = image_scores(classes, label, num_classes)
         confusion += image_confusion
         if cells:
             cell_scores.append(cells)
     if world_size > 1:
-        shards = gather_from_processes((losses, confusion, cell_scores), world_size)
+        shards = gather_from_processes((losses, confusion, cell_scores, uniform), world_size)
         losses = [loss for shard in shards for loss in shard[0]]
         confusion = sum(shard[1] for shard in shards)
         cell_scores = [scores for shard in shards for scores in shard[2]]
-    return {"val_loss": sum(losses) / len(losses), **{f"val_{key}": value for key, value in pool_scores(confusion, cell_scores).items()}}
+        uniform = sum(shard[3] for shard in shards)
+    scores = {f"val_{key}": value for key, value in pool_scores(confusion, cell_scores).items()}
+    return {"val_loss": sum(losses) / len(losses), **scores, "uniform_images": uniform}
 
 
 def calibrate(checkpoint_path: Path, dataset, device: torch.device, config: dict) -> float:

@@ -16,7 +16,14 @@ import cache
 from cache import prepare_images, preprocessing_settings, read_entry
 from config import UserError, load_config
 from dataset import build_datasets, list_samples
-from preprocess import mirror_pad, normalize_image, resize_image, resize_mask, scaled_size
+from preprocess import (
+    mirror_pad,
+    normalize_image,
+    resize_image,
+    resize_mask,
+    scaled_size,
+)
+from readers import mask_settings
 from training import train
 from weight_maps import class_balance_weights, weight_map
 
@@ -61,7 +68,7 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
     # the whole arrays, computed directly as before the cache: every pixel in memory, float32 and float64
     direct = {}
     for sample in samples:
-        read = sample.read(2)
+        read = sample.read(mask_settings(config))
         image, label = normalize_image(read.image, 1), read.label
         instances = measure.label(label, connectivity=1)
         if scale != 1:
@@ -88,7 +95,7 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
         np.testing.assert_allclose(weight_tile.numpy(), padded[2][window], rtol=2**-11)
         assert weight_tile.max() > 2 * class_weights.max()  # the border term is there
     val_image, val_label, val_weight = data["val"][0]
-    sample = next(s for s in samples if s.name == data["val"].names[0]).read(2)
+    sample = next(s for s in samples if s.name == data["val"].names[0]).read(mask_settings(config))
     assert np.array_equal(val_image.numpy(), normalize_image(sample.image, 1))  # validation images keep their size
     assert np.array_equal(val_label.numpy(), sample.label)
     np.testing.assert_allclose(val_weight.numpy(), weight_map(sample.label, measure.label(sample.label, connectivity=1), 10.0, 5.0, class_weights), rtol=2**-11)
@@ -130,6 +137,7 @@ def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, monkeypatch):
     notes, built = [], count_builds(monkeypatch)
     second = build_datasets(config, notes.append)["train"]
     assert built == [entry.name]
+    notes = [line for line in notes if line.startswith("cache entry")]
     assert len(notes) == 1 and str(entry.folder) in notes[0] and entry.name in notes[0] and "incomplete or damaged" in notes[0] and "image.npy" in notes[0]
     rebuilt = [np.array(array) for array in second.images[0].arrays() if array is not None]
     assert all(np.array_equal(a, b) for a, b in zip(expected, rebuilt))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from skimage import measure
 
 from losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
-from metrics import confusion_matrix, segmentation_scores
+from metrics import confusion_matrix, instance_f1, instance_matches, segmentation_scores
 
 
 def random_case(seed=0, classes=3, size=6):
@@ -134,3 +134,18 @@ def ndimage_smooth(noise):
 
     smooth = ndimage.gaussian_filter(noise, 2)
     return (smooth - smooth.min()) / (smooth.max() - smooth.min())
+
+
+def test_instance_f1_by_hand():
+    truth = np.zeros((10, 12), int)
+    predicted = np.zeros((10, 12), int)
+    truth[0:4, 0:4] = 7  # 16 px
+    predicted[0:4, 0:3] = 3  # 12 px inside it: IoU 12 / 16 = 0.75 > 0.5, a match
+    truth[6:10, 6:10] = 9  # 16 px
+    predicted[6:8, 6:10] = 4  # 8 px inside it: IoU 8 / 16 = 0.5, not above 0.5: no match
+    predicted[0:2, 9:12] = 5  # nothing true there: a false positive
+    assert instance_matches(truth, predicted) == (1, 2, 3)
+    assert instance_f1(1, 2, 3) == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))  # 2 TP / (2 TP + FP + FN) = 0.4
+    assert instance_matches(truth, truth * 2) == (2, 2, 2) and instance_f1(2, 2, 2) == 1.0  # ids need not agree
+    assert instance_matches(truth, predicted, threshold=0.4) == (2, 2, 3)
+    assert instance_f1(0, 0, 0) == 1.0 and instance_f1(0, 3, 0) == 0.0

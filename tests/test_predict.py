@@ -181,3 +181,55 @@ def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatc
         with tifffile.TiffFile(tmp_path / "big" / name) as big:
             assert big.is_bigtiff
         assert np.array_equal(tifffile.imread(tmp_path / "big" / name), tifffile.imread(tmp_path / "classic" / name))
+
+
+def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, int]:
+    """Matched objects at IoU > 0.5, by the full IoU matrix: ``(matched, true, predicted)``."""
+    true_ids, predicted_ids = [i for i in np.unique(truth) if i], [j for j in np.unique(predicted) if j]
+    matched = sum(
+        1 for i in true_ids for j in predicted_ids
+        if np.count_nonzero((truth == i) & (predicted == j)) / np.count_nonzero((truth == i) | (predicted == j)) > 0.5
+    )
+    return matched, len(true_ids), len(predicted_ids)
+
+
+def test_instance_output_and_object_f1(trained, tmp_path, capsys):
+    root, summary = trained
+    best = str(summary["run_weights"] / "best.pt")
+    assert test_script.main(["--checkpoint", best, "--input", str(root / "val" / "images"), "--output", str(tmp_path / "files"), "--instances"]) == 0
+    for mask_path in sorted((tmp_path / "files").glob("slice??.png")):
+        ids = tifffile.imread(tmp_path / "files" / f"{mask_path.stem}_instances.tif")
+        expected = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
+        assert ids.dtype == np.uint16 and ids.max() == expected.max() and np.array_equal(ids > 0, expected > 0)
+        assert len(np.unique(np.stack([ids.ravel(), expected.ravel()]), axis=1)[0]) == expected.max() + 1  # the same partition
+    capsys.readouterr()
+    assert test_script.main(["--checkpoint", best, "--output", str(tmp_path / "diagnostics"), "--instances"]) == 0
+    table = capsys.readouterr().out
+    totals = np.zeros(3, int)
+    for mask_path in sorted((root / "val" / "masks").glob("*.png")):
+        truth = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
+        written = skimage.io.imread(tmp_path / "diagnostics" / "masks" / mask_path.name)
+        predicted = measure.label(written == 255, connectivity=1)
+        assert np.array_equal(tifffile.imread(tmp_path / "diagnostics" / "masks" / f"{mask_path.stem}_instances.tif") > 0, predicted > 0)
+        totals += brute_force_f1(truth, predicted)
+    f1 = 2 * totals[0] / (totals[1] + totals[2])
+    line = next(line for line in table.splitlines() if line.strip().startswith("all"))
+    assert float(line.split()[-1]) == pytest.approx(f1, abs=1e-4)
+    assert f"{totals[0]} of {totals[1]} true and {totals[2]} predicted objects matched" in table
+
+
+def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = load_config(None, ["unet.input_channels=[4, 8]", "train.device=cpu"])
+    model = build_model(config["unet"]).eval()
+    with torch.no_grad():
+        model.outc.weight.zero_()
+        model.outc.bias.copy_(torch.tensor([5.0, -5.0]))  # class 0 everywhere: "the prediction is all black"
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        skimage.io.imsave(images / f"{index}.png", (np.random.default_rng(index).random((40, 40)) * 255).astype(np.uint8), check_contrast=False)
+    predict.predict_files(model, config, sorted(images.iterdir()), tmp_path / "out", False, False, False, torch.device("cpu"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(lines) == 1 and "all 3 predicted images are predicted as a single class everywhere" in lines[0]
+    assert "train.mask_type" in lines[0] and "train.class_weights" in lines[0] and "predict.threshold" in lines[0]

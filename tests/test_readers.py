@@ -9,15 +9,16 @@ import tifffile
 import torch
 from skimage import measure
 
-from config import UserError, load_config
 from cache import write_entry
+from config import UserError, load_config
 from dataset import TileDataset, build_datasets, list_samples
 from preprocess import network_margin, pad_for_model
-from readers import read_isbi2012, read_pennfudan
+from readers import mask_settings, read_isbi2012, read_pennfudan
 from training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+TWO_CLASSES = mask_settings(load_config(None))  # how masks are read by default
 
 
 def write(path: Path, array: np.ndarray) -> None:
@@ -49,12 +50,12 @@ def make_folder(root: Path, count: int = 4, size: tuple[int, int] = (40, 48), rg
 def read_samples(config: dict) -> tuple[list, list | None]:
     """The configured data set's samples, read (listing alone reads no pixels)."""
     samples, val = list_samples(config)
-    num_classes = config["unet"]["num_classes"]
-    return [sample.read(num_classes) for sample in samples], None if val is None else [sample.read(num_classes) for sample in val]
+    settings = mask_settings(config)
+    return [sample.read(settings) for sample in samples], None if val is None else [sample.read(settings) for sample in val]
 
 
 def read_all(samples: list) -> list:
-    return [sample.read(2) for sample in samples]
+    return [sample.read(TWO_CLASSES) for sample in samples]
 
 
 def folder_config(root: Path, *overrides: str) -> dict:
@@ -85,7 +86,7 @@ def test_folder_errors_name_the_file(tmp_path, damage, message):
     make_folder(tmp_path)
     damage(tmp_path)
     with pytest.raises(UserError) as caught:
-        read_samples(folder_config(tmp_path))
+        read_samples(folder_config(tmp_path, "train.mask_type=classes"))  # auto would read the 3s as an object id
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -104,9 +105,12 @@ def test_index_masks_give_classes(tmp_path):
         write(tmp_path / "masks" / f"img{index}.png", np.tile(np.arange(3, dtype=np.uint8), (40, 16)))
     samples, _ = read_samples(folder_config(tmp_path, "unet.num_classes=3"))
     assert np.array_equal(samples[0].label, np.tile(np.arange(3), (40, 16)))
-    # the same 0/255-free index masks are out of range for two classes
+    # the same 0/255-free index masks are out of range for two classes read as classes
     with pytest.raises(UserError, match="mask value 2 is not a class of unet.num_classes=2"):
-        read_samples(folder_config(tmp_path))
+        read_samples(folder_config(tmp_path, "train.mask_type=classes"))
+    # and for two classes auto reads them as object ids
+    samples, _ = read_samples(folder_config(tmp_path))
+    assert samples[0].mask_read_as == "instances" and np.array_equal(samples[0].label, np.tile(np.arange(3) > 0, (40, 16)))
 
 
 def test_isbi_stacks_keep_the_polarity(tmp_path):
@@ -209,7 +213,7 @@ def test_real_isbi2012():
     membrane = np.mean([1 - s.label.mean() for s in samples])
     assert 0.15 < membrane < 0.3  # about 22 % membrane
     folder_samples = read_isbi2012(SHARED / "isbi2012" / "train")
-    assert np.array_equal(folder_samples[5].read(2).label, samples[5].label)
+    assert np.array_equal(folder_samples[5].read(TWO_CLASSES).label, samples[5].label)
 
 
 @pytest.mark.skipif(not (SHARED / "PennFudanPed").is_dir(), reason="the real Penn-Fudan data is not here")

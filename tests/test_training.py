@@ -17,10 +17,13 @@ import torch
 import step
 import training
 from config import UserError, load_config
+from dataset import build_datasets
 from device import resolve_device
+from model import build_model
 from step import build_optimizer, lr_factor
 from tests.test_config import SEED_README_CONFIG
 from training import train
+from validation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,3 +236,21 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
     summary = train(config)
     assert not summary["interrupted"] and summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
     assert config["train"]["tile_size"] == 320 and "tiles of 320 px" in capsys.readouterr().out
+
+
+def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeypatch, capsys):
+    original = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *args: {**original(*args), "uniform_images": 2})  # both validation images
+    train(tiny_config(tmp_path, "train.max_epochs=2"))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "predicted as a single class everywhere" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: epoch 1: all 2 validation images")
+
+
+def test_evaluate_counts_the_images_predicted_as_one_class(tmp_path):
+    config = tiny_config(tmp_path)
+    data = build_datasets(config, lambda message: None)
+    model = build_model(config["unet"])
+    assert evaluate(model, data["val"], torch.device("cpu"), config)["uniform_images"] in (0, 1, 2)
+    with torch.no_grad():
+        model.outc.bias.copy_(torch.tensor([-50.0, 50.0]))  # class 1 everywhere
+    assert evaluate(model, data["val"], torch.device("cpu"), config)["uniform_images"] == len(data["val"]) == 2

@@ -1,0 +1,225 @@
+"""A data set's fingerprint before training: images and pairs, sizes, channels, bit depths, how the masks read, class fractions, and the config lines to use.
+
+    python dataset.py check PATH [--sample 200]
+
+Like nnU-Net's fingerprint, but without a preprocessing run: sizes come from every image's header,
+mask values and class fractions from up to ``--sample`` pairs spread over the data set, so a folder
+of thousands of images is checked in seconds. Problems (images without a mask, masks without an
+image, files that cannot be read, masks whose values no setting maps to classes) are listed, not
+raised one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from config import UserError, load_config
+from model import output_size
+from readers import FileSample, label_from_mask, listed, match_by_stem, read_isbi2012, read_mask, read_pennfudan
+
+LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
+MAX_CLASSES = 10  # integer masks with more distinct values than this hold object ids, not classes
+
+
+def check_main(argv: list[str]) -> int:
+    """``python dataset.py check PATH``: print the fingerprint; exit status 0, or 1 when the data
+    cannot be trained on as it is."""
+    argv = argv[1:] if argv and argv[0] == "check" else argv
+    parser = argparse.ArgumentParser(prog="python dataset.py check", description="Check a data set and suggest its config lines.")
+    parser.add_argument("path", type=Path, help="the data set's folder (images/ + masks/, ISBI 2012, Penn-Fudan)")
+    parser.add_argument("--sample", type=int, default=200, help="masks to read at most, spread over the data set (default 200)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        report = check_data(args.path, args.sample)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(report["lines"]))
+    return 1 if report["problems"] else 0
+
+
+def detect_layout(root: Path) -> str:
+    """``isbi2012``, ``pennfudan`` or ``folder`` from the files under ``root``; a UserError otherwise."""
+    if (root / "train-volume.tif").is_file() or (root / "labels").is_dir() or (root / "train" / "labels").is_dir():
+        return "isbi2012"
+    if any((root / name).is_dir() for name in ("PNGImages", "PennFudanPed", "train_images")):
+        return "pennfudan"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "folder"
+    if not root.is_dir():
+        raise UserError(f"{root}: folder not found")
+    raise UserError(f"{root}: no known layout: expected images/ + masks/ (your data), train-volume.tif + train-labels.tif (ISBI 2012) or PNGImages/ + PedMasks/ (Penn-Fudan)")
+
+
+def list_pairs(root: Path, layout: str) -> tuple[list[FileSample], list[str]]:
+    """The data set's samples and its pairing problems (all of them, for a folder)."""
+    if layout == "isbi2012":
+        return read_isbi2012(root), []
+    if layout == "pennfudan":
+        samples, val = read_pennfudan(root)
+        return samples + (val or []), []
+    pairs, problems, lonely_masks = match_by_stem(root / "images", root / "masks")
+    problems += [f"{mask}: a mask without an image" for mask in lonely_masks]
+    return [FileSample(image.name, image, mask) for image, mask in pairs], problems
+
+
+def image_header(sample: FileSample) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype)`` of a sample's image from its header, without decoding the pixels."""
+    if sample.image.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(sample.image) as tiff:
+            page = tiff.pages[sample.page or 0]
+            return tuple(page.shape), str(page.dtype)
+    with PIL.Image.open(sample.image) as image:
+        channels = {"L": (), "P": (), "I;16": (), "I": (), "F": (), "1": (), "LA": (2,), "RGB": (3,), "RGBA": (4,)}.get(image.mode, (len(image.getbands()),))
+        dtype = {"I;16": "uint16", "I": "int32", "F": "float32", "1": "bool"}.get(image.mode, "uint8")
+        return (image.height, image.width, *channels), dtype
+
+
+def mask_kind(mask: np.ndarray, palette: bool) -> str:
+    """How a mask's values look: ``0/255``, ``0/1``, ``float 0/1``, ``palette indices``, ``colours``,
+    ``integer values`` (class indices or object ids) or ``other values``."""
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4) and not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
+        return "colours"
+    values = set(np.unique(mask[..., 0] if mask.ndim == 3 else mask).tolist())
+    if palette:
+        return "palette indices"
+    if values <= {0, 255} and 255 in values:
+        return "0/255"
+    if values <= {0, 1}:
+        return "float 0/1" if np.issubdtype(mask.dtype, np.floating) else "0/1"
+    return "integer values" if all(float(value).is_integer() and value >= 0 for value in values) else "other values"
+
+
+def check_data(root: Path, sample_size: int = 200) -> dict:
+    """The fingerprint of the data set at ``root``: ``lines`` to print and the ``problems`` found."""
+    layout = detect_layout(root)
+    samples, problems = list_pairs(root, layout)
+    if not samples:
+        raise UserError(f"{root}: no image with a mask: {problems[0] if problems else 'empty'}")
+    headers, unreadable = [], []
+    for sample in samples:
+        try:
+            headers.append(image_header(sample))
+        except Exception as error:  # the readers raise many types for broken files
+            unreadable.append(f"{sample.image}: cannot read this image ({type(error).__name__})")
+    picked = [samples[index] for index in np.linspace(0, len(samples) - 1, min(sample_size, len(samples))).round().astype(int)]
+    masks, kinds = [], Counter()
+    for sample in picked:
+        try:
+            mask = read_mask(sample.mask, sample.page)
+        except UserError as error:
+            unreadable.append(str(error))
+            continue
+        palette = sample.mask.suffix.lower() in (".png", ".bmp") and PIL.Image.open(sample.mask).mode == "P"
+        kinds[mask_kind(mask, palette)] += 1
+        masks.append((sample, mask))
+    suggestion = suggest(layout, root, headers, masks, kinds)
+    lines = describe(layout, root, samples, headers, masks, kinds, suggestion)
+    problems += unreadable + suggestion["problems"]
+    lines += [f"problem: {problem}" for problem in problems[:20]] + ([f"... and {len(problems) - 20} more problems"] if len(problems) > 20 else [])
+    lines += ["", "suggested config (python training.py --config this.yaml, or as section.key=value overrides):", *suggestion["yaml"]]
+    return {"lines": lines, "problems": problems, "suggestion": suggestion}
+
+
+def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter) -> dict:
+    """The config that reads these masks and images: ``values`` (``section.key`` -> value), its
+    ``yaml`` lines, the class ``fractions`` under it and the masks it cannot read or that differ from
+    the rest (``problems``)."""
+    values: dict[str, object] = {"train.dataset_name": layout, "train.data": str(root)}
+    channels = Counter(1 if len(shape) == 2 else shape[-1] for shape, _ in headers)
+    values["unet.image_channels"] = 3 if channels[3] + channels[4] > channels[1] + channels[2] else 1
+    problems = []
+    if layout == "folder" and masks:
+        values.update(mask_config(masks, kinds))
+        usual = kinds.most_common(1)[0][0]
+        binary = {"0/255", "0/1", "float 0/1"}
+        problems += [
+            f"{sample.mask}: values {listed(np.unique(mask).tolist())} unlike most masks ({usual})"
+            for sample, mask in masks
+            if mask_kind(mask, False) != usual and not (usual in binary and mask_kind(mask, False) in binary) and usual != "palette indices"
+        ]
+    sides = [max(shape[:2]) for shape, _ in headers]
+    if sides and np.median(sides) > LARGE_PHOTO_SIDE:
+        values["train.image_scale"] = round(512 / float(np.median(sides)), 2)
+    config = load_config(None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"])
+    fractions, unreadable = class_fractions(masks, config)
+    if len(fractions) and fractions.min() < 0.1:
+        values["train.class_weights"] = "balanced"
+    sections: dict[str, list[str]] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, []).append(f"  {name}: {value}")
+    yaml = [line for section in ("unet", "train") if section in sections for line in (f"{section}:", *sections[section])]
+    tile = config["train"]["tile_size"]
+    labelled = output_size(tile, len(config["unet"]["input_channels"]), config["unet"]["padding"])
+    return {"values": values, "yaml": yaml, "fractions": fractions, "problems": problems + unreadable, "tile": (tile, labelled)}
+
+
+def mask_config(masks: list, kinds: Counter) -> dict:
+    """The ``unet.num_classes`` and mask keys that read a folder's masks, from their usual kind:
+    colours -> ``mask_colors``; many or sparse integers -> instance ids; a few small integers or
+    palette indices -> class indices; other values -> ``mask_values``; 0/1 and 0/255 -> two classes."""
+    usual = kinds.most_common(1)[0][0]
+    typical = [mask for sample, mask in masks if mask_kind(mask, False) == usual or usual == "palette indices"]
+    if usual == "colours":
+        colours = sorted({tuple(colour) for mask in typical for colour in np.unique(mask[..., :3].reshape(-1, 3), axis=0).tolist()})
+        return {"unet.num_classes": len(colours), "train.mask_colors": [list(colour) for colour in colours]}
+    distinct = sorted(set().union(*(set(np.unique(mask).tolist()) for mask in typical)))
+    if usual == "integer values" and len(distinct) > MAX_CLASSES:
+        return {"unet.num_classes": 2, "train.mask_type": "instances"}  # more values than classes: one id per object
+    if usual == "palette indices" or (usual == "integer values" and distinct == list(range(len(distinct)))):
+        return {"unet.num_classes": int(max(distinct)) + 1, "train.mask_type": "classes"}
+    if usual in ("integer values", "other values"):
+        return {"unet.num_classes": len(distinct), "train.mask_values": distinct}
+    return {"unet.num_classes": 2}
+
+
+def class_fractions(masks: list, config: dict) -> tuple[np.ndarray, list[str]]:
+    """The fraction of each class over the sampled masks read as ``config`` says, and the masks it
+    cannot read (one line each)."""
+    settings = {"num_classes": config["unet"]["num_classes"], "mask_type": config["train"]["mask_type"], "mask_values": config["train"]["mask_values"], "mask_colors": config["train"]["mask_colors"]}
+    counts, problems = np.zeros(settings["num_classes"], dtype=np.int64), []
+    for sample, mask in masks:
+        try:
+            label = label_from_mask(mask, settings, str(sample.mask), sample.mask_kind)[0]
+        except UserError as error:
+            problems.append(str(error))
+            continue
+        counts += np.bincount(label.ravel(), minlength=settings["num_classes"])[: settings["num_classes"]]
+    return (counts / counts.sum() if counts.sum() else counts.astype(float)), problems
+
+
+def describe(layout: str, root: Path, samples: list, headers: list, masks: list, kinds: Counter, suggestion: dict) -> list[str]:
+    """The report's lines: counts, sizes, channels and bit depths, mask kinds, class fractions."""
+    shapes = Counter((shape[0], shape[1]) for shape, _ in headers)
+    channels = Counter(1 if len(shape) == 2 else shape[-1] for shape, _ in headers)
+    depths = Counter(dtype for _, dtype in headers)
+    heights, widths = [shape[0] for shape, _ in headers], [shape[1] for shape, _ in headers]
+    lines = [
+        f"{root}: {layout} layout, {len(samples)} images with masks",
+        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}" if headers else "sizes: none readable",
+        f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel types: {', '.join(f'{count} {dtype}' for dtype, count in depths.most_common())}",
+        f"masks (read {len(masks)} of {len(samples)}): " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()),
+    ]
+    values = sorted(set().union(*(set(np.unique(mask).tolist()) for _, mask in masks if mask.ndim == 2))) if masks else []
+    if values:
+        lines.append(f"mask values: {listed(values, 12)}")
+    if suggestion["values"].get("train.mask_type") == "classes" and layout == "folder":
+        lines.append("masks hold a few small integers: read as class indices; if each value is an object instead, use train.mask_type: instances and unet.num_classes: 2")
+    tile, labelled = suggestion["tile"]
+    lines.append(f"tiles: train.tile_size auto gives {tile} px ({labelled} px labelled output) for the default U-Net")
+    if len(suggestion["fractions"]):
+        lines.append("class fractions (as the suggested config reads the masks): " + ", ".join(f"{c}: {100 * f:.1f} %" for c, f in enumerate(suggestion["fractions"])))
+    return lines
+

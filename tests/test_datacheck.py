@@ -1,0 +1,116 @@
+"""python dataset.py check: the fingerprint of a data folder, its problems, and config lines that read it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.io
+import tifffile
+
+from config import load_config
+from datacheck import check_data, check_main
+from dataset import list_samples
+from readers import mask_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def folder(root: Path, masks: list[np.ndarray], rgb: bool = False, suffix: str = ".png") -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for index, mask in enumerate(masks):
+        skimage.io.imsave(root / "images" / f"{index}.png", rng.integers(0, 255, mask.shape[:2] + ((3,) if rgb else ()), dtype=np.uint8), check_contrast=False)
+        if suffix == ".tif":
+            tifffile.imwrite(root / "masks" / f"{index}.tif", mask, photometric="minisblack")
+        else:
+            skimage.io.imsave(root / "masks" / f"{index}{suffix}", mask, check_contrast=False)
+    return root
+
+
+def suggested_config(report: dict, root: Path):
+    values = report["suggestion"]["values"]
+    return load_config(None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"])
+
+
+def reads_every_mask(config: dict) -> bool:
+    settings = mask_settings(config)
+    return all(sample.read(settings) is not None for sample in list_samples(config)[0])
+
+
+def test_binary_masks_and_every_pairing_problem_are_reported(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    root = folder(tmp_path / "data", [(rng.random((30, 40)) > 0.8).astype(np.uint8) * 255 for _ in range(4)], rgb=True)
+    (root / "images" / "0.png").rename(root / "images" / "lonely.png")  # an image without a mask, and mask 0 without an image
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    skimage.io.imsave(root / "masks" / "broken.png", np.zeros((30, 40), np.uint8), check_contrast=False)
+    assert check_main(["check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"{root}: folder layout, 4 images with masks" in out and "channels: 3 with 3" in out
+    assert "no mask named lonely.*" in out and "0.png: a mask without an image" in out and "broken.png: cannot read this image" in out
+    assert "class fractions (as the suggested config reads the masks): 0: " in out
+    fraction = float(out.split("class fractions (as the suggested config reads the masks): ")[1].split("1: ")[1].split(" %")[0]) / 100
+    truth = np.concatenate([skimage.io.imread(root / "masks" / f"{i}.png").ravel() for i in (1, 2, 3)] + [np.zeros(1200, np.uint8)])
+    assert fraction == pytest.approx(np.mean(truth == 255), abs=1e-3)  # the three masks read, and broken.png's zeros
+    assert "  image_channels: 3" in out and "  num_classes: 2" in out
+
+
+def test_instance_id_masks_are_recognised_and_the_suggestion_reads_them(tmp_path):
+    masks = []
+    for index in range(5):
+        ids = np.zeros((60, 50), np.uint16)
+        for object_id in range(1, 8 + 2 * index):  # 7 to 15 objects per image, numbered as labelling tools do
+            ids[3 * object_id : 3 * object_id + 2, 3:40] = object_id
+        masks.append(ids)
+    root = folder(tmp_path / "data", masks, suffix=".tif")
+    report = check_data(root)
+    assert report["suggestion"]["values"]["train.mask_type"] == "instances" and report["suggestion"]["values"]["unet.num_classes"] == 2
+    assert reads_every_mask(suggested_config(report, root)) and not report["problems"]
+
+
+def test_colour_and_sparse_value_masks_get_their_mapping(tmp_path):
+    classes = np.array([[0, 1, 2, 2], [1, 1, 0, 2]] * 8, dtype=np.uint8)
+    colours = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30]], dtype=np.uint8)
+    root = folder(tmp_path / "colour", [colours[classes], colours[classes[::-1]]])
+    report = check_data(root)
+    assert report["suggestion"]["values"]["train.mask_colors"] == [[0, 0, 0], [30, 200, 30], [200, 30, 30]]
+    config = suggested_config(report, root)
+    assert config["unet"]["num_classes"] == 3 and reads_every_mask(config)
+    root = folder(tmp_path / "sparse", [np.array([0, 128, 255], np.uint8)[classes]] * 2)
+    report = check_data(root)
+    assert report["suggestion"]["values"]["train.mask_values"] == [0, 128, 255] and reads_every_mask(suggested_config(report, root))
+
+
+def test_large_photos_get_an_image_scale_and_a_rare_class_balanced_weights(tmp_path):
+    mask = np.zeros((1200, 1600), np.uint8)
+    mask[100:200, 100:300] = 255  # about 1 % foreground
+    report = check_data(folder(tmp_path / "data", [mask, mask]))
+    values = report["suggestion"]["values"]
+    assert values["train.image_scale"] == pytest.approx(512 / 1600, abs=0.01) and values["train.class_weights"] == "balanced"
+    assert "sizes: 1 different, 1200-1200 x 1600-1600 px" in "\n".join(report["lines"])
+
+
+def test_the_command_line_and_a_missing_folder(tmp_path):
+    result = subprocess.run([sys.executable, "dataset.py", "check", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: folder not found"]
+
+
+@pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
+def test_real_isbi2012_fingerprint():
+    report = check_data(SHARED / "isbi2012")
+    text = "\n".join(report["lines"])
+    assert "isbi2012 layout, 30 images with masks" in text and "30 0/255" in text and not report["problems"]
+    fractions = report["suggestion"]["fractions"]
+    assert 0.15 < fractions[0] < 0.3  # about 22 % membrane
+
+
+def test_small_integer_masks_read_as_class_indices_with_the_alternative_named(tmp_path):
+    classes = np.array([[0, 1, 2, 2], [1, 1, 0, 2]] * 8, dtype=np.uint8)
+    root = folder(tmp_path / "data", [classes, classes[::-1]])
+    report = check_data(root)
+    assert report["suggestion"]["values"]["train.mask_type"] == "classes" and report["suggestion"]["values"]["unet.num_classes"] == 3
+    assert any("if each value is an object instead, use train.mask_type: instances" in line for line in report["lines"])
+    assert reads_every_mask(suggested_config(report, root))

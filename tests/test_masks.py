@@ -1,0 +1,158 @@
+"""Users' masks as labelling tools write them: palettes, sparse values, colours, 0/1 and 0/255, floats,
+instance ids (uint16 TIFF) with their border weights, and file pairing edge cases."""
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.io
+import tifffile
+
+from cache import write_entry
+from config import ConfigError, UserError, load_config
+from dataset import build_datasets, list_samples
+from readers import mask_settings
+from weight_maps import border_weights
+
+CLASSES = np.array([[0, 0, 1, 1], [2, 2, 1, 0], [0, 2, 2, 1]], dtype=np.uint8)
+
+
+def config_for(root: Path, *overrides: str) -> dict:
+    return load_config(None, ["train.dataset_name=folder", f"train.data={root}", "unet.input_channels=[4, 8]", "train.tile_size=60", *overrides])
+
+
+def read_only(root: Path, *overrides: str) -> list:
+    """The folder's samples, read as the config says."""
+    config = config_for(root, *overrides)
+    return [sample.read(mask_settings(config)) for sample in list_samples(config)[0]]
+
+
+def write_pair(root: Path, stem: str, mask, image=None, mask_name: str | None = None) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    shape = np.asarray(mask if not isinstance(mask, PIL.Image.Image) else np.array(mask)).shape[:2]
+    image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8) if image is None else image
+    skimage.io.imsave(root / "images" / f"{stem}.png", image, check_contrast=False)
+    target = root / "masks" / (mask_name or f"{stem}.png")
+    if isinstance(mask, PIL.Image.Image):
+        mask.save(target)
+    elif target.suffix == ".tif":
+        tifffile.imwrite(target, mask, photometric="minisblack")
+    else:
+        skimage.io.imsave(target, mask, check_contrast=False)
+
+
+def test_a_palette_png_is_read_as_its_indices_not_its_colours(tmp_path):
+    palette = PIL.Image.fromarray(CLASSES, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 128, 255] + [0] * 759)  # class 1 red, class 2 blue
+    write_pair(tmp_path, "a", palette)
+    assert skimage.io.imread(tmp_path / "masks" / "a.png").ndim == 3  # what a plain reader sees: colours
+    (sample,) = read_only(tmp_path, "unet.num_classes=3")
+    assert np.array_equal(sample.label, CLASSES)
+
+
+def test_sparse_values_are_mapped_by_mask_values_and_others_are_named(tmp_path):
+    write_pair(tmp_path, "a", np.array([0, 128, 255], dtype=np.uint8)[CLASSES])
+    (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
+    assert np.array_equal(sample.label, CLASSES)
+    with pytest.raises(UserError, match=r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): train.mask_values: \[0, 128, 255\] maps them"):
+        read_only(tmp_path, "unet.num_classes=3")
+    write_pair(tmp_path, "a", np.array([0, 128, 64], dtype=np.uint8)[CLASSES])
+    with pytest.raises(UserError, match=r"a.png: mask value 64 is not in train.mask_values \(found: 0, 64, 128\): add it to train.mask_values"):
+        read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
+    with pytest.raises(ConfigError, match="train.mask_values: 2 given but unet.num_classes is 3"):
+        config_for(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 255]")
+
+
+def test_rgb_colour_masks_are_mapped_by_mask_colors(tmp_path):
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], dtype=np.uint8)
+    write_pair(tmp_path, "a", colours[CLASSES])
+    (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 255, 0]]")
+    assert np.array_equal(sample.label, CLASSES)
+    with pytest.raises(UserError, match=r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set train.mask_colors"):
+        read_only(tmp_path, "unet.num_classes=3")
+    with pytest.raises(UserError, match=r"a.png: mask colour \[0, 255, 0\] is not in train.mask_colors .*add it to train.mask_colors"):
+        read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]]")
+
+
+@pytest.mark.parametrize("mask", [CLASSES.clip(0, 1), CLASSES.clip(0, 1) * 255, CLASSES.clip(0, 1).astype(np.float32)])
+def test_binary_masks_as_0_1_0_255_and_float(tmp_path, mask):
+    write_pair(tmp_path, "a", mask, mask_name="a.tif" if mask.dtype == np.float32 else "a.png")
+    (sample,) = read_only(tmp_path)
+    assert np.array_equal(sample.label, CLASSES.clip(0, 1)) and sample.mask_read_as == "classes"
+
+
+def two_discs(gap: int) -> np.ndarray:
+    """Object ids (sparse, as labelling tools leave them) of two discs of radius 9 px in a 32x48 uint16
+    image, their rims ``gap`` px apart along row 16 (0: they touch)."""
+    rows, cols = np.indices((32, 48))
+    ids = np.zeros((32, 48), np.uint16)
+    ids[(rows - 16) ** 2 + (cols - 13) ** 2 <= 81] = 1000
+    ids[(rows - 16) ** 2 + (cols - 32 - gap) ** 2 <= 81] = 2000
+    return ids
+
+
+def test_instance_id_masks_give_objects_and_the_paper_weights_in_the_gap(tmp_path):
+    ids = two_discs(gap=1)
+    assert ids[16, 23] == 0 and ids[16, 22] == 1000 and ids[16, 24] == 2000  # the gap: column 23
+    write_pair(tmp_path, "a", ids, mask_name="a.tif")
+    (sample,) = read_only(tmp_path)
+    assert sample.mask_read_as == "instances" and np.array_equal(sample.label, ids > 0) and np.array_equal(sample.instances, ids)
+    notes = []
+    data = build_datasets(config_for(tmp_path, "train.val_data=" + str(tmp_path), "train.w_0=10", "train.sigma=5"), notes.append)
+    assert any(note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") and "a.png" in note for note in notes)
+    border = np.asarray(data["train"].images[0].arrays()[2], dtype=np.float64)
+    # by hand: in the gap both discs are 1 px away, so the border term is w_0 * exp(-(1 + 1)^2 / (2 * 5^2))
+    assert border[16, 23] == pytest.approx(10 * np.exp(-4 / 50), rel=1e-3)
+    assert border.max() == pytest.approx(border[16, 23], rel=1e-3)  # it peaks in the gap
+    assert border[0, 0] < 0.1 and border[ids > 0].max() == 0  # far from both discs, and on the objects
+
+
+def test_touching_objects_stay_apart_as_instance_ids_and_merge_as_a_0_255_mask(tmp_path):
+    ids = two_discs(gap=0)
+    assert ids[16, 22] == 1000 and ids[16, 23] == 2000  # in contact
+    write_pair(tmp_path / "ids", "a", ids, mask_name="a.tif")
+    write_pair(tmp_path / "binary", "a", (ids > 0).astype(np.uint8) * 255)
+    (as_ids,), (as_binary,) = read_only(tmp_path / "ids"), read_only(tmp_path / "binary")
+    assert np.array_equal(as_ids.label, as_binary.label)
+    assert len(np.unique(as_ids.instances[ids > 0])) == 2 and as_binary.instances.max() == 1  # one merged object
+    separating = border_weights(as_ids.label, as_ids.instances, 10, 5)
+    assert separating[16 - 5, 22] > 5  # the background in the neck between them, close to both
+    assert border_weights(as_binary.label, as_binary.instances, 10, 5) is None  # no second object, no border term
+
+
+def test_mask_type_classes_and_instances_override_auto(tmp_path):
+    write_pair(tmp_path, "a", two_discs(gap=0), mask_name="a.tif")
+    with pytest.raises(UserError, match="mask value 1000 is not a class of unet.num_classes=2"):
+        read_only(tmp_path, "train.mask_type=classes")
+    write_pair(tmp_path / "binary", "a", CLASSES.clip(0, 1))
+    (sample,) = read_only(tmp_path / "binary", "train.mask_type=instances")
+    assert sample.mask_read_as == "instances" and np.array_equal(sample.instances, CLASSES.clip(0, 1))
+    with pytest.raises(ConfigError, match="train.mask_type: instances .* unet.num_classes is 3"):
+        config_for(tmp_path, "train.mask_type=instances", "unet.num_classes=3")
+
+
+def test_pairing_edge_cases_and_image_kinds(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = (rng.random((20, 24)) > 0.5).astype(np.uint8) * 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("1", "10", "2", "a.b.c"):
+        skimage.io.imsave(tmp_path / "masks" / f"{stem}_mask.png", mask, check_contrast=False)
+    skimage.io.imsave(tmp_path / "images" / "1.jpg", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), check_contrast=False)  # RGB JPEG
+    tifffile.imwrite(tmp_path / "images" / "10.tif", rng.integers(0, 65535, (20, 24), dtype=np.uint16))  # 16-bit TIFF
+    skimage.io.imsave(tmp_path / "images" / "2.png", rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), check_contrast=False)  # RGBA
+    skimage.io.imsave(tmp_path / "images" / "a.b.c.png", rng.integers(0, 255, (20, 24), dtype=np.uint8), check_contrast=False)  # gray
+    (tmp_path / "images" / ".hidden.png").write_bytes(b"editor backup, not an image")
+    samples = read_only(tmp_path, "unet.image_channels=3")
+    assert [sample.name for sample in samples] == ["1.jpg", "10.tif", "2.png", "a.b.c.png"]
+    assert all(np.array_equal(sample.label, mask // 255) for sample in samples)
+    data = build_datasets(config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None)
+    assert data["val"][0][0].shape == (3, 20, 24) and len(data["train"].images) == 3
+
+
+def test_entries_written_from_arrays_keep_instances(tmp_path):
+    ids = two_discs(gap=0)
+    entry = write_entry(tmp_path / "e", "e", np.zeros((1, 32, 48), np.float32), (ids > 0).astype(np.uint8), None, 1, 2, ids, "instances")
+    assert entry.has_instances and entry.mask_read_as == "instances" and np.array_equal(entry.instances(), ids)
