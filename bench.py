@@ -5,6 +5,7 @@
                     [--models ours,bare,monai] [--infer-size 2048] [--workers 0 2] [--data ISBI_FOLDER]
     python bench.py --data-scale 30,240,960      # data at scale: in memory (as before the cache) vs the cache
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
+    python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -415,6 +416,67 @@ def predict_stack_table(gigabytes: float) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+
+def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
+    """``--nuclei-experiment``: 30 synthetic images of touching nuclei (``synthetic.touching_nuclei``),
+    trained with the shipped config once from instance-id masks and once from the same masks as 0/255,
+    per seed; prints the object F1 at IoU 0.5 and the Dice on the 6 held-out test images."""
+    import subprocess
+    import tempfile
+
+    import skimage.io
+    import tifffile
+
+    from synthetic import touching_nuclei
+
+    root = Path(tempfile.mkdtemp(prefix="unet-bench-nuclei-"))
+    try:
+        truth = []
+        for kind in ("ids", "binary"):
+            (root / kind / "images").mkdir(parents=True)
+            (root / kind / "masks").mkdir()
+        for index, child in enumerate(np.random.SeedSequence(7).spawn(30)):
+            image, ids = touching_nuclei(256, np.random.default_rng(child), spacing=22.0)
+            truth.append(ids)
+            for kind in ("ids", "binary"):
+                skimage.io.imsave(root / kind / "images" / f"{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False)
+            tifffile.imwrite(root / "ids" / "masks" / f"{index:02d}.tif", ids, photometric="minisblack")
+            skimage.io.imsave(root / "binary" / "masks" / f"{index:02d}.png", ((ids > 0) * 255).astype(np.uint8), check_contrast=False)
+        print(f"\ntouching nuclei: 30 images of 256 px, trained on 21, validated on 3, scored on 6 (24-29) against the true ids; {epochs} epochs of the shipped config")
+        print(f"{'masks':>18} {'seed':>5} {'object F1':>10} {'Dice':>8} {'minutes':>8}")
+        for kind, label in (("ids", "instance ids"), ("binary", "0/255")):
+            for seed in seeds:
+                overrides = [
+                    "train.dataset_name=folder", f"train.data={root / kind}", f"train.cache_dir={root / 'cache'}", f"train.save_path={root / 'weights'}",
+                    f"train.log_path={root / 'logs'}", f"train.run_name={kind}-{seed}", f"train.seed={seed}", f"train.max_epochs={epochs}",
+                    "train.val_images=[21, 22, 23]", "train.test_images=[24, 25, 26, 27, 28, 29]",
+                ]
+                start = time.perf_counter()
+                subprocess.run([sys.executable, str(Path(__file__).with_name("training.py")), *overrides], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                minutes = (time.perf_counter() - start) / 60
+                scores = in_child(score_objects, root / "weights" / f"{kind}-{seed}" / "best.pt", truth[24:])
+                print(f"{label:>18} {seed:>5} {scores['f1']:>10.3f} {scores['dice']:>8.3f} {minutes:>8.1f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def score_objects(checkpoint: Path, truth: list, queue) -> None:
+    """Child process: object F1 at IoU 0.5 and Dice of a checkpoint on its config's test images,
+    against the true object ids ``truth`` (one array per test image)."""
+    from checkpoint import decision_threshold, load_model
+    from dataset import build_datasets
+    from infer import predict_with_config, predicted_classes, predicted_objects
+    from metrics import instance_f1, instance_matches
+
+    model, config, state, device = load_model(checkpoint, None, [])
+    test = build_datasets(config, lambda message: None)["test"]
+    matched, overlap, total = np.zeros(3, dtype=np.int64), 0, 0
+    for (image, label, _), ids in zip(test, truth):
+        classes = predicted_classes(predict_with_config(model, image.to(device), config).cpu(), decision_threshold(config, state), config["predict"]["watershed_seeds"]).numpy()
+        matched += instance_matches(ids, predicted_objects(classes))
+        overlap, total = overlap + np.count_nonzero((classes == 1) & (ids > 0)), total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0)
+    queue.put({"f1": instance_f1(*matched), "dice": 2 * overlap / total})
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -435,6 +497,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="loader worker counts to time (none: skip the data path)")
     parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
     parser.add_argument("--data-scale", help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)")
+    parser.add_argument("--nuclei-experiment", type=int, metavar="EPOCHS", help="instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; object F1 on held-out images")
     parser.add_argument("--predict-stack", type=float, metavar="GB", help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2")
     args = parser.parse_args()
     args.widths = [int(width) for width in args.widths.split(",")]
@@ -442,7 +505,9 @@ def main() -> None:
         data_scale_table([int(count) for count in args.data_scale.split(",")])
     if args.predict_stack:
         predict_stack_table(args.predict_stack)
-    if args.data_scale or args.predict_stack:
+    if args.nuclei_experiment:
+        nuclei_experiment(args.nuclei_experiment, [0, 1])
+    if args.data_scale or args.predict_stack or args.nuclei_experiment:
         return
 
     from device import resolve_device

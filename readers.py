@@ -152,7 +152,7 @@ def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "au
       gray masks stored as RGB (equal channels) are gray.
     - ``mask_values`` maps gray values to classes (class i = value i), e.g. ``[0, 128, 255]``.
     - ``kind`` ``instances``: one integer id per object, 0 = background; class 1 where id > 0 (two
-      classes). ``classes``: class indices 0..num_classes-1, or 0/255 (and 0/1, 0.0/1.0) for two
+      classes), but for a 1 px line where two objects touch (``separation_lines``). ``classes``: class indices 0..num_classes-1, or 0/255 (and 0/1, 0.0/1.0) for two
       classes; objects are the 4-connected components of each class. ``auto``: instances when there
       are two classes and the mask holds other values than 0/1 or 0/255, else classes.
 
@@ -180,6 +180,7 @@ def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "au
         if not integers:
             raise UserError(f"{name}: instance masks hold integer ids >= 0, found {listed(values.tolist())}")
         instances = mask.astype(np.int32)
+        instances[separation_lines(instances)] = 0
         return (instances > 0).astype(np.uint8), instances, "instances"
     if num_classes == 2 and set(values.tolist()) <= {0, 255}:
         label = (mask == 255).astype(np.uint8)
@@ -190,6 +191,22 @@ def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "au
         raise UserError(f"{name}: mask value {bad:g} is not a class of unet.num_classes={num_classes} (values found: {listed(values.tolist())}; expected 0..{num_classes - 1}, or 0/255 for two classes): {hint}")
     label = mask.astype(np.uint8)
     return label, object_instances(label), "classes"
+
+
+def separation_lines(instances: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of an object that touch another object (4-neighbours, the one of the
+    larger id), a line 1 px wide between touching objects. As background they separate the objects
+    in the label, as the paper's cell masks do, and the border term of the weight map weighs them."""
+    lines = np.zeros(instances.shape, dtype=bool)
+    for axis in (0, 1):
+        here = [slice(None)] * 2
+        there = [slice(None)] * 2
+        here[axis], there[axis] = slice(1, None), slice(None, -1)
+        a, b = instances[tuple(here)], instances[tuple(there)]
+        touching = (a > 0) & (b > 0) & (a != b)
+        lines[tuple(here)] |= touching & (a > b)
+        lines[tuple(there)] |= touching & (b > a)
+    return lines
 
 
 def colour_code(colour) -> int:

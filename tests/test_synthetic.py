@@ -109,3 +109,16 @@ def test_synthetic_em_set_images_do_not_depend_on_count():
         for a, b in zip(small, large):
             np.testing.assert_array_equal(a, b)
     assert not np.array_equal(five[0][0], five[1][0])
+
+
+def test_touching_nuclei_touch_and_merge_in_a_binary_mask():
+    from readers import separation_lines
+    from synthetic import touching_nuclei
+
+    image, ids = touching_nuclei(128, np.random.default_rng(3), spacing=22.0)
+    assert image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1 and ids.dtype == np.uint16
+    count = len(np.unique(ids)) - 1
+    merged = measure.label(ids > 0, connectivity=1).max()
+    assert count > 20 and merged < 0.8 * count  # many nuclei touch: a 0/255 mask joins them
+    assert separation_lines(ids.astype(np.int32)).sum() > 50
+    assert image[ids > 0].mean() > image[ids == 0].mean() + 0.3  # bright nuclei on a dark background
