@@ -1,8 +1,9 @@
 """Benchmark: training and inference speed of the U-Net, against a bare PyTorch loop and MONAI's BasicUNet.
 
-    python bench.py [--device cpu|cuda] [--size 572] [--batch 8] [--widths 64,128,256,512]
+    python bench.py [--device cpu|cuda] [--size 572] [--batch 8] [--widths 64,128,256,512]     # GPU defaults shown
                     [--precision fp32|bf16|fp16] [--channels-last] [--compile] [--steps 3]
                     [--models ours,bare,monai] [--infer-size 2048] [--workers 0 2] [--data ISBI_FOLDER]
+    python bench.py                              # on a CPU: tiles of 252 px, batch 2, a 512 px image: minutes
     python bench.py --data-scale 30,240,960      # data at scale: in memory (as before the cache) vs the cache
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
     python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import multiprocessing
 import os
 import resource
@@ -189,11 +191,11 @@ def time_inference(args: argparse.Namespace, queue) -> None:
     model.register_forward_hook(count)
     image = torch.randn(1, args.infer_size, args.infer_size, generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
-        predict_probabilities(model, image, args.size, batch_size=args.infer_batch)  # warm-up: cuDNN picks its kernels
+        predict_probabilities(model, image, args.infer_tile, batch_size=args.infer_batch)  # warm-up: cuDNN picks its kernels
         synchronize(device)
     tiles, start = 0, time.perf_counter()
     for _ in range(args.infer_repeats):
-        predict_probabilities(model, image, args.size, batch_size=args.infer_batch)
+        predict_probabilities(model, image, args.infer_tile, batch_size=args.infer_batch)
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.infer_repeats
     queue.put({"seconds": seconds, "tiles": tiles / args.infer_repeats})
@@ -477,24 +479,32 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
         overlap, total = overlap + np.count_nonzero((classes == 1) & (ids > 0)), total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0)
     queue.put({"f1": instance_f1(*matched), "dice": 2 * overlap / total})
 
+# Defaults per device type: the paper's tiles and batch on a GPU; on a CPU a size that times in minutes
+DEVICE_DEFAULTS = {
+    "cuda": {"size": 572, "batch": 8, "steps": 3, "infer_size": 2048, "workers": [0, 2]},
+    "cpu": {"size": 252, "batch": 2, "steps": 2, "infer_size": 512, "workers": [0]},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--size", type=int, default=572, help="input tile size in px (valid for the network)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)")
+    parser.add_argument("--batch", type=int, help="training batch (default: 8 on a GPU, 2 on a CPU)")
     parser.add_argument("--widths", default="64,128,256,512", help="unet.input_channels, comma-separated (paper: 64,128,256,512)")
     parser.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--steps", type=int, help="timed training steps per model (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN autotuning, compiling)")
-    parser.add_argument("--models", default="ours,bare,monai", help="which of ours, bare, monai to time")
+    parser.add_argument("--models", default="ours,bare,monai", help="which of ours, bare, monai to time (monai is skipped, with a note, where it is not installed)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: from the card's name)")
-    parser.add_argument("--infer-size", type=int, default=2048, help="side of the image for the inference timing (0: skip)")
+    parser.add_argument("--infer-size", type=int, help="side of the image for the inference timing (0: skip; default: 2048 on a GPU, 512 on a CPU)")
+    parser.add_argument("--infer-tile", type=int, default=572, help="tile side of the tiled predictor (default: the paper's 572)")
     parser.add_argument("--infer-batch", type=int, default=8, help="tiles per forward pass when predicting")
     parser.add_argument("--infer-repeats", type=int, default=1)
-    parser.add_argument("--workers", type=int, nargs="*", default=[0, 2], help="loader worker counts to time (none: skip the data path)")
+    parser.add_argument("--workers", type=int, nargs="*", help="loader worker counts to time (none: skip the data path; default: 0 2 on a GPU, 0 on a CPU)")
     parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
     parser.add_argument("--data-scale", help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)")
     parser.add_argument("--nuclei-experiment", type=int, metavar="EPOCHS", help="instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; object F1 on held-out images")
@@ -513,7 +523,27 @@ def main() -> None:
     from device import resolve_device
 
     device = resolve_device(args.device)
-    results = {case: in_child(time_training, case, args) for case in args.models.split(",")}
+    for key, value in DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    models = [case for case in args.models.split(",") if case != "monai" or importlib.util.find_spec("monai")]
+    if len(models) < len(args.models.split(",")):
+        print("note: MONAI is not installed (pip install monai): its BasicUNet is left out", file=sys.stderr)
+    results = {case: in_child(time_training, case, args) for case in models}
+    print_training_table(results, args, device)
+    if args.infer_size:
+        result = in_child(time_inference, args)
+        print(
+            f"\ninference, tiled predictor ({'bf16' if device.type == 'cuda' else 'fp32'}): one {args.infer_size}x{args.infer_size} image in "
+            f"{result['seconds']:.2f} s = {1 / result['seconds']:.2f} images/s, {result['tiles']:.0f} tiles of {args.infer_tile} px = {result['tiles'] / result['seconds']:.1f} tiles/s"
+        )
+    if args.workers:
+        step_seconds = results["ours"]["seconds"] if "ours" in results else next(iter(results.values()))["seconds"]
+        data_path_table(args, step_seconds)
+
+
+def print_training_table(results: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """The training table: ms per step, images/s, peak memory, FLOPs, TFLOP/s, MFU, ratio to the bare loop."""
     device_name = next(iter(results.values()))["device"]
     peak = args.peak_tflops or (peak_tflops(device_name, args.precision) if device.type == "cuda" else None)
     print(
@@ -531,15 +561,6 @@ def main() -> None:
             f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} {result['peak_bytes'] / 2**20:>9.0f} "
             f"{result['flops'] / 1e9:>10.1f} {tflops:>8.3f} {mfu:>6} {versus:>8}"
         )
-    if args.infer_size:
-        result = in_child(time_inference, args)
-        print(
-            f"\ninference, tiled predictor ({'bf16' if device.type == 'cuda' else 'fp32'}): one {args.infer_size}x{args.infer_size} image in "
-            f"{result['seconds']:.2f} s = {1 / result['seconds']:.2f} images/s, {result['tiles']:.0f} tiles of {args.size} px = {result['tiles'] / result['seconds']:.1f} tiles/s"
-        )
-    if args.workers:
-        step_seconds = results["ours"]["seconds"] if "ours" in results else next(iter(results.values()))["seconds"]
-        data_path_table(args, step_seconds)
 
 
 if __name__ == "__main__":

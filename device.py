@@ -1,6 +1,8 @@
-"""The compute device: ``train.device`` resolved to one that exists, and the CUDA settings for speed."""
+"""The compute device: ``train.device`` resolved to one that exists, the CUDA settings for speed, and advice when its memory runs out."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -31,3 +33,44 @@ def prepare_device(device: torch.device, precision: str = "fp32") -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError(f"train.precision=bf16 needs a GPU with bfloat16 (Ampere or newer); {torch.cuda.get_device_name(device)} has none: use train.precision=fp16")
+
+
+def memory_description(device: torch.device) -> str:
+    """The device and how much memory it has: ``cuda:0 (NVIDIA H200, 139.8 GiB)``, ``cpu (23.5 GiB of RAM)``."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return f"{device} ({properties.name}, {properties.total_memory / 2**30:.1f} GiB)"
+    try:
+        return f"{device} ({os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB of RAM)"
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        return str(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``train.precision=bf16`` runs natively: a CUDA GPU from Ampere on, or a CPU."""
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def out_of_memory_advice(device: torch.device, config: dict, doing: str) -> str:
+    """One line for running out of memory while ``doing`` (``training``, ``predicting``): the numbers
+    that matter and what to lower or switch on."""
+    train = config["train"]
+    switches = ["train.activation_checkpointing=true"] if not train["activation_checkpointing"] else []
+    if train["precision"] == "fp32" and bf16_supported(device) and device.type == "cuda":
+        switches.append("train.precision=bf16")
+    if doing == "predicting":
+        return (
+            f"out of memory while predicting on {memory_description(device)} with predict.batch_size=1, predict.tile_size={config['predict']['tile_size']}: "
+            f"lower predict.tile_size (e.g. {config['train']['tile_size']}), or predict on the CPU with train.device=cpu"
+        )
+    return (
+        f"out of memory while {doing} on {memory_description(device)} at train.batch_size={train['batch_size']}, train.tile_size={train['tile_size']}, "
+        f"train.precision={train['precision']}: lower train.batch_size or train.tile_size"
+        + (f", or set {' or '.join(switches)}" if switches else "")
+    )
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the CUDA caching allocator's free blocks back, so that a smaller retry can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -18,15 +18,16 @@ from device import resolve_device
 
 @contextlib.contextmanager
 def process_group(device_name: str):
-    """Yield ``(rank, world_size, device)``. Launched by torchrun (``WORLD_SIZE`` > 1 in the
-    environment), join its process group for DistributedDataParallel: NCCL with one GPU per process
-    (``cuda:LOCAL_RANK``), or gloo on CPUs; leave it again at the end."""
+    """Yield ``(rank, world_size, device)``. Launched by torchrun (``LOCAL_RANK`` in the
+    environment), join its process group: NCCL with one GPU per process (``cuda:LOCAL_RANK``), or gloo
+    on CPUs, also for a single process (the model is wrapped in DistributedDataParallel from two on);
+    leave it again at the end."""
     device = resolve_device(device_name)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "LOCAL_RANK" not in os.environ:
         yield 0, 1, device
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) are visible: lower --nproc_per_node")

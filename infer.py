@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
+from config import UserError
+from console import note
+from device import out_of_memory_advice, release_cached_memory
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 from preprocess import (
@@ -171,11 +174,22 @@ def predict_probabilities(
 def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:
     """``predict_probabilities`` with the settings of a config's ``predict`` section and its
     ``train.image_scale``; ``tta`` forces test-time augmentation on, over the transforms that the
-    config's augmentation trained for (``tta_transforms``)."""
+    config's augmentation trained for (``tta_transforms``). When the device runs out of memory,
+    ``predict.batch_size`` is halved (down to 1, with a note) and the image predicted again."""
     predict = config["predict"]
     transforms = tta_transforms(config["augment"]) if tta or predict["tta"] else False
     tile_size = None if predict["tile_size"] in (None, "auto") else predict["tile_size"]
-    return predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
+    while True:
+        try:
+            return predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
+        except torch.OutOfMemoryError:
+            device = next(model.parameters()).device
+            if predict["batch_size"] == 1:
+                raise UserError(out_of_memory_advice(device, config, "predicting")) from None
+            release_cached_memory(device)
+            # the smaller batch stays for the rest of the run: the next image would run out of memory too
+            predict["batch_size"] //= 2
+            note(f"out of memory predicting on {device}: predict.batch_size is now {predict['batch_size']} (tiles per forward pass), retrying")
 
 
 def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None) -> Tensor:

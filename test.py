@@ -32,6 +32,7 @@ import torch
 from checkpoint import decision_threshold, load_model
 from config import UserError
 from console import report_error
+from device import memory_description
 from diagnostics import diagnose
 from export import check_onnx, export_onnx
 from predict import input_images, predict_files
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_name = state["progress"].get("run_name") or state["path"].parent.name
         output = args.output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
-        diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold, args.instances)
+        try:
+            diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold, args.instances)
+        except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
+            raise UserError(f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input") from None
     except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
     if args.show:

@@ -45,7 +45,7 @@ from checkpoint import (
 from config import DEFAULT_CONFIG, HIGHER_IS_BETTER, UserError, load_config
 from console import first_line, note, report_error
 from dataset import EpochSampler, build_datasets
-from device import prepare_device
+from device import bf16_supported, out_of_memory_advice, prepare_device
 from distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
 from infer import uniform_prediction_note
 from model import build_model, count_parameters
@@ -111,7 +111,10 @@ def train(config: dict) -> dict:
     """Train as the config says, in this process or, under torchrun, in each of its processes; returns
     ``Run.summary``."""
     with process_group(config["train"]["device"]) as (rank, world_size, device):
-        return train_process(config, rank, world_size, device)
+        try:
+            return train_process(config, rank, world_size, device)
+        except torch.OutOfMemoryError:
+            raise UserError(out_of_memory_advice(device, config, "training") + "; the checkpoints saved so far are intact (continue with train.resume=auto)") from None
 
 
 def train_process(config: dict, rank: int, world_size: int, device: torch.device) -> dict:
@@ -229,29 +232,29 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     run.sampler.set_epoch(epoch, start=progress["batch"] * train_config["batch_size"] * train_config["grad_accum_steps"])
     epoch_start, images_seen = time.perf_counter(), 0
     loss_sum = torch.tensor(progress["loss_sum"], device=run.device)
-    bar = tqdm(total=run.steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{train_config['max_epochs']}", unit="step", dynamic_ncols=True, leave=False, disable=not run.main_process)
-    for batch in run.loader:
-        batch = augment_on_device(batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size)
-        loss_sum += take_step(run, batch)
-        run.scheduler.step()
-        progress["step"] += 1
-        progress["batch"] += 1
-        images_seen += batch[0].shape[0] * run.world_size
-        bar.update()
-        # processes stop together: they agree at the same steps, so a Ctrl-C waits for the next one
-        if progress["batch"] % CHECK_EVERY == 0 or progress["batch"] == run.steps_per_epoch or (stop_requested and run.world_size == 1):
-            stop_votes = read_loss(run, loss_sum, bool(stop_requested), epoch)
-            speed = images_seen / (time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{progress['loss_sum'] / progress['batch']:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", img_s=f"{speed:.1f}")
-            if stop_votes:
-                bar.close()
-                share_buffers(run.model, run.world_size)
-                if run.main_process:
-                    save_checkpoint(run.run_weights / "last.pt", run.state())
-                    write_metrics(run.run_log / "metrics.csv", run.rows)
-                    print(f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto", file=sys.stderr)
-                return None
-    bar.close()
+    # a with block closes the bar on every way out, so that an error's one line starts a line of its own
+    with tqdm(total=run.steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{train_config['max_epochs']}", unit="step", dynamic_ncols=True, leave=False, disable=not run.main_process) as bar:
+        for batch in run.loader:
+            batch = augment_on_device(batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size)
+            loss_sum += take_step(run, batch)
+            run.scheduler.step()
+            progress["step"] += 1
+            progress["batch"] += 1
+            images_seen += batch[0].shape[0] * run.world_size
+            bar.update()
+            # processes stop together: they agree at the same steps, so a Ctrl-C waits for the next one
+            if progress["batch"] % CHECK_EVERY == 0 or progress["batch"] == run.steps_per_epoch or (stop_requested and run.world_size == 1):
+                stop_votes = read_loss(run, loss_sum, bool(stop_requested), epoch)
+                speed = images_seen / (time.perf_counter() - epoch_start)
+                bar.set_postfix(loss=f"{progress['loss_sum'] / progress['batch']:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", img_s=f"{speed:.1f}")
+                if stop_votes:
+                    bar.close()
+                    share_buffers(run.model, run.world_size)
+                    if run.main_process:
+                        save_checkpoint(run.run_weights / "last.pt", run.state())
+                        write_metrics(run.run_log / "metrics.csv", run.rows)
+                        print(f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto", file=sys.stderr)
+                    return None
     share_buffers(run.model, run.world_size)
     seconds = time.perf_counter() - epoch_start
     row = {"epoch": epoch + 1, "step": progress["step"], "lr": run.scheduler.get_last_lr()[0], "train_loss": progress["loss_sum"] / run.steps_per_epoch, "epoch_seconds": round(seconds, 2), "images_per_second": round(images_seen / seconds, 2)}
@@ -282,10 +285,12 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
     loss_total, stop_votes = totals.tolist()
     run.progress["loss_sum"] = loss_total / run.world_size
     if not math.isfinite(run.progress["loss_sum"]):
-        raise UserError(
-            f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): lower train.lr "
-            f"(now {run.config['train']['lr']}) or set train.grad_clip; the checkpoints in {run.run_weights} were left as they were"
+        fp16 = run.config["train"]["precision"] == "fp16"
+        cure = (
+            f"train.precision=fp16 overflows float16's range (up to 65504): use train.precision={'bf16' if bf16_supported(run.device) else 'fp32'}, or lower train.lr (now {run.config['train']['lr']})"
+            if fp16 else f"lower train.lr (now {run.config['train']['lr']}) or set train.grad_clip"
         )
+        raise UserError(f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): {cure}; the checkpoints in {run.run_weights} were left as they were")
     return stop_votes
 
 
