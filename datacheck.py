@@ -21,7 +21,7 @@ import PIL.Image
 
 from config import UserError, load_config
 from model import output_size
-from readers import FileSample, label_from_mask, listed, match_by_stem, read_isbi2012, read_mask, read_pennfudan
+from readers import FileSample, label_from_mask, listed, mask_settings, match_by_stem, read_isbi2012, read_mask, read_pennfudan
 
 LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
 MAX_CLASSES = 10  # integer masks with more distinct values than this hold object ids, not classes
@@ -188,7 +188,7 @@ def mask_config(masks: list, kinds: Counter) -> dict:
 def class_fractions(masks: list, config: dict) -> tuple[np.ndarray, list[str]]:
     """The fraction of each class over the sampled masks read as ``config`` says, and the masks it
     cannot read (one line each)."""
-    settings = {"num_classes": config["unet"]["num_classes"], "mask_type": config["train"]["mask_type"], "mask_values": config["train"]["mask_values"], "mask_colors": config["train"]["mask_colors"]}
+    settings = mask_settings(config)
     counts, problems = np.zeros(settings["num_classes"], dtype=np.int64), []
     for sample, mask in masks:
         try:

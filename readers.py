@@ -35,8 +35,6 @@ class Sample:
     mask_read_as: str = "classes"
 
 
-MASK_TYPES = ("auto", "classes", "instances")
-
 
 def mask_settings(config: dict) -> dict:
     """What reading a mask depends on: ``unet.num_classes`` and ``train.mask_type``, ``mask_values``
@@ -49,7 +47,8 @@ def mask_settings(config: dict) -> dict:
 class FileSample:
     """One annotated image on disk, not yet read: ``image`` and ``mask`` files (``page``: the slice of
     multi-page TIFF stacks, None for single images) and how its data set's masks are read by default
-    (``mask_kind``, one of ``MASK_TYPES``; ``train.mask_type`` overrides it unless that is auto)."""
+    (``mask_kind``: ``auto``, ``classes`` or ``instances``; ``train.mask_type`` overrides it unless
+    that is auto)."""
 
     name: str
     image: Path

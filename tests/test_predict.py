@@ -2,17 +2,18 @@
 logged, TIFF stacks, probabilities, overlays, diagnostics figures, ONNX export and one-line errors."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.io
+import test_script
 import tifffile
 import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error
 
 import predict
-import test_script
 from config import load_config
 from model import build_model
 from synthetic import synthetic_em_set
