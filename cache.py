@@ -58,6 +58,7 @@ import torch
 from tqdm import tqdm
 
 from config import UserError
+from console import first_line
 from preprocess import normalize_image, resize_image, resize_mask, scaled_size
 from readers import mask_settings
 from weight_maps import border_weights, class_counts
@@ -126,7 +127,8 @@ def prepare_images(
         if problem:
             note(f"cache entry {folder} of {samples[index].name} is incomplete or damaged ({problem}): rebuilding it")
         missing.append(index)
-    share = missing[rank::world_size]  # under torchrun each process builds every world_size-th missing entry
+    first = {folders[index]: index for index in reversed(missing)}  # an image listed twice is built once
+    share = sorted(first.values())[rank::world_size]  # under torchrun each process builds every world_size-th
     for index in share:
         shutil.rmtree(folders[index], ignore_errors=True)
     jobs = [(samples[index], scales[index], folders[index]) for index in share]
@@ -170,7 +172,7 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             check_array_file(folder / f"{array}.npy", shape, dtype)
         entry = PreparedImage(folder, meta["name"], (height, width), meta["source_channels"], tuple(meta["class_counts"]), meta["has_border"], meta["mask_read_as"], bool(meta["instances_dtype"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return None, f"{type(error).__name__}: {first_line(error)}"
     return entry, None
 
 
