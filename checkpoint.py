@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from config import DEFAULT_CONFIG, UserError, architecture_differences, load_config, merge_overrides, resolve
+from config import (
+    DEFAULT_CONFIG,
+    UserError,
+    architecture_differences,
+    load_config,
+    merge_overrides,
+    resolve,
+)
 from console import first_line, note
 from device import resolve_device
 from model import UNet, build_model

@@ -21,7 +21,16 @@ import PIL.Image
 
 from config import UserError, load_config
 from model import output_size
-from readers import FileSample, label_from_mask, listed, mask_settings, match_by_stem, read_isbi2012, read_mask, read_pennfudan
+from readers import (
+    FileSample,
+    label_from_mask,
+    listed,
+    mask_settings,
+    match_by_stem,
+    read_isbi2012,
+    read_mask,
+    read_pennfudan,
+)
 
 LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
 MAX_CLASSES = 10  # integer masks with more distinct values than this hold object ids, not classes
@@ -122,8 +131,10 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
             unreadable.append(str(error))
             continue
         palette = sample.mask.suffix.lower() in (".png", ".bmp") and PIL.Image.open(sample.mask).mode == "P"
-        kinds[mask_kind(mask, palette)] += 1
-        masks.append((sample, mask))
+        kind = mask_kind(mask, palette)
+        kinds[kind] += 1
+        # compared with the other masks by its values: a palette of 0/1 is as binary as a 0/1 gray mask
+        masks.append((sample, mask, mask_kind(mask, False) if palette else kind))
     suggestion = suggest(layout, root, headers, masks, kinds)
     lines = describe(layout, root, samples, headers, masks, kinds, suggestion)
     problems += unreadable + suggestion["problems"]
@@ -146,8 +157,8 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
         binary = {"0/255", "0/1", "float 0/1"}
         problems += [
             f"{sample.mask}: values {listed(np.unique(mask).tolist())} unlike most masks ({usual})"
-            for sample, mask in masks
-            if mask_kind(mask, False) != usual and not (usual in binary and mask_kind(mask, False) in binary) and usual != "palette indices"
+            for sample, mask, kind in masks
+            if kind != usual and not (usual in binary and kind in binary) and usual != "palette indices"
         ]
     sides = [max(shape[:2]) for shape, _ in headers]
     if sides and np.median(sides) > LARGE_PHOTO_SIDE:
@@ -171,7 +182,7 @@ def mask_config(masks: list, kinds: Counter) -> dict:
     colours -> ``mask_colors``; many or sparse integers -> instance ids; a few small integers or
     palette indices -> class indices; other values -> ``mask_values``; 0/1 and 0/255 -> two classes."""
     usual = kinds.most_common(1)[0][0]
-    typical = [mask for sample, mask in masks if mask_kind(mask, False) == usual or usual == "palette indices"]
+    typical = [mask for _, mask, kind in masks if kind == usual or usual == "palette indices"]
     if usual == "colours":
         colours = sorted({tuple(colour) for mask in typical for colour in np.unique(mask[..., :3].reshape(-1, 3), axis=0).tolist()})
         return {"unet.num_classes": len(colours), "train.mask_colors": [list(colour) for colour in colours]}
@@ -190,7 +201,7 @@ def class_fractions(masks: list, config: dict) -> tuple[np.ndarray, list[str]]:
     cannot read (one line each)."""
     settings = mask_settings(config)
     counts, problems = np.zeros(settings["num_classes"], dtype=np.int64), []
-    for sample, mask in masks:
+    for sample, mask, _ in masks:
         try:
             label = label_from_mask(mask, settings, str(sample.mask), sample.mask_kind)[0]
         except UserError as error:
@@ -212,7 +223,7 @@ def describe(layout: str, root: Path, samples: list, headers: list, masks: list,
         f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel types: {', '.join(f'{count} {dtype}' for dtype, count in depths.most_common())}",
         f"masks (read {len(masks)} of {len(samples)}): " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()),
     ]
-    values = sorted(set().union(*(set(np.unique(mask).tolist()) for _, mask in masks if mask.ndim == 2))) if masks else []
+    values = sorted(set().union(*(set(np.unique(mask).tolist()) for _, mask, _ in masks if mask.ndim == 2))) if masks else []
     if values:
         lines.append(f"mask values: {listed(values, 12)}")
     if suggestion["values"].get("train.mask_type") == "classes" and layout == "folder":

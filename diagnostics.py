@@ -21,11 +21,23 @@ from torch import Tensor, nn
 from config import UserError
 from console import note
 from dataset import build_datasets
-from infer import evaluating, predict_with_config, predicted_classes, predicted_objects, uniform_prediction_note
+from infer import (
+    evaluating,
+    predict_with_config,
+    predicted_classes,
+    uniform_prediction_note,
+)
 from losses import segmentation_loss
-from metrics import image_scores, instance_f1, instance_matches, pool_scores, segmentation_scores
+from metrics import (
+    image_scores,
+    instance_f1,
+    instance_matches,
+    pool_scores,
+    segmentation_scores,
+)
 from predict import mask_image
 from preprocess import network_margin, pad_for_model
+from readers import object_instances
 
 
 def diagnose(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool, split: str | None = None, threshold: float = 0.5, instances: bool = False) -> dict[str, float]:
@@ -60,7 +72,7 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
         if cells:
             cell_scores.append(cells)
         if num_classes == 2:
-            found = predicted_objects(written)
+            found = object_instances(written)
             matched = instance_matches(dataset.images[index].instances(), found)
             objects += matched
             scores["object_f1"] = instance_f1(*matched)

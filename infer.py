@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from config import UserError
 from console import note
-from device import out_of_memory_advice, release_cached_memory
+from device import bf16_supported, out_of_memory_advice, release_cached_memory
 from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
 from preprocess import (
@@ -39,7 +39,6 @@ from preprocess import (
     scaled_size,
     take_window,
 )
-from readers import object_instances
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
 DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
@@ -207,12 +206,6 @@ def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_s
     return torch.from_numpy(cells).long()
 
 
-def predicted_objects(classes: np.ndarray) -> np.ndarray:
-    """(H, W) int32 object ids of predicted (H, W) classes: the 4-connected components of each class
-    > 0 (for two classes, of class 1, after the watershed cut of ``predicted_classes``)."""
-    return object_instances(classes)
-
-
 def uniform_prediction_note(names: list[str], total: int, where: str) -> str:
     """The one line for predictions that are a single class everywhere (``names``: those images, of
     ``total`` in ``where``), naming the likely causes and what to check."""
@@ -366,5 +359,4 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     if not (amp and device.type == "cuda"):
         return contextlib.nullcontext()
     # Older GPUs only emulate bfloat16, slowly (torch.cuda.is_bf16_supported() counts that as support).
-    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if native_bf16 else torch.float16)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if bf16_supported(device) else torch.float16)

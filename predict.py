@@ -19,9 +19,20 @@ import torch
 
 from config import UserError
 from console import note
-from infer import predict_with_config, predicted_classes, predicted_objects, uniform_prediction_note
+from infer import (
+    DEFAULT_TILE_SIZE,
+    predict_with_config,
+    predicted_classes,
+    uniform_prediction_note,
+)
 from preprocess import image_statistics, network_margin, normalize_image, row_axis
-from readers import IMAGE_SUFFIXES, image_files, read_image, tiff_pages
+from readers import (
+    IMAGE_SUFFIXES,
+    image_files,
+    object_instances,
+    read_image,
+    tiff_pages,
+)
 
 BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
 
@@ -152,7 +163,7 @@ def predict_page(model, image: np.ndarray, config: dict, tta: bool, device: torc
     if "probability" in outputs:
         page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
     if "instances" in outputs:
-        objects = predicted_objects(classes)
+        objects = object_instances(classes)
         if objects.max() >= 2**16:
             raise UserError(f"{name}: {objects.max()} objects, more than a uint16 TIFF of object ids holds (65535): split the image")
         page["instances"] = objects.astype(np.uint16)
@@ -172,8 +183,8 @@ def partial(path: Path) -> Path:
 
 def plane_pixels(shape: tuple[int, ...]) -> int:
     """Height x width of an image of ``shape`` (H, W), (H, W, C) or (C, H, W)."""
-    height, width = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4) else shape[:2]
-    return height * width
+    axis = row_axis(shape)
+    return shape[axis] * shape[axis + 1]
 
 
 def tiff_memmap(path: Path) -> np.ndarray | None:
@@ -194,18 +205,18 @@ def predict_large_image(model, config: dict, path: Path, image: np.ndarray, outp
     probabilities differ slightly (as between two tile sizes). The watershed cut of
     ``predict.watershed_seeds`` runs per band (with its context); no overlay is written."""
     channels, depth, padding = config["unet"]["image_channels"], model.depth, model.padding
-    axis = row_axis(image)
+    axis = row_axis(image.shape)
     height, width = image.shape[axis], image.shape[axis + 1]
     period = 2**depth
     # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
     tile_size = config["predict"]["tile_size"]
-    reach = network_margin(depth, padding) if padding == 0 else (512 if tile_size in (None, "auto") else tile_size) // 2
+    reach = network_margin(depth, padding) if padding == 0 else (DEFAULT_TILE_SIZE[padding] if tile_size in (None, "auto") else tile_size) // 2
     context = -(-reach // period) * period
     band_rows = max(period, BAND_PIXELS // width // period * period)
     statistics = image_statistics(image, channels)
-    mask_path = output / f"{path.stem}.tif"
+    mask_path, probability_path = output / f"{path.stem}.tif", output / f"{path.stem}_probability.tif"
     masks = tifffile.memmap(partial(mask_path), shape=(height, width), dtype=np.uint8, photometric="minisblack", bigtiff=needs_bigtiff(height * width))
-    cells = tifffile.memmap(partial(output / f"{path.stem}_probability.tif"), shape=(height, width), dtype=np.float32, photometric="minisblack", bigtiff=needs_bigtiff(4 * height * width)) if probabilities else None
+    cells = tifffile.memmap(partial(probability_path), shape=(height, width), dtype=np.float32, photometric="minisblack", bigtiff=needs_bigtiff(4 * height * width)) if probabilities else None
     for top in range(0, height, band_rows):
         start, bottom, stop = max(0, top - context), min(height, top + band_rows), min(height, top + band_rows + context)
         band = np.take(image, range(start, stop), axis=axis)
@@ -218,6 +229,6 @@ def predict_large_image(model, config: dict, path: Path, image: np.ndarray, outp
     os.replace(partial(mask_path), mask_path)
     if cells is not None:
         cells.flush()
-        os.replace(partial(output / f"{path.stem}_probability.tif"), output / f"{path.stem}_probability.tif")
+        os.replace(partial(probability_path), probability_path)
     print(f"{path} -> {mask_path} ({height}x{width} px in bands of {band_rows} rows)")
     return mask_path

@@ -48,10 +48,10 @@ def channels_first(image: np.ndarray, channels: int) -> np.ndarray:
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
-    elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):
-        array = np.moveaxis(array, -1, 0)
     elif array.ndim != 3:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {array.shape}")
+    elif row_axis(array.shape) == 0:
+        array = np.moveaxis(array, -1, 0)
     if array.shape[0] == 4:
         array = array[:3]
     if array.shape[0] != channels:
@@ -59,15 +59,16 @@ def channels_first(image: np.ndarray, channels: int) -> np.ndarray:
     return array
 
 
-def row_axis(image: np.ndarray) -> int:
-    """The axis of an image's rows: 1 for a (C, H, W) image, else 0 (as ``channels_first`` reads it)."""
-    return 1 if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4) else 0
+def row_axis(shape: tuple[int, ...]) -> int:
+    """The axis of the rows of an image of ``shape``: 0 for (H, W) and (H, W, C), 1 for (C, H, W). A
+    trailing axis of 1, 3 or 4 is read as channels-last unless the first axis is one too."""
+    return 0 if len(shape) == 2 or (shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)) else 1
 
 
 def image_statistics(image: np.ndarray, channels: int, band_rows: int = 1024) -> tuple[float, float]:
     """Mean and standard deviation of an image too large to convert whole (a memory-mapped file, say),
     after the channel conversion of ``normalize_image``, summed in float64 over bands of rows."""
-    axis = row_axis(image)
+    axis = row_axis(image.shape)
     total = squares = count = 0.0
     for top in range(0, image.shape[axis], band_rows):
         band = channels_first(np.take(image, range(top, min(top + band_rows, image.shape[axis])), axis=axis), channels).astype(np.float64)

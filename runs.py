@@ -66,12 +66,16 @@ def read_metrics(path: Path, completed_epochs: int) -> list[dict]:
         return [row for row in csv.DictReader(file) if int(row["epoch"]) <= completed_epochs]
 
 
+def per_class_columns(rows: list[dict]) -> list[str]:
+    """The ``val_dice_<c>`` columns of rows of more than two classes (none for two)."""
+    return sorted({key for row in rows for key in row if key.startswith("val_dice_")})
+
+
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` (dicts keyed by ``CSV_COLUMNS``) to ``metrics.csv`` through a temporary file and a rename."""
     temporary = path.with_name(path.name + ".tmp")
-    per_class = sorted({key for row in rows for key in row if key.startswith("val_dice_")})  # more than two classes
     with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[*CSV_COLUMNS, *per_class], extrasaction="ignore")
+        writer = csv.DictWriter(file, fieldnames=[*CSV_COLUMNS, *per_class_columns(rows)], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, path)
@@ -93,7 +97,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         loss_axis.plot(*series(key), marker=".", label=label)
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axis.set_yscale("log")
-    per_class = sorted({key for row in rows for key in row if key.startswith("val_dice_")})
+    per_class = per_class_columns(rows)
     for key, label in (("val_dice", "Dice (foreground)"), ("val_iou", "IoU (foreground)"), ("val_pixel_error", "pixel error"), ("val_rand_error", "Rand error (cells)"), *((key, f"Dice of class {key[9:]}") for key in per_class)):
         score_axis.plot(*series(key), marker=".", label=label)
     score_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
