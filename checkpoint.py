@@ -8,6 +8,7 @@ random states, so that a run resumes exactly and ``test.py`` can rebuild the mod
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from config import (
     load_config,
     merge_overrides,
     resolve,
+    split_differences,
 )
 from console import first_line, note
 from device import resolve_device
@@ -53,9 +55,13 @@ def check_architecture(state: dict, config: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, config: dict) -> dict:
-    """``read_checkpoint``, checked to hold the architecture that ``config`` describes."""
+    """``read_checkpoint`` of a run to resume, checked to hold the architecture and to have trained on the
+    split (the same test images) that ``config`` describes."""
     state = read_checkpoint(path)
     check_architecture(state, config, path)
+    differences = split_differences(state["config"], config)
+    if differences:
+        raise UserError(f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images into training; set these keys as in the checkpoint, or start a new run")
     return state
 
 
@@ -73,6 +79,14 @@ def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
     if not path.is_file():
         raise UserError(f"train.resume: checkpoint {path} not found (use auto to pick the newest run in {save_path})")
     return path
+
+
+def newest_fold_series(save_path: Path) -> str | None:
+    """The base name of the newest cross-validation series under ``save_path`` (runs named
+    ``<base>-fold<i>`` with a ``last.pt``), or None."""
+    candidates = sorted(save_path.glob("*-fold*/last.pt"), key=lambda p: p.stat().st_mtime)
+    names = [match.group(1) for path in candidates if (match := re.fullmatch(r"(.+)-fold\d+", path.parent.name))]
+    return names[-1] if names else None
 
 
 def find_best_checkpoint(save_path: Path) -> Path:

@@ -38,7 +38,7 @@ class Option:
     """One config key: its default, its type and the values it accepts."""
 
     default: Any
-    kind: str  # int | float | bool | str | int_list | weights | search_space
+    kind: str  # int | float | bool | str | int_list | weights | search_space | threshold | number_list | colour_list | int_or_auto | int_or_all
     help: str
     choices: tuple = ()
     minimum: float | None = None  # inclusive
@@ -84,6 +84,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "val_images": Option(None, "int_list", "indices of the images to hold out for validation instead (e.g. [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
         "test_images": Option(None, "int_list", "indices of images held out of training and validation, scored by test.py (ISBI: [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
+        "folds": Option(None, "int", "cross-validation: split the images into this many folds and hold out fold train.fold as the test images (instead of train.test_images)", minimum=2, nullable=True),
+        "fold": Option(0, "int_or_all", "the fold held out for testing, 0..folds-1; all: train every fold in turn, one run each (names end in -fold0, -fold1, ...)", minimum=0),
+        "fold_order": Option("random", "str", "random: folds drawn from train.seed; contiguous: neighbouring images stay in one fold (slices of a stack, frames of a video are near copies of their neighbours)", choices=("random", "contiguous")),
         "image_scale": Option(1.0, "float", "resize images by this factor for the network (0.5: half the side, a quarter of the work, twice the context); scores and masks stay at full size", above=0.0, maximum=4.0),
         "tile_size": Option("auto", "int_or_auto", "side of the network's input tile in pixels; auto: the valid size nearest 256 px (or the legacy unet.input_shape[0]) for the depth and padding; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
@@ -279,6 +282,9 @@ def resolve(user: dict, notices: list | None = None) -> dict:
         problems.append(f"unet.num_classes: the synthetic images have 2 classes (membrane, cell) or 3 (and organelles), not {config['unet']['num_classes']}")
     if config["train"]["mask_type"] == "instances" and config["unet"]["num_classes"] != 2:
         problems.append(f"train.mask_type: instances (one id per object) gives two classes, but unet.num_classes is {config['unet']['num_classes']}")
+    problems += _fold_problems(config["train"])
+    if config["train"]["fold"] == "all" and any(config["overfit_one_batch"][mode] for mode in MODES):
+        problems.append("train.fold: all trains every fold; the overfit_one_batch checks run on one fold: set train.fold=0")
     if config["train"]["min_lr"] > config["train"]["lr"]:
         problems.append(f"train.min_lr ({config['train']['min_lr']}) is above train.lr ({config['train']['lr']})")
     modes = config["overfit_one_batch"]
@@ -290,6 +296,19 @@ def resolve(user: dict, notices: list | None = None) -> dict:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _fold_problems(train: dict) -> list[str]:
+    """What contradicts itself among the cross-validation keys ``train.folds``, ``fold`` and the fixed splits."""
+    folds, fold = train["folds"], train["fold"]
+    if folds is None:
+        return [] if fold == 0 else [f"train.fold: {fold} needs train.folds (the number of folds), which is null"]
+    problems = [f"train.{key}: train.folds chooses the test images of each fold; set train.{key}=null" for key in ("test_images", "val_images") if train[key]]
+    if fold == "all" and train["resume"] not in (None, "auto"):
+        problems.append("train.resume: with train.fold=all each fold continues its own run; use train.resume=auto")
+    if fold != "all" and fold >= folds:
+        problems.append(f"train.fold: {fold} is not among the {folds} folds (0..{folds - 1}, or all)")
+    return problems
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:
@@ -347,11 +366,12 @@ def _check(name: str, option: Option, value: Any) -> Any:
         if any(not 0 <= channel <= 255 for colour in value for channel in colour) or len({tuple(colour) for colour in value}) != len(value):
             raise ValueError(f"{name}: colours are distinct [r, g, b] of 0..255, got {value}")
         return value
-    elif option.kind == "int_or_auto":
-        if value == "auto":
+    elif option.kind in ("int_or_auto", "int_or_all"):
+        word = option.kind.removeprefix("int_or_")
+        if value == word:
             return value
         if isinstance(value, str):
-            raise ValueError(f"{name}: expected an integer or auto, got {value!r}")
+            raise ValueError(f"{name}: expected an integer or {word}, got {value!r}")
         value = _as_int(name, value)
     if option.choices and value not in option.choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, option.choices))}{_suggest(str(value), list(map(str, option.choices)))}")
@@ -452,6 +472,16 @@ def _check_device(device: str, problems: list) -> None:
 def config_to_yaml(config: dict) -> str:
     """The config as YAML text, sections and keys in schema order."""
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+SPLIT_KEYS = ("dataset_name", "seed", "folds", "fold", "fold_order", "test_images", "val_images", "val_fraction", "val_data")  # what decides which images are test images
+
+
+def split_differences(saved: dict, current: dict) -> list[str]:
+    """The ``train.*`` keys that choose the training, validation and test images, where two configs differ
+    (a key that ``saved`` lacks, from a version before it, counts as its default)."""
+    before = {key: saved["train"].get(key, SCHEMA["train"][key].default) for key in SPLIT_KEYS}
+    return [f"train.{key}: checkpoint {before[key]!r}, config {current['train'][key]!r}" for key in SPLIT_KEYS if before[key] != current["train"][key]]
 
 
 def architecture_differences(saved: dict, current: dict) -> list[str]:

@@ -136,6 +136,16 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[val_count:]), sorted(order[:val_count])
 
 
+def fold_indices(count: int, folds: int, fold: int, order: str, seed: int) -> list[int]:
+    """The indices of fold ``fold`` of ``folds`` near-equal folds of ``count`` items (sizes differ by at
+    most one): contiguous runs of indices for ``order`` contiguous, else a permutation drawn from ``seed``."""
+    if count < folds:
+        raise UserError(f"train.folds: {folds} folds need at least {folds} images, found {count}")
+    # a stream of its own, so that the validation split (from the same seed) is not the same permutation
+    indices = np.arange(count) if order == "contiguous" else np.random.default_rng([seed, folds]).permutation(count)
+    return sorted(np.array_split(indices, folds)[fold].tolist())
+
+
 def list_samples(config: dict) -> tuple[list, list | None]:
     """``(training samples, validation samples or None)`` of the configured data set, not yet read
     (``readers.FileSample``, ``synthetic.SyntheticSample``).
@@ -164,9 +174,13 @@ def list_samples(config: dict) -> tuple[list, list | None]:
 
 def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
     """Indices of the training, validation and test images among ``count`` samples: test images from
-    ``train.test_images``, validation from ``train.val_images`` or a seeded ``train.val_fraction`` of the
-    rest (none where the data set brings its own validation images)."""
-    test_index = sorted(set(train["test_images"] or []))
+    fold ``train.fold`` of ``train.folds`` or from ``train.test_images``, validation from
+    ``train.val_images`` or a seeded ``train.val_fraction`` of the rest (none where the data set brings its
+    own validation images)."""
+    if train["folds"]:
+        test_index = fold_indices(count, train["folds"], train["fold"], train["fold_order"], train["seed"])
+    else:
+        test_index = sorted(set(train["test_images"] or []))
     outside = [i for i in test_index if not 0 <= i < count]
     if outside:
         raise UserError(f"train.test_images: {outside} not among the {count} images (0..{count - 1})")

@@ -104,6 +104,20 @@ def score_columns(num_classes: int) -> list[tuple[str, str, int]]:
     return columns + [(f"Dice {c}", f"dice_{c}", 8) for c in range(num_classes)]
 
 
+def score_summary(names: Sequence[str], results: Sequence[dict], num_classes: int) -> str:
+    """A table of the overall scores of several runs (``diagnose``'s return values): one row per run,
+    then their mean and sample standard deviation (ddof 1; 0 for a single run)."""
+    columns = score_columns(num_classes)
+    width = max(24, *(len(name) for name in names))
+    lines = [f"{'run':>{width}}" + "".join(f" {title:>{size}}" for title, _, size in columns)]
+    for name, scores in zip(names, results):
+        lines.append(f"{name:>{width}}" + "".join(f" {scores[key]:>{size}.4f}" for _, key, size in columns))
+    values = {key: np.array([scores[key] for scores in results], dtype=np.float64) for _, key, _ in columns}
+    lines.append(f"{'mean':>{width}}" + "".join(f" {values[key].mean():>{size}.4f}" for _, key, size in columns))
+    lines.append(f"{'std':>{width}}" + "".join(f" {values[key].std(ddof=1) if len(results) > 1 else 0.0:>{size}.4f}" for _, key, size in columns))
+    return "\n".join(lines) + f"\n({len(results)} runs; std: the sample standard deviation over runs)"
+
+
 def save_image_figures(model, config: dict, device: torch.device, output: Path, split: str, index: int, name: str, item: tuple, classes: np.ndarray, probabilities: Tensor, scores: dict, layers: list[str] | None) -> None:
     """The figures of one image: prediction panels and saliency; for the first image also the
     per-layer gradient and weight norms and the activation maps."""

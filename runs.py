@@ -21,10 +21,15 @@ from console import note
 CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_pixel_error", "val_dice", "val_iou", "val_rand_error", "val_vi", "epoch_seconds", "images_per_second")
 
 
+def run_base_name(train: dict, label: str | None = None) -> str:
+    """``train.run_name``, or the date, time and ``label`` (default: the data set)."""
+    return train["run_name"] or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label or train['dataset_name']}"
+
+
 def new_run_name(train: dict, label: str | None = None) -> str:
-    """``run_name``, or date-time-``label`` (default: the data set); suffixed -2, -3 ... so that no earlier
+    """``run_base_name``, then ``-fold<i>`` under cross-validation; suffixed -2, -3 ... so that no earlier
     run is overwritten."""
-    base = train["run_name"] or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label or train['dataset_name']}"
+    base = run_base_name(train, label) + (f"-fold{train['fold']}" if train["folds"] else "")
     name, count = base, 1
     while (Path(train["log_path"]) / name).exists() or (Path(train["save_path"]) / name).exists():
         count += 1

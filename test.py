@@ -3,6 +3,7 @@
     python test.py --input FILE|DIR|STACK.tif --output DIR [--probabilities] [--instances] [--overlay] [--tta]
     python test.py [--split test|val] [--show] [--layers inc]  # masks, scores and diagnostics on held-out images
     python test.py --export model.onnx                          # ONNX with dynamic height and width
+    python test.py --checkpoint weights/RUN-fold*/best.pt       # each fold's scores, then mean and std
 
 Common options: ``--checkpoint PATH`` (default: the newest ``best.pt`` under ``train.save_path``),
 ``--config PATH`` (default: the config stored in the checkpoint), and ``section.key=value`` overrides
@@ -18,12 +19,15 @@ Without ``--input``, for each test image (``train.test_images``; else each valid
 with ``--split``) it writes the mask to ``masks/`` and scores it, and saves a figure with input,
 ground truth, prediction, probability, errors and weight map, the saliency (gradient of the loss
 with respect to the input), and for the first image a plot of per-layer gradient and weight norms
-and the activation maps of chosen layers; it prints the scores, as training computed them.
+and the activation maps of chosen layers; it prints the scores, as training computed them. Given several checkpoints (the folds of
+``train.fold=all``), it does so for each on the test images of its own config, then prints one row per
+run and the mean and standard deviation of every score.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -33,14 +37,14 @@ from checkpoint import decision_threshold, load_model
 from config import UserError
 from console import report_error
 from device import memory_description
-from diagnostics import diagnose
+from diagnostics import diagnose, score_summary
 from export import check_onnx, export_onnx
 from predict import input_images, predict_files
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict masks with a trained U-Net, or look at its diagnostics.", epilog="overrides: section.key=value, e.g. train.device=cpu predict.tile_size=572")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the newest best.pt under train.save_path)")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", help="checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of train.fold=all): each scored on its own test images, then the mean and standard deviation")
     parser.add_argument("--config", type=Path, help="config to use instead of the one stored in the checkpoint")
     parser.add_argument("--input", type=Path, help="image file, folder of images, or multi-page TIFF to segment")
     parser.add_argument("--output", type=Path, help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)")
@@ -54,24 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="also show the diagnostic figures on screen")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    # --checkpoint takes several paths, so overrides written after it land there: give them back
+    overrides = [item for item in args.checkpoint or [] if re.match(r"\w+\.\w+=", str(item))]
+    args.overrides = [str(item) for item in overrides] + args.overrides
+    checkpoints = [item for item in args.checkpoint or [] if item not in overrides] or [None]
     try:
-        model, config, state, device = load_model(args.checkpoint, args.config, args.overrides)
+        if len(checkpoints) > 1:
+            if args.input or args.export:
+                raise UserError("--checkpoint: several checkpoints are scored each on its own held-out images; --input and --export take one")
+            summarize_runs(checkpoints, args)
+            return 0
+        model, config, state, device = load_model(checkpoints[0], args.config, args.overrides)
         print(f"{state['path']} (epoch {state['progress']['epoch']}) on {device}")
         if args.export:
             export_onnx(model, args.export, config["unet"]["image_channels"], sample_size=config["train"]["tile_size"])
             difference = check_onnx(model, args.export, torch.randn(1, config["unet"]["image_channels"], config["train"]["tile_size"], config["train"]["tile_size"]))
             print(f"wrote {args.export}; onnxruntime and PyTorch differ by at most {difference:.2e}")
             return 0
-        threshold = decision_threshold(config, state)
         if args.input:
-            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, threshold, args.instances)
+            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, decision_threshold(config, state), args.instances)
             return 0
-        run_name = state["progress"].get("run_name") or state["path"].parent.name
-        output = args.output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
-        try:
-            diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, threshold, args.instances)
-        except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
-            raise UserError(f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input") from None
+        output = score_checkpoint(model, config, state, device, args, args.output)[1]
     except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
     if args.show:
@@ -85,6 +92,34 @@ def main(argv: list[str] | None = None) -> int:
             plt.axis("off")
         plt.show()
     return 0
+
+
+def score_checkpoint(model, config: dict, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None) -> tuple[dict, Path]:
+    """``diagnostics.diagnose`` of one checkpoint on its held-out images; returns its overall scores and
+    the folder of its masks and figures (``output``, else ``<log_path>/<run>/diagnostics``)."""
+    run_name = state["progress"].get("run_name") or state["path"].parent.name
+    output = output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
+    try:
+        scores = diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, decision_threshold(config, state), args.instances)
+    except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
+        raise UserError(f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input") from None
+    return scores, output
+
+
+def summarize_runs(checkpoints: list[Path], args: argparse.Namespace) -> None:
+    """Score each checkpoint as ``score_checkpoint`` does (into ``--output/<run>`` where given), then print
+    one row per run and the mean and standard deviation of every score: the cross-validation result of
+    ``train.fold=all``."""
+    names, results, num_classes = [], [], set()
+    for checkpoint in checkpoints:
+        model, config, state, device = load_model(checkpoint, args.config, args.overrides)
+        print(f"\n{state['path']} (epoch {state['progress']['epoch']}) on {device}")
+        names.append(state["progress"].get("run_name") or checkpoint.parent.name)
+        results.append(score_checkpoint(model, config, state, device, args, args.output / names[-1] if args.output else None)[0])
+        num_classes.add(config["unet"]["num_classes"])
+    if len(num_classes) > 1:
+        raise UserError(f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary compares runs of one task")
+    print("\n" + score_summary(names, results, num_classes.pop()))
 
 
 if __name__ == "__main__":

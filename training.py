@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -38,6 +39,8 @@ from augment import augment_on_device
 from checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
+    newest_fold_series,
+    read_checkpoint,
     restore,
     save_checkpoint,
     training_state,
@@ -53,6 +56,7 @@ from runs import (
     new_run_name,
     plot_curves,
     read_metrics,
+    run_base_name,
     start_run_folders,
     write_metrics,
 )
@@ -369,7 +373,39 @@ def run_config(config: dict) -> int:
         if "full_train_config" not in summary:
             return 130 if summary["interrupted"] else 0
         config = summary["full_train_config"]
+    if config["train"]["folds"] and config["train"]["fold"] == "all":
+        return train_every_fold(config)
     return 130 if train(config)["interrupted"] else 0
+
+
+def train_every_fold(config: dict) -> int:
+    """``train.fold: all``: train fold 0, 1, ... of ``train.folds`` in turn, each a run named
+    ``<base>-fold<i>``, then print the test.py command that scores them all. With ``train.resume: auto``
+    the newest series (or the one ``train.run_name`` names) continues: finished folds are skipped and
+    an interrupted one resumes from its ``last.pt``."""
+    train_config = config["train"]
+    save_path, resume = Path(train_config["save_path"]), train_config["resume"] == "auto"
+    base = train_config["run_name"] or (newest_fold_series(save_path) if resume else None) or run_base_name(train_config)
+    best_checkpoints = []
+    for fold in range(train_config["folds"]):
+        fold_config = copy.deepcopy(config)
+        fold_config["train"].update(fold=fold, run_name=base, resume=None)
+        last = save_path / f"{base}-fold{fold}" / "last.pt"
+        if resume and last.is_file():
+            if read_checkpoint(last)["progress"]["epoch"] >= train_config["max_epochs"]:
+                note(f"fold {fold}: {last} has finished its {train_config['max_epochs']} epochs; skipping it")
+                best_checkpoints.append(last.with_name("best.pt"))
+                continue
+            fold_config["train"]["resume"] = str(last)
+        note(f"fold {fold} of {train_config['folds']} (0..{train_config['folds'] - 1}) held out for testing")
+        summary = train(fold_config)
+        if summary["interrupted"]:
+            print(f"continue the folds with: python training.py ... train.fold=all train.run_name={base} train.resume=auto")
+            return 130
+        best_checkpoints.append(summary["run_weights"] / "best.pt")
+    print(f"all {train_config['folds']} folds trained; score each on its test images, with the mean and standard deviation:")
+    print("python test.py --checkpoint " + " ".join(map(str, best_checkpoints)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

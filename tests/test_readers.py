@@ -240,6 +240,30 @@ def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
         assert config["unet"]["padding"] == 1 and config["unet"]["image_channels"] == 3
 
 
+@pytest.mark.parametrize("data_set", ["isbi2012", "pennfudan"])
+def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
+    recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
+    baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
+    # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
+    assert baseline["train"]["loss"] == "ce" and baseline["train"]["class_weights"] == "none" and baseline["train"]["w_0"] == 0
+    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None
+    assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
+    # the same network, data, split and budget as the recipe
+    assert baseline["unet"] == recipe["unet"]
+    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "lr", "seed", "best_metric"):
+        assert baseline["train"][key] == recipe["train"][key], key
+
+
+@pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
+def test_isbi_contiguous_folds_hold_out_six_neighbouring_slices():
+    overrides = [f"train.data={SHARED / 'isbi2012'}", "train.val_images=null", "train.test_images=null", "train.folds=5", "train.fold=1"]
+    data = build_datasets(load_config(ROOT / "configs" / "isbi2012_cpu.yaml", overrides, []), lambda message: None)
+    truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
+    assert len(data["test"]) == 6 and len(data["val"]) == 2 and len(data["train"]) == 22 * 4
+    for index, slice_index in enumerate(range(6, 12)):
+        assert np.array_equal(data["test"][index][1].numpy(), truth[slice_index] == 255)
+
+
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
 def test_isbi_cpu_config_trains_on_slices_0_to_20_and_tests_on_24_to_29():
     config = load_config(ROOT / "configs" / "isbi2012_cpu.yaml", [f"train.data={SHARED / 'isbi2012'}"], [])
