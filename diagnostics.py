@@ -56,7 +56,7 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
     total, cell_scores, objects, uniform = torch.zeros(num_classes, num_classes, dtype=torch.int64), [], np.zeros(3, dtype=np.int64), []
     print(f"{len(dataset)} {'test' if split == 'test' else 'validation'} images" + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else ""))
     columns = score_columns(num_classes)
-    print(f"{'image':>24}" + "".join(f" {title:>{width}}" for title, _, width in columns))
+    print(table_line("image", None, columns))
     for index, (image, label, weight) in enumerate(dataset):
         probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
         name = dataset.names[index]
@@ -80,12 +80,12 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
                 tifffile.imwrite(output / "masks" / f"{Path(name).stem}_instances.tif", found.astype(np.uint16 if found.max() < 2**16 else np.uint32), photometric="minisblack")
         if len(np.unique(written)) == 1:
             uniform.append(name)
-        print(f"{name:>24}" + "".join(f" {scores[key]:>{width}.4f}" for _, key, width in columns))
+        print(table_line(name, scores, columns))
         save_image_figures(model, config, device, output, split, index, name, (image, label, weight), classes, probabilities, scores, layers)
     overall = pool_scores(total, cell_scores)
     if num_classes == 2:
         overall["object_f1"] = instance_f1(*objects)
-    print(f"{'all':>24}" + "".join(f" {overall[key]:>{width}.4f}" for _, key, width in columns))
+    print(table_line("all", overall, columns))
     if num_classes == 2:
         print(f"(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images. Object F1: "
               f"{objects[0]} of {objects[1]} true and {objects[2]} predicted objects matched at IoU > 0.5)")
@@ -104,17 +104,22 @@ def score_columns(num_classes: int) -> list[tuple[str, str, int]]:
     return columns + [(f"Dice {c}", f"dice_{c}", 8) for c in range(num_classes)]
 
 
+def table_line(label: str, scores: dict | None, columns: list[tuple[str, str, int]], label_width: int = 24) -> str:
+    """One line of a score table: ``label`` right-aligned, then each column's score to 4 decimals, or
+    the column titles where ``scores`` is None."""
+    cells = (f" {title:>{size}}" if scores is None else f" {scores[key]:>{size}.4f}" for title, key, size in columns)
+    return f"{label:>{label_width}}" + "".join(cells)
+
+
 def score_summary(names: Sequence[str], results: Sequence[dict], num_classes: int) -> str:
     """A table of the overall scores of several runs (``diagnose``'s return values): one row per run,
     then their mean and sample standard deviation (ddof 1; 0 for a single run)."""
     columns = score_columns(num_classes)
     width = max(24, *(len(name) for name in names))
-    lines = [f"{'run':>{width}}" + "".join(f" {title:>{size}}" for title, _, size in columns)]
-    for name, scores in zip(names, results):
-        lines.append(f"{name:>{width}}" + "".join(f" {scores[key]:>{size}.4f}" for _, key, size in columns))
+    lines = [table_line("run", None, columns, width)] + [table_line(name, scores, columns, width) for name, scores in zip(names, results)]
     values = {key: np.array([scores[key] for scores in results], dtype=np.float64) for _, key, _ in columns}
-    lines.append(f"{'mean':>{width}}" + "".join(f" {values[key].mean():>{size}.4f}" for _, key, size in columns))
-    lines.append(f"{'std':>{width}}" + "".join(f" {values[key].std(ddof=1) if len(results) > 1 else 0.0:>{size}.4f}" for _, key, size in columns))
+    lines.append(table_line("mean", {key: value.mean() for key, value in values.items()}, columns, width))
+    lines.append(table_line("std", {key: value.std(ddof=1) if len(results) > 1 else 0.0 for key, value in values.items()}, columns, width))
     return "\n".join(lines) + f"\n({len(results)} runs; std: the sample standard deviation over runs)"
 
 
