@@ -235,7 +235,8 @@ def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
     assert test_images and not set(test_images) & set(train["val_images"] or [])
     if name.startswith("isbi2012"):
         assert test_images == [24, 25, 26, 27, 28, 29] and train["val_images"] == [21, 22, 23]
-        assert config["unet"]["padding"] == 0 and config["unet"]["image_channels"] == 1 and train["w_0"] > 0 and config["augment"]["elastic_std"] > 0
+        assert config["unet"]["padding"] == 0 and config["unet"]["image_channels"] == 1 and config["augment"]["elastic_std"] > 0
+        assert train["w_0"] > 0 or name == "isbi2012_cpu"  # the paper's set-up has border weights; the CPU recipe measured better without
     else:
         assert config["unet"]["padding"] == 1 and config["unet"]["image_channels"] == 3
 
@@ -246,7 +247,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
     # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
     assert baseline["train"]["loss"] == "ce" and baseline["train"]["class_weights"] == "none" and baseline["train"]["w_0"] == 0
-    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None
+    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None and baseline["predict"]["tta"] is False
     assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
