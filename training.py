@@ -142,6 +142,7 @@ def train_process(config: dict, rank: int, world_size: int, device: torch.device
                 scores = validate(run, epoch)
                 row.update(scores)
                 stop = patience > 0 and epoch + 1 - run.progress["best_epoch"] >= patience
+            run.progress["stopped_early"] = stop  # in last.pt: train.fold=all skips such a run as finished
             # log: metrics.csv before last.pt, so that a run killed between the two resumes with every row
             run.rows.append(row)
             due = last_epoch or stop or bool(stop_requested)
@@ -381,8 +382,8 @@ def run_config(config: dict) -> int:
 def train_every_fold(config: dict) -> int:
     """``train.fold: all``: train fold 0, 1, ... of ``train.folds`` in turn, each a run named
     ``<base>-fold<i>``, then print the test.py command that scores them all. With ``train.resume: auto``
-    the newest series (or the one ``train.run_name`` names) continues: finished folds are skipped and
-    an interrupted one resumes from its ``last.pt``."""
+    the newest series (or the one ``train.run_name`` names) continues: finished folds (all epochs, or
+    ended by early stopping) are skipped and an interrupted one resumes from its ``last.pt``."""
     train_config = config["train"]
     save_path, resume = Path(train_config["save_path"]), train_config["resume"] == "auto"
     base = train_config["run_name"] or (newest_fold_series(save_path) if resume else None) or run_base_name(train_config)
@@ -392,8 +393,10 @@ def train_every_fold(config: dict) -> int:
         fold_config["train"].update(fold=fold, run_name=base, resume=None)
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
-            if read_checkpoint(last)["progress"]["epoch"] >= train_config["max_epochs"]:
-                note(f"fold {fold}: {last} has finished its {train_config['max_epochs']} epochs; skipping it")
+            progress = read_checkpoint(last)["progress"]
+            if progress["epoch"] >= train_config["max_epochs"] or (progress.get("stopped_early") and train_config["early_stopping"] > 0):
+                ended = "ended by early stopping" if progress["epoch"] < train_config["max_epochs"] else f"has finished its {train_config['max_epochs']} epochs"
+                note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))
                 continue
             fold_config["train"]["resume"] = str(last)

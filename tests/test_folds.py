@@ -2,6 +2,7 @@
 resume, and test.py's summary over runs (checked with NumPy and the statistics module)."""
 
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,10 +101,15 @@ def test_resuming_on_another_fold_is_refused(image_folder):
     load_checkpoint(last, folder_config(image_folder, "train.max_epochs=1"))
 
 
+def every_fold_arguments(image_folder: Path) -> list[str]:
+    """training.py overrides for train.fold=all over 3 folds of the test images, with a tiny model."""
+    return ["train.dataset_name=folder", f"train.data={image_folder}", "unet.input_channels=[4, 8]", "train.tile_size=60", "train.batch_size=2", "train.samples_per_image=2",
+            "train.device=cpu", "predict.tile_size=100", f"train.save_path={image_folder / 'weights'}", f"train.log_path={image_folder / 'logs'}",
+            "train.folds=3", "train.fold=all", "train.val_fraction=0.25", "train.warmup_epochs=0"]
+
+
 def test_every_fold_trains_resumes_and_test_py_summarizes_them(image_folder, capsys):
-    arguments = ["train.dataset_name=folder", f"train.data={image_folder}", "unet.input_channels=[4, 8]", "train.tile_size=60", "train.batch_size=2", "train.samples_per_image=2",
-                 "train.device=cpu", "predict.tile_size=100", f"train.save_path={image_folder / 'weights'}", f"train.log_path={image_folder / 'logs'}",
-                 "train.folds=3", "train.fold=all", "train.val_fraction=0.25", "train.warmup_epochs=0"]
+    arguments = every_fold_arguments(image_folder)
     assert training.main([*arguments, "train.max_epochs=1", "train.run_name=cv"]) == 0
     printed = capsys.readouterr().out
     best = [image_folder / "weights" / f"cv-fold{fold}" / "best.pt" for fold in range(3)]
@@ -139,3 +145,19 @@ def test_every_fold_trains_resumes_and_test_py_summarizes_them(image_folder, cap
     capsys.readouterr()
     assert test_script.main(["--checkpoint", *map(str, best), "--input", str(image_folder / "images")]) == 1
     assert "--input and --export take one" in capsys.readouterr().err
+
+
+def test_every_fold_skips_folds_that_early_stopping_ended(image_folder, capsys, monkeypatch):
+    # a validation loss that never improves: each fold stops after epoch 2 of 4 (patience 1)
+    monkeypatch.setattr(training, "evaluate", lambda *args: {"val_loss": 1.0, "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8})
+    arguments = [*every_fold_arguments(image_folder), "train.max_epochs=4", "train.early_stopping=1", "train.best_metric=val_loss", "train.run_name=es"]
+    assert training.main(arguments) == 0
+    last = [image_folder / "weights" / f"es-fold{fold}" / "last.pt" for fold in range(3)]
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [2, 2, 2]
+    capsys.readouterr()
+    assert training.main([*arguments, "train.resume=auto"]) == 0
+    assert capsys.readouterr().err.count("ended by early stopping; skipping it") == 3
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [2, 2, 2]
+    # without early stopping now, the same runs continue to max_epochs
+    assert training.main([*arguments[:-3], "train.best_metric=val_loss", "train.run_name=es", "train.resume=auto"]) == 0
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [4, 4, 4]
