@@ -394,8 +394,9 @@ def train_every_fold(config: dict) -> int:
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
             progress = read_checkpoint(last)["progress"]
-            if progress["epoch"] >= train_config["max_epochs"] or (progress.get("stopped_early") and train_config["early_stopping"] > 0):
-                ended = "ended by early stopping" if progress["epoch"] < train_config["max_epochs"] else f"has finished its {train_config['max_epochs']} epochs"
+            ended = (f"has finished its {train_config['max_epochs']} epochs" if progress["epoch"] >= train_config["max_epochs"]
+                     else "ended by early stopping" if progress.get("stopped_early") and train_config["early_stopping"] > 0 else None)
+            if ended:
                 note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))
                 continue

@@ -159,5 +159,5 @@ def test_every_fold_skips_folds_that_early_stopping_ended(image_folder, capsys, 
     assert capsys.readouterr().err.count("ended by early stopping; skipping it") == 3
     assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [2, 2, 2]
     # without early stopping now, the same runs continue to max_epochs
-    assert training.main([*arguments[:-3], "train.best_metric=val_loss", "train.run_name=es", "train.resume=auto"]) == 0
+    assert training.main([*every_fold_arguments(image_folder), "train.max_epochs=4", "train.best_metric=val_loss", "train.run_name=es", "train.resume=auto"]) == 0
     assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [4, 4, 4]
