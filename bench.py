@@ -475,7 +475,7 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
     test = build_datasets(config, lambda message: None)["test"]
     matched, overlap, total = np.zeros(3, dtype=np.int64), 0, 0
     for (image, label, _), ids in zip(test, truth):
-        classes = predicted_classes(predict_with_config(model, image.to(device), config).cpu(), decision_threshold(config, state), config["predict"]["watershed_seeds"]).numpy()
+        classes = predicted_classes(predict_with_config(model, image.to(device), config).cpu(), decision_threshold(config, state), config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
         matched += instance_matches(ids, object_instances(classes))
         overlap, total = overlap + np.count_nonzero((classes == 1) & (ids > 0)), total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0)
     queue.put({"f1": instance_f1(*matched), "dice": 2 * overlap / total})

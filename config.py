@@ -38,7 +38,7 @@ class Option:
     """One config key: its default, its type and the values it accepts."""
 
     default: Any
-    kind: str  # int | float | bool | str | int_list | weights | search_space | threshold | number_list | colour_list | int_or_auto | int_or_all
+    kind: str  # int | float | bool | str | int_list | float_list | weights | search_space | threshold | number_list | colour_list | int_or_auto | int_or_all
     help: str
     choices: tuple = ()
     minimum: float | None = None  # inclusive
@@ -128,8 +128,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "overlap": Option(0.25, "float", "with padding 1: overlap of neighbouring tiles, blended with Gaussian weights", minimum=0.0, maximum=0.9),
         "batch_size": Option(4, "int", "tiles per forward pass when predicting", minimum=1),
         "tta": Option(False, "bool", "average predictions over the flips and turns that the training augmentation covered (up to 8x slower)"),
+        "scales": Option([1.0], "float_list", "test-time scales: average the predictions at these multiples of train.image_scale (Penn-Fudan: [0.85, 1.0, 1.2], 3x the work); [1.0]: one scale", above=0.0, maximum=4.0),
         "threshold": Option(0.5, "threshold", "two classes: a pixel is class 1 where its probability >= this; auto: calibrated on the validation images after training", above=0.0, maximum=0.999),
         "watershed_seeds": Option(None, "float", "two classes: cut class-1 regions that touch through thin gaps apart, by a watershed from seeds of probability >= this (ISBI: 0.95); null: off", above=0.0, maximum=0.999, nullable=True),
+        "watershed_min_seed": Option(0, "int", "with watershed_seeds: seeds of fewer pixels are dropped, so that small islands of high probability inside a cell do not cut it into pieces (ISBI: 100); 0: every seed", minimum=0),
     },
     "augment": {
         "flip": Option(True, "bool", "random horizontal and vertical flips"),
@@ -337,6 +339,10 @@ def _check(name: str, option: Option, value: Any) -> Any:
         if not isinstance(value, list) or not value:
             raise ValueError(f"{name}: expected a list of integers such as [16, 32, 64], got {value!r}")
         value = [_as_int(name, item) for item in value]
+    elif option.kind == "float_list":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name}: expected a list of numbers such as [0.85, 1.0, 1.2], got {value!r}")
+        value = [_as_float(name, item) for item in value]
     elif option.kind == "weights":
         if isinstance(value, str) and value in ("balanced", "none"):
             return value

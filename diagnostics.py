@@ -60,7 +60,7 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
     for index, (image, label, weight) in enumerate(dataset):
         probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
         name = dataset.names[index]
-        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"]).numpy()
+        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"], predict["watershed_min_seed"]).numpy()
         mask_path = output / "masks" / f"{Path(name).stem}.png"
         skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)
         # score the mask as written: the file is what a user would submit

@@ -173,14 +173,20 @@ def predict_probabilities(
 def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:
     """``predict_probabilities`` with the settings of a config's ``predict`` section and its
     ``train.image_scale``; ``tta`` forces test-time augmentation on, over the transforms that the
-    config's augmentation trained for (``tta_transforms``). When the device runs out of memory,
-    ``predict.batch_size`` is halved (down to 1, with a note) and the image predicted again."""
+    config's augmentation trained for (``tta_transforms``). With several ``predict.scales``, the
+    mean of the probabilities predicted at each multiple of ``train.image_scale``. When the device
+    runs out of memory, ``predict.batch_size`` is halved (down to 1, with a note) and the image
+    predicted again."""
     predict = config["predict"]
     transforms = tta_transforms(config["augment"]) if tta or predict["tta"] else False
     tile_size = None if predict["tile_size"] in (None, "auto") else predict["tile_size"]
     while True:
         try:
-            return predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"])
+            total = sum(
+                predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"] * factor)
+                for factor in predict["scales"]
+            )
+            return total / len(predict["scales"])
         except torch.OutOfMemoryError:
             device = next(model.parameters()).device
             if predict["batch_size"] == 1:
@@ -191,18 +197,18 @@ def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = Fa
             note(f"out of memory predicting on {device}: predict.batch_size is now {predict['batch_size']} (tiles per forward pass), retrying")
 
 
-def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None) -> Tensor:
+def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None, min_seed_area: int = 0) -> Tensor:
     """(H, W) int64 class indices from (K, H, W) probabilities on the CPU.
 
     For two classes, class 1 where its probability >= ``threshold``; with ``watershed_seeds``, regions
-    of class 1 that touch through thin gaps are then cut apart (``separate_cells``). For more classes,
-    the most probable class.
+    of class 1 that touch through thin gaps are then cut apart (``separate_cells``, from seeds of at
+    least ``min_seed_area`` pixels). For more classes, the most probable class.
     """
     if probabilities.shape[0] != 2:
         return probabilities.argmax(0)
     cells = probabilities[1].numpy() >= threshold
     if watershed_seeds is not None:
-        cells = separate_cells(cells, probabilities[1].numpy(), watershed_seeds)
+        cells = separate_cells(cells, probabilities[1].numpy(), watershed_seeds, min_seed_area)
     return torch.from_numpy(cells).long()
 
 
@@ -216,17 +222,22 @@ def uniform_prediction_note(names: list[str], total: int, where: str) -> str:
     )
 
 
-def separate_cells(cells: np.ndarray, cell_probability: np.ndarray, seed_threshold: float) -> np.ndarray:
+def separate_cells(cells: np.ndarray, cell_probability: np.ndarray, seed_threshold: float, min_seed_area: int = 0) -> np.ndarray:
     """Cut touching cells apart with 1-px lines of class 0, by a seeded watershed.
 
     A gap of a few pixels in a predicted membrane merges two cells into one connected component,
     which the ISBI Rand error punishes hard. Seeds are the 4-connected components where the cell
-    probability >= ``seed_threshold`` (cell centres, which the network is sure of); each floods
-    the predicted cells downhill in probability, and where two floods meet, the line between them
+    probability >= ``seed_threshold`` (cell centres, which the network is sure of) that cover at
+    least ``min_seed_area`` pixels: the textured inside of a cell (organelles, vesicles) leaves small
+    islands of high probability, and each would cut a piece off its cell. Each seed floods the
+    predicted cells downhill in probability, and where two floods meet, the line between them
     becomes class 0. A component of ``cells`` without a seed is kept whole. Returns a boolean (H, W)
     mask, a subset of ``cells``.
     """
     seeds = measure.label(cells & (cell_probability >= seed_threshold), connectivity=1)
+    too_small = np.bincount(seeds.ravel()) < min_seed_area
+    too_small[0] = False
+    seeds[too_small[seeds]] = 0
     components = measure.label(cells, connectivity=1)
     unseeded = np.setdiff1d(np.unique(components[cells]), np.unique(components[seeds > 0]))
     extra = np.isin(components, unseeded)
@@ -240,6 +251,7 @@ def calibrate_threshold(
     labels: list[np.ndarray],
     metric: str,
     watershed_seeds: float | None = None,
+    min_seed_area: int = 0,
     thresholds: np.ndarray = np.round(np.arange(0.05, 0.951, 0.05), 2),
 ) -> tuple[float, list[dict[str, float]]]:
     """The threshold on the class-1 probability that gives the best ``metric`` on the given images.
@@ -249,7 +261,7 @@ def calibrate_threshold(
     cell_probabilities : (H, W) float arrays, the class-1 probabilities of each image.
     labels : (H, W) int arrays of 0/1, the true classes.
     metric : ``pixel_error``, ``dice``, ``iou``, ``rand_error`` or ``vi``, pooled as in ``pool_scores``.
-    watershed_seeds : as in ``predicted_classes``.
+    watershed_seeds, min_seed_area : as in ``predicted_classes``.
     thresholds : the candidates.
 
     Returns
@@ -262,7 +274,7 @@ def calibrate_threshold(
         confusion = torch.zeros(2, 2, dtype=torch.int64)
         cells = []
         for two_class, label in images:
-            classes = predicted_classes(two_class, float(threshold), watershed_seeds)
+            classes = predicted_classes(two_class, float(threshold), watershed_seeds, min_seed_area)
             image_confusion, image_cells = image_scores(classes, label, 2)
             confusion += image_confusion
             cells.append(image_cells)

@@ -158,7 +158,7 @@ def predict_page(model, image: np.ndarray, config: dict, tta: bool, device: torc
     them, and whether it is a single class everywhere (``uniform``)."""
     channels = config["unet"]["image_channels"]
     result = predict_with_config(model, torch.from_numpy(normalize_image(image, channels)).to(device), config, tta)
-    classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"]).numpy()
+    classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
     page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}
     if "probability" in outputs:
         page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
@@ -221,7 +221,7 @@ def predict_large_image(model, config: dict, path: Path, image: np.ndarray, outp
         start, bottom, stop = max(0, top - context), min(height, top + band_rows), min(height, top + band_rows + context)
         band = np.take(image, range(start, stop), axis=axis)
         result = predict_with_config(model, torch.from_numpy(normalize_image(band, channels, statistics)).to(device), config, tta)
-        classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"]).numpy()
+        classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
         masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
         if cells is not None:
             cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()

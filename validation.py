@@ -38,7 +38,7 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict
         # log-probabilities are logits whose softmax is the probabilities, so the training loss applies
         log_probabilities = probabilities.clamp_min(1e-12).log()[None]
         losses.append(segmentation_loss(config["train"]["loss"], log_probabilities, label[None], weight[None]).item())
-        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"])
+        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"], predict["watershed_min_seed"])
         uniform += int(classes.min() == classes.max())
         image_confusion, cells = image_scores(classes, label, num_classes)
         confusion += image_confusion
@@ -68,7 +68,7 @@ def calibrate(checkpoint_path: Path, dataset, device: torch.device, config: dict
         cell_probabilities.append(probabilities[1].cpu().numpy())
         labels.append(label.numpy())
     metric = config["train"]["best_metric"].removeprefix("val_").replace("loss", "pixel_error")
-    threshold, table = calibrate_threshold(cell_probabilities, labels, metric, predict["watershed_seeds"])
+    threshold, table = calibrate_threshold(cell_probabilities, labels, metric, predict["watershed_seeds"], predict["watershed_min_seed"])
     save_checkpoint(checkpoint_path, {**state, "threshold": threshold, "threshold_table": table})
     at = {row["threshold"]: row for row in table}
     print(f"calibrated predict.threshold on {len(labels)} validation images: {threshold:.2f} ({metric} {at[threshold][metric]:.4f}; at 0.50: {at[0.5][metric]:.4f}), stored in {checkpoint_path}")

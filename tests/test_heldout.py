@@ -86,6 +86,24 @@ def test_separate_cells_cuts_a_thin_bridge_and_keeps_unseeded_cells():
     assert np.array_equal(separated[2:6, 52:58], cells[2:6, 52:58])
 
 
+def test_separate_cells_ignores_seeds_smaller_than_min_seed_area():
+    # one cell: a large sure centre, and a 3x3 island of high probability behind a dip (an organelle);
+    # a second cell whose only sure pixels are a 2x2 island
+    probability = np.full((30, 60), 0.8)
+    probability[:, 28:32] = 0.0  # a membrane between the two cells
+    probability[5:20, 3:18] = 0.99  # 225 px seed
+    probability[20:25, 19:26] = 0.7  # the dip around the island
+    probability[21:24, 21:24] = 0.99  # 9 px island
+    probability[10:12, 40:42] = 0.99  # 4 px, the second cell's only seed
+    cells = probability >= 0.5
+    assert measure.label(cells, connectivity=1).max() == 2
+    split = separate_cells(cells, probability, seed_threshold=0.95)
+    assert measure.label(split, connectivity=1).max() == 3  # every island seeds its own piece
+    whole = separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=10)
+    assert np.array_equal(whole, cells)  # the island floods from the big seed; the seedless cell stays whole
+    assert np.array_equal(separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=9), split)
+
+
 def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_folder, tmp_path, capsys):
     config = folder_config(image_folder, "train.val_images=[3]", "train.test_images=[4, 5]", "train.max_epochs=3", "predict.threshold=auto", "train.best_metric=val_pixel_error")
     summary = train(config)

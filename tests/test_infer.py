@@ -273,3 +273,25 @@ def test_tta_uses_only_the_transforms_that_training_augmented():
     four = predict_probabilities(model, image, 64, tta=[(0, False), (0, True), (2, False), (2, True)])
     half_turn = predict_probabilities(model, image.rot90(2, (-2, -1)), 64).rot90(-2, (-2, -1))
     torch.testing.assert_close(four, (plain + mirrored + upside_down + half_turn) / 4)
+
+
+def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale():
+    import torch.nn.functional as F
+
+    from config import ConfigError, load_config
+    from infer import predict_with_config
+
+    torch.manual_seed(0)
+    model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
+    image = torch.randn(1, 80, 60)
+    config = load_config(None, ["unet.input_channels=[4, 8]", "train.image_scale=0.5", "predict.scales=[0.8, 1.0, 1.5]", "predict.tile_size=64"])
+    expected = []
+    for scale, size in ((0.4, (32, 24)), (0.5, (40, 30)), (0.75, (60, 45))):
+        small = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        expected.append(F.interpolate(predict_probabilities(model, small, 64)[None], size=(80, 60), mode="bilinear", align_corners=False)[0])
+    averaged = predict_with_config(model, image, config)
+    torch.testing.assert_close(averaged, sum(expected) / 3)
+    assert not torch.allclose(averaged, expected[1], atol=1e-3)  # the other scales changed the result
+    for wrong in ("predict.scales=[]", "predict.scales=[0.0, 1.0]", "predict.scales=1.0"):
+        with pytest.raises(ConfigError, match="predict.scales"):
+            load_config(None, [wrong])

@@ -247,7 +247,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
     # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
     assert baseline["train"]["loss"] == "ce" and baseline["train"]["class_weights"] == "none" and baseline["train"]["w_0"] == 0
-    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None and baseline["predict"]["tta"] is False
+    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None and baseline["predict"]["tta"] is False and baseline["predict"]["scales"] == [1.0]
     assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
