@@ -182,11 +182,12 @@ def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = Fa
     tile_size = None if predict["tile_size"] in (None, "auto") else predict["tile_size"]
     while True:
         try:
-            total = sum(
-                predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"] * factor)
-                for factor in predict["scales"]
-            )
-            return total / len(predict["scales"])
+            # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
+            total = None
+            for factor in predict["scales"]:
+                probabilities = predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"] * factor)
+                total = probabilities if total is None else total.add_(probabilities)
+            return total.div_(len(predict["scales"]))
         except torch.OutOfMemoryError:
             device = next(model.parameters()).device
             if predict["batch_size"] == 1:
