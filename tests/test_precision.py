@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import device
 import training
 from dataset import EpochSampler
 from model import UNet
@@ -168,3 +169,30 @@ def _states_after_a_step(model, optimizer, precision):
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
     train_step(model, optimizer, tiny_batch(), "ce", 1.0, CPU, precision=precision, scaler=scaler, accum_steps=2)
     return list(optimizer.state.values())
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni\n", True),  # Zen 4, Cooper Lake
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl amx_bf16 amx_tile\n", True),  # Sapphire Rapids
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq\n", False),  # Skylake-X: oneDNN emulates bf16
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", False),  # laptops before AVX-512
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve\n", True),  # ARM Neoverse V1
+        ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n", False),
+    ],
+)
+def test_cpu_bf16_is_native_only_with_the_bfloat16_instructions(tmp_path, cpuinfo, native):
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    assert device.cpu_has_native_bf16(str(path)) is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_gets_a_note_to_use_fp32(monkeypatch, capsys, native):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    device.prepare_device(CPU, "bf16")
+    device.prepare_device(CPU, "fp32")
+    notes = capsys.readouterr().err
+    assert ("train.precision=fp32" in notes) is not native
+    assert notes.count("note:") == (0 if native else 1)

@@ -251,7 +251,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
-    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "lr", "seed", "best_metric"):
+    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "precision", "channels_last", "lr", "seed", "best_metric"):
         assert baseline["train"][key] == recipe["train"][key], key
 
 
