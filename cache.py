@@ -127,8 +127,11 @@ def prepare_images(
         if problem:
             note(f"cache entry {folder} of {samples[index].name} is incomplete or damaged ({problem}): rebuilding it")
         missing.append(index)
-    first = {folders[index]: index for index in reversed(missing)}  # an image listed twice is built once
-    share = sorted(first.values())[rank::world_size]  # under torchrun each process builds every world_size-th
+    first = {folder: index for index, folder in reversed(list(enumerate(folders)))}  # an image listed twice is built once
+    # Under torchrun each process builds every world_size-th image of the whole list, missing or not, so
+    # that a process starting late, which finds part of the others' share built, still agrees on who builds the rest.
+    owned = set(sorted(first.values())[rank::world_size])
+    share = [index for index in missing if first[folders[index]] == index and index in owned]
     for index in share:
         shutil.rmtree(folders[index], ignore_errors=True)
     jobs = [(samples[index], scales[index], folders[index]) for index in share]

@@ -4,6 +4,7 @@ source, settings or files change, survive interruptions, and never write into th
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,31 @@ def test_processes_of_a_torchrun_launch_build_their_shares_and_wait_for_the_othe
     assert sorted(name for _, name in built) == sorted(sample.name for sample in samples)  # each image built once
     assert {thread for thread, _ in built} == {"MainThread", "rank1"}  # by both processes
     assert [entry.folder for entry in results["rank0"]] == [entry.folder for entry in results["rank1"]]
+
+
+def test_a_process_that_starts_after_the_others_built_their_share_builds_the_rest(tmp_path, monkeypatch):
+    # torchrun's processes start at different times: rank 1 may first look at the cache when rank 0
+    # has built its images 0, 2, 4 and waits for 1, 3, 5. Rank 1 must then build all three, not a
+    # share of the three it finds missing (which left two to nobody and hung both processes).
+    make_folder(tmp_path / "data", count=6, size=(40, 50))
+    config = folder_config(tmp_path / "data", tmp_path / "cache")
+    samples, _ = list_samples(config)
+    settings = preprocessing_settings(config)
+    monkeypatch.setattr(cache, "POLL_SECONDS", 0.01)
+    results = {}
+
+    def run(rank):
+        results[rank] = prepare_images(samples, [1.0] * 6, settings, tmp_path / "cache", rank=rank, world_size=2)
+
+    first = threading.Thread(target=run, args=(0,), daemon=True)  # daemons: a hang fails the test instead of blocking pytest
+    first.start()
+    deadline = time.monotonic() + 60
+    while len(list((tmp_path / "cache").glob("img*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "cache").glob("img*")) == ["img0.png", "img2.png", "img4.png"]
+    late = threading.Thread(target=run, args=(1,), daemon=True)
+    late.start()
+    late.join(timeout=60)
+    first.join(timeout=60)
+    assert not late.is_alive() and not first.is_alive(), "a process waits for an image nobody builds"
+    assert [entry.folder for entry in results[0]] == [entry.folder for entry in results[1]]
