@@ -130,8 +130,8 @@ def prepare_images(
     first = {folder: index for index, folder in reversed(list(enumerate(folders)))}  # an image listed twice is built once
     # Under torchrun each process builds every world_size-th image of the whole list, missing or not, so
     # that a process starting late, which finds part of the others' share built, still agrees on who builds the rest.
-    owned = set(sorted(first.values())[rank::world_size])
-    share = [index for index in missing if first[folders[index]] == index and index in owned]
+    missing_set = set(missing)
+    share = [index for index in sorted(first.values())[rank::world_size] if index in missing_set]
     for index in share:
         shutil.rmtree(folders[index], ignore_errors=True)
     jobs = [(samples[index], scales[index], folders[index]) for index in share]
