@@ -97,11 +97,14 @@ def find_best_checkpoint(save_path: Path) -> Path:
     return candidates[-1]
 
 
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, config: dict, progress: dict, device: torch.device) -> dict:
-    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``)."""
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, config: dict, progress: dict, device: torch.device, ema_model: torch.nn.Module | None = None) -> dict:
+    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``).
+    ``model`` holds the weights to predict with: the moving average under ``train.ema``, when the
+    optimizer's own weights go to ``training_model``."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
     return {
-        "model": model.state_dict(),
+        "model": (model if ema_model is None else ema_model).state_dict(),
+        **({"training_model": model.state_dict()} if ema_model is not None else {}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
@@ -111,9 +114,12 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     }
 
 
-def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, device: torch.device) -> dict:
-    """Load a checkpoint's model, optimizer, scheduler, loss scaler and random states; returns its progress."""
-    model.load_state_dict(checkpoint["model"])
+def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, device: torch.device, ema_model: torch.nn.Module | None = None) -> dict:
+    """Load a checkpoint's model (and moving average), optimizer, scheduler, loss scaler and random
+    states; returns its progress. A run that turns ``train.ema`` on starts its average from the weights."""
+    model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
+    if ema_model is not None:
+        ema_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):

@@ -101,6 +101,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "scheduler_type": Option("warmup-cosine", "str", "learning-rate schedule, stepped every batch: warmup-cosine, cosine, constant, poly (nnU-Net)", choices=SCHEDULES),
         "warmup_epochs": Option(1.0, "float", "linear warm-up length in epochs, for any schedule (0: none)", minimum=0.0),
         "grad_clip": Option(1.0, "float", "clip the gradient norm to this value (0: off)", minimum=0.0),
+        "ema": Option(0.0, "float", "validate, save and predict with an exponential moving average of the weights, updated every step with this decay (0.999: about the last 1000 steps; 0: off)", minimum=0.0, maximum=0.999999),
         "use_bitsandbytes": Option(False, "bool", "use bitsandbytes' 8-bit Adam/AdamW when it works on the device, else torch's"),
         "precision": Option("fp32", "str", "fp32; bf16 or fp16: mixed precision by autocast (fp16 adds loss scaling); bf16 is about 2x faster on recent GPUs", choices=("fp32", "bf16", "fp16")),
         "channels_last": Option(False, "bool", "keep activations channels-last (NHWC), the layout tensor cores prefer: faster on GPUs with bf16/fp16, often slower on CPUs"),

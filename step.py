@@ -75,6 +75,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train["scheduler_type"], min_factor))
 
 
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """Move ``ema_model``'s weights and float buffers toward ``model``'s: ``ema = d * ema + (1 - d) * model``
+    with ``d = min(decay, (1 + step) / (10 + step))``, so that the first steps (``step`` counts from 0)
+    do not keep the random start in the average. Integer buffers (BatchNorm's batch count) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema, weight in zip(ema_model.state_dict().values(), model.state_dict().values()):
+            if ema.is_floating_point():
+                ema.lerp_(weight, 1.0 - d)
+            else:
+                ema.copy_(weight)
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context of ``train.precision`` (fp32: none): convolutions run in bf16 or fp16,
     reductions such as the loss stay in fp32."""

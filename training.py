@@ -60,7 +60,7 @@ from runs import (
     start_run_folders,
     write_metrics,
 )
-from step import build_optimizer, build_scheduler, train_step
+from step import build_optimizer, build_scheduler, train_step, update_ema
 from validation import calibrate, evaluate
 
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
@@ -70,8 +70,10 @@ CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) f
 class Run:
     """What one training process works with, as ``set_up`` builds it.
 
-    ``model`` is the bare network, which validation and checkpoints use; ``step_model`` takes the
-    steps: the same network, wrapped by DistributedDataParallel and torch.compile where those are on.
+    ``model`` is the bare network; ``step_model`` takes the steps: the same network, wrapped by
+    DistributedDataParallel and torch.compile where those are on. ``ema_model`` (``train.ema``) is the
+    moving average of ``model``'s weights; validation and best.pt use ``predict_model``, the average
+    where there is one.
     ``progress`` (epoch, batch, step, best value and its epoch, loss sum, run name) goes into every
     checkpoint; ``rows`` are the metrics.csv rows so far.
     """
@@ -82,6 +84,7 @@ class Run:
     device: torch.device
     data: dict
     model: torch.nn.Module
+    ema_model: torch.nn.Module | None
     step_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -101,14 +104,18 @@ class Run:
     def main_process(self) -> bool:
         return self.rank == 0
 
+    @property
+    def predict_model(self) -> torch.nn.Module:
+        return self.model if self.ema_model is None else self.ema_model
+
     def state(self) -> dict:
         """The run as it stands, as a checkpoint."""
-        return training_state(self.model, self.optimizer, self.scheduler, self.scaler, self.config, self.progress, self.device)
+        return training_state(self.model, self.optimizer, self.scheduler, self.scaler, self.config, self.progress, self.device, self.ema_model)
 
     def summary(self, interrupted: bool, scores: dict) -> dict:
         """What ``train`` returns: the trained model, run folders, progress (epoch, step, best value of
         ``train.best_metric`` and its epoch), the last validation scores, and whether it was interrupted."""
-        return {"interrupted": interrupted, "model": self.model, "run_log": self.run_log, "run_weights": self.run_weights, "scores": scores, **self.progress}
+        return {"interrupted": interrupted, "model": self.predict_model, "run_log": self.run_log, "run_weights": self.run_weights, "scores": scores, **self.progress}
 
 
 def train(config: dict) -> dict:
@@ -188,11 +195,13 @@ def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Ru
     model.activation_checkpointing = train_config["activation_checkpointing"]
     if train_config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # a copy, not a new model: the same initial weights, and no draw from the seeded random stream
+    ema_model = copy.deepcopy(model).requires_grad_(False) if train_config["ema"] > 0 else None
     optimizer = build_optimizer(model, train_config, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     scheduler = build_scheduler(optimizer, train_config, steps_per_epoch)
     if checkpoint:
-        progress = restore(checkpoint, model, optimizer, scheduler, scaler, device)
+        progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model)
     else:
         progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0, "run_name": from_rank_zero(new_run_name(train_config) if rank == 0 else None, world_size)}
     run_log, run_weights = Path(train_config["log_path"]) / progress["run_name"], Path(train_config["save_path"]) / progress["run_name"]
@@ -208,7 +217,7 @@ def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Ru
     workers = train_config["num_workers"]
     loader = DataLoader(data["train"], batch_tiles, sampler=sampler, drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     rows = read_metrics(run_log / "metrics.csv", progress["epoch"])
-    run = Run(config, rank, world_size, device, data, model, step_model, optimizer, scheduler, scaler, sampler, loader, steps_per_epoch, step_options, train_config["compile"], progress, run_log, run_weights, rows)
+    run = Run(config, rank, world_size, device, data, model, ema_model, step_model, optimizer, scheduler, scaler, sampler, loader, steps_per_epoch, step_options, train_config["compile"], progress, run_log, run_weights, rows)
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
     return run
@@ -243,6 +252,8 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
             batch = augment_on_device(batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size)
             loss_sum += take_step(run, batch)
             run.scheduler.step()
+            if run.ema_model is not None:
+                update_ema(run.ema_model, run.model, train_config["ema"], progress["step"])
             progress["step"] += 1
             progress["batch"] += 1
             images_seen += batch[0].shape[0] * run.world_size
@@ -254,17 +265,24 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
                 bar.set_postfix(loss=f"{progress['loss_sum'] / progress['batch']:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", img_s=f"{speed:.1f}")
                 if stop_votes:
                     bar.close()
-                    share_buffers(run.model, run.world_size)
+                    share_run_buffers(run)
                     if run.main_process:
                         save_checkpoint(run.run_weights / "last.pt", run.state())
                         write_metrics(run.run_log / "metrics.csv", run.rows)
                         print(f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto", file=sys.stderr)
                     return None
-    share_buffers(run.model, run.world_size)
+    share_run_buffers(run)
     seconds = time.perf_counter() - epoch_start
     row = {"epoch": epoch + 1, "step": progress["step"], "lr": run.scheduler.get_last_lr()[0], "train_loss": progress["loss_sum"] / run.steps_per_epoch, "epoch_seconds": round(seconds, 2), "images_per_second": round(images_seen / seconds, 2)}
     progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
     return row
+
+
+def share_run_buffers(run: Run) -> None:
+    """``share_buffers`` for the model and its moving average."""
+    for model in (run.model, run.ema_model):
+        if model is not None:
+            share_buffers(model, run.world_size)
 
 
 def take_step(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -301,7 +319,7 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
 
 def validate(run: Run, epoch: int) -> dict[str, float]:
     """``validation.evaluate`` on the validation images; saves best.pt when ``train.best_metric`` improved."""
-    scores = evaluate(run.model, run.data["val"], run.device, run.config, run.rank, run.world_size)
+    scores = evaluate(run.predict_model, run.data["val"], run.device, run.config, run.rank, run.world_size)
     if not math.isfinite(scores["val_loss"]):
         raise UserError(f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run.run_weights}")
     if scores.get("uniform_images") == len(run.data["val"]) and not run.warned_uniform:

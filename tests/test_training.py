@@ -102,8 +102,9 @@ def test_same_seed_same_losses_and_weights(tmp_path):
     assert read_rows(first["run_log"])[0]["train_loss"] != read_rows(other["run_log"])[0]["train_loss"]
 
 
-def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    baseline = train(tiny_config(tmp_path / "baseline", "train.max_epochs=3"))
+@pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
+def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, ema):
+    baseline = train(tiny_config(tmp_path / "baseline", "train.max_epochs=3", ema))
     step_count = [0]
     original_step = training.train_step
 
@@ -115,12 +116,16 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monke
         return loss
 
     monkeypatch.setattr(training, "train_step", step_then_interrupt)
-    stopped = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3"))
+    stopped = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", ema))
     assert stopped["interrupted"] and stopped["epoch"] == 1 and stopped["batch"] == 2
     monkeypatch.setattr(training, "train_step", original_step)
-    resumed = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", "train.resume=auto"))
+    resumed = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", ema, "train.resume=auto"))
     assert not resumed["interrupted"] and resumed["run_log"] == stopped["run_log"]
     assert_same_weights(final_weights(resumed), final_weights(baseline))
+    if ema.endswith("0.9"):  # the optimizer's weights resume too, and differ from their average
+        resumed_state, baseline_state = (torch.load(run["run_weights"] / "last.pt", weights_only=True) for run in (resumed, baseline))
+        assert_same_weights(resumed_state["training_model"], baseline_state["training_model"])
+        assert not torch.equal(baseline_state["model"]["outc.weight"], baseline_state["training_model"]["outc.weight"])
     assert [row["train_loss"] for row in read_rows(resumed["run_log"])] == [row["train_loss"] for row in read_rows(baseline["run_log"])]
 
 
@@ -202,6 +207,34 @@ def test_test_script_reproduces_the_validation_scores_and_writes_figures(tmp_pat
     assert float(overall[2]) == pytest.approx(float(logged["val_dice"]), abs=1e-4)
     figures = sorted(output.glob("val_*.png"))
     assert len(figures) == 2 and all(path.read_bytes()[:4] == b"\x89PNG" for path in figures)
+
+
+def test_update_ema_by_hand():
+    torch.manual_seed(0)
+    model, average = (torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)) for _ in range(2))
+    model[1].num_batches_tracked.fill_(7)
+    before = {key: value.clone() for key, value in average.state_dict().items()}
+    step.update_ema(average, model, decay=0.9, step=0)  # the warm-up: d = min(0.9, 1 / 10) = 0.1
+    assert torch.allclose(average[0].weight, 0.1 * before["0.weight"] + 0.9 * model[0].weight)
+    before = {key: value.clone() for key, value in average.state_dict().items()}
+    step.update_ema(average, model, decay=0.9, step=1000)  # d = min(0.9, 1001 / 1010) = 0.9
+    for key in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        assert torch.allclose(average.state_dict()[key], 0.9 * before[key] + 0.1 * model.state_dict()[key]), key
+    assert average[1].num_batches_tracked.item() == 7  # copied, not averaged
+
+
+def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
+    summary = train(tiny_config(tmp_path, "train.max_epochs=2", "train.ema=0.5"))
+    last = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
+    config, data = last["config"], build_datasets(last["config"], lambda message: None)
+    logged = read_rows(summary["run_log"])[-1]
+    scores = {}
+    for key in ("model", "training_model"):
+        model = build_model(config["unet"])
+        model.load_state_dict(last[key])
+        scores[key] = evaluate(model, data["val"], torch.device("cpu"), config)["val_loss"]
+    assert scores["model"] != scores["training_model"]
+    assert scores["model"] == pytest.approx(float(logged["val_loss"]), rel=1e-6)
 
 
 def test_test_script_errors_are_one_line(tmp_path):
