@@ -80,13 +80,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "cache_dir": Option("cache", "str", "each image is preprocessed once (normalised, resized, weight map) into this folder and read from there; safe to delete"),
         "synthetic_images": Option(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2),
         "synthetic_size": Option(256, "int", "side of each synthetic image in pixels", minimum=32),
-        "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, chosen from train.seed", above=0.0, maximum=0.9),
+        "val_fraction": Option(0.1, "float", "fraction of the images held out for validation, drawn from train.split_seed (else train.seed)", above=0.0, maximum=0.9),
         "val_images": Option(None, "int_list", "indices of the images to hold out for validation instead (e.g. [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "val_data": Option(None, "str", "a separate validation folder (images/ + masks/, or the data set's layout) instead of a split", nullable=True),
         "test_images": Option(None, "int_list", "indices of images held out of training and validation, scored by test.py (ISBI: [24, 25, 26, 27, 28, 29])", minimum=0, nullable=True),
         "folds": Option(None, "int", "cross-validation: split the images into this many folds and hold out fold train.fold as the test images (instead of train.test_images)", minimum=2, nullable=True),
         "fold": Option(0, "int_or_all", "the fold held out for testing, 0..folds-1; all: train every fold in turn, one run each (names end in -fold0, -fold1, ...)", minimum=0),
-        "fold_order": Option("random", "str", "random: folds drawn from train.seed; contiguous: neighbouring images stay in one fold (slices of a stack, frames of a video are near copies of their neighbours)", choices=("random", "contiguous")),
+        "fold_order": Option("random", "str", "random: folds drawn from train.split_seed (else train.seed); contiguous: neighbouring images stay in one fold (slices of a stack, frames of a video are near copies of their neighbours)", choices=("random", "contiguous")),
         "image_scale": Option(1.0, "float", "resize images by this factor for the network (0.5: half the side, a quarter of the work, twice the context); scores and masks stay at full size", above=0.0, maximum=4.0),
         "tile_size": Option("auto", "int_or_auto", "side of the network's input tile in pixels; auto: the valid size nearest 256 px (or the legacy unet.input_shape[0]) for the depth and padding; with padding 0 the labelled output tile is smaller", minimum=8),
         "samples_per_image": Option(4, "int", "random tiles cut from each training image per epoch", minimum=1),
@@ -114,6 +114,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "device": Option("auto", "str", "auto (CUDA when present), cpu, cuda or cuda:N"),
         "num_workers": Option(0, "int", "data loader worker processes (0: load in the training process)", minimum=0),
         "seed": Option(0, "int", "random seed for the weights, the split, the tiles and the augmentation", minimum=0),
+        "split_seed": Option(None, "int", "seed of the folds and the validation images instead of train.seed, so that runs of several seeds hold out the same images (null: train.seed)", minimum=0, nullable=True),
         "save_path": Option("weights", "str", "checkpoints go to save_path/<run>/last.pt and best.pt"),
         "log_path": Option("logs", "str", "each run writes its config, metrics.csv and curves.png to log_path/<run>/"),
         "run_name": Option(None, "str", "name of the run folder (default: date, time and data set)", nullable=True),
@@ -481,14 +482,22 @@ def config_to_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
-SPLIT_KEYS = ("dataset_name", "seed", "folds", "fold", "fold_order", "test_images", "val_images", "val_fraction", "val_data")  # what decides which images are test images
+SPLIT_KEYS = ("dataset_name", "folds", "fold", "fold_order", "test_images", "val_images", "val_fraction", "val_data")  # what decides which images are test images, with split_seed()
+
+
+def split_seed(train: dict) -> int:
+    """The seed that draws the folds and the validation images: ``train.split_seed``, else ``train.seed``."""
+    return train["seed"] if train.get("split_seed") is None else train["split_seed"]
 
 
 def split_differences(saved: dict, current: dict) -> list[str]:
     """The ``train.*`` keys that choose the training, validation and test images, where two configs differ
     (a key that ``saved`` lacks, from a version before it, counts as its default)."""
     before = {key: saved["train"].get(key, SCHEMA["train"][key].default) for key in SPLIT_KEYS}
-    return [f"train.{key}: checkpoint {before[key]!r}, config {current['train'][key]!r}" for key in SPLIT_KEYS if before[key] != current["train"][key]]
+    differences = [f"train.{key}: checkpoint {before[key]!r}, config {current['train'][key]!r}" for key in SPLIT_KEYS if before[key] != current["train"][key]]
+    if split_seed(saved["train"]) != split_seed(current["train"]):
+        differences.append(f"train.split_seed (else train.seed): checkpoint {split_seed(saved['train'])}, config {split_seed(current['train'])}")
+    return differences
 
 
 def architecture_differences(saved: dict, current: dict) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cache import PreparedImage, prepare_images, preprocessing_settings
-from config import UserError
+from config import UserError, split_seed
 from model import output_size
 from preprocess import mirrored_indices, take_window
 from readers import read_folder_pairs, read_isbi2012, read_pennfudan
@@ -175,10 +175,10 @@ def list_samples(config: dict) -> tuple[list, list | None]:
 def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
     """Indices of the training, validation and test images among ``count`` samples: test images from
     fold ``train.fold`` of ``train.folds`` or from ``train.test_images``, validation from
-    ``train.val_images`` or a seeded ``train.val_fraction`` of the rest (none where the data set brings its
+    ``train.val_images`` or a ``train.val_fraction`` of the rest drawn from ``split_seed`` (none where the data set brings its
     own validation images)."""
     if train["folds"]:
-        test_index = fold_indices(count, train["folds"], train["fold"], train["fold_order"], train["seed"])
+        test_index = fold_indices(count, train["folds"], train["fold"], train["fold_order"], split_seed(train))
     else:
         test_index = sorted(set(train["test_images"] or []))
     outside = [i for i in test_index if not 0 <= i < count]
@@ -196,7 +196,7 @@ def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[i
             raise UserError(f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test")
         train_index = [i for i in pool if i not in val_index]
     else:
-        train_part, val_part = split_indices(len(pool), train["val_fraction"], train["seed"])
+        train_part, val_part = split_indices(len(pool), train["val_fraction"], split_seed(train))
         train_index, val_index = [pool[i] for i in train_part], [pool[i] for i in val_part]
     if not train_index:
         raise UserError("train.val_images and train.test_images hold every image: leave some for training")

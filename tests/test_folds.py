@@ -56,6 +56,24 @@ def test_random_folds_follow_the_seed():
     assert fold_indices(30, 5, 2, "random", seed=0) != list(range(12, 18))
 
 
+def test_split_seed_holds_out_the_same_images_under_every_train_seed(image_folder):
+    def split(*overrides):
+        data = build_datasets(folder_config(image_folder, "train.folds=3", "train.fold=1", "train.val_fraction=0.25", *overrides), lambda message: None)
+        return data["test"].names, data["val"].names
+    assert fold_indices(6, 3, 1, "random", seed=0) != fold_indices(6, 3, 1, "random", seed=1)  # so that the seeds below draw other folds
+    assert split("train.seed=1") != split("train.seed=0")
+    assert split("train.seed=1", "train.split_seed=0") == split("train.seed=0")  # the same test and validation images
+    assert split("train.seed=0", "train.split_seed=1") == split("train.seed=1")
+    assert split("train.seed=0")[0] == [NAMES[i] for i in fold_indices(6, 3, 1, "random", seed=0)]
+
+
+def test_resuming_under_another_train_seed_is_refused_only_where_the_split_changes(image_folder):
+    last = training.train(folder_config(image_folder, "train.folds=3", "train.fold=0", "train.max_epochs=1"))["run_weights"] / "last.pt"
+    load_checkpoint(last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5", "train.split_seed=0"))
+    with pytest.raises(UserError, match=r"another split \(train.split_seed \(else train.seed\): checkpoint 0, config 5\)"):
+        load_checkpoint(last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5"))
+
+
 def test_each_fold_holds_out_its_images_from_training_and_validation(image_folder):
     test_names = []
     for fold in range(3):
