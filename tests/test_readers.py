@@ -249,6 +249,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     assert baseline["train"]["loss"] == "ce" and baseline["train"]["class_weights"] == "none" and baseline["train"]["w_0"] == 0
     assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None and baseline["predict"]["tta"] is False and baseline["predict"]["scales"] == [1.0]
     assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
+    assert baseline["train"]["ema"] == 0 and baseline["train"]["optim"] == "adam"  # the optimizer's own weights
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
     for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "precision", "channels_last", "lr", "seed", "best_metric"):
