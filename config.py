@@ -495,8 +495,9 @@ def split_differences(saved: dict, current: dict) -> list[str]:
     (a key that ``saved`` lacks, from a version before it, counts as its default)."""
     before = {key: saved["train"].get(key, SCHEMA["train"][key].default) for key in SPLIT_KEYS}
     differences = [f"train.{key}: checkpoint {before[key]!r}, config {current['train'][key]!r}" for key in SPLIT_KEYS if before[key] != current["train"][key]]
-    if split_seed(saved["train"]) != split_seed(current["train"]):
-        differences.append(f"train.split_seed (else train.seed): checkpoint {split_seed(saved['train'])}, config {split_seed(current['train'])}")
+    saved_seed, current_seed = split_seed(saved["train"]), split_seed(current["train"])
+    if saved_seed != current_seed:
+        differences.append(f"train.split_seed (else train.seed): checkpoint {saved_seed}, config {current_seed}")
     return differences
 
 

@@ -252,7 +252,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     assert baseline["train"]["ema"] == 0 and baseline["train"]["optim"] == "adam"  # the optimizer's own weights
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
-    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "precision", "channels_last", "lr", "seed", "best_metric"):
+    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "precision", "channels_last", "lr", "seed", "split_seed", "best_metric"):
         assert baseline["train"][key] == recipe["train"][key], key
 
 
