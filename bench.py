@@ -81,7 +81,11 @@ def forward_flops(model: torch.nn.Module, image_channels: int, size: int) -> flo
             total += 2 * output.numel() * module.in_channels * kernel // module.groups
 
     meta_model = copy.deepcopy(model).to("meta").eval()
-    hooks = [m.register_forward_hook(count) for m in meta_model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(count)
+        for m in meta_model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
     with torch.no_grad():
         meta_model(torch.zeros(1, image_channels, size, size, device="meta"))
     for hook in hooks:
@@ -98,8 +102,20 @@ def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
         features = (*widths, 2 * widths[-1], widths[0])
         if len(widths) != 4:
             raise SystemExit("MONAI's BasicUNet has depth 4: give --widths with 4 values")
-        monai_norm = {"batch": ("batch", {}), "instance": ("instance", {"affine": True}), "none": ("instance", {"affine": False})}[norm]
-        model = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features, act=("relu", {"inplace": True}), norm=monai_norm, upsample="deconv")
+        monai_norm = {
+            "batch": ("batch", {}),
+            "instance": ("instance", {"affine": True}),
+            "none": ("instance", {"affine": False}),
+        }[norm]
+        model = BasicUNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=2,
+            features=features,
+            act=("relu", {"inplace": True}),
+            norm=monai_norm,
+            upsample="deconv",
+        )
         if norm == "none":  # BasicUNet always normalises: swap the norm layers for identities
             for parent in list(model.modules()):
                 for child_name, child in parent.named_children():
@@ -113,9 +129,9 @@ def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
 
 def time_training(case: str, args: argparse.Namespace, queue) -> None:
     """Child process: time ``args.steps`` training steps of model ``case`` after ``args.warmup``."""
-    from device import prepare_device, resolve_device
     from model import center_crop
-    from step import autocast, train_step
+    from segmentation.engine.device import prepare_device, resolve_device
+    from segmentation.engine.step import autocast, train_step
 
     device = resolve_device(args.device)
     prepare_device(device)
@@ -137,7 +153,17 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
     if case == "ours":
 
         def step():
-            train_step(step_model, optimizer, (image, label, weight), "ce", 1.0, device, args.precision, scaler, channels_last=args.channels_last)
+            train_step(
+                step_model,
+                optimizer,
+                (image, label, weight),
+                "ce",
+                1.0,
+                device,
+                args.precision,
+                scaler,
+                channels_last=args.channels_last,
+            )
 
     else:
         image, label = image.to(device).contiguous(memory_format=memory_format), label.to(device)
@@ -174,8 +200,8 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
 
 def time_inference(args: argparse.Namespace, queue) -> None:
     """Child process: the tiled predictor on one ``args.infer_size`` square image (bf16 on CUDA)."""
-    from device import resolve_device
-    from infer import predict_probabilities
+    from segmentation.engine.device import resolve_device
+    from segmentation.inference.infer import predict_probabilities
 
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -191,7 +217,9 @@ def time_inference(args: argparse.Namespace, queue) -> None:
     model.register_forward_hook(count)
     image = torch.randn(1, args.infer_size, args.infer_size, generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
-        predict_probabilities(model, image, args.infer_tile, batch_size=args.infer_batch)  # warm-up: cuDNN picks its kernels
+        predict_probabilities(
+            model, image, args.infer_tile, batch_size=args.infer_batch
+        )  # warm-up: cuDNN picks its kernels
         synchronize(device)
     tiles, start = 0, time.perf_counter()
     for _ in range(args.infer_repeats):
@@ -228,13 +256,20 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     """The loader (per worker count) and the augmentation, timed on the benchmark's batch."""
-    from augment import augment_batch
-    from config import load_config
     from dataset import EpochSampler, build_datasets
-    from device import resolve_device
+    from segmentation.config import load_config
+    from segmentation.data.augment import augment_batch
+    from segmentation.engine.device import resolve_device
 
-    overrides = [f"unet.input_channels={args.widths}", f"train.tile_size={args.size}", f"train.batch_size={args.batch}", f"train.device={args.device}"]
-    overrides += ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
+    overrides = [
+        f"unet.input_channels={args.widths}",
+        f"train.tile_size={args.size}",
+        f"train.batch_size={args.batch}",
+        f"train.device={args.device}",
+    ]
+    overrides += (
+        ["train.dataset_name=isbi2012", f"train.data={args.data}"] if args.data else ["train.synthetic_size=512"]
+    )
     config = load_config(None, overrides)
     device = resolve_device(args.device)
     dataset = build_datasets(config, lambda message: None)["train"]
@@ -249,7 +284,14 @@ def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     synchronize(device)
     rows = [("augmentation on the device", (time.perf_counter() - start) / 5)]
     for workers in args.workers:
-        loader = DataLoader(dataset, args.batch, sampler=EpochSampler(len(dataset), seed=0), drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(
+            dataset,
+            args.batch,
+            sampler=EpochSampler(len(dataset), seed=0),
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         iterator = iter(loader)
         next(iterator)
         start = time.perf_counter()
@@ -265,7 +307,6 @@ def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     print("(loader workers run beside the step; the augmentation runs in the training process)")
 
 
-
 def data_scale_table(counts: list[int]) -> None:
     """``--data-scale``: start-up, memory and loader speed for folders of N images of 512x512 px, read
     in memory as before the cache and through the cache (cold, then warm), with the shipped config's
@@ -276,12 +317,22 @@ def data_scale_table(counts: list[int]) -> None:
     try:
         write_scale_folders(root, counts)
         step = in_child(time_shipped_step)
-        print(f"\ndata at scale: folders of 512x512 px images, config.yaml's tiles and batch; one epoch through the loader; the shipped model's step takes {step['seconds'] * 1000:.0f} ms")
-        print(f"{'images':>7} {'path':>16} {'start s/image':>14} {'peak RSS GB':>12} {'RAM B/px':>9} {'disk B/px':>10} {'ms/batch':>9} {'x faster than step':>19}")
+        print(
+            f"\ndata at scale: folders of 512x512 px images, config.yaml's tiles and batch; one epoch through the loader; the shipped model's step takes {step['seconds'] * 1000:.0f} ms"
+        )
+        print(
+            f"{'images':>7} {'path':>16} {'start s/image':>14} {'peak RSS GB':>12} {'RAM B/px':>9} {'disk B/px':>10} {'ms/batch':>9} {'x faster than step':>19}"
+        )
         for count in counts:
-            for kind, cache_dir in (("memory", None), ("cache, cold", root / f"cache{count}"), ("cache, warm", root / f"cache{count}")):
+            for kind, cache_dir in (
+                ("memory", None),
+                ("cache, cold", root / f"cache{count}"),
+                ("cache, warm", root / f"cache{count}"),
+            ):
                 result = in_child(measure_data_path, kind, root / f"n{count}", cache_dir)
-                disk = sum(path.stat().st_size for path in cache_dir.rglob("*.npy")) / result["pixels"] if cache_dir else 0
+                disk = (
+                    sum(path.stat().st_size for path in cache_dir.rglob("*.npy")) / result["pixels"] if cache_dir else 0
+                )
                 print(
                     f"{count:>7} {kind:>16} {result['startup'] / count:>14.4f} {result['peak_rss'] / 1e9:>12.2f} {(result['peak_rss'] - result['baseline_rss']) / result['pixels']:>9.1f} "
                     f"{disk:>10.1f} {result['per_batch'] * 1000:>9.1f} {step['seconds'] / result['per_batch']:>19.1f}"
@@ -296,7 +347,7 @@ def write_scale_folders(root: Path, counts: list[int]) -> None:
     cache entries) are its own."""
     import skimage.io
 
-    from synthetic import synthetic_em_set
+    from segmentation.data.synthetic import synthetic_em_set
 
     originals = root / "originals"
     for folder in ("images", "masks"):
@@ -312,23 +363,30 @@ def write_scale_folders(root: Path, counts: list[int]) -> None:
 
 
 def scale_config(data: Path, cache_dir: Path | None):
-    from config import DEFAULT_CONFIG, load_config
+    from segmentation.config import DEFAULT_CONFIG, load_config
 
-    return load_config(DEFAULT_CONFIG, ["train.dataset_name=folder", f"train.data={data}", f"train.cache_dir={cache_dir}", "train.device=cpu"])
+    return load_config(
+        DEFAULT_CONFIG,
+        ["train.dataset_name=folder", f"train.data={data}", f"train.cache_dir={cache_dir}", "train.device=cpu"],
+    )
 
 
 def time_shipped_step(queue) -> None:
     """Child process: ms per training step of config.yaml's model on a batch of its tiles, on the CPU."""
-    from config import DEFAULT_CONFIG, load_config
     from model import build_model
-    from step import build_optimizer, train_step
+    from segmentation.config import DEFAULT_CONFIG, load_config
+    from segmentation.engine.step import build_optimizer, train_step
 
     config = load_config(DEFAULT_CONFIG, ["train.device=cpu"])
     train, size = config["train"], config["train"]["tile_size"]
     torch.manual_seed(0)
     model = build_model(config["unet"])
     optimizer = build_optimizer(model, train, torch.device("cpu"))
-    batch = (torch.randn(train["batch_size"], 1, size, size), torch.randint(0, 2, (train["batch_size"], size, size)), torch.ones(train["batch_size"], size, size))
+    batch = (
+        torch.randn(train["batch_size"], 1, size, size),
+        torch.randint(0, 2, (train["batch_size"], size, size)),
+        torch.ones(train["batch_size"], size, size),
+    )
     train_step(model, optimizer, batch, train["loss"], train["grad_clip"], torch.device("cpu"))
     start = time.perf_counter()
     for _ in range(3):
@@ -351,7 +409,15 @@ def measure_data_path(kind: str, data: Path, cache_dir: Path | None, queue) -> N
     for _ in loader:
         batches += 1
     pixels = sum(1 for _ in (data / "images").iterdir()) * 512 * 512
-    queue.put({"startup": startup, "per_batch": (time.perf_counter() - start) / batches, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline_rss": baseline, "pixels": pixels})
+    queue.put(
+        {
+            "startup": startup,
+            "per_batch": (time.perf_counter() - start) / batches,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "baseline_rss": baseline,
+            "pixels": pixels,
+        }
+    )
 
 
 def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
@@ -360,9 +426,9 @@ def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
     copies in RAM."""
     from dataset import list_samples
     from model import output_size
-    from preprocess import mirror_pad, normalize_image
-    from readers import mask_settings
-    from weight_maps import class_balance_weights, weight_map
+    from segmentation.data.preprocess import mirror_pad, normalize_image
+    from segmentation.data.readers import mask_settings
+    from segmentation.data.weight_maps import class_balance_weights, weight_map
 
     unet, train = config["unet"], config["train"]
     samples = [sample.read(mask_settings(config)) for sample in list_samples(config)[0]]
@@ -370,7 +436,14 @@ def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
     tile, out = train["tile_size"], output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
     margin = (tile - out) // 2
     arrays = [
-        [mirror_pad(array, margin, margin, margin) for array in (normalize_image(s.image, unet["image_channels"]), s.label.astype(np.int64), weight_map(s.label, s.instances, train["w_0"], train["sigma"], class_weights))]
+        [
+            mirror_pad(array, margin, margin, margin)
+            for array in (
+                normalize_image(s.image, unet["image_channels"]),
+                s.label.astype(np.int64),
+                weight_map(s.label, s.instances, train["w_0"], train["sigma"], class_weights),
+            )
+        ]
         for s in samples
     ]
 
@@ -384,7 +457,11 @@ def in_memory_tiles(config: dict) -> torch.utils.data.Dataset:
             image, label, weight = arrays[index // train["samples_per_image"]]
             top, left = (int(rng.integers(0, side - 2 * margin - out + 1)) for side in label.shape)
             window = (slice(top, top + tile), slice(left, left + tile))
-            return torch.from_numpy(np.ascontiguousarray(image[(slice(None), *window)])), torch.from_numpy(label[window].copy()), torch.from_numpy(weight[window].copy())
+            return (
+                torch.from_numpy(np.ascontiguousarray(image[(slice(None), *window)])),
+                torch.from_numpy(label[window].copy()),
+                torch.from_numpy(weight[window].copy()),
+            )
 
     return InMemoryTiles()
 
@@ -397,24 +474,45 @@ def predict_stack_table(gigabytes: float) -> None:
 
     import tifffile
 
-    from checkpoint import save_checkpoint
-    from config import load_config
     from model import build_model
+    from segmentation.config import load_config
+    from segmentation.engine.checkpoint import save_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="unet-bench-stack-"))
     try:
         config = load_config(None, ["unet.input_channels=[4, 8]", "train.device=cpu"])
-        save_checkpoint(root / "small.pt", {"model": build_model(config["unet"]).state_dict(), "config": config, "progress": {"epoch": 0}})
+        save_checkpoint(
+            root / "small.pt",
+            {"model": build_model(config["unet"]).state_dict(), "config": config, "progress": {"epoch": 0}},
+        )
         pages = max(1, round(gigabytes * 2**30 / 2048**2))
         rng = np.random.default_rng(0)
         with tifffile.TiffWriter(root / "stack.tif") as writer:
             for _ in range(pages):
-                writer.write(rng.integers(0, 255, (2048, 2048), dtype=np.uint8), photometric="minisblack", contiguous=True)
+                writer.write(
+                    rng.integers(0, 255, (2048, 2048), dtype=np.uint8), photometric="minisblack", contiguous=True
+                )
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint", str(root / "small.pt"), "--input", str(root / "stack.tif"), "--output", str(root / "out"), "--probabilities"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("test.py")),
+                "--checkpoint",
+                str(root / "small.pt"),
+                "--input",
+                str(root / "stack.tif"),
+                "--output",
+                str(root / "out"),
+                "--probabilities",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        print(f"\ntest.py --input on a {(root / 'stack.tif').stat().st_size / 2**30:.2f} GiB TIFF of {pages} pages of 2048x2048 px (masks and probabilities): "
-              f"peak RSS {peak / 2**30:.2f} GiB, {time.perf_counter() - start:.0f} s")
+        print(
+            f"\ntest.py --input on a {(root / 'stack.tif').stat().st_size / 2**30:.2f} GiB TIFF of {pages} pages of 2048x2048 px (masks and probabilities): "
+            f"peak RSS {peak / 2**30:.2f} GiB, {time.perf_counter() - start:.0f} s"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -429,7 +527,7 @@ def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
     import skimage.io
     import tifffile
 
-    from synthetic import touching_nuclei
+    from segmentation.data.synthetic import touching_nuclei
 
     root = Path(tempfile.mkdtemp(prefix="unet-bench-nuclei-"))
     try:
@@ -441,20 +539,38 @@ def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
             image, ids = touching_nuclei(256, np.random.default_rng(child), spacing=22.0)
             truth.append(ids)
             for kind in ("ids", "binary"):
-                skimage.io.imsave(root / kind / "images" / f"{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False)
+                skimage.io.imsave(
+                    root / kind / "images" / f"{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False
+                )
             tifffile.imwrite(root / "ids" / "masks" / f"{index:02d}.tif", ids, photometric="minisblack")
-            skimage.io.imsave(root / "binary" / "masks" / f"{index:02d}.png", ((ids > 0) * 255).astype(np.uint8), check_contrast=False)
-        print(f"\ntouching nuclei: 30 images of 256 px, trained on 21, validated on 3, scored on 6 (24-29) against the true ids; {epochs} epochs of the shipped config")
+            skimage.io.imsave(
+                root / "binary" / "masks" / f"{index:02d}.png", ((ids > 0) * 255).astype(np.uint8), check_contrast=False
+            )
+        print(
+            f"\ntouching nuclei: 30 images of 256 px, trained on 21, validated on 3, scored on 6 (24-29) against the true ids; {epochs} epochs of the shipped config"
+        )
         print(f"{'masks':>18} {'seed':>5} {'object F1':>10} {'Dice':>8} {'minutes':>8}")
         for kind, label in (("ids", "instance ids"), ("binary", "0/255")):
             for seed in seeds:
                 overrides = [
-                    "train.dataset_name=folder", f"train.data={root / kind}", f"train.cache_dir={root / 'cache'}", f"train.save_path={root / 'weights'}",
-                    f"train.log_path={root / 'logs'}", f"train.run_name={kind}-{seed}", f"train.seed={seed}", f"train.max_epochs={epochs}",
-                    "train.val_images=[21, 22, 23]", "train.test_images=[24, 25, 26, 27, 28, 29]",
+                    "train.dataset_name=folder",
+                    f"train.data={root / kind}",
+                    f"train.cache_dir={root / 'cache'}",
+                    f"train.save_path={root / 'weights'}",
+                    f"train.log_path={root / 'logs'}",
+                    f"train.run_name={kind}-{seed}",
+                    f"train.seed={seed}",
+                    f"train.max_epochs={epochs}",
+                    "train.val_images=[21, 22, 23]",
+                    "train.test_images=[24, 25, 26, 27, 28, 29]",
                 ]
                 start = time.perf_counter()
-                subprocess.run([sys.executable, str(Path(__file__).with_name("training.py")), *overrides], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [sys.executable, str(Path(__file__).with_name("training.py")), *overrides],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 minutes = (time.perf_counter() - start) / 60
                 scores = in_child(score_objects, root / "weights" / f"{kind}-{seed}" / "best.pt", truth[24:])
                 print(f"{label:>18} {seed:>5} {scores['f1']:>10.3f} {scores['dice']:>8.3f} {minutes:>8.1f}")
@@ -465,20 +581,29 @@ def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
 def score_objects(checkpoint: Path, truth: list, queue) -> None:
     """Child process: object F1 at IoU 0.5 and Dice of a checkpoint on its config's test images,
     against the true object ids ``truth`` (one array per test image)."""
-    from checkpoint import decision_threshold, load_model
     from dataset import build_datasets
-    from infer import predict_with_config, predicted_classes
-    from metrics import instance_f1, instance_matches
-    from readers import object_instances
+    from segmentation.data.readers import object_instances
+    from segmentation.engine.checkpoint import decision_threshold, load_model
+    from segmentation.inference.infer import predict_with_config, predicted_classes
+    from segmentation.metrics import instance_f1, instance_matches
 
     model, config, state, device = load_model(checkpoint, None, [])
     test = build_datasets(config, lambda message: None)["test"]
     matched, overlap, total = np.zeros(3, dtype=np.int64), 0, 0
     for (image, label, _), ids in zip(test, truth):
-        classes = predicted_classes(predict_with_config(model, image.to(device), config).cpu(), decision_threshold(config, state), config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
+        classes = predicted_classes(
+            predict_with_config(model, image.to(device), config).cpu(),
+            decision_threshold(config, state),
+            config["predict"]["watershed_seeds"],
+            config["predict"]["watershed_min_seed"],
+        ).numpy()
         matched += instance_matches(ids, object_instances(classes))
-        overlap, total = overlap + np.count_nonzero((classes == 1) & (ids > 0)), total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0)
+        overlap, total = (
+            overlap + np.count_nonzero((classes == 1) & (ids > 0)),
+            total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0),
+        )
     queue.put({"f1": instance_f1(*matched), "dice": 2 * overlap / total})
+
 
 # Defaults per device type: the paper's tiles and batch on a GPU; on a CPU a size that times in minutes
 DEVICE_DEFAULTS = {
@@ -490,26 +615,60 @@ DEVICE_DEFAULTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--size", type=int, help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)")
+    parser.add_argument(
+        "--size", type=int, help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)"
+    )
     parser.add_argument("--batch", type=int, help="training batch (default: 8 on a GPU, 2 on a CPU)")
-    parser.add_argument("--widths", default="64,128,256,512", help="unet.input_channels, comma-separated (paper: 64,128,256,512)")
-    parser.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks")
+    parser.add_argument(
+        "--widths", default="64,128,256,512", help="unet.input_channels, comma-separated (paper: 64,128,256,512)"
+    )
+    parser.add_argument(
+        "--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks"
+    )
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--steps", type=int, help="timed training steps per model (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN autotuning, compiling)")
-    parser.add_argument("--models", default="ours,bare,monai", help="which of ours, bare, monai to time (monai is skipped, with a note, where it is not installed)")
+    parser.add_argument(
+        "--models",
+        default="ours,bare,monai",
+        help="which of ours, bare, monai to time (monai is skipped, with a note, where it is not installed)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: from the card's name)")
-    parser.add_argument("--infer-size", type=int, help="side of the image for the inference timing (0: skip; default: 2048 on a GPU, 512 on a CPU)")
-    parser.add_argument("--infer-tile", type=int, default=572, help="tile side of the tiled predictor (default: the paper's 572)")
+    parser.add_argument(
+        "--infer-size",
+        type=int,
+        help="side of the image for the inference timing (0: skip; default: 2048 on a GPU, 512 on a CPU)",
+    )
+    parser.add_argument(
+        "--infer-tile", type=int, default=572, help="tile side of the tiled predictor (default: the paper's 572)"
+    )
     parser.add_argument("--infer-batch", type=int, default=8, help="tiles per forward pass when predicting")
     parser.add_argument("--infer-repeats", type=int, default=1)
-    parser.add_argument("--workers", type=int, nargs="*", help="loader worker counts to time (none: skip the data path; default: 0 2 on a GPU, 0 on a CPU)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        help="loader worker counts to time (none: skip the data path; default: 0 2 on a GPU, 0 on a CPU)",
+    )
     parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
-    parser.add_argument("--data-scale", help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)")
-    parser.add_argument("--nuclei-experiment", type=int, metavar="EPOCHS", help="instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; object F1 on held-out images")
-    parser.add_argument("--predict-stack", type=float, metavar="GB", help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2")
+    parser.add_argument(
+        "--data-scale",
+        help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)",
+    )
+    parser.add_argument(
+        "--nuclei-experiment",
+        type=int,
+        metavar="EPOCHS",
+        help="instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; object F1 on held-out images",
+    )
+    parser.add_argument(
+        "--predict-stack",
+        type=float,
+        metavar="GB",
+        help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2",
+    )
     args = parser.parse_args()
     args.widths = [int(width) for width in args.widths.split(",")]
     if args.data_scale:
@@ -521,7 +680,7 @@ def main() -> None:
     if args.data_scale or args.predict_stack or args.nuclei_experiment:
         return
 
-    from device import resolve_device
+    from segmentation.engine.device import resolve_device
 
     device = resolve_device(args.device)
     for key, value in DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
@@ -552,11 +711,19 @@ def print_training_table(results: dict, args: argparse.Namespace, device: torch.
         f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; mean of {args.steps} steps after {args.warmup}"
         + (f"; MFU against {peak} TFLOP/s" if peak else "")
     )
-    names = {"ours": "this repo (step.train_step)", "bare": "bare PyTorch loop, same U-Net", "monai": "MONAI BasicUNet, same widths"}
-    print(f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs bare':>8}")
+    names = {
+        "ours": "this repo (step.train_step)",
+        "bare": "bare PyTorch loop, same U-Net",
+        "monai": "MONAI BasicUNet, same widths",
+    }
+    print(
+        f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs bare':>8}"
+    )
     for case, result in results.items():
         tflops = 3 * result["flops"] * args.batch / result["seconds"] / 1e12
-        versus = f"{result['seconds'] / results['bare']['seconds']:.2f}x" if "bare" in results and case != "monai" else ""
+        versus = (
+            f"{result['seconds'] / results['bare']['seconds']:.2f}x" if "bare" in results and case != "monai" else ""
+        )
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
         print(
             f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} {result['peak_bytes'] / 2**20:>9.0f} "

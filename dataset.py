@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cache import PreparedImage, prepare_images, preprocessing_settings
-from config import UserError, split_seed
 from model import output_size
-from preprocess import mirrored_indices, take_window
-from readers import read_folder_pairs, read_isbi2012, read_pennfudan
-from synthetic import SyntheticSample
-from weight_maps import add_class_weights, balanced_class_weights
+from segmentation.config import UserError, split_seed
+from segmentation.data.cache import PreparedImage, prepare_images, preprocessing_settings
+from segmentation.data.preprocess import mirrored_indices, take_window
+from segmentation.data.readers import read_folder_pairs, read_isbi2012, read_pennfudan
+from segmentation.data.synthetic import SyntheticSample
+from segmentation.data.weight_maps import add_class_weights, balanced_class_weights
 
 
 class TileDataset(Dataset):
@@ -50,10 +50,23 @@ class TileDataset(Dataset):
     tile's pixels are read from disk.
     """
 
-    def __init__(self, images: Sequence[PreparedImage], class_weights: np.ndarray | None, tile_size: int, output_size: int, samples_per_image: int, seed: int):
+    def __init__(
+        self,
+        images: Sequence[PreparedImage],
+        class_weights: np.ndarray | None,
+        tile_size: int,
+        output_size: int,
+        samples_per_image: int,
+        seed: int,
+    ):
         self.images, self.class_weights = list(images), class_weights
         self.margin = (tile_size - output_size) // 2
-        self.tile_size, self.output_size, self.samples_per_image, self.seed = tile_size, output_size, samples_per_image, seed
+        self.tile_size, self.output_size, self.samples_per_image, self.seed = (
+            tile_size,
+            output_size,
+            samples_per_image,
+            seed,
+        )
 
     def __len__(self) -> int:
         return len(self.images) * self.samples_per_image
@@ -97,7 +110,11 @@ class WholeImageDataset(Dataset):
         image, label, border = self.images[index].arrays()
         label = np.array(label)
         weight = add_class_weights(label, None if border is None else np.array(border), self.class_weights)
-        return torch.from_numpy(np.array(image, dtype=np.float32)), torch.from_numpy(label.astype(np.int64)), torch.from_numpy(weight)
+        return (
+            torch.from_numpy(np.array(image, dtype=np.float32)),
+            torch.from_numpy(label.astype(np.int64)),
+            torch.from_numpy(weight),
+        )
 
 
 class EpochSampler(Sampler):
@@ -156,10 +173,20 @@ def list_samples(config: dict) -> tuple[list, list | None]:
     train = config["train"]
     name, root = train["dataset_name"], Path(train["data"])
     if name == "synthetic":
-        samples, val_samples = [SyntheticSample(f"synthetic {i}", train["seed"], i, train["synthetic_size"], config["unet"]["num_classes"]) for i in range(train["synthetic_images"])], None
+        samples, val_samples = (
+            [
+                SyntheticSample(
+                    f"synthetic {i}", train["seed"], i, train["synthetic_size"], config["unet"]["num_classes"]
+                )
+                for i in range(train["synthetic_images"])
+            ],
+            None,
+        )
     else:
         if not root.exists():
-            raise UserError(f"train.data: {root} not found; point it at the {name} data (python dataset.py download {name} --to data/ helps get it)")
+            raise UserError(
+                f"train.data: {root} not found; point it at the {name} data (python dataset.py download {name} --to data/ helps get it)"
+            )
         if name == "isbi2012":
             samples, val_samples = read_isbi2012(root), None
         elif name == "pennfudan":
@@ -168,7 +195,11 @@ def list_samples(config: dict) -> tuple[list, list | None]:
             samples, val_samples = read_folder_pairs(root / "images", root / "masks"), None
     if train["val_data"]:
         val_root = Path(train["val_data"])
-        val_samples = read_isbi2012(val_root) if name == "isbi2012" else read_folder_pairs(val_root / "images", val_root / "masks")
+        val_samples = (
+            read_isbi2012(val_root)
+            if name == "isbi2012"
+            else read_folder_pairs(val_root / "images", val_root / "masks")
+        )
     return samples, val_samples
 
 
@@ -193,7 +224,9 @@ def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[i
         if outside:
             raise UserError(f"train.val_images: {outside} not among the {count} images (0..{count - 1})")
         if set(val_index) & set(test_index):
-            raise UserError(f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test")
+            raise UserError(
+                f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test"
+            )
         train_index = [i for i in pool if i not in val_index]
     else:
         train_part, val_part = split_indices(len(pool), train["val_fraction"], split_seed(train))
@@ -225,17 +258,34 @@ def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int 
     # training tiles come from rescaled images; validation and test images keep their size, and the
     # predictor rescales them on the way in and the probabilities on the way out
     scales = [train["image_scale"]] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
-    prepared = prepare_images([sample for part in parts for sample in part], scales, preprocessing_settings(config), train["cache_dir"], note, rank, world_size)
+    prepared = prepare_images(
+        [sample for part in parts for sample in part],
+        scales,
+        preprocessing_settings(config),
+        train["cache_dir"],
+        note,
+        rank,
+        world_size,
+    )
     train_images, val_images = prepared[: len(parts[0])], prepared[len(parts[0]) : len(parts[0]) + len(parts[1])]
     test_images = prepared[len(parts[0]) + len(parts[1]) :]
     channels = sorted({image.source_channels for image in train_images + val_images})
     if channels != [unet["image_channels"]]:
-        note(f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them")
-    if train["mask_type"] == "auto" and train["mask_values"] is None and train["mask_colors"] is None and (train["dataset_name"] == "folder" or train["val_data"]):
+        note(
+            f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them"
+        )
+    if (
+        train["mask_type"] == "auto"
+        and train["mask_values"] is None
+        and train["mask_colors"] is None
+        and (train["dataset_name"] == "folder" or train["val_data"])
+    ):
         note(mask_decision(prepared))
     note(data_summary(train_images, val_images, test_images))
     class_weights = configured_class_weights(train["class_weights"], train_images, unet["num_classes"])
-    train_set = TileDataset(train_images, class_weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"])
+    train_set = TileDataset(
+        train_images, class_weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"]
+    )
     example_image, example_label, example_weight = WholeImageDataset(train_images[:1], class_weights)[0]
     return {
         "train": train_set,
@@ -246,7 +296,9 @@ def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int 
     }
 
 
-def data_summary(train_images: Sequence[PreparedImage], val_images: Sequence[PreparedImage], test_images: Sequence[PreparedImage]) -> str:
+def data_summary(
+    train_images: Sequence[PreparedImage], val_images: Sequence[PreparedImage], test_images: Sequence[PreparedImage]
+) -> str:
     """One line on the data a run trains on (``python dataset.py check`` says more): counts, sizes,
     channels and the class fractions of the training images."""
     heights, widths = [image.shape[0] for image in train_images], [image.shape[1] for image in train_images]
@@ -289,9 +341,9 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["check"]:
-        from datacheck import check_main
+        from segmentation.data.datacheck import check_main
 
         sys.exit(check_main(sys.argv[1:]))
-    from download import download_main
+    from segmentation.data.download import download_main
 
     sys.exit(download_main(sys.argv[1:]))

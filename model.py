@@ -266,9 +266,7 @@ def _output_size(size: int, depth: int, padding: int, what: str) -> int:
         return out
     below, above = valid_input_sizes(size, depth, padding)
     nearest = (
-        f"nearest valid sizes are {below} and {above}"
-        if below is not None
-        else f"the smallest valid size is {above}"
+        f"nearest valid sizes are {below} and {above}" if below is not None else f"the smallest valid size is {above}"
     )
     raise ValueError(
         f"{what} {size} does not fit a depth-{depth} U-Net with padding {padding}: "
@@ -402,9 +400,7 @@ class UNet(nn.Module):
         self.upsample = upsample
 
         self.inc = DoubleConv(image_channels, widths[0], padding, norm)
-        self.downs = nn.ModuleList(
-            Down(c_in, c_out, padding, norm) for c_in, c_out in zip(widths[:-1], widths[1:])
-        )
+        self.downs = nn.ModuleList(Down(c_in, c_out, padding, norm) for c_in, c_out in zip(widths[:-1], widths[1:]))
         self.bottleneck = Down(widths[-1], 2 * widths[-1], padding, norm)
         # Decoder level i gets the features of level i + 1 (the bottleneck for
         # the deepest) and the skip of encoder level i, and outputs widths[i].
@@ -448,9 +444,7 @@ class UNet(nn.Module):
             same dtype as ``x``.
         """
         if x.ndim != 4 or x.shape[1] != self.image_channels:
-            raise ValueError(
-                f"expected a (B, {self.image_channels}, H, W) batch, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected a (B, {self.image_channels}, H, W) batch, got shape {tuple(x.shape)}")
         # Fail early with the nearest valid sizes rather than with a shape
         # mismatch deep inside the decoder.
         _output_size(x.shape[-2], self.depth, self.padding, "input height")

@@ -33,28 +33,56 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import decision_threshold, load_model
-from config import UserError
-from console import report_error
-from device import memory_description
-from diagnostics import diagnose, score_summary
-from export import check_onnx, export_onnx
-from predict import input_images, predict_files
+from segmentation.config import UserError
+from segmentation.console import report_error
+from segmentation.engine.checkpoint import decision_threshold, load_model
+from segmentation.engine.device import memory_description
+from segmentation.inference.export import check_onnx, export_onnx
+from segmentation.inference.predict import input_images, predict_files
+from segmentation.runs.diagnostics import diagnose, score_summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Predict masks with a trained U-Net, or look at its diagnostics.", epilog="overrides: section.key=value, e.g. train.device=cpu predict.tile_size=572")
-    parser.add_argument("--checkpoint", type=Path, nargs="+", help="checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of train.fold=all): each scored on its own test images, then the mean and standard deviation")
+    parser = argparse.ArgumentParser(
+        description="Predict masks with a trained U-Net, or look at its diagnostics.",
+        epilog="overrides: section.key=value, e.g. train.device=cpu predict.tile_size=572",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        help="checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of train.fold=all): each scored on its own test images, then the mean and standard deviation",
+    )
     parser.add_argument("--config", type=Path, help="config to use instead of the one stored in the checkpoint")
     parser.add_argument("--input", type=Path, help="image file, folder of images, or multi-page TIFF to segment")
-    parser.add_argument("--output", type=Path, help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)",
+    )
     parser.add_argument("--probabilities", action="store_true", help="also write float32 class-1 probability TIFFs")
-    parser.add_argument("--overlay", action="store_true", help="also write colour overlays of the prediction on the input")
-    parser.add_argument("--instances", action="store_true", help="also write uint16 TIFFs of object ids (the connected components of class 1 after predict.watershed_seeds' cut)")
-    parser.add_argument("--tta", action="store_true", help="average over the flips and turns that the training augmentation covered (as predict.tta=true)")
-    parser.add_argument("--split", choices=("test", "val"), help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)")
+    parser.add_argument(
+        "--overlay", action="store_true", help="also write colour overlays of the prediction on the input"
+    )
+    parser.add_argument(
+        "--instances",
+        action="store_true",
+        help="also write uint16 TIFFs of object ids (the connected components of class 1 after predict.watershed_seeds' cut)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the flips and turns that the training augmentation covered (as predict.tta=true)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)",
+    )
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
-    parser.add_argument("--export", type=Path, metavar="MODEL.onnx", help="export the model to ONNX and check it against PyTorch")
+    parser.add_argument(
+        "--export", type=Path, metavar="MODEL.onnx", help="export the model to ONNX and check it against PyTorch"
+    )
     parser.add_argument("--show", action="store_true", help="also show the diagnostic figures on screen")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
@@ -65,18 +93,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(checkpoints) > 1:
             if args.input or args.export:
-                raise UserError("--checkpoint: several checkpoints are scored each on its own held-out images; --input and --export take one")
+                raise UserError(
+                    "--checkpoint: several checkpoints are scored each on its own held-out images; --input and --export take one"
+                )
             summarize_runs(checkpoints, args)
             return 0
         model, config, state, device = load_model(checkpoints[0], args.config, args.overrides)
         print(f"{state['path']} (epoch {state['progress']['epoch']}) on {device}")
         if args.export:
             export_onnx(model, args.export, config["unet"]["image_channels"], sample_size=config["train"]["tile_size"])
-            difference = check_onnx(model, args.export, torch.randn(1, config["unet"]["image_channels"], config["train"]["tile_size"], config["train"]["tile_size"]))
+            difference = check_onnx(
+                model,
+                args.export,
+                torch.randn(
+                    1, config["unet"]["image_channels"], config["train"]["tile_size"], config["train"]["tile_size"]
+                ),
+            )
             print(f"wrote {args.export}; onnxruntime and PyTorch differ by at most {difference:.2e}")
             return 0
         if args.input:
-            predict_files(model, config, input_images(args.input), args.output or Path("predictions"), args.probabilities, args.overlay, args.tta, device, decision_threshold(config, state), args.instances)
+            predict_files(
+                model,
+                config,
+                input_images(args.input),
+                args.output or Path("predictions"),
+                args.probabilities,
+                args.overlay,
+                args.tta,
+                device,
+                decision_threshold(config, state),
+                args.instances,
+            )
             return 0
         output = score_checkpoint(model, config, state, device, args, args.output)[1]
     except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
@@ -94,15 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def score_checkpoint(model, config: dict, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None) -> tuple[dict, Path]:
+def score_checkpoint(
+    model, config: dict, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None
+) -> tuple[dict, Path]:
     """``diagnostics.diagnose`` of one checkpoint on its held-out images; returns its overall scores and
     the folder of its masks and figures (``output``, else ``<log_path>/<run>/diagnostics``)."""
     run_name = state["progress"].get("run_name") or state["path"].parent.name
     output = output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
     try:
-        scores = diagnose(model, config, device, output, args.layers.split(",") if args.layers else None, args.tta, args.split, decision_threshold(config, state), args.instances)
+        scores = diagnose(
+            model,
+            config,
+            device,
+            output,
+            args.layers.split(",") if args.layers else None,
+            args.tta,
+            args.split,
+            decision_threshold(config, state),
+            args.instances,
+        )
     except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
-        raise UserError(f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input") from None
+        raise UserError(
+            f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input"
+        ) from None
     return scores, output
 
 
@@ -115,10 +176,14 @@ def summarize_runs(checkpoints: list[Path], args: argparse.Namespace) -> None:
         model, config, state, device = load_model(checkpoint, args.config, args.overrides)
         print(f"\n{state['path']} (epoch {state['progress']['epoch']}) on {device}")
         names.append(state["progress"].get("run_name") or checkpoint.parent.name)
-        results.append(score_checkpoint(model, config, state, device, args, args.output / names[-1] if args.output else None)[0])
+        results.append(
+            score_checkpoint(model, config, state, device, args, args.output / names[-1] if args.output else None)[0]
+        )
         num_classes.add(config["unet"]["num_classes"])
     if len(num_classes) > 1:
-        raise UserError(f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary compares runs of one task")
+        raise UserError(
+            f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary compares runs of one task"
+        )
     print("\n" + score_summary(names, results, num_classes.pop()))
 
 

@@ -34,9 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import search
-from augment import augment_on_device
-from checkpoint import (
+from dataset import EpochSampler, build_datasets
+from model import build_model, count_parameters
+from segmentation.config import DEFAULT_CONFIG, HIGHER_IS_BETTER, UserError, load_config
+from segmentation.console import first_line, note, report_error
+from segmentation.data.augment import augment_on_device
+from segmentation.engine import search
+from segmentation.engine.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     newest_fold_series,
@@ -45,14 +49,12 @@ from checkpoint import (
     save_checkpoint,
     training_state,
 )
-from config import DEFAULT_CONFIG, HIGHER_IS_BETTER, UserError, load_config
-from console import first_line, note, report_error
-from dataset import EpochSampler, build_datasets
-from device import bf16_supported, out_of_memory_advice, prepare_device
-from distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
-from infer import uniform_prediction_note
-from model import build_model, count_parameters
-from runs import (
+from segmentation.engine.device import bf16_supported, out_of_memory_advice, prepare_device
+from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
+from segmentation.engine.step import build_optimizer, build_scheduler, train_step, update_ema
+from segmentation.engine.validation import calibrate, evaluate
+from segmentation.inference.infer import uniform_prediction_note
+from segmentation.runs.folders import (
     new_run_name,
     plot_curves,
     read_metrics,
@@ -60,8 +62,6 @@ from runs import (
     start_run_folders,
     write_metrics,
 )
-from step import build_optimizer, build_scheduler, train_step, update_ema
-from validation import calibrate, evaluate
 
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
 
@@ -110,12 +110,28 @@ class Run:
 
     def state(self) -> dict:
         """The run as it stands, as a checkpoint."""
-        return training_state(self.model, self.optimizer, self.scheduler, self.scaler, self.config, self.progress, self.device, self.ema_model)
+        return training_state(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.config,
+            self.progress,
+            self.device,
+            self.ema_model,
+        )
 
     def summary(self, interrupted: bool, scores: dict) -> dict:
         """What ``train`` returns: the trained model, run folders, progress (epoch, step, best value of
         ``train.best_metric`` and its epoch), the last validation scores, and whether it was interrupted."""
-        return {"interrupted": interrupted, "model": self.predict_model, "run_log": self.run_log, "run_weights": self.run_weights, "scores": scores, **self.progress}
+        return {
+            "interrupted": interrupted,
+            "model": self.predict_model,
+            "run_log": self.run_log,
+            "run_weights": self.run_weights,
+            "scores": scores,
+            **self.progress,
+        }
 
 
 def train(config: dict) -> dict:
@@ -125,7 +141,10 @@ def train(config: dict) -> dict:
         try:
             return train_process(config, rank, world_size, device)
         except torch.OutOfMemoryError:
-            raise UserError(out_of_memory_advice(device, config, "training") + "; the checkpoints saved so far are intact (continue with train.resume=auto)") from None
+            raise UserError(
+                out_of_memory_advice(device, config, "training")
+                + "; the checkpoints saved so far are intact (continue with train.resume=auto)"
+            ) from None
 
 
 def train_process(config: dict, rank: int, world_size: int, device: torch.device) -> dict:
@@ -162,11 +181,16 @@ def train_process(config: dict, rank: int, world_size: int, device: torch.device
             if run.main_process and ((epoch + 1) % train_config["save_epoch"] == 0 or due):
                 save_checkpoint(run.run_weights / "last.pt", run.state())
             if stop_requested and world_size == 1:
-                print(f"stopped: saved {run.run_weights / 'last.pt'} after epoch {epoch + 1}; continue with train.resume=auto", file=sys.stderr)
+                print(
+                    f"stopped: saved {run.run_weights / 'last.pt'} after epoch {epoch + 1}; continue with train.resume=auto",
+                    file=sys.stderr,
+                )
                 return run.summary(True, scores)
             if stop:
                 if run.main_process:
-                    print(f"early stopping: no better {train_config['best_metric']} for {patience} epochs (best at epoch {run.progress['best_epoch']})")
+                    print(
+                        f"early stopping: no better {train_config['best_metric']} for {patience} epochs (best at epoch {run.progress['best_epoch']})"
+                    )
                 break
     if run.main_process:
         finish(run)
@@ -177,7 +201,9 @@ def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Ru
     """Everything a training process needs, in an order that makes a run reproducible from its seed:
     the checkpoint to resume, the data, the model, optimizer and schedule, the run folders, the loader."""
     train_config = config["train"]
-    resume_path = from_rank_zero(find_resume_checkpoint(train_config["resume"], Path(train_config["save_path"])), world_size)
+    resume_path = from_rank_zero(
+        find_resume_checkpoint(train_config["resume"], Path(train_config["save_path"])), world_size
+    )
     checkpoint = load_checkpoint(resume_path, config) if resume_path else None
     precision = train_config["precision"]
     prepare_device(device, precision)
@@ -203,21 +229,73 @@ def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Ru
     if checkpoint:
         progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model)
     else:
-        progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0, "run_name": from_rank_zero(new_run_name(train_config) if rank == 0 else None, world_size)}
-    run_log, run_weights = Path(train_config["log_path"]) / progress["run_name"], Path(train_config["save_path"]) / progress["run_name"]
+        progress = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "best_value": None,
+            "best_epoch": -1,
+            "loss_sum": 0.0,
+            "run_name": from_rank_zero(new_run_name(train_config) if rank == 0 else None, world_size),
+        }
+    run_log, run_weights = (
+        Path(train_config["log_path"]) / progress["run_name"],
+        Path(train_config["save_path"]) / progress["run_name"],
+    )
     if rank == 0:
         start_run_folders(config, run_log, run_weights, progress, data, device, resumed=checkpoint is not None)
 
     # DDP all-reduces the gradients during the backward pass; validation and checkpoints use the bare model
-    step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    step_model = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world_size > 1
+        else model
+    )
     if train_config["compile"]:
         step_model = torch.compile(step_model)
-    step_options = {"loss_kind": train_config["loss"], "grad_clip": train_config["grad_clip"], "device": device, "precision": precision, "scaler": scaler, "accum_steps": train_config["grad_accum_steps"], "channels_last": train_config["channels_last"]}
+    step_options = {
+        "loss_kind": train_config["loss"],
+        "grad_clip": train_config["grad_clip"],
+        "device": device,
+        "precision": precision,
+        "scaler": scaler,
+        "accum_steps": train_config["grad_accum_steps"],
+        "channels_last": train_config["channels_last"],
+    }
     sampler = EpochSampler(len(data["train"]), train_config["seed"], rank, world_size)
     workers = train_config["num_workers"]
-    loader = DataLoader(data["train"], batch_tiles, sampler=sampler, drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        data["train"],
+        batch_tiles,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     rows = read_metrics(run_log / "metrics.csv", progress["epoch"])
-    run = Run(config, rank, world_size, device, data, model, ema_model, step_model, optimizer, scheduler, scaler, sampler, loader, steps_per_epoch, step_options, train_config["compile"], progress, run_log, run_weights, rows)
+    run = Run(
+        config,
+        rank,
+        world_size,
+        device,
+        data,
+        model,
+        ema_model,
+        step_model,
+        optimizer,
+        scheduler,
+        scaler,
+        sampler,
+        loader,
+        steps_per_epoch,
+        step_options,
+        train_config["compile"],
+        progress,
+        run_log,
+        run_weights,
+        rows,
+    )
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
     return run
@@ -230,10 +308,15 @@ def print_start(run: Run, resumed_from: Path | None) -> None:
     step_batch = batch_size * accum_steps * world_size
     split = f" = {batch_size} x {accum_steps} accumulated x {world_size} processes" if step_batch != batch_size else ""
     print(
-        f"U-Net {count_parameters(run.model):,} parameters on {run.device}" + (f" in each of {world_size} processes" if world_size > 1 else "")
+        f"U-Net {count_parameters(run.model):,} parameters on {run.device}"
+        + (f" in each of {world_size} processes" if world_size > 1 else "")
         + f", {train_config['precision']}; {len(run.data['train'])} tiles of {train_config['tile_size']} px per epoch ({run.steps_per_epoch} steps of {step_batch}{split}), "
         f"{len(run.data['val'])} validation images\nrun {run.progress['run_name']}: logs in {run.run_log}, checkpoints in {run.run_weights}"
-        + (f"\nresuming {resumed_from} at epoch {run.progress['epoch'] + 1}, batch {run.progress['batch']}" if resumed_from else ""),
+        + (
+            f"\nresuming {resumed_from} at epoch {run.progress['epoch'] + 1}, batch {run.progress['batch']}"
+            if resumed_from
+            else ""
+        ),
         flush=True,
     )
 
@@ -243,13 +326,25 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     epoch's metrics row, or None when a stop request ended the epoch early (last.pt saved)."""
     config, progress = run.config, run.progress
     train_config = config["train"]
-    run.sampler.set_epoch(epoch, start=progress["batch"] * train_config["batch_size"] * train_config["grad_accum_steps"])
+    run.sampler.set_epoch(
+        epoch, start=progress["batch"] * train_config["batch_size"] * train_config["grad_accum_steps"]
+    )
     epoch_start, images_seen = time.perf_counter(), 0
     loss_sum = torch.tensor(progress["loss_sum"], device=run.device)
     # a with block closes the bar on every way out, so that an error's one line starts a line of its own
-    with tqdm(total=run.steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{train_config['max_epochs']}", unit="step", dynamic_ncols=True, leave=False, disable=not run.main_process) as bar:
+    with tqdm(
+        total=run.steps_per_epoch,
+        initial=progress["batch"],
+        desc=f"epoch {epoch + 1}/{train_config['max_epochs']}",
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        disable=not run.main_process,
+    ) as bar:
         for batch in run.loader:
-            batch = augment_on_device(batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size)
+            batch = augment_on_device(
+                batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size
+            )
             loss_sum += take_step(run, batch)
             run.scheduler.step()
             if run.ema_model is not None:
@@ -259,21 +354,39 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
             images_seen += batch[0].shape[0] * run.world_size
             bar.update()
             # processes stop together: they agree at the same steps, so a Ctrl-C waits for the next one
-            if progress["batch"] % CHECK_EVERY == 0 or progress["batch"] == run.steps_per_epoch or (stop_requested and run.world_size == 1):
+            if (
+                progress["batch"] % CHECK_EVERY == 0
+                or progress["batch"] == run.steps_per_epoch
+                or (stop_requested and run.world_size == 1)
+            ):
                 stop_votes = read_loss(run, loss_sum, bool(stop_requested), epoch)
                 speed = images_seen / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{progress['loss_sum'] / progress['batch']:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", img_s=f"{speed:.1f}")
+                bar.set_postfix(
+                    loss=f"{progress['loss_sum'] / progress['batch']:.4f}",
+                    lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                    img_s=f"{speed:.1f}",
+                )
                 if stop_votes:
                     bar.close()
                     share_run_buffers(run)
                     if run.main_process:
                         save_checkpoint(run.run_weights / "last.pt", run.state())
                         write_metrics(run.run_log / "metrics.csv", run.rows)
-                        print(f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto", file=sys.stderr)
+                        print(
+                            f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto",
+                            file=sys.stderr,
+                        )
                     return None
     share_run_buffers(run)
     seconds = time.perf_counter() - epoch_start
-    row = {"epoch": epoch + 1, "step": progress["step"], "lr": run.scheduler.get_last_lr()[0], "train_loss": progress["loss_sum"] / run.steps_per_epoch, "epoch_seconds": round(seconds, 2), "images_per_second": round(images_seen / seconds, 2)}
+    row = {
+        "epoch": epoch + 1,
+        "step": progress["step"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "train_loss": progress["loss_sum"] / run.steps_per_epoch,
+        "epoch_seconds": round(seconds, 2),
+        "images_per_second": round(images_seen / seconds, 2),
+    }
     progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
     return row
 
@@ -304,16 +417,21 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
     """Read the epoch's loss sum on the host (summed over the processes with their stop votes, then
     averaged) into ``progress["loss_sum"]``; returns the number of stop votes. A loss that is not
     finite is a UserError, with the checkpoints left as they were."""
-    totals = sum_over_processes(torch.stack((loss_sum, torch.tensor(float(stop_requested), device=run.device))), run.world_size)
+    totals = sum_over_processes(
+        torch.stack((loss_sum, torch.tensor(float(stop_requested), device=run.device))), run.world_size
+    )
     loss_total, stop_votes = totals.tolist()
     run.progress["loss_sum"] = loss_total / run.world_size
     if not math.isfinite(run.progress["loss_sum"]):
         fp16 = run.config["train"]["precision"] == "fp16"
         cure = (
             f"train.precision=fp16 overflows float16's range (up to 65504): use train.precision={'bf16' if bf16_supported(run.device) else 'fp32'}, or lower train.lr (now {run.config['train']['lr']})"
-            if fp16 else f"lower train.lr (now {run.config['train']['lr']}) or set train.grad_clip"
+            if fp16
+            else f"lower train.lr (now {run.config['train']['lr']}) or set train.grad_clip"
         )
-        raise UserError(f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): {cure}; the checkpoints in {run.run_weights} were left as they were")
+        raise UserError(
+            f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): {cure}; the checkpoints in {run.run_weights} were left as they were"
+        )
     return stop_votes
 
 
@@ -321,9 +439,14 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
     """``validation.evaluate`` on the validation images; saves best.pt when ``train.best_metric`` improved."""
     scores = evaluate(run.predict_model, run.data["val"], run.device, run.config, run.rank, run.world_size)
     if not math.isfinite(scores["val_loss"]):
-        raise UserError(f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run.run_weights}")
+        raise UserError(
+            f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run.run_weights}"
+        )
     if scores.get("uniform_images") == len(run.data["val"]) and not run.warned_uniform:
-        note(f"epoch {epoch + 1}: " + uniform_prediction_note(run.data["val"].names, len(run.data["val"]), "validation images"))
+        note(
+            f"epoch {epoch + 1}: "
+            + uniform_prediction_note(run.data["val"].names, len(run.data["val"]), "validation images")
+        )
         run.warned_uniform = True
     best_metric = run.config["train"]["best_metric"]
     if improved(scores[best_metric], run.progress["best_value"], best_metric):
@@ -342,14 +465,20 @@ def improved(value: float, best: float | None, metric: str) -> bool:
 
 def epoch_line(row: dict, max_epochs: int) -> str:
     """The line printed after each epoch: training loss, the main validation scores, seconds."""
-    scores = "".join(f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error") if key in row)
-    return f"epoch {row['epoch']}/{max_epochs}  train_loss {row['train_loss']:.4f}{scores}  {row['epoch_seconds']:.1f} s"
+    scores = "".join(
+        f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error") if key in row
+    )
+    return (
+        f"epoch {row['epoch']}/{max_epochs}  train_loss {row['train_loss']:.4f}{scores}  {row['epoch_seconds']:.1f} s"
+    )
 
 
 def finish(run: Run) -> None:
     """After the last epoch: say where the best checkpoint is, and calibrate ``predict.threshold: auto`` on it."""
     config = run.config
-    print(f"done: best {config['train']['best_metric']} {run.progress['best_value']:.4f} at epoch {run.progress['best_epoch']}; {run.run_weights / 'best.pt'}")
+    print(
+        f"done: best {config['train']['best_metric']} {run.progress['best_value']:.4f} at epoch {run.progress['best_epoch']}; {run.run_weights / 'best.pt'}"
+    )
     if config["predict"]["threshold"] == "auto" and config["unet"]["num_classes"] == 2:
         calibrate(run.run_weights / "best.pt", run.data["val"], run.device, config)
 
@@ -365,7 +494,10 @@ def stop_requests():
         if requested:
             raise KeyboardInterrupt
         requested.append(signum)
-        tqdm.write("stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+        tqdm.write(
+            "stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)",
+            file=sys.stderr,
+        )
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield requested
@@ -404,7 +536,9 @@ def train_every_fold(config: dict) -> int:
     ended by early stopping) are skipped and an interrupted one resumes from its ``last.pt``."""
     train_config = config["train"]
     save_path, resume = Path(train_config["save_path"]), train_config["resume"] == "auto"
-    base = train_config["run_name"] or (newest_fold_series(save_path) if resume else None) or run_base_name(train_config)
+    base = (
+        train_config["run_name"] or (newest_fold_series(save_path) if resume else None) or run_base_name(train_config)
+    )
     best_checkpoints = []
     for fold in range(train_config["folds"]):
         fold_config = copy.deepcopy(config)
@@ -412,8 +546,13 @@ def train_every_fold(config: dict) -> int:
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
             progress = read_checkpoint(last)["progress"]
-            ended = (f"has finished its {train_config['max_epochs']} epochs" if progress["epoch"] >= train_config["max_epochs"]
-                     else "ended by early stopping" if progress.get("stopped_early") and train_config["early_stopping"] > 0 else None)
+            ended = (
+                f"has finished its {train_config['max_epochs']} epochs"
+                if progress["epoch"] >= train_config["max_epochs"]
+                else "ended by early stopping"
+                if progress.get("stopped_early") and train_config["early_stopping"] > 0
+                else None
+            )
             if ended:
                 note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))
@@ -422,17 +561,26 @@ def train_every_fold(config: dict) -> int:
         note(f"fold {fold} of {train_config['folds']} (0..{train_config['folds'] - 1}) held out for testing")
         summary = train(fold_config)
         if summary["interrupted"]:
-            print(f"continue the folds with: python training.py ... train.fold=all train.run_name={base} train.resume=auto")
+            print(
+                f"continue the folds with: python training.py ... train.fold=all train.run_name={base} train.resume=auto"
+            )
             return 130
         best_checkpoints.append(summary["run_weights"] / "best.pt")
-    print(f"all {train_config['folds']} folds trained; score each on its test images, with the mean and standard deviation:")
+    print(
+        f"all {train_config['folds']} folds trained; score each on its test images, with the mean and standard deviation:"
+    )
     print("python test.py --checkpoint " + " ".join(map(str, best_checkpoints)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train a U-Net from a YAML config.", epilog="overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: config.yaml beside this script)")
+    parser = argparse.ArgumentParser(
+        description="Train a U-Net from a YAML config.",
+        epilog="overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]",
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="YAML config (default: config.yaml beside this script)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:

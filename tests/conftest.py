@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import config
+from segmentation import config
 
 _spec = importlib.util.spec_from_file_location("test_script", Path(__file__).resolve().parents[1] / "test.py")
 test_script = importlib.util.module_from_spec(_spec)

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training  # noqa: E402
-from config import load_config  # noqa: E402
+from segmentation.config import load_config  # noqa: E402
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])

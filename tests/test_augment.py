@@ -8,9 +8,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from config import ConfigError
-
-from augment import (
+from segmentation.config import ConfigError
+from segmentation.data.augment import (
     AUGMENT_DEFAULTS,
     BLUR_TRUNCATE,
     apply_parameters,
@@ -330,8 +329,10 @@ def test_elastic_field_equals_sampled_vectors_at_nodes_and_is_bicubic():
     expected_y = upsample @ displacement[:, 0] @ upsample.T
     coordinate = np.arange(size, dtype=float)
     inside = (
-        (coordinate + expected_x >= 0) & (coordinate + expected_x <= size - 1)
-        & (coordinate[:, None] + expected_y >= 0) & (coordinate[:, None] + expected_y <= size - 1)
+        (coordinate + expected_x >= 0)
+        & (coordinate + expected_x <= size - 1)
+        & (coordinate[:, None] + expected_y >= 0)
+        & (coordinate[:, None] + expected_y <= size - 1)
     )
     assert inside.mean() > 0.8
     assert np.abs(field_x - expected_x)[inside].max() < 1e-3

@@ -13,20 +13,20 @@ import skimage.io
 import torch
 from skimage import measure
 
-import cache
-from cache import prepare_images, preprocessing_settings, read_entry
-from config import UserError, load_config
 from dataset import build_datasets, list_samples
-from preprocess import (
+from segmentation.config import UserError, load_config
+from segmentation.data import cache
+from segmentation.data.cache import prepare_images, preprocessing_settings, read_entry
+from segmentation.data.preprocess import (
     mirror_pad,
     normalize_image,
     resize_image,
     resize_mask,
     scaled_size,
 )
-from readers import mask_settings
+from segmentation.data.readers import mask_settings
+from segmentation.data.weight_maps import class_balance_weights, weight_map
 from training import train
-from weight_maps import class_balance_weights, weight_map
 
 
 def make_folder(root: Path, count: int = 4, size: tuple[int, int] = (70, 90)) -> None:
@@ -46,16 +46,28 @@ def make_folder(root: Path, count: int = 4, size: tuple[int, int] = (70, 90)) ->
 
 
 def folder_config(root: Path, cache_dir: Path, *overrides: str) -> dict:
-    return load_config(None, [
-        "train.dataset_name=folder", f"train.data={root}", f"train.cache_dir={cache_dir}", "unet.input_channels=[4, 8]",
-        "train.tile_size=60", "train.val_fraction=0.25", "train.samples_per_image=3", "train.device=cpu", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "train.dataset_name=folder",
+            f"train.data={root}",
+            f"train.cache_dir={cache_dir}",
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+            "train.val_fraction=0.25",
+            "train.samples_per_image=3",
+            "train.device=cpu",
+            *overrides,
+        ],
+    )
 
 
 def count_builds(monkeypatch) -> list:
     built = []
     original = cache.build_entry
-    monkeypatch.setattr(cache, "build_entry", lambda sample, *args: built.append(sample.name) or original(sample, *args))
+    monkeypatch.setattr(
+        cache, "build_entry", lambda sample, *args: built.append(sample.name) or original(sample, *args)
+    )
     return built
 
 
@@ -74,7 +86,11 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
         instances = measure.label(label, connectivity=1)
         if scale != 1:
             size = scaled_size(*label.shape, scale)
-            image, label, instances = resize_image(torch.from_numpy(image), size).numpy(), resize_mask(label, size), resize_mask(instances, size)
+            image, label, instances = (
+                resize_image(torch.from_numpy(image), size).numpy(),
+                resize_mask(label, size),
+                resize_mask(instances, size),
+            )
         direct[read.name] = (image, label, instances)
     class_weights = class_balance_weights([direct[name][1] for name in names], 2)
     assert np.array_equal(data["class_weights"], class_weights)
@@ -91,7 +107,9 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
         window = (slice(top, top + train_set.tile_size), slice(left, left + train_set.tile_size))
         image_tile, label_tile, weight_tile = train_set[key]
         # float16 storage: the image to 11 significant bits (exact at scale 1, where normalize_image rounds already)
-        assert np.array_equal(image_tile.numpy(), padded[0][(slice(None), *window)].astype(np.float16).astype(np.float32))
+        assert np.array_equal(
+            image_tile.numpy(), padded[0][(slice(None), *window)].astype(np.float16).astype(np.float32)
+        )
         assert np.array_equal(label_tile.numpy(), padded[1][window])
         np.testing.assert_allclose(weight_tile.numpy(), padded[2][window], rtol=2**-11)
         assert weight_tile.max() > 2 * class_weights.max()  # the border term is there
@@ -99,7 +117,11 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
     sample = next(s for s in samples if s.name == data["val"].names[0]).read(mask_settings(config))
     assert np.array_equal(val_image.numpy(), normalize_image(sample.image, 1))  # validation images keep their size
     assert np.array_equal(val_label.numpy(), sample.label)
-    np.testing.assert_allclose(val_weight.numpy(), weight_map(sample.label, measure.label(sample.label, connectivity=1), 10.0, 5.0, class_weights), rtol=2**-11)
+    np.testing.assert_allclose(
+        val_weight.numpy(),
+        weight_map(sample.label, measure.label(sample.label, connectivity=1), 10.0, 5.0, class_weights),
+        rtol=2**-11,
+    )
 
 
 def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_path, monkeypatch):
@@ -122,7 +144,15 @@ def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_p
     build_datasets(folder_config(tmp_path / "data", tmp_path / "cache", "train.w_0=5"))
     assert sorted(built) == [f"img{i}.png" for i in range(4)]  # the border term of every image changes
     built.clear()
-    build_datasets(folder_config(tmp_path / "data", tmp_path / "cache", "train.class_weights=[1, 3]", "train.val_fraction=0.5", "train.seed=3"))
+    build_datasets(
+        folder_config(
+            tmp_path / "data",
+            tmp_path / "cache",
+            "train.class_weights=[1, 3]",
+            "train.val_fraction=0.5",
+            "train.seed=3",
+        )
+    )
     assert built == []  # class weights and the split are applied per tile, not stored
 
 
@@ -139,7 +169,13 @@ def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, monkeypatch):
     second = build_datasets(config, notes.append)["train"]
     assert built == [entry.name]
     notes = [line for line in notes if line.startswith("cache entry")]
-    assert len(notes) == 1 and str(entry.folder) in notes[0] and entry.name in notes[0] and "incomplete or damaged" in notes[0] and "image.npy" in notes[0]
+    assert (
+        len(notes) == 1
+        and str(entry.folder) in notes[0]
+        and entry.name in notes[0]
+        and "incomplete or damaged" in notes[0]
+        and "image.npy" in notes[0]
+    )
     rebuilt = [np.array(array) for array in second.images[0].arrays() if array is not None]
     assert all(np.array_equal(a, b) for a, b in zip(expected, rebuilt))
 
@@ -193,7 +229,16 @@ def test_a_read_only_data_folder_trains_and_is_left_as_it_was(tmp_path):
     for path in [data, *data.rglob("*")]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
-        summary = train(folder_config(data, tmp_path / "cache", "train.max_epochs=1", "train.batch_size=2", f"train.save_path={tmp_path / 'w'}", f"train.log_path={tmp_path / 'l'}"))
+        summary = train(
+            folder_config(
+                data,
+                tmp_path / "cache",
+                "train.max_epochs=1",
+                "train.batch_size=2",
+                f"train.save_path={tmp_path / 'w'}",
+                f"train.log_path={tmp_path / 'l'}",
+            )
+        )
     finally:
         for path in [data, *data.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
@@ -209,7 +254,10 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache.np, "save", disk_full)
-    with pytest.raises(UserError, match=r"^train.cache_dir: cannot write .*img\d.png-.* \(No space left on device\): free some space or set train.cache_dir to another folder$"):
+    with pytest.raises(
+        UserError,
+        match=r"^train.cache_dir: cannot write .*img\d.png-.* \(No space left on device\): free some space or set train.cache_dir to another folder$",
+    ):
         build_datasets(folder_config(tmp_path / "data", tmp_path / "cache"))
     assert not list((tmp_path / "cache").iterdir())  # no half entry
 
@@ -221,10 +269,19 @@ def test_processes_of_a_torchrun_launch_build_their_shares_and_wait_for_the_othe
     settings = preprocessing_settings(config)
     built = []
     original = cache.build_entry
-    monkeypatch.setattr(cache, "build_entry", lambda sample, *args: built.append((threading.current_thread().name, sample.name)) or original(sample, *args))
+    monkeypatch.setattr(
+        cache,
+        "build_entry",
+        lambda sample, *args: built.append((threading.current_thread().name, sample.name)) or original(sample, *args),
+    )
     monkeypatch.setattr(cache, "POLL_SECONDS", 0.01)
     results = {}
-    other = threading.Thread(target=lambda: results.update(rank1=prepare_images(samples, [1.0] * 6, settings, tmp_path / "cache", rank=1, world_size=2)), name="rank1")
+    other = threading.Thread(
+        target=lambda: results.update(
+            rank1=prepare_images(samples, [1.0] * 6, settings, tmp_path / "cache", rank=1, world_size=2)
+        ),
+        name="rank1",
+    )
     other.start()
     results["rank0"] = prepare_images(samples, [1.0] * 6, settings, tmp_path / "cache", rank=0, world_size=2)
     other.join()
@@ -247,12 +304,18 @@ def test_a_process_that_starts_after_the_others_built_their_share_builds_the_res
     def run(rank):
         results[rank] = prepare_images(samples, [1.0] * 6, settings, tmp_path / "cache", rank=rank, world_size=2)
 
-    first = threading.Thread(target=run, args=(0,), daemon=True)  # daemons: a hang fails the test instead of blocking pytest
+    first = threading.Thread(
+        target=run, args=(0,), daemon=True
+    )  # daemons: a hang fails the test instead of blocking pytest
     first.start()
     deadline = time.monotonic() + 60
     while len(list((tmp_path / "cache").glob("img*"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sorted(path.name.split("-")[0] for path in (tmp_path / "cache").glob("img*")) == ["img0.png", "img2.png", "img4.png"]
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "cache").glob("img*")) == [
+        "img0.png",
+        "img2.png",
+        "img4.png",
+    ]
     late = threading.Thread(target=run, args=(1,), daemon=True)
     late.start()
     late.join(timeout=60)

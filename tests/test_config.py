@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import SCHEMA, ConfigError, default_config, load_config, parse_overrides, resolve
+from segmentation.config import SCHEMA, ConfigError, default_config, load_config, parse_overrides, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,12 @@ def test_unknown_key_names_it_and_suggests_the_closest():
 
 
 def test_wrong_types_and_ranges_are_one_line_each():
-    problems = problems_of({"train": {"batch_size": "eight", "lr": -1, "val_fraction": 1.5, "use_bitsandbytes": "yes please"}, "unet": {"padding": 2, "norm": "layernorm"}})
+    problems = problems_of(
+        {
+            "train": {"batch_size": "eight", "lr": -1, "val_fraction": 1.5, "use_bitsandbytes": "yes please"},
+            "unet": {"padding": 2, "norm": "layernorm"},
+        }
+    )
     assert len(problems) == 6
     text = "\n".join(problems)
     assert "train.batch_size: expected an integer" in text
@@ -92,7 +97,9 @@ def test_yaml_exponent_without_dot_is_a_number():
 def test_overrides_are_yaml_and_applied_over_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 0.1\n  batch_size: 2\n")
-    config = load_config(path, ["train.lr=3e-4", "unet.input_channels=[8, 16]", "train.run_name=null", "augment.flip=false"])
+    config = load_config(
+        path, ["train.lr=3e-4", "unet.input_channels=[8, 16]", "train.run_name=null", "augment.flip=false"]
+    )
     assert config["train"]["lr"] == pytest.approx(3e-4)
     assert config["train"]["batch_size"] == 2
     assert config["unet"]["input_channels"] == [8, 16]
@@ -121,7 +128,9 @@ def test_seed_readme_config_is_accepted_with_the_same_meaning(tmp_path):
 
 def test_device_and_class_weight_checks():
     assert "train.device" in problems_of({"train": {"device": "gpu"}})[0]
-    assert problems_of({"train": {"class_weights": [1, 2, 3]}}) == ["train.class_weights: 3 weights given but unet.num_classes is 2"]
+    assert problems_of({"train": {"class_weights": [1, 2, 3]}}) == [
+        "train.class_weights: 3 weights given but unet.num_classes is 2"
+    ]
     assert resolve({"train": {"class_weights": [1, "2e0"]}})["train"]["class_weights"] == [1.0, 2.0]
 
 
@@ -133,7 +142,13 @@ def test_defaults_are_valid():
 
 
 def test_cli_unknown_key_fails_in_one_line():
-    result = subprocess.run([sys.executable, "training.py", "train.max_epochs=1", "unet.foo=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "training.py", "train.max_epochs=1", "unet.foo=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unet.foo" in lines[0] and "unknown key" in lines[0]

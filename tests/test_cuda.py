@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer import predict_probabilities
 from model import UNet
-from step import build_optimizer, train_step
+from segmentation.engine.step import build_optimizer, train_step
+from segmentation.inference.infer import predict_probabilities
 from tests.test_training import tiny_config
 from training import train
 
@@ -59,11 +59,17 @@ def test_channels_last_and_compiled_steps_match_eager_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         eager = small_unet(device)
-        variants = {"eager": (eager, False), "channels_last": (copy.deepcopy(eager).to(memory_format=torch.channels_last), True), "compiled": (torch.compile(copy.deepcopy(eager)), False)}
+        variants = {
+            "eager": (eager, False),
+            "channels_last": (copy.deepcopy(eager).to(memory_format=torch.channels_last), True),
+            "compiled": (torch.compile(copy.deepcopy(eager)), False),
+        }
         results = {}
         for name, (model, channels_last) in variants.items():
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            loss = train_step(model, optimizer, learnable_batch(device), "ce", 0.0, device, channels_last=channels_last).item()
+            loss = train_step(
+                model, optimizer, learnable_batch(device), "ce", 0.0, device, channels_last=channels_last
+            ).item()
             results[name] = (loss, [parameter.detach().float().cpu() for parameter in model.parameters()])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -94,10 +100,19 @@ def test_bitsandbytes_8bit_adamw_steps_on_cuda():
     pytest.importorskip("bitsandbytes")
     device = torch.device("cuda")
     model, batch = small_unet(device), learnable_batch(device)
-    optimizer = build_optimizer(model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, device)
+    optimizer = build_optimizer(
+        model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, device
+    )
     assert "8bit" in type(optimizer).__name__
-    losses = [train_step(model, optimizer, batch, "ce", 1.0, device, "bf16" if torch.cuda.is_bf16_supported() else "fp32").item() for _ in range(40)]
-    states = [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+    losses = [
+        train_step(
+            model, optimizer, batch, "ce", 1.0, device, "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        ).item()
+        for _ in range(40)
+    ]
+    states = [
+        value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
+    ]
     assert any(value.dtype == torch.uint8 for value in states) and losses[-1] < 0.6 * losses[0]
 
 
@@ -105,7 +120,16 @@ def test_bitsandbytes_8bit_adamw_steps_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_cuda_with_bf16_channels_last_and_pinned_memory(tmp_path):
     precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    summary = train(tiny_config(tmp_path, "train.device=cuda", f"train.precision={precision}", "train.channels_last=true", "train.num_workers=2", "train.max_epochs=2"))
+    summary = train(
+        tiny_config(
+            tmp_path,
+            "train.device=cuda",
+            f"train.precision={precision}",
+            "train.channels_last=true",
+            "train.num_workers=2",
+            "train.max_epochs=2",
+        )
+    )
     assert summary["epoch"] == 2 and next(summary["model"].parameters()).is_cuda
     assert all(torch.isfinite(parameter).all() for parameter in summary["model"].parameters())
 
@@ -114,14 +138,47 @@ def test_training_on_cuda_with_bf16_channels_last_and_pinned_memory(tmp_path):
 def test_a_one_process_torchrun_run_saves_and_resumes(tmp_path, device):
     """torchrun with one process joins a process group (NCCL on CUDA, gloo on the CPU), trains, saves,
     and resumes from its checkpoint."""
-    overrides = ["unet.input_channels=[4, 8]", "train.synthetic_images=6", "train.synthetic_size=64", "train.val_fraction=0.34", "train.tile_size=60",
-                 "train.samples_per_image=2", "train.batch_size=2", f"train.device={device}", f"train.cache_dir={tmp_path / 'cache'}",
-                 f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.run_name=one"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)]
+    overrides = [
+        "unet.input_channels=[4, 8]",
+        "train.synthetic_images=6",
+        "train.synthetic_size=64",
+        "train.val_fraction=0.34",
+        "train.tile_size=60",
+        "train.samples_per_image=2",
+        "train.batch_size=2",
+        f"train.device={device}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        "train.run_name=one",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*command, *overrides, "train.max_epochs=1"], capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT)
+    first = subprocess.run(
+        [*command, *overrides, "train.max_epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        cwd=ROOT,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = subprocess.run([*command, *overrides[:-1], "train.max_epochs=2", "train.resume=auto"], capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT)
+    resumed = subprocess.run(
+        [*command, *overrides[:-1], "train.max_epochs=2", "train.resume=auto"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        cwd=ROOT,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "at epoch 2, batch 0" in resumed.stdout
     assert torch.load(tmp_path / "weights" / "one" / "last.pt", weights_only=True)["progress"]["epoch"] == 2

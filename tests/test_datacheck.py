@@ -9,10 +9,10 @@ import pytest
 import skimage.io
 import tifffile
 
-from config import load_config
-from datacheck import check_data, check_main
 from dataset import list_samples
-from readers import mask_settings
+from segmentation.config import load_config
+from segmentation.data.datacheck import check_data, check_main
+from segmentation.data.readers import mask_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -23,7 +23,11 @@ def folder(root: Path, masks: list[np.ndarray], rgb: bool = False, suffix: str =
     (root / "masks").mkdir()
     rng = np.random.default_rng(0)
     for index, mask in enumerate(masks):
-        skimage.io.imsave(root / "images" / f"{index}.png", rng.integers(0, 255, mask.shape[:2] + ((3,) if rgb else ()), dtype=np.uint8), check_contrast=False)
+        skimage.io.imsave(
+            root / "images" / f"{index}.png",
+            rng.integers(0, 255, mask.shape[:2] + ((3,) if rgb else ()), dtype=np.uint8),
+            check_contrast=False,
+        )
         if suffix == ".tif":
             tifffile.imwrite(root / "masks" / f"{index}.tif", mask, photometric="minisblack")
         else:
@@ -33,7 +37,9 @@ def folder(root: Path, masks: list[np.ndarray], rgb: bool = False, suffix: str =
 
 def suggested_config(report: dict, root: Path):
     values = report["suggestion"]["values"]
-    return load_config(None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"])
+    return load_config(
+        None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"]
+    )
 
 
 def reads_every_mask(config: dict) -> bool:
@@ -44,16 +50,29 @@ def reads_every_mask(config: dict) -> bool:
 def test_binary_masks_and_every_pairing_problem_are_reported(tmp_path, capsys):
     rng = np.random.default_rng(1)
     root = folder(tmp_path / "data", [(rng.random((30, 40)) > 0.8).astype(np.uint8) * 255 for _ in range(4)], rgb=True)
-    (root / "images" / "0.png").rename(root / "images" / "lonely.png")  # an image without a mask, and mask 0 without an image
+    (root / "images" / "0.png").rename(
+        root / "images" / "lonely.png"
+    )  # an image without a mask, and mask 0 without an image
     (root / "images" / "broken.png").write_bytes(b"not a png")
     skimage.io.imsave(root / "masks" / "broken.png", np.zeros((30, 40), np.uint8), check_contrast=False)
     assert check_main(["check", str(root)]) == 1
     out = capsys.readouterr().out
     assert f"{root}: folder layout, 4 images with masks" in out and "channels: 3 with 3" in out
-    assert "no mask named lonely.*" in out and "0.png: a mask without an image" in out and "broken.png: cannot read this image" in out
+    assert (
+        "no mask named lonely.*" in out
+        and "0.png: a mask without an image" in out
+        and "broken.png: cannot read this image" in out
+    )
     assert "class fractions (as the suggested config reads the masks): 0: " in out
-    fraction = float(out.split("class fractions (as the suggested config reads the masks): ")[1].split("1: ")[1].split(" %")[0]) / 100
-    truth = np.concatenate([skimage.io.imread(root / "masks" / f"{i}.png").ravel() for i in (1, 2, 3)] + [np.zeros(1200, np.uint8)])
+    fraction = (
+        float(
+            out.split("class fractions (as the suggested config reads the masks): ")[1].split("1: ")[1].split(" %")[0]
+        )
+        / 100
+    )
+    truth = np.concatenate(
+        [skimage.io.imread(root / "masks" / f"{i}.png").ravel() for i in (1, 2, 3)] + [np.zeros(1200, np.uint8)]
+    )
     assert fraction == pytest.approx(np.mean(truth == 255), abs=1e-3)  # the three masks read, and broken.png's zeros
     assert "  image_channels: 3" in out and "  num_classes: 2" in out
 
@@ -67,7 +86,10 @@ def test_instance_id_masks_are_recognised_and_the_suggestion_reads_them(tmp_path
         masks.append(ids)
     root = folder(tmp_path / "data", masks, suffix=".tif")
     report = check_data(root)
-    assert report["suggestion"]["values"]["train.mask_type"] == "instances" and report["suggestion"]["values"]["unet.num_classes"] == 2
+    assert (
+        report["suggestion"]["values"]["train.mask_type"] == "instances"
+        and report["suggestion"]["values"]["unet.num_classes"] == 2
+    )
     assert reads_every_mask(suggested_config(report, root)) and not report["problems"]
 
 
@@ -81,7 +103,9 @@ def test_colour_and_sparse_value_masks_get_their_mapping(tmp_path):
     assert config["unet"]["num_classes"] == 3 and reads_every_mask(config)
     root = folder(tmp_path / "sparse", [np.array([0, 128, 255], np.uint8)[classes]] * 2)
     report = check_data(root)
-    assert report["suggestion"]["values"]["train.mask_values"] == [0, 128, 255] and reads_every_mask(suggested_config(report, root))
+    assert report["suggestion"]["values"]["train.mask_values"] == [0, 128, 255] and reads_every_mask(
+        suggested_config(report, root)
+    )
 
 
 def test_large_photos_get_an_image_scale_and_a_rare_class_balanced_weights(tmp_path):
@@ -89,13 +113,24 @@ def test_large_photos_get_an_image_scale_and_a_rare_class_balanced_weights(tmp_p
     mask[100:200, 100:300] = 255  # about 1 % foreground
     report = check_data(folder(tmp_path / "data", [mask, mask]))
     values = report["suggestion"]["values"]
-    assert values["train.image_scale"] == pytest.approx(512 / 1600, abs=0.01) and values["train.class_weights"] == "balanced"
+    assert (
+        values["train.image_scale"] == pytest.approx(512 / 1600, abs=0.01)
+        and values["train.class_weights"] == "balanced"
+    )
     assert "sizes: 1 different, 1200-1200 x 1600-1600 px" in "\n".join(report["lines"])
 
 
 def test_the_command_line_and_a_missing_folder(tmp_path):
-    result = subprocess.run([sys.executable, "dataset.py", "check", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: folder not found"]
+    result = subprocess.run(
+        [sys.executable, "dataset.py", "check", str(tmp_path / "nowhere")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'}: folder not found"
+    ]
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
@@ -111,6 +146,9 @@ def test_small_integer_masks_read_as_class_indices_with_the_alternative_named(tm
     classes = np.array([[0, 1, 2, 2], [1, 1, 0, 2]] * 8, dtype=np.uint8)
     root = folder(tmp_path / "data", [classes, classes[::-1]])
     report = check_data(root)
-    assert report["suggestion"]["values"]["train.mask_type"] == "classes" and report["suggestion"]["values"]["unet.num_classes"] == 3
+    assert (
+        report["suggestion"]["values"]["train.mask_type"] == "classes"
+        and report["suggestion"]["values"]["unet.num_classes"] == 3
+    )
     assert any("if each value is an object instead, use train.mask_type: instances" in line for line in report["lines"])
     assert reads_every_mask(suggested_config(report, root))

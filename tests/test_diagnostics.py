@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import UserError
-from diagnostics import (
+from losses import segmentation_loss
+from model import UNet, center_crop
+from segmentation.config import UserError
+from segmentation.inference.export import check_onnx, export_onnx
+from segmentation.runs.diagnostics import (
     activation_maps,
     input_saliency,
     layer_gradient_norms,
@@ -16,9 +19,6 @@ from diagnostics import (
     save_gradient_norm_figure,
     save_saliency_figure,
 )
-from export import check_onnx, export_onnx
-from losses import segmentation_loss
-from model import UNet, center_crop
 
 SIZE = 60  # a valid input of a depth-2, padding-0 U-Net; its output is 20x20
 

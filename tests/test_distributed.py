@@ -9,19 +9,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import load_config
 from dataset import build_datasets
-from tests.test_training import TINY
 from model import build_model
-from validation import evaluate
+from segmentation.config import load_config
+from segmentation.engine.validation import evaluate
+from tests.test_training import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Train with 2 processes; each saves the weights it ended with as out/rank<N>.pt."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "ddp_worker.py"), str(out), *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+        *overrides,
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -33,7 +44,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path):
-    overrides = [*TINY, f"train.cache_dir={tmp_path / 'cache'}", f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", "train.max_epochs=2", "train.run_name=ddp"]
+    overrides = [
+        *TINY,
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        "train.max_epochs=2",
+        "train.run_name=ddp",
+    ]
     result = torchrun(tmp_path, *overrides)
     # 8 tiles per epoch, 2 per process and step: 2 steps of 4
     assert "2 steps of 4 = 2 x 1 accumulated x 2 processes" in result.stdout

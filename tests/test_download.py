@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import download as dl
-from config import UserError
-from download import ISBI2012_HELP, check_pennfudan, download, download_main, safe_extract_zip
+from segmentation.config import UserError
+from segmentation.data import download as dl
+from segmentation.data.download import ISBI2012_HELP, check_pennfudan, download, download_main, safe_extract_zip
 
 
 def make_zip(path: Path, members: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
@@ -29,7 +29,9 @@ def files_under(folder: Path) -> dict:
     """``{relative posix path: bytes}`` of every file under ``folder`` (empty when it does not exist)."""
     if not folder.exists():
         return {}
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+    }
 
 
 GOOD = {
@@ -357,7 +359,9 @@ class FakeResponse(io.BytesIO):
         return super().read(min(size, 1000) if size and size > 0 else 1000)
 
 
-@pytest.mark.parametrize("response", [lambda: FakeResponse(b"x" * 5000, 5000, fail_after=2000), lambda: FakeResponse(b"x" * 3000, 5000)])
+@pytest.mark.parametrize(
+    "response", [lambda: FakeResponse(b"x" * 5000, 5000, fail_after=2000), lambda: FakeResponse(b"x" * 3000, 5000)]
+)
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, response):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: response())
     destination = tmp_path / "PennFudanPed.zip"
@@ -373,7 +377,10 @@ def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, response):
 
 
 def make_pennfudan_zip(path: Path) -> dict:
-    members = {"PennFudanPed/": b"", "PennFudanPed/readme.txt": b"Penn-Fudan Database for Pedestrian Detection and Segmentation\n"}
+    members = {
+        "PennFudanPed/": b"",
+        "PennFudanPed/readme.txt": b"Penn-Fudan Database for Pedestrian Detection and Segmentation\n",
+    }
     for stem in STEMS:
         members[f"PennFudanPed/PNGImages/{stem}.png"] = f"image {stem}".encode()
         members[f"PennFudanPed/PedMasks/{stem}_mask.png"] = f"mask {stem}".encode()
@@ -433,7 +440,15 @@ def test_download_main_isbi2012_prints_the_help(tmp_path, capsys):
     assert download_main(["isbi2012", "--to", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ISBI2012_HELP in out
-    for needed in ("train-volume.tif", "train-labels.tif", "test-volume.tif", "images/", "labels/", "train.data", "ISBI 2012 challenge website"):
+    for needed in (
+        "train-volume.tif",
+        "train-labels.tif",
+        "test-volume.tif",
+        "images/",
+        "labels/",
+        "train.data",
+        "ISBI 2012 challenge website",
+    ):
         assert needed in ISBI2012_HELP
     assert "not found" in out
 

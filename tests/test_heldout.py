@@ -4,24 +4,35 @@ and test.py's masks and scores on the test images, checked with NumPy and scikit
 import numpy as np
 import pytest
 import skimage.io
+import test_script
 import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error
 
-import test_script
-from config import UserError, load_config
 from dataset import build_datasets
-from synthetic import synthetic_em_set
-from infer import calibrate_threshold, predict_probabilities, separate_cells
 from model import build_model
+from segmentation.config import UserError, load_config
+from segmentation.data.synthetic import synthetic_em_set
+from segmentation.inference.infer import calibrate_threshold, predict_probabilities, separate_cells
 from training import train
 
 
 def folder_config(root, *overrides):
-    return load_config(None, [
-        "unet.input_channels=[4, 8]", "train.tile_size=60", "train.batch_size=2", "train.device=cpu", "predict.tile_size=100",
-        "train.dataset_name=folder", f"train.data={root}", f"train.save_path={root / 'weights'}", f"train.log_path={root / 'logs'}", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+            "train.batch_size=2",
+            "train.device=cpu",
+            "predict.tile_size=100",
+            "train.dataset_name=folder",
+            f"train.data={root}",
+            f"train.save_path={root / 'weights'}",
+            f"train.log_path={root / 'logs'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +42,31 @@ def image_folder(tmp_path_factory):
     (root / "images").mkdir()
     (root / "masks").mkdir()
     for index, (image, label, _) in enumerate(synthetic_em_set(6, 80, seed=3)):
-        skimage.io.imsave(root / "images" / f"slice{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False)
+        skimage.io.imsave(
+            root / "images" / f"slice{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False
+        )
         skimage.io.imsave(root / "masks" / f"slice{index:02d}.png", label * 255, check_contrast=False)
     return root
 
 
 def test_test_images_are_held_out_of_training_and_validation(image_folder):
-    data = build_datasets(folder_config(image_folder, "train.val_images=[3]", "train.test_images=[5, 4]"), lambda message: None)
+    data = build_datasets(
+        folder_config(image_folder, "train.val_images=[3]", "train.test_images=[5, 4]"), lambda message: None
+    )
     assert data["test"].names == ["slice04.png", "slice05.png"]
     assert data["val"].names == ["slice03.png"]
     assert len(data["train"]) == 3 * 4  # slices 0-2, 4 tiles each
     assert build_datasets(folder_config(image_folder), lambda message: None)["test"] is None
     with pytest.raises(UserError, match=r"share \[4\]"):
-        build_datasets(folder_config(image_folder, "train.val_images=[4]", "train.test_images=[4]"), lambda message: None)
+        build_datasets(
+            folder_config(image_folder, "train.val_images=[4]", "train.test_images=[4]"), lambda message: None
+        )
     with pytest.raises(UserError, match=r"train.test_images: \[9\] not among the 6 images"):
         build_datasets(folder_config(image_folder, "train.test_images=[9]"), lambda message: None)
     # with a fraction, validation is drawn from the images left after the test images
-    data = build_datasets(folder_config(image_folder, "train.val_fraction=0.25", "train.test_images=[0, 1]"), lambda message: None)
+    data = build_datasets(
+        folder_config(image_folder, "train.val_fraction=0.25", "train.test_images=[0, 1]"), lambda message: None
+    )
     assert len(data["val"]) == 1 and data["val"].names[0] not in ("slice00.png", "slice01.png")
 
 
@@ -60,7 +79,16 @@ def test_calibrate_threshold_against_a_hand_computation():
     for row in table:
         wrong = sum(np.count_nonzero((p >= row["threshold"]) != (label == 1)) for p, label in zip(probability, labels))
         assert row["pixel_error"] == pytest.approx(wrong / probability.size)
-        expected = np.mean([adapted_rand_error(measure.label(label == 1, connectivity=1), measure.label(p >= row["threshold"], connectivity=1), ignore_labels=(0,))[0] for p, label in zip(probability, labels)])
+        expected = np.mean(
+            [
+                adapted_rand_error(
+                    measure.label(label == 1, connectivity=1),
+                    measure.label(p >= row["threshold"], connectivity=1),
+                    ignore_labels=(0,),
+                )[0]
+                for p, label in zip(probability, labels)
+            ]
+        )
         assert row["rand_error"] == pytest.approx(expected)
     assert table[[row["threshold"] for row in table].index(0.3)]["rand_error"] == pytest.approx(0.0)
     assert calibrate_threshold(list(probability), labels, "dice")[0] == pytest.approx(0.3)
@@ -70,7 +98,9 @@ def test_separate_cells_cuts_a_thin_bridge_and_keeps_unseeded_cells():
     # two cells (probability peaks) joined by a 2-px bridge where the membrane has a gap, and a third,
     # faint cell with no seed
     y, x = np.mgrid[0:40, 0:60]
-    probability = np.maximum(np.exp(-((y - 20) ** 2 + (x - 15) ** 2) / 60), np.exp(-((y - 20) ** 2 + (x - 40) ** 2) / 60))
+    probability = np.maximum(
+        np.exp(-((y - 20) ** 2 + (x - 15) ** 2) / 60), np.exp(-((y - 20) ** 2 + (x - 40) ** 2) / 60)
+    )
     cells = probability >= 0.3
     cells[19:21, 15:41] = True
     probability[19:21, 15:41] = np.maximum(probability[19:21, 15:41], 0.35)
@@ -105,7 +135,14 @@ def test_separate_cells_ignores_seeds_smaller_than_min_seed_area():
 
 
 def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_folder, tmp_path, capsys):
-    config = folder_config(image_folder, "train.val_images=[3]", "train.test_images=[4, 5]", "train.max_epochs=3", "predict.threshold=auto", "train.best_metric=val_pixel_error")
+    config = folder_config(
+        image_folder,
+        "train.val_images=[3]",
+        "train.test_images=[4, 5]",
+        "train.max_epochs=3",
+        "predict.threshold=auto",
+        "train.best_metric=val_pixel_error",
+    )
     summary = train(config)
     best = summary["run_weights"] / "best.pt"
     state = torch.load(best, weights_only=True)
@@ -117,7 +154,10 @@ def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_fo
     model.load_state_dict(state["model"])
     image, label, _ = build_datasets(config, lambda message: None)["val"][0]
     probability = predict_probabilities(model, image, 100)[1].numpy()
-    errors = {row["threshold"]: np.mean((probability >= row["threshold"]) != (label.numpy() == 1)) for row in state["threshold_table"]}
+    errors = {
+        row["threshold"]: np.mean((probability >= row["threshold"]) != (label.numpy() == 1))
+        for row in state["threshold_table"]
+    }
     assert errors[threshold] == pytest.approx(min(errors.values()))
 
     capsys.readouterr()
@@ -134,7 +174,13 @@ def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_fo
         np.testing.assert_array_equal(written, np.where(probability >= threshold, 255, 0))
         wrong += np.count_nonzero(written != truth)
         total += truth.size
-        rand_errors.append(adapted_rand_error(measure.label(truth == 255, connectivity=1), measure.label(written == 255, connectivity=1), ignore_labels=(0,))[0])
+        rand_errors.append(
+            adapted_rand_error(
+                measure.label(truth == 255, connectivity=1),
+                measure.label(written == 255, connectivity=1),
+                ignore_labels=(0,),
+            )[0]
+        )
     overall = next(line for line in printed.splitlines() if line.split()[:1] == ["all"]).split()
     assert float(overall[1]) == pytest.approx(wrong / total, abs=1e-4)
     assert float(overall[4]) == pytest.approx(np.mean(rand_errors), abs=1e-4)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from preprocess import pad_for_model
-from infer import predict_probabilities
 from model import UNet
+from segmentation.data.preprocess import pad_for_model
+from segmentation.inference.infer import predict_probabilities
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,7 +184,9 @@ def test_batch_size_bounds_memory_not_the_result(padding, tta):
     tile_size = 60 if padding == 0 else 32
     results, largest = {}, {}
     for batch_size in (1, 3, 100):
-        handle = model.register_forward_pre_hook(lambda module, inputs: largest.update({batch_size: max(largest.get(batch_size, 0), len(inputs[0]))}))
+        handle = model.register_forward_pre_hook(
+            lambda module, inputs: largest.update({batch_size: max(largest.get(batch_size, 0), len(inputs[0]))})
+        )
         results[batch_size] = predict_probabilities(model, image, tile_size=tile_size, batch_size=batch_size, tta=tta)
         handle.remove()
     tiles = largest[100]  # all tiles in one batch
@@ -228,18 +230,30 @@ def test_image_scale_predicts_on_the_resized_image_and_returns_the_full_size():
     assert probabilities.shape == (2, 90, 70)
     torch.testing.assert_close(probabilities.sum(0), torch.ones(90, 70))
     small = F.interpolate(image[None], size=(45, 35), mode="bilinear", antialias=True, align_corners=False)[0]
-    expected = F.interpolate(predict_probabilities(model, small, 64)[None], size=(90, 70), mode="bilinear", align_corners=False)[0]
+    expected = F.interpolate(
+        predict_probabilities(model, small, 64)[None], size=(90, 70), mode="bilinear", align_corners=False
+    )[0]
     torch.testing.assert_close(probabilities, expected)
 
 
 def test_image_scale_shrinks_the_training_images_only():
     from skimage.transform import resize
 
-    from config import load_config
     from dataset import build_datasets
-    from synthetic import synthetic_em_set
+    from segmentation.config import load_config
+    from segmentation.data.synthetic import synthetic_em_set
 
-    config = load_config(None, ["unet.input_channels=[4, 8]", "train.synthetic_images=4", "train.synthetic_size=63", "train.val_images=[3]", "train.tile_size=60", "train.image_scale=0.3333333"])
+    config = load_config(
+        None,
+        [
+            "unet.input_channels=[4, 8]",
+            "train.synthetic_images=4",
+            "train.synthetic_size=63",
+            "train.val_images=[3]",
+            "train.tile_size=60",
+            "train.image_scale=0.3333333",
+        ],
+    )
     data = build_datasets(config, lambda message: None)
     _, label, _ = synthetic_em_set(4, 63, config["train"]["seed"])[0]
     example_image, example_label, example_weight = data["example"]  # the first training image
@@ -252,8 +266,8 @@ def test_image_scale_shrinks_the_training_images_only():
 
 
 def test_tta_uses_only_the_transforms_that_training_augmented():
-    from config import default_config
-    from infer import DIHEDRAL, tta_transforms
+    from segmentation.config import default_config
+    from segmentation.inference.infer import DIHEDRAL, tta_transforms
 
     augment = default_config()["augment"]
     assert tta_transforms(augment) == DIHEDRAL and len(set(DIHEDRAL)) == 8
@@ -278,17 +292,29 @@ def test_tta_uses_only_the_transforms_that_training_augmented():
 def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale():
     import torch.nn.functional as F
 
-    from config import ConfigError, load_config
-    from infer import predict_with_config
+    from segmentation.config import ConfigError, load_config
+    from segmentation.inference.infer import predict_with_config
 
     torch.manual_seed(0)
     model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
     image = torch.randn(1, 80, 60)
-    config = load_config(None, ["unet.input_channels=[4, 8]", "train.image_scale=0.5", "predict.scales=[0.8, 1.0, 1.5]", "predict.tile_size=64"])
+    config = load_config(
+        None,
+        [
+            "unet.input_channels=[4, 8]",
+            "train.image_scale=0.5",
+            "predict.scales=[0.8, 1.0, 1.5]",
+            "predict.tile_size=64",
+        ],
+    )
     expected = []
     for scale, size in ((0.4, (32, 24)), (0.5, (40, 30)), (0.75, (60, 45))):
         small = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        expected.append(F.interpolate(predict_probabilities(model, small, 64)[None], size=(80, 60), mode="bilinear", align_corners=False)[0])
+        expected.append(
+            F.interpolate(
+                predict_probabilities(model, small, 64)[None], size=(80, 60), mode="bilinear", align_corners=False
+            )[0]
+        )
     averaged = predict_with_config(model, image, config)
     torch.testing.assert_close(averaged, sum(expected) / 3)
     assert not torch.allclose(averaged, expected[1], atol=1e-3)  # the other scales changed the result

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from skimage import measure
 
 from losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
-from metrics import confusion_matrix, instance_f1, instance_matches, segmentation_scores
+from segmentation.metrics import confusion_matrix, instance_f1, instance_matches, segmentation_scores
 
 
 def random_case(seed=0, classes=3, size=6):
@@ -41,7 +41,9 @@ def test_weight_map_by_hand():
     expected = (1 * loss_a + 3 * loss_b) / 4
     assert weighted_cross_entropy(logits, target, weight).item() == pytest.approx(expected, rel=1e-6)
     # a constant weight map changes nothing (weighted mean)
-    assert weighted_cross_entropy(logits, target, torch.full_like(weight, 7.0)).item() == pytest.approx((loss_a + loss_b) / 2, rel=1e-6)
+    assert weighted_cross_entropy(logits, target, torch.full_like(weight, 7.0)).item() == pytest.approx(
+        (loss_a + loss_b) / 2, rel=1e-6
+    )
 
 
 def test_target_and_weights_are_cropped_to_the_output():
@@ -50,7 +52,9 @@ def test_target_and_weights_are_cropped_to_the_output():
     big_target = torch.randint(0, 2, (2, 10, 10), generator=generator)
     big_weight = torch.rand(2, 10, 10, generator=generator)
     centre = (slice(None), slice(3, 7), slice(3, 7))
-    expected = (F.cross_entropy(logits, big_target[centre], reduction="none") * big_weight[centre]).sum() / big_weight[centre].sum()
+    expected = (F.cross_entropy(logits, big_target[centre], reduction="none") * big_weight[centre]).sum() / big_weight[
+        centre
+    ].sum()
     assert torch.allclose(weighted_cross_entropy(logits, big_target, big_weight), expected, atol=1e-6)
 
 
@@ -96,7 +100,9 @@ def test_confusion_and_scores_by_hand():
 
 
 def test_absent_class_scores_one_and_shape_mismatch_fails():
-    scores = segmentation_scores(confusion_matrix(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long), 3))
+    scores = segmentation_scores(
+        confusion_matrix(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long), 3)
+    )
     assert scores["iou_2"] == 1.0 and scores["pixel_error"] == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_matrix(torch.zeros(2, 2), torch.zeros(3, 3), 2)
@@ -105,7 +111,7 @@ def test_absent_class_scores_one_and_shape_mismatch_fails():
 def test_em_scores_by_hand_and_against_scikit_image():
     from skimage.metrics import adapted_rand_error, variation_of_information
 
-    from metrics import em_segmentation_scores
+    from segmentation.metrics import em_segmentation_scores
 
     # two true cells separated by a membrane column; the prediction merges them (membrane missed)
     label = np.ones((4, 5), np.int64)
@@ -116,16 +122,22 @@ def test_em_scores_by_hand_and_against_scikit_image():
     # SNEMI3D counts pairs of distinct pixels: sum p_ij^2 - n = 8^2 + 8^2 - 16 = 112,
     # sum t_k^2 - n = 112, sum s_k^2 - n = 16^2 - 16 = 240; error = 1 - 112 / (0.5 * 112 + 0.5 * 240)
     assert scores["rand_error"] == pytest.approx(1 - 112 / 176)
-    assert scores["vi"] == pytest.approx(1.0)  # merging two equal cells: H(pred | true) = 0, H(true | pred) = log2(2) = 1 bit
+    assert scores["vi"] == pytest.approx(
+        1.0
+    )  # merging two equal cells: H(pred | true) = 0, H(true | pred) = log2(2) = 1 bit
     perfect = em_segmentation_scores(label.astype(float), label)
     assert perfect["rand_error"] == pytest.approx(0.0) and perfect["vi"] == pytest.approx(0.0)
     # random case against scikit-image on connected components, threshold 0.5
     rng = np.random.default_rng(0)
     probability = ndimage_smooth(rng.random((40, 40)))
     truth = (ndimage_smooth(rng.random((40, 40))) > 0.5).astype(np.int64)
-    expected = adapted_rand_error(measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1))[0]
+    expected = adapted_rand_error(
+        measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1)
+    )[0]
     assert em_segmentation_scores(probability, truth)["rand_error"] == pytest.approx(expected)
-    split, merge = variation_of_information(measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1), ignore_labels=(0,))
+    split, merge = variation_of_information(
+        measure.label(truth == 1, connectivity=1), measure.label(probability >= 0.5, connectivity=1), ignore_labels=(0,)
+    )
     assert em_segmentation_scores(probability, truth)["vi"] == pytest.approx(split + merge)
 
 

@@ -9,17 +9,26 @@ import pytest
 import skimage.io
 import tifffile
 
-from cache import write_entry
-from config import ConfigError, UserError, load_config
 from dataset import build_datasets, list_samples
-from readers import mask_settings
-from weight_maps import border_weights
+from segmentation.config import ConfigError, UserError, load_config
+from segmentation.data.cache import write_entry
+from segmentation.data.readers import mask_settings
+from segmentation.data.weight_maps import border_weights
 
 CLASSES = np.array([[0, 0, 1, 1], [2, 2, 1, 0], [0, 2, 2, 1]], dtype=np.uint8)
 
 
 def config_for(root: Path, *overrides: str) -> dict:
-    return load_config(None, ["train.dataset_name=folder", f"train.data={root}", "unet.input_channels=[4, 8]", "train.tile_size=60", *overrides])
+    return load_config(
+        None,
+        [
+            "train.dataset_name=folder",
+            f"train.data={root}",
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+            *overrides,
+        ],
+    )
 
 
 def read_only(root: Path, *overrides: str) -> list:
@@ -56,10 +65,16 @@ def test_sparse_values_are_mapped_by_mask_values_and_others_are_named(tmp_path):
     write_pair(tmp_path, "a", np.array([0, 128, 255], dtype=np.uint8)[CLASSES])
     (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
     assert np.array_equal(sample.label, CLASSES)
-    with pytest.raises(UserError, match=r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): train.mask_values: \[0, 128, 255\] maps them"):
+    with pytest.raises(
+        UserError,
+        match=r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): train.mask_values: \[0, 128, 255\] maps them",
+    ):
         read_only(tmp_path, "unet.num_classes=3")
     write_pair(tmp_path, "a", np.array([0, 128, 64], dtype=np.uint8)[CLASSES])
-    with pytest.raises(UserError, match=r"a.png: mask value 64 is not in train.mask_values \(found: 0, 64, 128\): add it to train.mask_values"):
+    with pytest.raises(
+        UserError,
+        match=r"a.png: mask value 64 is not in train.mask_values \(found: 0, 64, 128\): add it to train.mask_values",
+    ):
         read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
     with pytest.raises(ConfigError, match="train.mask_values: 2 given but unet.num_classes is 3"):
         config_for(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 255]")
@@ -70,9 +85,14 @@ def test_rgb_colour_masks_are_mapped_by_mask_colors(tmp_path):
     write_pair(tmp_path, "a", colours[CLASSES])
     (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 255, 0]]")
     assert np.array_equal(sample.label, CLASSES)
-    with pytest.raises(UserError, match=r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set train.mask_colors"):
+    with pytest.raises(
+        UserError,
+        match=r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set train.mask_colors",
+    ):
         read_only(tmp_path, "unet.num_classes=3")
-    with pytest.raises(UserError, match=r"a.png: mask colour \[0, 255, 0\] is not in train.mask_colors .*add it to train.mask_colors"):
+    with pytest.raises(
+        UserError, match=r"a.png: mask colour \[0, 255, 0\] is not in train.mask_colors .*add it to train.mask_colors"
+    ):
         read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]]")
 
 
@@ -108,10 +128,19 @@ def test_instance_id_masks_give_objects_and_the_paper_weights_in_the_gap(tmp_pat
     assert ids[16, 23] == 0 and ids[16, 22] == 1000 and ids[16, 24] == 2000  # the gap: column 23
     write_pair(tmp_path, "a", ids, mask_name="a.tif")
     (sample,) = read_only(tmp_path)
-    assert sample.mask_read_as == "instances" and np.array_equal(sample.label, ids > 0) and np.array_equal(sample.instances, ids)
+    assert (
+        sample.mask_read_as == "instances"
+        and np.array_equal(sample.label, ids > 0)
+        and np.array_equal(sample.instances, ids)
+    )
     notes = []
-    data = build_datasets(config_for(tmp_path, "train.val_data=" + str(tmp_path), "train.w_0=10", "train.sigma=5"), notes.append)
-    assert any(note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") and "a.png" in note for note in notes)
+    data = build_datasets(
+        config_for(tmp_path, "train.val_data=" + str(tmp_path), "train.w_0=10", "train.sigma=5"), notes.append
+    )
+    assert any(
+        note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") and "a.png" in note
+        for note in notes
+    )
     border = np.asarray(data["train"].images[0].arrays()[2], dtype=np.float64)
     # by hand: in the gap both discs are 1 px away, so the border term is w_0 * exp(-(1 + 1)^2 / (2 * 5^2))
     assert border[16, 23] == pytest.approx(10 * np.exp(-4 / 50), rel=1e-3)
@@ -126,12 +155,21 @@ def test_touching_objects_stay_apart_as_instance_ids_and_merge_as_a_0_255_mask(t
     write_pair(tmp_path / "binary", "a", (ids > 0).astype(np.uint8) * 255)
     (as_ids,), (as_binary,) = read_only(tmp_path / "ids"), read_only(tmp_path / "binary")
     line = (ids > 0) & (separated(ids) == 0)
-    assert line.sum() >= 8 and np.array_equal(as_ids.instances, separated(ids)) and np.array_equal(as_ids.label, separated(ids) > 0)
+    assert (
+        line.sum() >= 8
+        and np.array_equal(as_ids.instances, separated(ids))
+        and np.array_equal(as_ids.label, separated(ids) > 0)
+    )
     assert np.array_equal(as_binary.label, ids > 0)
-    assert len(np.unique(as_ids.instances[as_ids.label > 0])) == 2 and as_binary.instances.max() == 1  # one merged object
+    assert (
+        len(np.unique(as_ids.instances[as_ids.label > 0])) == 2 and as_binary.instances.max() == 1
+    )  # one merged object
     separating = border_weights(as_ids.label, as_ids.instances, 10, 5)
     # on the line both objects are 1 px away: the paper's weight w_0 exp(-(1 + 1)^2 / (2 sigma^2)), its highest
-    assert separating[line].max() == pytest.approx(10 * np.exp(-4 / 50), rel=1e-9) and separating.max() == separating[line].max()
+    assert (
+        separating[line].max() == pytest.approx(10 * np.exp(-4 / 50), rel=1e-9)
+        and separating.max() == separating[line].max()
+    )
     assert border_weights(as_binary.label, as_binary.instances, 10, 5) is None  # no second object, no border term
 
 
@@ -153,19 +191,29 @@ def test_pairing_edge_cases_and_image_kinds(tmp_path):
     (tmp_path / "masks").mkdir()
     for stem in ("1", "10", "2", "a.b.c"):
         skimage.io.imsave(tmp_path / "masks" / f"{stem}_mask.png", mask, check_contrast=False)
-    skimage.io.imsave(tmp_path / "images" / "1.jpg", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), check_contrast=False)  # RGB JPEG
+    skimage.io.imsave(
+        tmp_path / "images" / "1.jpg", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), check_contrast=False
+    )  # RGB JPEG
     tifffile.imwrite(tmp_path / "images" / "10.tif", rng.integers(0, 65535, (20, 24), dtype=np.uint16))  # 16-bit TIFF
-    skimage.io.imsave(tmp_path / "images" / "2.png", rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), check_contrast=False)  # RGBA
-    skimage.io.imsave(tmp_path / "images" / "a.b.c.png", rng.integers(0, 255, (20, 24), dtype=np.uint8), check_contrast=False)  # gray
+    skimage.io.imsave(
+        tmp_path / "images" / "2.png", rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), check_contrast=False
+    )  # RGBA
+    skimage.io.imsave(
+        tmp_path / "images" / "a.b.c.png", rng.integers(0, 255, (20, 24), dtype=np.uint8), check_contrast=False
+    )  # gray
     (tmp_path / "images" / ".hidden.png").write_bytes(b"editor backup, not an image")
     samples = read_only(tmp_path, "unet.image_channels=3")
     assert [sample.name for sample in samples] == ["1.jpg", "10.tif", "2.png", "a.b.c.png"]
     assert all(np.array_equal(sample.label, mask // 255) for sample in samples)
-    data = build_datasets(config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None)
+    data = build_datasets(
+        config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None
+    )
     assert data["val"][0][0].shape == (3, 20, 24) and len(data["train"].images) == 3
 
 
 def test_entries_written_from_arrays_keep_instances(tmp_path):
     ids = two_discs(gap=0)
-    entry = write_entry(tmp_path / "e", "e", np.zeros((1, 32, 48), np.float32), (ids > 0).astype(np.uint8), None, 1, 2, ids, "instances")
+    entry = write_entry(
+        tmp_path / "e", "e", np.zeros((1, 32, 48), np.float32), (ids > 0).astype(np.uint8), None, 1, 2, ids, "instances"
+    )
     assert entry.has_instances and entry.mask_read_as == "instances" and np.array_equal(entry.instances(), ids)

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-import device
 import training
 from dataset import EpochSampler
 from model import UNet
-from step import build_optimizer, train_step
+from segmentation.engine import device
+from segmentation.engine.step import build_optimizer, train_step
 from tests.test_training import read_rows, tiny_config
 from training import train
 
@@ -71,7 +71,9 @@ def test_fp16_loss_scaling_skips_a_step_whose_gradients_overflow():
     assert not torch.equal(model.inc.double_conv[0].weight, before["inc.double_conv.0.weight"])
 
 
-@pytest.mark.parametrize("options", [{"channels_last": True}, {"checkpointing": True}], ids=["channels_last", "activation_checkpointing"])
+@pytest.mark.parametrize(
+    "options", [{"channels_last": True}, {"checkpointing": True}], ids=["channels_last", "activation_checkpointing"]
+)
 def test_memory_options_leave_the_gradients_unchanged(options):
     torch.manual_seed(0)
     # with checkpointing, dropout must draw the same masks when it recomputes (channels-last draws other ones)
@@ -101,7 +103,15 @@ def test_activation_checkpointing_recomputes_the_blocks_in_the_backward_pass():
 
 
 def test_a_bf16_run_with_accumulation_and_checkpointing_trains_on_cpu(tmp_path):
-    config = tiny_config(tmp_path, "train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2", "train.batch_size=1", "train.max_epochs=6", "train.lr=3e-3")
+    config = tiny_config(
+        tmp_path,
+        "train.precision=bf16",
+        "train.activation_checkpointing=true",
+        "train.grad_accum_steps=2",
+        "train.batch_size=1",
+        "train.max_epochs=6",
+        "train.lr=3e-3",
+    )
     summary = train(config)
     rows = read_rows(summary["run_log"])
     assert len(rows) == 6 and all(row["step"] == str(4 * (i + 1)) for i, row in enumerate(rows))
@@ -131,7 +141,12 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_notice(tmp_path, mon
     monkeypatch.setattr(training.torch, "compile", FailingCompiled)
     summary = train(tiny_config(tmp_path, "train.compile=true", "train.max_epochs=2"))
     assert not summary["interrupted"] and summary["epoch"] == 2
-    assert capsys.readouterr().err.count("note: torch.compile failed (InductorError: no working C++ compiler found): training without it") == 1
+    assert (
+        capsys.readouterr().err.count(
+            "note: torch.compile failed (InductorError: no working C++ compiler found): training without it"
+        )
+        == 1
+    )
 
 
 def test_sampler_shards_are_disjoint_equal_and_resumable():
@@ -155,13 +170,21 @@ def test_bitsandbytes_8bit_adamw_trains_with_mixed_precision_and_accumulation(pr
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = UNet(input_channels=(8, 16), norm="batch")
-    optimizer = build_optimizer(model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU)
+    optimizer = build_optimizer(
+        model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU
+    )
     if not type(optimizer).__module__.startswith("bitsandbytes"):
         pytest.skip("bitsandbytes' 8-bit optimizer does not run on this machine's CPU")
-    assert any(state.get("state1") is not None and state["state1"].dtype == torch.uint8 for state in _states_after_a_step(model, optimizer, precision))
+    assert any(
+        state.get("state1") is not None and state["state1"].dtype == torch.uint8
+        for state in _states_after_a_step(model, optimizer, precision)
+    )
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
     batch = tiny_batch()
-    losses = [train_step(model, optimizer, batch, "ce", 1.0, CPU, precision=precision, scaler=scaler, accum_steps=2).item() for _ in range(30)]
+    losses = [
+        train_step(model, optimizer, batch, "ce", 1.0, CPU, precision=precision, scaler=scaler, accum_steps=2).item()
+        for _ in range(30)
+    ]
     assert losses[-1] < 0.6 * losses[0]
 
 
@@ -174,9 +197,18 @@ def _states_after_a_step(model, optimizer, precision):
 @pytest.mark.parametrize(
     "cpuinfo, native",
     [
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni\n", True),  # Zen 4, Cooper Lake
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl amx_bf16 amx_tile\n", True),  # Sapphire Rapids
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq\n", False),  # Skylake-X: oneDNN emulates bf16
+        (
+            "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni\n",
+            True,
+        ),  # Zen 4, Cooper Lake
+        (
+            "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl amx_bf16 amx_tile\n",
+            True,
+        ),  # Sapphire Rapids
+        (
+            "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq\n",
+            False,
+        ),  # Skylake-X: oneDNN emulates bf16
         ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", False),  # laptops before AVX-512
         ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve\n", True),  # ARM Neoverse V1
         ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n", False),

@@ -13,10 +13,10 @@ import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error
 
-import predict
-from config import load_config
 from model import build_model
-from synthetic import synthetic_em_set
+from segmentation.config import load_config
+from segmentation.data.synthetic import synthetic_em_set
+from segmentation.inference import predict
 from training import train
 
 
@@ -29,13 +29,26 @@ def trained(tmp_path_factory):
         for index, (image, label, _) in enumerate(synthetic_em_set(count, 80, seed)):
             (root / part / "images").mkdir(parents=True, exist_ok=True)
             (root / part / "masks").mkdir(parents=True, exist_ok=True)
-            skimage.io.imsave(root / part / "images" / f"slice{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False)
+            skimage.io.imsave(
+                root / part / "images" / f"slice{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False
+            )
             skimage.io.imsave(root / part / "masks" / f"slice{index:02d}.png", label * 255, check_contrast=False)
-    config = load_config(None, [
-        "unet.input_channels=[4, 8]", "train.tile_size=60", "train.batch_size=2", "train.max_epochs=2", "train.device=cpu",
-        "train.dataset_name=folder", f"train.data={root / 'train'}", f"train.val_data={root / 'val'}", "predict.tile_size=100",
-        f"train.save_path={root / 'weights'}", f"train.log_path={root / 'logs'}",
-    ])
+    config = load_config(
+        None,
+        [
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+            "train.batch_size=2",
+            "train.max_epochs=2",
+            "train.device=cpu",
+            "train.dataset_name=folder",
+            f"train.data={root / 'train'}",
+            f"train.val_data={root / 'val'}",
+            "predict.tile_size=100",
+            f"train.save_path={root / 'weights'}",
+            f"train.log_path={root / 'logs'}",
+        ],
+    )
     summary = train(config)
     return root, summary
 
@@ -48,7 +61,12 @@ def logged_row(summary: dict, epoch: int) -> dict:
 def test_written_masks_reproduce_the_logged_scores(trained, tmp_path):
     root, summary = trained
     best = summary["run_weights"] / "best.pt"
-    assert test_script.main(["--checkpoint", str(best), "--input", str(root / "val" / "images"), "--output", str(tmp_path)]) == 0
+    assert (
+        test_script.main(
+            ["--checkpoint", str(best), "--input", str(root / "val" / "images"), "--output", str(tmp_path)]
+        )
+        == 0
+    )
     wrong = total = 0
     rand_errors = []
     for mask_path in sorted((root / "val" / "masks").glob("*.png")):
@@ -57,7 +75,11 @@ def test_written_masks_reproduce_the_logged_scores(trained, tmp_path):
         assert written.shape == truth.shape and written.dtype == np.uint8 and set(np.unique(written)) <= {0, 255}
         wrong += np.count_nonzero(written != truth)
         total += truth.size
-        rand_errors.append(adapted_rand_error(measure.label(truth == 255, connectivity=1), measure.label(written == 255, connectivity=1))[0])
+        rand_errors.append(
+            adapted_rand_error(
+                measure.label(truth == 255, connectivity=1), measure.label(written == 255, connectivity=1)
+            )[0]
+        )
     row = logged_row(summary, torch.load(best, weights_only=True)["progress"]["best_epoch"])
     assert wrong / total == pytest.approx(float(row["val_pixel_error"]), abs=1e-9)
     assert np.mean(rand_errors) == pytest.approx(float(row["val_rand_error"]), abs=1e-9)
@@ -68,18 +90,36 @@ def test_stack_probabilities_and_overlays(trained, tmp_path):
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
     best = str(summary["run_weights"] / "best.pt")
-    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "out"), "--probabilities", "--overlay"]) == 0
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(tmp_path / "stack.tif"),
+                "--output",
+                str(tmp_path / "out"),
+                "--probabilities",
+                "--overlay",
+            ]
+        )
+        == 0
+    )
     masks = tifffile.imread(tmp_path / "out" / "stack.tif")
     probability = tifffile.imread(tmp_path / "out" / "stack_probability.tif")
     assert masks.shape == probability.shape == (3, 80, 80) and probability.dtype == np.float32
     assert np.array_equal(masks, np.where(probability >= 0.5, 255, 0))
-    assert 0 <= probability.min() and probability.max() <= 1
+    assert probability.min() >= 0 and probability.max() <= 1
     # each page equals the mask written for the same slice as a PNG
-    assert test_script.main(["--checkpoint", best, "--input", str(root / "val" / "images"), "--output", str(tmp_path / "png")]) == 0
+    assert (
+        test_script.main(
+            ["--checkpoint", best, "--input", str(root / "val" / "images"), "--output", str(tmp_path / "png")]
+        )
+        == 0
+    )
     assert np.array_equal(masks[1], skimage.io.imread(tmp_path / "png" / "slice01.png"))
     overlay = skimage.io.imread(tmp_path / "out" / "stack_002_overlay.png")
     assert overlay.shape == (80, 80, 3)
-
 
 
 def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(trained, tmp_path, monkeypatch):
@@ -92,18 +132,54 @@ def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(train
         tifffile.imwrite(tmp_path / "pages" / f"page{index}.tif", page, photometric="minisblack")
     whole_reads = []
     original_imread = tifffile.imread
-    monkeypatch.setattr(tifffile, "imread", lambda path, *args, **kwargs: whole_reads.append(Path(path).name) or original_imread(path, *args, **kwargs))
+    monkeypatch.setattr(
+        tifffile,
+        "imread",
+        lambda path, *args, **kwargs: whole_reads.append(Path(path).name) or original_imread(path, *args, **kwargs),
+    )
     best = str(summary["run_weights"] / "best.pt")
-    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "out"), "--probabilities"]) == 0
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(tmp_path / "stack.tif"),
+                "--output",
+                str(tmp_path / "out"),
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
     assert "stack.tif" not in whole_reads  # never read whole: page by page
     monkeypatch.setattr(tifffile, "imread", original_imread)
-    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "pages"), "--output", str(tmp_path / "single"), "--probabilities"]) == 0
-    masks, probabilities = tifffile.imread(tmp_path / "out" / "stack.tif"), tifffile.imread(tmp_path / "out" / "stack_probability.tif")
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(tmp_path / "pages"),
+                "--output",
+                str(tmp_path / "single"),
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
+    masks, probabilities = (
+        tifffile.imread(tmp_path / "out" / "stack.tif"),
+        tifffile.imread(tmp_path / "out" / "stack_probability.tif"),
+    )
     assert masks.shape == probabilities.shape == (5, 80, 80)
     for index in range(5):
         assert np.array_equal(masks[index], tifffile.imread(tmp_path / "single" / f"page{index}.tif"))
-        assert np.array_equal(probabilities[index], tifffile.imread(tmp_path / "single" / f"page{index}_probability.tif"))
+        assert np.array_equal(
+            probabilities[index], tifffile.imread(tmp_path / "single" / f"page{index}_probability.tif")
+        )
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
 
 def test_diagnostics_figures(trained, tmp_path, capsys):
     _, summary = trained
@@ -117,7 +193,12 @@ def test_diagnostics_figures(trained, tmp_path, capsys):
 def test_onnx_export(trained, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     _, summary = trained
-    assert test_script.main(["--checkpoint", str(summary["run_weights"] / "best.pt"), "--export", str(tmp_path / "unet.onnx")]) == 0
+    assert (
+        test_script.main(
+            ["--checkpoint", str(summary["run_weights"] / "best.pt"), "--export", str(tmp_path / "unet.onnx")]
+        )
+        == 0
+    )
     assert (tmp_path / "unet.onnx").stat().st_size > 1000
     difference = float(capsys.readouterr().out.split("differ by at most ")[1].split()[0])
     assert difference < 1e-4
@@ -130,12 +211,24 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
     cases = [
         (["--input", str(tmp_path / "missing.png")], "no such file or folder"),
         (["--input", str(tmp_path / "broken.png")], "broken.png: cannot read this image"),
-        (["--input", str(root / "val" / "images"), "--output", str(root / "val" / "images")], "would overwrite its input"),
+        (
+            ["--input", str(root / "val" / "images"), "--output", str(root / "val" / "images")],
+            "would overwrite its input",
+        ),
     ]
-    tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 20, 2), np.uint8), photometric="minisblack", planarconfig="contig")
-    cases.append((["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "o")], "an image of 2 channels; the model takes 1"))
+    tifffile.imwrite(
+        tmp_path / "two.tif", np.zeros((20, 20, 2), np.uint8), photometric="minisblack", planarconfig="contig"
+    )
+    cases.append(
+        (
+            ["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "o")],
+            "an image of 2 channels; the model takes 1",
+        )
+    )
     (tmp_path / "a_file").write_text("in the way")
-    cases.append((["--input", str(root / "val" / "images"), "--output", str(tmp_path / "a_file")], "File exists"))  # an OSError, one line too
+    cases.append(
+        (["--input", str(root / "val" / "images"), "--output", str(tmp_path / "a_file")], "File exists")
+    )  # an OSError, one line too
     for arguments, message in cases:
         capsys.readouterr()
         assert test_script.main(["--checkpoint", best, *arguments]) == 1
@@ -147,7 +240,9 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
 @pytest.mark.parametrize("padding", [0, 1])
 def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypatch, padding):
     torch.manual_seed(0)
-    config = load_config(None, ["unet.input_channels=[4, 8]", f"unet.padding={padding}", "train.device=cpu", "predict.tile_size=64"])
+    config = load_config(
+        None, ["unet.input_channels=[4, 8]", f"unet.padding={padding}", "train.device=cpu", "predict.tile_size=64"]
+    )
     model = build_model(config["unet"]).eval()
     image = (np.random.default_rng(3).random((203, 150)) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "large.tif", image, photometric="minisblack")  # uncompressed: memory-mapped
@@ -158,7 +253,10 @@ def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypat
     for name in ("large.tif", "large.png"):
         banded = tmp_path / f"banded_{name[-3:]}"
         predict.predict_files(model, config, [tmp_path / name], banded, True, False, False, torch.device("cpu"))
-        probability, reference = tifffile.imread(banded / "large_probability.tif"), tifffile.imread(whole / "large_probability.tif")
+        probability, reference = (
+            tifffile.imread(banded / "large_probability.tif"),
+            tifffile.imread(whole / "large_probability.tif"),
+        )
         masks, reference_masks = tifffile.imread(banded / "large.tif"), tifffile.imread(whole / "large.tif")
         assert probability.shape == masks.shape == (203, 150)
         if padding == 0:  # every output row sees the same input rows: the same probabilities
@@ -174,10 +272,38 @@ def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatc
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
     best = str(summary["run_weights"] / "best.pt")
-    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "classic"), "--probabilities"]) == 0
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(tmp_path / "stack.tif"),
+                "--output",
+                str(tmp_path / "classic"),
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
     assert not predict.needs_bigtiff(2 * 2**30) and predict.needs_bigtiff(4 * 2**30)  # classic TIFF offsets are 32 bits
-    monkeypatch.setattr(predict, "needs_bigtiff", lambda data_bytes: True)  # as for a stack whose probabilities pass 4 GiB
-    assert test_script.main(["--checkpoint", best, "--input", str(tmp_path / "stack.tif"), "--output", str(tmp_path / "big"), "--probabilities"]) == 0
+    monkeypatch.setattr(
+        predict, "needs_bigtiff", lambda data_bytes: True
+    )  # as for a stack whose probabilities pass 4 GiB
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(tmp_path / "stack.tif"),
+                "--output",
+                str(tmp_path / "big"),
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
     for name in ("stack.tif", "stack_probability.tif"):
         with tifffile.TiffFile(tmp_path / "big" / name) as big:
             assert big.is_bigtiff
@@ -188,7 +314,9 @@ def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, 
     """Matched objects at IoU > 0.5, by the full IoU matrix: ``(matched, true, predicted)``."""
     true_ids, predicted_ids = [i for i in np.unique(truth) if i], [j for j in np.unique(predicted) if j]
     matched = sum(
-        1 for i in true_ids for j in predicted_ids
+        1
+        for i in true_ids
+        for j in predicted_ids
         if np.count_nonzero((truth == i) & (predicted == j)) / np.count_nonzero((truth == i) | (predicted == j)) > 0.5
     )
     return matched, len(true_ids), len(predicted_ids)
@@ -197,12 +325,27 @@ def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, 
 def test_instance_output_and_object_f1(trained, tmp_path, capsys):
     root, summary = trained
     best = str(summary["run_weights"] / "best.pt")
-    assert test_script.main(["--checkpoint", best, "--input", str(root / "val" / "images"), "--output", str(tmp_path / "files"), "--instances"]) == 0
+    assert (
+        test_script.main(
+            [
+                "--checkpoint",
+                best,
+                "--input",
+                str(root / "val" / "images"),
+                "--output",
+                str(tmp_path / "files"),
+                "--instances",
+            ]
+        )
+        == 0
+    )
     for mask_path in sorted((tmp_path / "files").glob("slice??.png")):
         ids = tifffile.imread(tmp_path / "files" / f"{mask_path.stem}_instances.tif")
         expected = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
         assert ids.dtype == np.uint16 and ids.max() == expected.max() and np.array_equal(ids > 0, expected > 0)
-        assert len(np.unique(np.stack([ids.ravel(), expected.ravel()]), axis=1)[0]) == expected.max() + 1  # the same partition
+        assert (
+            len(np.unique(np.stack([ids.ravel(), expected.ravel()]), axis=1)[0]) == expected.max() + 1
+        )  # the same partition
     capsys.readouterr()
     assert test_script.main(["--checkpoint", best, "--output", str(tmp_path / "diagnostics"), "--instances"]) == 0
     table = capsys.readouterr().out
@@ -211,7 +354,9 @@ def test_instance_output_and_object_f1(trained, tmp_path, capsys):
         truth = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
         written = skimage.io.imread(tmp_path / "diagnostics" / "masks" / mask_path.name)
         predicted = measure.label(written == 255, connectivity=1)
-        assert np.array_equal(tifffile.imread(tmp_path / "diagnostics" / "masks" / f"{mask_path.stem}_instances.tif") > 0, predicted > 0)
+        assert np.array_equal(
+            tifffile.imread(tmp_path / "diagnostics" / "masks" / f"{mask_path.stem}_instances.tif") > 0, predicted > 0
+        )
         totals += brute_force_f1(truth, predicted)
     f1 = 2 * totals[0] / (totals[1] + totals[2])
     line = next(line for line in table.splitlines() if line.strip().startswith("all"))
@@ -229,8 +374,14 @@ def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for index in range(3):
-        skimage.io.imsave(images / f"{index}.png", (np.random.default_rng(index).random((40, 40)) * 255).astype(np.uint8), check_contrast=False)
-    predict.predict_files(model, config, sorted(images.iterdir()), tmp_path / "out", False, False, False, torch.device("cpu"))
+        skimage.io.imsave(
+            images / f"{index}.png",
+            (np.random.default_rng(index).random((40, 40)) * 255).astype(np.uint8),
+            check_contrast=False,
+        )
+    predict.predict_files(
+        model, config, sorted(images.iterdir()), tmp_path / "out", False, False, False, torch.device("cpu")
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(lines) == 1 and "all 3 predicted images are predicted as a single class everywhere" in lines[0]
     assert "train.mask_type" in lines[0] and "train.class_weights" in lines[0] and "predict.threshold" in lines[0]

@@ -9,11 +9,11 @@ import tifffile
 import torch
 from skimage import measure
 
-from cache import write_entry
-from config import UserError, load_config
 from dataset import TileDataset, build_datasets, list_samples
-from preprocess import network_margin, pad_for_model
-from readers import mask_settings, read_isbi2012, read_pennfudan
+from segmentation.config import UserError, load_config
+from segmentation.data.cache import write_entry
+from segmentation.data.preprocess import network_margin, pad_for_model
+from segmentation.data.readers import mask_settings, read_isbi2012, read_pennfudan
 from tests.test_masks import separated
 from training import train
 
@@ -52,7 +52,9 @@ def read_samples(config: dict) -> tuple[list, list | None]:
     """The configured data set's samples, read (listing alone reads no pixels)."""
     samples, val = list_samples(config)
     settings = mask_settings(config)
-    return [sample.read(settings) for sample in samples], None if val is None else [sample.read(settings) for sample in val]
+    return [sample.read(settings) for sample in samples], None if val is None else [
+        sample.read(settings) for sample in val
+    ]
 
 
 def read_all(samples: list) -> list:
@@ -77,10 +79,24 @@ def test_folder_of_rgb_images_with_0_255_masks(tmp_path):
     "damage, message",
     [
         (lambda root: (root / "masks" / "img1.png").unlink(), "img1.png: no mask named img1"),
-        (lambda root: write(root / "masks" / "img2.png", np.zeros((10, 10), np.uint8)), "img2.png: mask is 10x10 px but its image img2.png is 48x40"),
-        (lambda root: write(root / "masks" / "img3.png", np.full((40, 48), 3, np.uint8)), "img3.png: mask value 3 is not a class of unet.num_classes=2"),
+        (
+            lambda root: write(root / "masks" / "img2.png", np.zeros((10, 10), np.uint8)),
+            "img2.png: mask is 10x10 px but its image img2.png is 48x40",
+        ),
+        (
+            lambda root: write(root / "masks" / "img3.png", np.full((40, 48), 3, np.uint8)),
+            "img3.png: mask value 3 is not a class of unet.num_classes=2",
+        ),
         (lambda root: (root / "images" / "img0.png").write_bytes(b"not a png"), "img0.png: cannot read this image"),
-        (lambda root: write(root / "masks" / "img0.png", np.stack([np.zeros((40, 48), np.uint8), np.full((40, 48), 255, np.uint8), np.zeros((40, 48), np.uint8)], -1)), "img0.png: mask is a colour image"),
+        (
+            lambda root: write(
+                root / "masks" / "img0.png",
+                np.stack(
+                    [np.zeros((40, 48), np.uint8), np.full((40, 48), 255, np.uint8), np.zeros((40, 48), np.uint8)], -1
+                ),
+            ),
+            "img0.png: mask is a colour image",
+        ),
     ],
 )
 def test_folder_errors_name_the_file(tmp_path, damage, message):
@@ -112,7 +128,9 @@ def test_index_masks_give_classes(tmp_path):
     # and for two classes auto reads them as object ids
     samples, _ = read_samples(folder_config(tmp_path))
     # ids 1 and 2 touch: the pixels of the larger id along the contact become a separating line of class 0
-    assert samples[0].mask_read_as == "instances" and np.array_equal(samples[0].label, np.tile(np.array([0, 1, 0]), (40, 16)))
+    assert samples[0].mask_read_as == "instances" and np.array_equal(
+        samples[0].label, np.tile(np.array([0, 1, 0]), (40, 16))
+    )
 
 
 def test_isbi_stacks_keep_the_polarity(tmp_path):
@@ -144,9 +162,13 @@ def test_pennfudan_both_layouts(tmp_path):
     samples = read_all(samples)
     mask = skimage.io.imread(tmp_path / "official" / "PedMasks" / "FudanPed00001_mask.png")
     assert val is None and len(samples) == 3 and samples[1].image.shape == (31, 40, 3)
-    assert np.array_equal(samples[1].label, separated(mask) > 0) and np.array_equal(samples[1].instances, separated(mask))
+    assert np.array_equal(samples[1].label, separated(mask) > 0) and np.array_equal(
+        samples[1].instances, separated(mask)
+    )
     samples, val = read_pennfudan(tmp_path / "mirror")
-    assert [s.name for s in samples] == ["FudanPed00000.png", "FudanPed00001.png"] and [s.name for s in val] == ["FudanPed00002.png"]
+    assert [s.name for s in samples] == ["FudanPed00000.png", "FudanPed00001.png"] and [s.name for s in val] == [
+        "FudanPed00002.png"
+    ]
 
 
 def test_tiles_cover_the_image_at_the_right_place(tmp_path):
@@ -164,7 +186,9 @@ def test_tiles_cover_the_image_at_the_right_place(tmp_path):
         centre = image_tile[0, margin : margin + out, margin : margin + out].numpy()
         top, left = divmod(int(centre[0, 0]), width)  # the output tile lies inside the image
         assert np.array_equal(centre, coordinates[top : top + out, left : left + out])
-        assert np.array_equal(label_tile[margin : margin + out, margin : margin + out].numpy(), label[top : top + out, left : left + out])
+        assert np.array_equal(
+            label_tile[margin : margin + out, margin : margin + out].numpy(), label[top : top + out, left : left + out]
+        )
         assert torch.equal(weight_tile, image_tile[0])
         seen.add((top, left))
     assert len(seen) > 8
@@ -191,7 +215,16 @@ def test_whole_images_are_padded_so_that_the_output_covers_them():
 
 
 def test_explicit_validation_images(tmp_path):
-    config = load_config(None, ["train.synthetic_images=5", "train.synthetic_size=64", "train.val_images=[1, 3]", "unet.input_channels=[4, 8]", "train.tile_size=60"])
+    config = load_config(
+        None,
+        [
+            "train.synthetic_images=5",
+            "train.synthetic_size=64",
+            "train.val_images=[1, 3]",
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+        ],
+    )
     data = build_datasets(config)
     assert len(data["val"]) == 2 and data["val"].names == ["synthetic 1", "synthetic 3"] and len(data["train"]) == 3 * 4
     with pytest.raises(UserError, match=r"train.val_images: \[7\] not among the 5 images"):
@@ -200,11 +233,21 @@ def test_explicit_validation_images(tmp_path):
 
 def test_training_on_a_folder_of_rgb_images_with_0_255_masks(tmp_path):
     make_folder(tmp_path / "data", count=5, size=(64, 72))
-    summary = train(folder_config(
-        tmp_path / "data", "unet.input_channels=[4, 8]", "unet.image_channels=3", "unet.padding=1", "train.tile_size=32",
-        "train.batch_size=2", "train.max_epochs=2", "train.device=cpu", "train.val_fraction=0.2",
-        f"train.save_path={tmp_path / 'w'}", f"train.log_path={tmp_path / 'l'}",
-    ))
+    summary = train(
+        folder_config(
+            tmp_path / "data",
+            "unet.input_channels=[4, 8]",
+            "unet.image_channels=3",
+            "unet.padding=1",
+            "train.tile_size=32",
+            "train.batch_size=2",
+            "train.max_epochs=2",
+            "train.device=cpu",
+            "train.val_fraction=0.2",
+            f"train.save_path={tmp_path / 'w'}",
+            f"train.log_path={tmp_path / 'l'}",
+        )
+    )
     assert (summary["run_weights"] / "best.pt").exists() and 0 <= summary["scores"]["val_pixel_error"] <= 1
 
 
@@ -235,8 +278,14 @@ def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
     assert test_images and not set(test_images) & set(train["val_images"] or [])
     if name.startswith("isbi2012"):
         assert test_images == [24, 25, 26, 27, 28, 29] and train["val_images"] == [21, 22, 23]
-        assert config["unet"]["padding"] == 0 and config["unet"]["image_channels"] == 1 and config["augment"]["elastic_std"] > 0
-        assert train["w_0"] > 0 or name == "isbi2012_cpu"  # the paper's set-up has border weights; the CPU recipe measured better without
+        assert (
+            config["unet"]["padding"] == 0
+            and config["unet"]["image_channels"] == 1
+            and config["augment"]["elastic_std"] > 0
+        )
+        assert (
+            train["w_0"] > 0 or name == "isbi2012_cpu"
+        )  # the paper's set-up has border weights; the CPU recipe measured better without
     else:
         assert config["unet"]["padding"] == 1 and config["unet"]["image_channels"] == 3
 
@@ -246,19 +295,56 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
     baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
     # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
-    assert baseline["train"]["loss"] == "ce" and baseline["train"]["class_weights"] == "none" and baseline["train"]["w_0"] == 0
-    assert baseline["predict"]["threshold"] == 0.5 and baseline["predict"]["watershed_seeds"] is None and baseline["predict"]["tta"] is False and baseline["predict"]["scales"] == [1.0]
-    assert baseline["augment"]["elastic_std"] == 0 and baseline["augment"]["scale"] == 0 and baseline["augment"]["brightness"] == 0
+    assert (
+        baseline["train"]["loss"] == "ce"
+        and baseline["train"]["class_weights"] == "none"
+        and baseline["train"]["w_0"] == 0
+    )
+    assert (
+        baseline["predict"]["threshold"] == 0.5
+        and baseline["predict"]["watershed_seeds"] is None
+        and baseline["predict"]["tta"] is False
+        and baseline["predict"]["scales"] == [1.0]
+    )
+    assert (
+        baseline["augment"]["elastic_std"] == 0
+        and baseline["augment"]["scale"] == 0
+        and baseline["augment"]["brightness"] == 0
+    )
     assert baseline["train"]["ema"] == 0 and baseline["train"]["optim"] == "adam"  # the optimizer's own weights
     # the same network, data, split and budget as the recipe
     assert baseline["unet"] == recipe["unet"]
-    for key in ("dataset_name", "data", "test_images", "val_images", "val_fraction", "fold_order", "image_scale", "tile_size", "samples_per_image", "batch_size", "max_epochs", "precision", "channels_last", "lr", "seed", "split_seed", "best_metric"):
+    for key in (
+        "dataset_name",
+        "data",
+        "test_images",
+        "val_images",
+        "val_fraction",
+        "fold_order",
+        "image_scale",
+        "tile_size",
+        "samples_per_image",
+        "batch_size",
+        "max_epochs",
+        "precision",
+        "channels_last",
+        "lr",
+        "seed",
+        "split_seed",
+        "best_metric",
+    ):
         assert baseline["train"][key] == recipe["train"][key], key
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
 def test_isbi_contiguous_folds_hold_out_six_neighbouring_slices():
-    overrides = [f"train.data={SHARED / 'isbi2012'}", "train.val_images=null", "train.test_images=null", "train.folds=5", "train.fold=1"]
+    overrides = [
+        f"train.data={SHARED / 'isbi2012'}",
+        "train.val_images=null",
+        "train.test_images=null",
+        "train.folds=5",
+        "train.fold=1",
+    ]
     data = build_datasets(load_config(ROOT / "configs" / "isbi2012_cpu.yaml", overrides, []), lambda message: None)
     truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
     assert len(data["test"]) == 6 and len(data["val"]) == 2 and len(data["train"]) == 22 * 4

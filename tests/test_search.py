@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import search
-import training
-from cache import write_entry
-from config import ConfigError, UserError, load_config
-from dataset import EpochSampler, build_datasets
 from test_training import TINY, tiny_config
+
+import training
+from dataset import EpochSampler, build_datasets
+from segmentation.config import ConfigError, UserError, load_config
+from segmentation.data.cache import write_entry
+from segmentation.engine import search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,9 @@ def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monk
     calls = []
     original_step = search.train_step
     monkeypatch.setattr(search, "train_step", lambda *args: calls.append(1) or original_step(*args))
-    result = search.overfit_batch(tiny_config(tmp_path, "train.lr=0.01", "overfit_one_batch.tolerance=0.1", "overfit_one_batch.max_steps=200"))
+    result = search.overfit_batch(
+        tiny_config(tmp_path, "train.lr=0.01", "overfit_one_batch.tolerance=0.1", "overfit_one_batch.max_steps=200")
+    )
     assert result["reached"] and not result["diverged"]
     assert result["steps"] == len(result["losses"]) == len(calls) < 200
     assert result["losses"][-1] < 0.1 <= min(result["losses"][:-1])
@@ -43,7 +45,9 @@ def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monk
 
 
 def test_absurd_lr_fails_with_the_lower_lr_hint(tmp_path):
-    result = search.overfit_batch(tiny_config(tmp_path, "train.lr=10", "train.grad_clip=0", "overfit_one_batch.max_steps=60"))
+    result = search.overfit_batch(
+        tiny_config(tmp_path, "train.lr=10", "train.grad_clip=0", "overfit_one_batch.max_steps=60")
+    )
     assert not result["reached"]
     assert result["verdict"][0].startswith(("diverged at step", "did not reach"))
     assert any(line.startswith("hint:") and "lower train.lr (now 10)" in line for line in result["verdict"])
@@ -77,7 +81,9 @@ def test_labels_beyond_the_classes_are_an_error(tmp_path):
     doubled = []
     for index, prepared in enumerate(train_set.images):
         image, label, border = prepared.arrays()
-        doubled.append(write_entry(tmp_path / f"doubled{index}", prepared.name, image, label * 2, border, 1, num_classes=3))
+        doubled.append(
+            write_entry(tmp_path / f"doubled{index}", prepared.name, image, label * 2, border, 1, num_classes=3)
+        )
     train_set.images = doubled
     with pytest.raises(UserError, match="label 2 but unet.num_classes is 2"):
         search.fixed_batch(train_set, config)
@@ -87,7 +93,15 @@ def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, mon
     trained = []
     monkeypatch.setattr(training, "train", lambda config: trained.append(config) or {"interrupted": False})
     space = "{train.lr: {log_uniform: [1e-3, 3e-2]}, train.optim: [adam, sgd]}"
-    config = tiny_config(tmp_path, f"overfit_one_batch.search_space={space}", "overfit_one_batch.trials=3", "overfit_one_batch.tolerance=0.2", "overfit_one_batch.max_steps=40", "overfit_one_batch.hp_search=true", "overfit_one_batch.full_train=true")
+    config = tiny_config(
+        tmp_path,
+        f"overfit_one_batch.search_space={space}",
+        "overfit_one_batch.trials=3",
+        "overfit_one_batch.tolerance=0.2",
+        "overfit_one_batch.max_steps=40",
+        "overfit_one_batch.hp_search=true",
+        "overfit_one_batch.full_train=true",
+    )
     assert training.run_config(config) == 0  # the search, then full training of its best config
     (run_log,) = (tmp_path / "logs").glob("*-hp_search")
     rows = read_trials(run_log)
@@ -103,12 +117,20 @@ def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, mon
     best = load_config(run_log / "best_config.yaml")
     assert best["train"]["lr"] == float(rows[0]["train.lr"]) and best["train"]["optim"] == rows[0]["train.optim"]
     assert not any(best["overfit_one_batch"][mode] for mode in ("overfit", "hp_search", "lr_find", "full_train"))
-    assert best["unet"] == config["unet"] and best["overfit_one_batch"]["search_space"] == config["overfit_one_batch"]["search_space"]
+    assert (
+        best["unet"] == config["unet"]
+        and best["overfit_one_batch"]["search_space"] == config["overfit_one_batch"]["search_space"]
+    )
     assert trained == [best]
 
 
 def test_grid_takes_every_combination_and_spaced_range_points(tmp_path):
-    config = tiny_config(tmp_path, "overfit_one_batch.search_method=grid", "overfit_one_batch.grid_points=4", "overfit_one_batch.search_space={train.optim: [adam, adamw, sgd], train.lr: {log_uniform: [1e-4, 1e-1]}, unet.dropout: {uniform: [0, 0.3]}}")
+    config = tiny_config(
+        tmp_path,
+        "overfit_one_batch.search_method=grid",
+        "overfit_one_batch.grid_points=4",
+        "overfit_one_batch.search_space={train.optim: [adam, adamw, sgd], train.lr: {log_uniform: [1e-4, 1e-1]}, unet.dropout: {uniform: [0, 0.3]}}",
+    )
     points = search.search_points(config["overfit_one_batch"])
     assert len(points) == 3 * 4 * 4
     assert sorted({point["train.lr"] for point in points}) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
@@ -120,13 +142,25 @@ def test_grid_takes_every_combination_and_spaced_range_points(tmp_path):
 @pytest.mark.parametrize(
     "space, message",
     [
-        ("{train.lrr: [0.1]}", "overfit_one_batch.search_space: train.lrr: not a key that a search can set (did you mean train.lr?)"),
+        (
+            "{train.lrr: [0.1]}",
+            "overfit_one_batch.search_space: train.lrr: not a key that a search can set (did you mean train.lr?)",
+        ),
         ("{train.optim: [adam, rmsprop]}", "overfit_one_batch.search_space: train.optim: 'rmsprop' is not one of"),
         ("{train.lr: {log_uniform: [0, 1e-2]}}", "overfit_one_batch.search_space: train.lr: must be > 0.0, got 0.0"),
         ("{train.lr: {normal: [1e-3, 1e-2]}}", "overfit_one_batch.search_space: train.lr: expected a list of choices"),
-        ("{train.optim: {uniform: [0, 1]}}", "overfit_one_batch.search_space: train.optim: a uniform range needs a number key"),
-        ("{unet.input_channels: [8, 16]}", "overfit_one_batch.search_space: unet.input_channels: expected a list of integers"),
-        ("{overfit_one_batch.max_steps: [10, 20]}", "overfit_one_batch.search_space: overfit_one_batch.max_steps: not a key that a search can set"),
+        (
+            "{train.optim: {uniform: [0, 1]}}",
+            "overfit_one_batch.search_space: train.optim: a uniform range needs a number key",
+        ),
+        (
+            "{unet.input_channels: [8, 16]}",
+            "overfit_one_batch.search_space: unet.input_channels: expected a list of integers",
+        ),
+        (
+            "{overfit_one_batch.max_steps: [10, 20]}",
+            "overfit_one_batch.search_space: overfit_one_batch.max_steps: not a key that a search can set",
+        ),
     ],
 )
 def test_bad_search_space_is_a_one_line_config_error(tmp_path, space, message):
@@ -137,17 +171,34 @@ def test_bad_search_space_is_a_one_line_config_error(tmp_path, space, message):
 
 def test_a_trial_config_that_does_not_resolve_stops_before_any_trial(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "fit_one_batch", lambda *args: pytest.fail("a trial ran"))
-    config = tiny_config(tmp_path, "train.lr=0.01", "train.min_lr=0.005", "overfit_one_batch.search_method=grid", "overfit_one_batch.search_space={train.lr: [0.01, 0.001]}")
+    config = tiny_config(
+        tmp_path,
+        "train.lr=0.01",
+        "train.min_lr=0.005",
+        "overfit_one_batch.search_method=grid",
+        "overfit_one_batch.search_space={train.lr: [0.01, 0.001]}",
+    )
     with pytest.raises(ConfigError) as caught:
         search.hp_search(config)
-    assert caught.value.problems == ["overfit_one_batch.search_space: trial 2 (train.lr=0.001): train.min_lr (0.005) is above train.lr (0.001)"]
+    assert caught.value.problems == [
+        "overfit_one_batch.search_space: trial 2 (train.lr=0.001): train.min_lr (0.005) is above train.lr (0.001)"
+    ]
     config = tiny_config(tmp_path, "overfit_one_batch.search_space={unet.input_channels: [[4, 8], [4, 8, 16]]}")
-    with pytest.raises(ConfigError, match=r"trial \d \(unet.input_channels=\[4, 8, 16\]\): train.tile_size: input size 60 does not fit"):
+    with pytest.raises(
+        ConfigError, match=r"trial \d \(unet.input_channels=\[4, 8, 16\]\): train.tile_size: input size 60 does not fit"
+    ):
         search.hp_search(config)
 
 
 def test_a_diverging_trial_is_recorded_ranked_last_and_the_search_goes_on(tmp_path):
-    config = tiny_config(tmp_path, "train.grad_clip=0", "train.optim=sgd", "overfit_one_batch.search_method=grid", "overfit_one_batch.search_space={train.lr: [1000.0, 0.01]}", "overfit_one_batch.max_steps=30")
+    config = tiny_config(
+        tmp_path,
+        "train.grad_clip=0",
+        "train.optim=sgd",
+        "overfit_one_batch.search_method=grid",
+        "overfit_one_batch.search_space={train.lr: [1000.0, 0.01]}",
+        "overfit_one_batch.max_steps=30",
+    )
     summary = search.hp_search(config)
     rows = read_trials(summary["run_log"])
     assert [row["trial"] for row in rows] == ["2", "1"]
@@ -167,7 +218,11 @@ def test_ctrl_c_in_trial_2_still_writes_trial_1(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(search, "fit_one_batch", interrupt_the_second)
-    summary = search.hp_search(tiny_config(tmp_path, "overfit_one_batch.trials=3", "overfit_one_batch.max_steps=5", "overfit_one_batch.full_train=true"))
+    summary = search.hp_search(
+        tiny_config(
+            tmp_path, "overfit_one_batch.trials=3", "overfit_one_batch.max_steps=5", "overfit_one_batch.full_train=true"
+        )
+    )
     assert summary["interrupted"] and len(calls) == 2 and "full_train_config" not in summary
     rows = read_trials(summary["run_log"])
     assert [row["trial"] for row in rows] == ["1"]
@@ -177,7 +232,14 @@ def test_ctrl_c_in_trial_2_still_writes_trial_1(tmp_path, monkeypatch):
 
 
 def test_lr_find_plots_and_suggests_an_lr_in_range(tmp_path):
-    result = search.lr_find(tiny_config(tmp_path, "overfit_one_batch.lr_find_steps=40", "overfit_one_batch.lr_find_min=1e-5", "overfit_one_batch.lr_find_max=10"))
+    result = search.lr_find(
+        tiny_config(
+            tmp_path,
+            "overfit_one_batch.lr_find_steps=40",
+            "overfit_one_batch.lr_find_min=1e-5",
+            "overfit_one_batch.lr_find_max=10",
+        )
+    )
     assert 1e-5 <= result["lr"] <= 10
     assert result["lrs"] == pytest.approx(np.geomspace(1e-5, 10, 40)[: len(result["lrs"])])
     assert is_png(result["run_log"] / "lr_find.png")
@@ -185,17 +247,52 @@ def test_lr_find_plots_and_suggests_an_lr_in_range(tmp_path):
 
 def test_suggest_lr_picks_the_steepest_descent_before_the_minimum():
     lrs = np.geomspace(1e-6, 1, 50).tolist()
-    smoothed = [1.0 / (1 + math.exp(3 * (math.log10(lr) + 3))) + (0.0 if lr < 0.1 else 10 * lr) for lr in lrs]  # steepest at 1e-3
+    smoothed = [
+        1.0 / (1 + math.exp(3 * (math.log10(lr) + 3))) + (0.0 if lr < 0.1 else 10 * lr) for lr in lrs
+    ]  # steepest at 1e-3
     lr, rule = search.suggest_lr(lrs, smoothed)
     assert lr == pytest.approx(1e-3, rel=0.4) and rule == "steepest descent of the smoothed loss"
     assert search.suggest_lr(lrs[:3], [1.0, 2.0, 3.0]) == (lrs[0], "lr of the lowest smoothed loss / 10")
 
 
 def test_cli_modes(tmp_path):
-    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", f"train.cache_dir={tmp_path / 'cache'}"]
-    both = subprocess.run([sys.executable, "training.py", *TINY, *paths, "overfit_one_batch.overfit=true", "overfit_one_batch.hp_search=true"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    paths = [
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
+    both = subprocess.run(
+        [
+            sys.executable,
+            "training.py",
+            *TINY,
+            *paths,
+            "overfit_one_batch.overfit=true",
+            "overfit_one_batch.hp_search=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert both.returncode == 2
-    assert both.stderr.strip().splitlines() == ["config error: overfit_one_batch: overfit and hp_search are true together; set at most one of overfit, hp_search, lr_find"]
-    failed = subprocess.run([sys.executable, "training.py", *TINY, *paths, "overfit_one_batch.overfit=true", "train.lr=1e-9", "overfit_one_batch.max_steps=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert both.stderr.strip().splitlines() == [
+        "config error: overfit_one_batch: overfit and hp_search are true together; set at most one of overfit, hp_search, lr_find"
+    ]
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "training.py",
+            *TINY,
+            *paths,
+            "overfit_one_batch.overfit=true",
+            "train.lr=1e-9",
+            "overfit_one_batch.max_steps=5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failed.returncode == 1 and "verdict: did not reach tolerance" in failed.stdout, failed.stderr
     assert len(list((tmp_path / "logs").glob("*-overfit/loss.png"))) == 1

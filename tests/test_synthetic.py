@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage import measure
 
-from synthetic import synthetic_em, synthetic_em_set
+from segmentation.data.synthetic import synthetic_em, synthetic_em_set
 
 
 def best_threshold_accuracy(image: np.ndarray, label: np.ndarray) -> float:
@@ -112,11 +112,11 @@ def test_synthetic_em_set_images_do_not_depend_on_count():
 
 
 def test_touching_nuclei_touch_and_merge_in_a_binary_mask():
-    from readers import separation_lines
-    from synthetic import touching_nuclei
+    from segmentation.data.readers import separation_lines
+    from segmentation.data.synthetic import touching_nuclei
 
     image, ids = touching_nuclei(128, np.random.default_rng(3), spacing=22.0)
-    assert image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1 and ids.dtype == np.uint16
+    assert image.dtype == np.float32 and image.min() >= 0 and image.max() <= 1 and ids.dtype == np.uint16
     count = len(np.unique(ids)) - 1
     merged = measure.label(ids > 0, connectivity=1).max()
     assert count > 20 and merged < 0.8 * count  # many nuclei touch: a 0/255 mask joins them

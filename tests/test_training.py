@@ -14,16 +14,16 @@ import pytest
 import skimage.io
 import torch
 
-import step
 import training
-from config import UserError, load_config
 from dataset import build_datasets
-from device import resolve_device
 from model import build_model
-from step import build_optimizer, lr_factor
+from segmentation.config import UserError, load_config
+from segmentation.engine import step
+from segmentation.engine.device import resolve_device
+from segmentation.engine.step import build_optimizer, lr_factor
+from segmentation.engine.validation import evaluate
 from tests.test_config import SEED_README_CONFIG
 from training import train
-from validation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,25 +123,51 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monke
     assert not resumed["interrupted"] and resumed["run_log"] == stopped["run_log"]
     assert_same_weights(final_weights(resumed), final_weights(baseline))
     if ema.endswith("0.9"):  # the optimizer's weights resume too, and differ from their average
-        resumed_state, baseline_state = (torch.load(run["run_weights"] / "last.pt", weights_only=True) for run in (resumed, baseline))
+        resumed_state, baseline_state = (
+            torch.load(run["run_weights"] / "last.pt", weights_only=True) for run in (resumed, baseline)
+        )
         assert_same_weights(resumed_state["training_model"], baseline_state["training_model"])
         assert not torch.equal(baseline_state["model"]["outc.weight"], baseline_state["training_model"]["outc.weight"])
-    assert [row["train_loss"] for row in read_rows(resumed["run_log"])] == [row["train_loss"] for row in read_rows(baseline["run_log"])]
+    assert [row["train_loss"] for row in read_rows(resumed["run_log"])] == [
+        row["train_loss"] for row in read_rows(baseline["run_log"])
+    ]
 
 
 def test_sigkill_mid_run_then_resume_auto(tmp_path):
-    overrides = TINY + [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}", f"train.cache_dir={tmp_path / 'cache'}", "train.max_epochs=60", "train.run_name=killed"]
-    process = subprocess.Popen([sys.executable, "training.py", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = TINY + [
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        "train.max_epochs=60",
+        "train.run_name=killed",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "training.py", *overrides], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = tmp_path / "weights" / "killed" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=True)["progress"]["epoch"] >= 2):
+    while time.time() < deadline and not (
+        last.exists() and torch.load(last, weights_only=True)["progress"]["epoch"] >= 2
+    ):
         time.sleep(0.2)
     process.kill()
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     saved_epoch = torch.load(last, weights_only=True)["progress"]["epoch"]
     assert 2 <= saved_epoch < 60
-    resumed = subprocess.run([sys.executable, "training.py", *overrides[:-2], "train.max_epochs=" + str(saved_epoch + 2), "train.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "training.py",
+            *overrides[:-2],
+            "train.max_epochs=" + str(saved_epoch + 2),
+            "train.resume=auto",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {last}" in resumed.stdout
     epochs = [int(row["epoch"]) for row in read_rows(tmp_path / "logs" / "killed")]
@@ -161,7 +187,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
 def test_resume_with_another_architecture_names_the_keys(tmp_path):
     first = train(tiny_config(tmp_path, "train.max_epochs=1"))
     with pytest.raises(UserError, match=r"unet\.input_channels: checkpoint \[4, 8\], config \[4, 8, 16\]"):
-        train(tiny_config(tmp_path, "unet.input_channels=[4, 8, 16]", "train.tile_size=124", f"train.resume={first['run_weights'] / 'last.pt'}"))
+        train(
+            tiny_config(
+                tmp_path,
+                "unet.input_channels=[4, 8, 16]",
+                "train.tile_size=124",
+                f"train.resume={first['run_weights'] / 'last.pt'}",
+            )
+        )
 
 
 def test_runs_never_overwrite_each_other(tmp_path):
@@ -173,7 +206,11 @@ def test_runs_never_overwrite_each_other(tmp_path):
 
 def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch):
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
-    monkeypatch.setattr(training, "evaluate", lambda *args: {"val_loss": next(losses), "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8})
+    monkeypatch.setattr(
+        training,
+        "evaluate",
+        lambda *args: {"val_loss": next(losses), "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8},
+    )
     summary = train(tiny_config(tmp_path, "train.max_epochs=6", "train.early_stopping=2", "train.best_metric=val_loss"))
     assert summary["epoch"] == 4 and summary["best_epoch"] == 2
 
@@ -200,7 +237,13 @@ def test_test_script_reproduces_the_validation_scores_and_writes_figures(tmp_pat
     best_epoch = torch.load(best, weights_only=True)["progress"]["best_epoch"]
     logged = next(row for row in read_rows(summary["run_log"]) if int(row["epoch"]) == best_epoch)
     output = tmp_path / "figures"
-    result = subprocess.run([sys.executable, "test.py", "--checkpoint", str(best), "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "test.py", "--checkpoint", str(best), "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     overall = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["all"]).split()
     assert float(overall[1]) == pytest.approx(float(logged["val_pixel_error"]), abs=1e-4)
@@ -238,16 +281,43 @@ def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
 
 
 def test_test_script_errors_are_one_line(tmp_path):
-    missing = subprocess.run([sys.executable, "test.py", f"train.save_path={tmp_path / 'nothing'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "test.py", f"train.save_path={tmp_path / 'nothing'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"]
+    assert missing.stderr.strip().splitlines() == [
+        f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"
+    ]
     summary = train(tiny_config(tmp_path, "train.max_epochs=1"))
     config_path = tmp_path / "other.yaml"
     config_path.write_text("unet:\n  input_channels: [4, 8, 16]\n  norm: layer\n")
-    other = subprocess.run([sys.executable, "test.py", "--checkpoint", str(summary["run_weights"] / "best.pt"), "--config", str(config_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "test.py",
+            "--checkpoint",
+            str(summary["run_weights"] / "best.pt"),
+            "--config",
+            str(config_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert other.returncode == 1
-    lines = [line for line in other.stderr.strip().splitlines() if not line.startswith("note: train.tile_size auto")]  # other.yaml's tile is auto
-    assert len(lines) == 1 and "unet.input_channels" in lines[0] and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]
+    lines = [
+        line for line in other.stderr.strip().splitlines() if not line.startswith("note: train.tile_size auto")
+    ]  # other.yaml's tile is auto
+    assert (
+        len(lines) == 1
+        and "unet.input_channels" in lines[0]
+        and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]
+    )
 
 
 def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
@@ -260,12 +330,27 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
         image = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
         mask = np.zeros((64, 80), np.uint8)
         mask[10:50, 5 + index : 25 + index], mask[12:60, 40:60] = 1, 2
-        skimage.io.imsave(tmp_path / "PennFudanPed" / "PNGImages" / f"FudanPed{index:05d}.png", image, check_contrast=False)
-        skimage.io.imsave(tmp_path / "PennFudanPed" / "PedMasks" / f"FudanPed{index:05d}_mask.png", mask, check_contrast=False)
+        skimage.io.imsave(
+            tmp_path / "PennFudanPed" / "PNGImages" / f"FudanPed{index:05d}.png", image, check_contrast=False
+        )
+        skimage.io.imsave(
+            tmp_path / "PennFudanPed" / "PedMasks" / f"FudanPed{index:05d}_mask.png", mask, check_contrast=False
+        )
     path = tmp_path / "seed.yaml"
     path.write_text(SEED_README_CONFIG)
     notices = []
-    config = load_config(path, ["train.device=cpu", f"train.data={tmp_path / 'PennFudanPed'}", "unet.input_channels=[4, 8]", "train.max_epochs=1", f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"], notices)
+    config = load_config(
+        path,
+        [
+            "train.device=cpu",
+            f"train.data={tmp_path / 'PennFudanPed'}",
+            "unet.input_channels=[4, 8]",
+            "train.max_epochs=1",
+            f"train.save_path={tmp_path / 'weights'}",
+            f"train.log_path={tmp_path / 'logs'}",
+        ],
+        notices,
+    )
     summary = train(config)
     assert not summary["interrupted"] and summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
     assert config["train"]["tile_size"] == 320 and "tiles of 320 px" in capsys.readouterr().out
@@ -273,7 +358,9 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
 
 def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeypatch, capsys):
     original = training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda *args: {**original(*args), "uniform_images": 2})  # both validation images
+    monkeypatch.setattr(
+        training, "evaluate", lambda *args: {**original(*args), "uniform_images": 2}
+    )  # both validation images
     train(tiny_config(tmp_path, "train.max_epochs=2"))
     notes = [line for line in capsys.readouterr().err.splitlines() if "predicted as a single class everywhere" in line]
     assert len(notes) == 1 and notes[0].startswith("note: epoch 1: all 2 validation images")

@@ -10,10 +10,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from augment import save_samples_figure
-from synthetic import synthetic_em
-from weight_maps import class_balance_weights, weight_map
-
+from segmentation.data.augment import save_samples_figure
+from segmentation.data.synthetic import synthetic_em
+from segmentation.data.weight_maps import class_balance_weights, weight_map
 
 # ------------------------------------------------------------------ weight_map
 

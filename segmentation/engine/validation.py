@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import read_checkpoint, save_checkpoint
-from distributed import gather_from_processes
-from infer import calibrate_threshold, predict_with_config, predicted_classes
 from losses import segmentation_loss
-from metrics import image_scores, pool_scores
 from model import build_model
+from segmentation.engine.checkpoint import read_checkpoint, save_checkpoint
+from segmentation.engine.distributed import gather_from_processes
+from segmentation.inference.infer import calibrate_threshold, predict_with_config, predicted_classes
+from segmentation.metrics import image_scores, pool_scores
 
 
-def evaluate(model: torch.nn.Module, dataset, device: torch.device, config: dict, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, dataset, device: torch.device, config: dict, rank: int = 0, world_size: int = 1
+) -> dict[str, float]:
     """Loss and scores on whole validation images, predicted tile by tile exactly as test.py does.
 
     ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
@@ -68,8 +70,12 @@ def calibrate(checkpoint_path: Path, dataset, device: torch.device, config: dict
         cell_probabilities.append(probabilities[1].cpu().numpy())
         labels.append(label.numpy())
     metric = config["train"]["best_metric"].removeprefix("val_").replace("loss", "pixel_error")
-    threshold, table = calibrate_threshold(cell_probabilities, labels, metric, predict["watershed_seeds"], predict["watershed_min_seed"])
+    threshold, table = calibrate_threshold(
+        cell_probabilities, labels, metric, predict["watershed_seeds"], predict["watershed_min_seed"]
+    )
     save_checkpoint(checkpoint_path, {**state, "threshold": threshold, "threshold_table": table})
     at = {row["threshold"]: row for row in table}
-    print(f"calibrated predict.threshold on {len(labels)} validation images: {threshold:.2f} ({metric} {at[threshold][metric]:.4f}; at 0.50: {at[0.5][metric]:.4f}), stored in {checkpoint_path}")
+    print(
+        f"calibrated predict.threshold on {len(labels)} validation images: {threshold:.2f} ({metric} {at[threshold][metric]:.4f}; at 0.50: {at[0.5][metric]:.4f}), stored in {checkpoint_path}"
+    )
     return threshold

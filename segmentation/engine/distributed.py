@@ -12,8 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from config import UserError
-from device import resolve_device
+from segmentation.config import UserError
+from segmentation.engine.device import resolve_device
 
 
 @contextlib.contextmanager
@@ -30,11 +30,15 @@ def process_group(device_name: str):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) are visible: lower --nproc_per_node")
+            raise UserError(
+                f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) are visible: lower --nproc_per_node"
+            )
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever train.device names
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise UserError(f"distributed training runs on CUDA GPUs (NCCL) or on CPUs (gloo), not on {device}: set train.device=auto or cpu")
+        raise UserError(
+            f"distributed training runs on CUDA GPUs (NCCL) or on CPUs (gloo), not on {device}: set train.device=auto or cpu"
+        )
     joined = not dist.is_initialized()
     if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

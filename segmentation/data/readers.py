@@ -16,7 +16,7 @@ import skimage.io
 import tifffile
 from skimage import measure
 
-from config import UserError
+from segmentation.config import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

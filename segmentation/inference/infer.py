@@ -27,18 +27,18 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from config import UserError
-from console import note
-from device import bf16_supported, out_of_memory_advice, release_cached_memory
-from metrics import image_scores, pool_scores
 from model import UNet, output_size, valid_input_sizes
-from preprocess import (
+from segmentation.config import UserError
+from segmentation.console import note
+from segmentation.data.preprocess import (
     mirrored_indices,
     network_margin,
     resize_image,
     scaled_size,
     take_window,
 )
+from segmentation.engine.device import bf16_supported, out_of_memory_advice, release_cached_memory
+from segmentation.metrics import image_scores, pool_scores
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
 DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
@@ -150,14 +150,18 @@ def predict_probabilities(
     with evaluating(model), torch.inference_mode():
         for first in range(0, len(positions), batch_size):
             batch = positions[first : first + batch_size]
-            tiles = torch.stack([
-                torch.from_numpy(take_window(
-                    source,
-                    mirrored_indices(top - margin, tile_height + 2 * margin, height),
-                    mirrored_indices(left - margin, tile_width + 2 * margin, width),
-                ))
-                for top, left in batch
-            ])
+            tiles = torch.stack(
+                [
+                    torch.from_numpy(
+                        take_window(
+                            source,
+                            mirrored_indices(top - margin, tile_height + 2 * margin, height),
+                            mirrored_indices(left - margin, tile_width + 2 * margin, width),
+                        )
+                    )
+                    for top, left in batch
+                ]
+            )
             probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
             for (top, left), tile_probabilities in zip(batch, probabilities):
                 if weight_sum is None:
@@ -185,7 +189,15 @@ def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = Fa
             # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
             total = None
             for factor in predict["scales"]:
-                probabilities = predict_probabilities(model, image, tile_size, predict["overlap"], predict["batch_size"], transforms, image_scale=config["train"]["image_scale"] * factor)
+                probabilities = predict_probabilities(
+                    model,
+                    image,
+                    tile_size,
+                    predict["overlap"],
+                    predict["batch_size"],
+                    transforms,
+                    image_scale=config["train"]["image_scale"] * factor,
+                )
                 total = probabilities if total is None else total.add_(probabilities)
             return total.div_(len(predict["scales"]))
         except torch.OutOfMemoryError:
@@ -195,10 +207,14 @@ def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = Fa
             release_cached_memory(device)
             # the smaller batch stays for the rest of the run: the next image would run out of memory too
             predict["batch_size"] //= 2
-            note(f"out of memory predicting on {device}: predict.batch_size is now {predict['batch_size']} (tiles per forward pass), retrying")
+            note(
+                f"out of memory predicting on {device}: predict.batch_size is now {predict['batch_size']} (tiles per forward pass), retrying"
+            )
 
 
-def predicted_classes(probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None, min_seed_area: int = 0) -> Tensor:
+def predicted_classes(
+    probabilities: Tensor, threshold: float = 0.5, watershed_seeds: float | None = None, min_seed_area: int = 0
+) -> Tensor:
     """(H, W) int64 class indices from (K, H, W) probabilities on the CPU.
 
     For two classes, class 1 where its probability >= ``threshold``; with ``watershed_seeds``, regions
@@ -223,7 +239,9 @@ def uniform_prediction_note(names: list[str], total: int, where: str) -> str:
     )
 
 
-def separate_cells(cells: np.ndarray, cell_probability: np.ndarray, seed_threshold: float, min_seed_area: int = 0) -> np.ndarray:
+def separate_cells(
+    cells: np.ndarray, cell_probability: np.ndarray, seed_threshold: float, min_seed_area: int = 0
+) -> np.ndarray:
     """Cut touching cells apart with 1-px lines of class 0, by a seeded watershed.
 
     A gap of a few pixels in a predicted membrane merges two cells into one connected component,
@@ -269,7 +287,10 @@ def calibrate_threshold(
     -------
     The best threshold (the one nearest 0.5 among equals) and, per candidate, ``{"threshold", ...scores}``.
     """
-    images = [(torch.from_numpy(np.stack([1 - probability, probability])), torch.from_numpy(np.asarray(label))) for probability, label in zip(cell_probabilities, labels)]
+    images = [
+        (torch.from_numpy(np.stack([1 - probability, probability])), torch.from_numpy(np.asarray(label)))
+        for probability, label in zip(cell_probabilities, labels)
+    ]
     table = []
     for threshold in thresholds:
         confusion = torch.zeros(2, 2, dtype=torch.int64)
@@ -316,7 +337,9 @@ def gaussian_importance_map(height: int, width: int) -> Tensor:
     return torch.outer(*axes)
 
 
-def _axis_tiles(frame_side: int, largest: int, smallest: int, period: int, stride_fraction: float) -> tuple[int, list[int]]:
+def _axis_tiles(
+    frame_side: int, largest: int, smallest: int, period: int, stride_fraction: float
+) -> tuple[int, list[int]]:
     """Output side of the tiles along one axis of the output frame, and where they start.
 
     Tile output sides are valid ones, ``smallest + k * period`` px up to ``largest``; strides are

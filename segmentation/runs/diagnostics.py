@@ -18,29 +18,39 @@ import tifffile
 import torch
 from torch import Tensor, nn
 
-from config import UserError
-from console import note
 from dataset import build_datasets
-from infer import (
+from losses import segmentation_loss
+from segmentation.config import UserError
+from segmentation.console import note
+from segmentation.data.preprocess import network_margin, pad_for_model
+from segmentation.data.readers import object_instances
+from segmentation.inference.infer import (
     evaluating,
     predict_with_config,
     predicted_classes,
     uniform_prediction_note,
 )
-from losses import segmentation_loss
-from metrics import (
+from segmentation.inference.predict import mask_image
+from segmentation.metrics import (
     image_scores,
     instance_f1,
     instance_matches,
     pool_scores,
     segmentation_scores,
 )
-from predict import mask_image
-from preprocess import network_margin, pad_for_model
-from readers import object_instances
 
 
-def diagnose(model, config: dict, device: torch.device, output: Path, layers: list[str] | None, tta: bool, split: str | None = None, threshold: float = 0.5, instances: bool = False) -> dict[str, float]:
+def diagnose(
+    model,
+    config: dict,
+    device: torch.device,
+    output: Path,
+    layers: list[str] | None,
+    tta: bool,
+    split: str | None = None,
+    threshold: float = 0.5,
+    instances: bool = False,
+) -> dict[str, float]:
     """Masks, figures and a printed table of scores for every image of ``split`` (``test``: the images
     of ``train.test_images``; ``val``: the validation images; default: test when there are test images);
     returns the overall scores. The scores are those of the masks written to ``output/masks``; with
@@ -49,18 +59,30 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
     data = build_datasets(config, note)
     split = split or ("test" if data["test"] is not None else "val")
     if data[split] is None:
-        raise UserError("--split test: the config sets no train.test_images; use --split val, or train with train.test_images=[...]")
+        raise UserError(
+            "--split test: the config sets no train.test_images; use --split val, or train with train.test_images=[...]"
+        )
     dataset = data[split]
     predict, num_classes = config["predict"], config["unet"]["num_classes"]
     (output / "masks").mkdir(parents=True, exist_ok=True)
-    total, cell_scores, objects, uniform = torch.zeros(num_classes, num_classes, dtype=torch.int64), [], np.zeros(3, dtype=np.int64), []
-    print(f"{len(dataset)} {'test' if split == 'test' else 'validation'} images" + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else ""))
+    total, cell_scores, objects, uniform = (
+        torch.zeros(num_classes, num_classes, dtype=torch.int64),
+        [],
+        np.zeros(3, dtype=np.int64),
+        [],
+    )
+    print(
+        f"{len(dataset)} {'test' if split == 'test' else 'validation'} images"
+        + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else "")
+    )
     columns = score_columns(num_classes)
     print(table_line("image", None, columns))
     for index, (image, label, weight) in enumerate(dataset):
         probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
         name = dataset.names[index]
-        classes = predicted_classes(probabilities, threshold, predict["watershed_seeds"], predict["watershed_min_seed"]).numpy()
+        classes = predicted_classes(
+            probabilities, threshold, predict["watershed_seeds"], predict["watershed_min_seed"]
+        ).numpy()
         mask_path = output / "masks" / f"{Path(name).stem}.png"
         skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)
         # score the mask as written: the file is what a user would submit
@@ -77,21 +99,42 @@ def diagnose(model, config: dict, device: torch.device, output: Path, layers: li
             objects += matched
             scores["object_f1"] = instance_f1(*matched)
             if instances:
-                tifffile.imwrite(output / "masks" / f"{Path(name).stem}_instances.tif", found.astype(np.uint16 if found.max() < 2**16 else np.uint32), photometric="minisblack")
+                tifffile.imwrite(
+                    output / "masks" / f"{Path(name).stem}_instances.tif",
+                    found.astype(np.uint16 if found.max() < 2**16 else np.uint32),
+                    photometric="minisblack",
+                )
         if len(np.unique(written)) == 1:
             uniform.append(name)
         print(table_line(name, scores, columns))
-        save_image_figures(model, config, device, output, split, index, name, (image, label, weight), classes, probabilities, scores, layers)
+        save_image_figures(
+            model,
+            config,
+            device,
+            output,
+            split,
+            index,
+            name,
+            (image, label, weight),
+            classes,
+            probabilities,
+            scores,
+            layers,
+        )
     overall = pool_scores(total, cell_scores)
     if num_classes == 2:
         overall["object_f1"] = instance_f1(*objects)
     print(table_line("all", overall, columns))
     if num_classes == 2:
-        print(f"(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images. Object F1: "
-              f"{objects[0]} of {objects[1]} true and {objects[2]} predicted objects matched at IoU > 0.5)")
+        print(
+            f"(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images. Object F1: "
+            f"{objects[0]} of {objects[1]} true and {objects[2]} predicted objects matched at IoU > 0.5)"
+        )
     if uniform:
         note(uniform_prediction_note(uniform, len(dataset), f"{'test' if split == 'test' else 'validation'} images"))
-    print(f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png")
+    print(
+        f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png"
+    )
     return overall
 
 
@@ -116,31 +159,73 @@ def score_summary(names: Sequence[str], results: Sequence[dict], num_classes: in
     then their mean and sample standard deviation (ddof 1; 0 for a single run)."""
     columns = score_columns(num_classes)
     width = max(24, *(len(name) for name in names))
-    lines = [table_line("run", None, columns, width)] + [table_line(name, scores, columns, width) for name, scores in zip(names, results)]
+    lines = [table_line("run", None, columns, width)] + [
+        table_line(name, scores, columns, width) for name, scores in zip(names, results)
+    ]
     values = {key: np.array([scores[key] for scores in results], dtype=np.float64) for _, key, _ in columns}
     lines.append(table_line("mean", {key: value.mean() for key, value in values.items()}, columns, width))
-    lines.append(table_line("std", {key: value.std(ddof=1) if len(results) > 1 else 0.0 for key, value in values.items()}, columns, width))
+    lines.append(
+        table_line(
+            "std",
+            {key: value.std(ddof=1) if len(results) > 1 else 0.0 for key, value in values.items()},
+            columns,
+            width,
+        )
+    )
     return "\n".join(lines) + f"\n({len(results)} runs; std: the sample standard deviation over runs)"
 
 
-def save_image_figures(model, config: dict, device: torch.device, output: Path, split: str, index: int, name: str, item: tuple, classes: np.ndarray, probabilities: Tensor, scores: dict, layers: list[str] | None) -> None:
+def save_image_figures(
+    model,
+    config: dict,
+    device: torch.device,
+    output: Path,
+    split: str,
+    index: int,
+    name: str,
+    item: tuple,
+    classes: np.ndarray,
+    probabilities: Tensor,
+    scores: dict,
+    layers: list[str] | None,
+) -> None:
     """The figures of one image: prediction panels and saliency; for the first image also the
     per-layer gradient and weight norms and the activation maps."""
     image, label, weight = item
     title = f"{name}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
-    save_prediction_figure(output / f"{split}_{index:03d}.png", image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy(), title)
+    save_prediction_figure(
+        output / f"{split}_{index:03d}.png",
+        image.numpy(),
+        label.numpy(),
+        classes,
+        probabilities.numpy(),
+        weight.numpy(),
+        title,
+    )
     whole = whole_image_batch(model, image, label, weight, device)
     saliency = input_saliency(model, *whole, config["train"]["loss"])
     margin = network_margin(model.depth, model.padding)
     saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
-    save_saliency_figure(output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|")
+    save_saliency_figure(
+        output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|"
+    )
     if index == 0:
         norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
         save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {name}")
-        save_activation_figure(output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {name}")
+        save_activation_figure(
+            output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {name}"
+        )
 
 
-def save_prediction_figure(path: Path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray, probability: np.ndarray, weight: np.ndarray, title: str) -> None:
+def save_prediction_figure(
+    path: Path,
+    image: np.ndarray,
+    label: np.ndarray,
+    prediction: np.ndarray,
+    probability: np.ndarray,
+    weight: np.ndarray,
+    title: str,
+) -> None:
     """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1) from the
     (K, H, W) probabilities, errors, weights."""
     from matplotlib.figure import Figure
@@ -175,7 +260,9 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
 
 
-def whole_image_batch(model, image: Tensor, label: Tensor, weight: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def whole_image_batch(
+    model, image: Tensor, label: Tensor, weight: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
     """One whole image as a batch the network takes in one pass, for the gradient diagnostics.
 
     Returns the mirrored image ``(1, C, H', W')`` (``preprocess.pad_for_model``: the output's pixel (i, j)
@@ -452,7 +539,9 @@ def save_activation_figure(path: str | Path, activations: dict[str, Tensor], tit
     figure.savefig(path, dpi=90)
 
 
-def save_saliency_figure(path: str | Path, image: np.ndarray | Tensor, saliency: np.ndarray | Tensor, title: str = "") -> None:
+def save_saliency_figure(
+    path: str | Path, image: np.ndarray | Tensor, saliency: np.ndarray | Tensor, title: str = ""
+) -> None:
     """Input, saliency map and the saliency overlaid on the input, side by side; PNG.
 
     Parameters
@@ -475,7 +564,9 @@ def save_saliency_figure(path: str | Path, image: np.ndarray | Tensor, saliency:
 
     image = image.detach().cpu().float().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=np.float32)
     saliency = (
-        saliency.detach().cpu().float().numpy() if isinstance(saliency, Tensor) else np.asarray(saliency, dtype=np.float32)
+        saliency.detach().cpu().float().numpy()
+        if isinstance(saliency, Tensor)
+        else np.asarray(saliency, dtype=np.float32)
     )
     shown = _display_range(np.moveaxis(image, 0, -1) if image.shape[0] == 3 else image.mean(axis=0))
     top = float(np.percentile(saliency, 99))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from config import UserError
-from infer import evaluating
+from segmentation.config import UserError
+from segmentation.inference.infer import evaluating
 
 
 def _require(package: str, purpose: str) -> ModuleType:
@@ -27,7 +27,9 @@ def _require(package: str, purpose: str) -> ModuleType:
         raise UserError(f"{purpose} needs the {package} package: pip install onnx onnxruntime") from None
 
 
-def export_onnx(model: nn.Module, path: str | Path, image_channels: int, sample_size: int, opset: int | None = None) -> None:
+def export_onnx(
+    model: nn.Module, path: str | Path, image_channels: int, sample_size: int, opset: int | None = None
+) -> None:
     """Export ``model`` to ONNX with a dynamic batch size, height and width.
 
     Parameters

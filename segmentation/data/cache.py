@@ -57,11 +57,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import UserError
-from console import first_line
-from preprocess import normalize_image, resize_image, resize_mask, scaled_size
-from readers import mask_settings
-from weight_maps import border_weights, class_counts
+from segmentation.config import UserError
+from segmentation.console import first_line
+from segmentation.data.preprocess import normalize_image, resize_image, resize_mask, scaled_size
+from segmentation.data.readers import mask_settings
+from segmentation.data.weight_maps import border_weights, class_counts
 
 CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
 MIN_PARALLEL = 8  # fewer missing entries are built in this process, without starting workers

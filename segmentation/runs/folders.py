@@ -14,11 +14,24 @@ from pathlib import Path
 
 import torch
 
-from augment import augment_on_device, save_samples_figure
-from config import config_to_yaml
-from console import note
+from segmentation.config import config_to_yaml
+from segmentation.console import note
+from segmentation.data.augment import augment_on_device, save_samples_figure
 
-CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_pixel_error", "val_dice", "val_iou", "val_rand_error", "val_vi", "epoch_seconds", "images_per_second")
+CSV_COLUMNS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_pixel_error",
+    "val_dice",
+    "val_iou",
+    "val_rand_error",
+    "val_vi",
+    "epoch_seconds",
+    "images_per_second",
+)
 
 
 def run_base_name(train: dict, label: str | None = None) -> str:
@@ -47,7 +60,9 @@ def new_run_folder(config: dict, mode: str) -> Path:
     return folder
 
 
-def start_run_folders(config: dict, run_log: Path, run_weights: Path, progress: dict, data: dict, device: torch.device, resumed: bool) -> None:
+def start_run_folders(
+    config: dict, run_log: Path, run_weights: Path, progress: dict, data: dict, device: torch.device, resumed: bool
+) -> None:
     """Create the run's folders and write its resolved config; a new run also gets the figures of a
     weight map and of augmented tiles, to check by eye before trusting the training."""
     run_log.mkdir(parents=True, exist_ok=True)
@@ -56,11 +71,19 @@ def start_run_folders(config: dict, run_log: Path, run_weights: Path, progress: 
     config_file.write_text(config_to_yaml(config))
     if resumed:
         return
-    save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data["example"]), title="first training image and its weight map")
+    save_samples_figure(
+        run_log / "weight_map.png",
+        *(torch.from_numpy(array)[None] for array in data["example"]),
+        title="first training image and its weight map",
+    )
     train_set = data["train"]
     examples = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in range(min(4, len(train_set)))))]
     augmented = augment_on_device(examples, config["augment"], config["train"]["seed"], -1, device)
-    save_samples_figure(run_log / "augmented_samples.png", *augmented, title="augmented training tiles (the loss uses the centre of label and weight)")
+    save_samples_figure(
+        run_log / "augmented_samples.png",
+        *augmented,
+        title="augmented training tiles (the loss uses the centre of label and weight)",
+    )
 
 
 def read_metrics(path: Path, completed_epochs: int) -> list[dict]:
@@ -103,7 +126,13 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axis.set_yscale("log")
     per_class = per_class_columns(rows)
-    for key, label in (("val_dice", "Dice (foreground)"), ("val_iou", "IoU (foreground)"), ("val_pixel_error", "pixel error"), ("val_rand_error", "Rand error (cells)"), *((key, f"Dice of class {key[9:]}") for key in per_class)):
+    for key, label in (
+        ("val_dice", "Dice (foreground)"),
+        ("val_iou", "IoU (foreground)"),
+        ("val_pixel_error", "pixel error"),
+        ("val_rand_error", "Rand error (cells)"),
+        *((key, f"Dice of class {key[9:]}") for key in per_class),
+    ):
         score_axis.plot(*series(key), marker=".", label=label)
     score_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
     vi_axis.plot(*series("val_vi"), marker=".", label="variation of information (cells)")

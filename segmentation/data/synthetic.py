@@ -16,7 +16,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure, morphology
 
-from readers import Sample
+from segmentation.data.readers import Sample
 
 
 def _smooth_noise(size: int, correlation_length: float, rng: np.random.Generator) -> np.ndarray:

@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from config import ConfigError, UserError
+from segmentation.config import ConfigError, UserError
 
 
 def is_main_process() -> bool:

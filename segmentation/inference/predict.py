@@ -17,26 +17,28 @@ import skimage.io
 import tifffile
 import torch
 
-from config import UserError
-from console import note
-from infer import (
-    DEFAULT_TILE_SIZE,
-    predict_with_config,
-    predicted_classes,
-    uniform_prediction_note,
-)
-from preprocess import image_statistics, network_margin, normalize_image, row_axis
-from readers import (
+from segmentation.config import UserError
+from segmentation.console import note
+from segmentation.data.preprocess import image_statistics, network_margin, normalize_image, row_axis
+from segmentation.data.readers import (
     IMAGE_SUFFIXES,
     image_files,
     object_instances,
     read_image,
     tiff_pages,
 )
+from segmentation.inference.infer import (
+    DEFAULT_TILE_SIZE,
+    predict_with_config,
+    predicted_classes,
+    uniform_prediction_note,
+)
 
 BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
 
-OVERLAY_COLOURS = np.array([(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32)
+OVERLAY_COLOURS = np.array(
+    [(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32
+)
 
 
 def input_images(path: Path) -> list[Path]:
@@ -90,7 +92,11 @@ def mask_image(classes: np.ndarray, num_classes: int = 2) -> np.ndarray:
 def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45) -> np.ndarray:
     """(H, W, 3) uint8: the input in gray or colour with each predicted class > 0 tinted in its colour."""
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels if pixels.ndim == 3 and pixels.shape[-1] >= 3 else np.repeat(pixels.reshape(pixels.shape[:2] + (1,)), 3, axis=-1)
+    pixels = (
+        pixels
+        if pixels.ndim == 3 and pixels.shape[-1] >= 3
+        else np.repeat(pixels.reshape(pixels.shape[:2] + (1,)), 3, axis=-1)
+    )
     pixels = pixels[..., :3]
     pixels = 255 * (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1e-12)
     colours = OVERLAY_COLOURS[classes % len(OVERLAY_COLOURS)]
@@ -99,7 +105,16 @@ def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45)
 
 
 def predict_files(
-    model, config: dict, inputs: list[Path], output: Path, probabilities: bool, overlay: bool, tta: bool, device: torch.device, threshold: float = 0.5, instances: bool = False
+    model,
+    config: dict,
+    inputs: list[Path],
+    output: Path,
+    probabilities: bool,
+    overlay: bool,
+    tta: bool,
+    device: torch.device,
+    threshold: float = 0.5,
+    instances: bool = False,
 ) -> list[Path]:
     """Write a mask (and optionally probabilities, object ids and overlays) for every input; returns
     the masks.
@@ -118,11 +133,27 @@ def predict_files(
         stack = len(shapes) > 1
         if not stack and plane_pixels(shapes[0]) > BAND_PIXELS:
             if instances:
-                note(f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)")
+                note(
+                    f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)"
+                )
             image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
-            written.append(predict_large_image(model, config, path, next(pages) if image is None else image, output, probabilities, tta, device, threshold))
+            written.append(
+                predict_large_image(
+                    model,
+                    config,
+                    path,
+                    next(pages) if image is None else image,
+                    output,
+                    probabilities,
+                    tta,
+                    device,
+                    threshold,
+                )
+            )
             continue
-        targets = {"mask": output / (path.stem + (".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"))}
+        targets = {
+            "mask": output / (path.stem + (".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"))
+        }
         if probabilities:
             targets["probability"] = output / f"{path.stem}_probability.tif"
         if instances:
@@ -132,15 +163,34 @@ def predict_files(
         pixels = sum(plane_pixels(shape) for shape in shapes)
         bytes_per_pixel = {"mask": 1, "probability": 4, "instances": 2}
         with contextlib.ExitStack() as open_files:
-            writers = {key: open_files.enter_context(tifffile.TiffWriter(partial(target), bigtiff=needs_bigtiff(bytes_per_pixel[key] * pixels))) for key, target in targets.items() if target.suffix == ".tif"}
+            writers = {
+                key: open_files.enter_context(
+                    tifffile.TiffWriter(partial(target), bigtiff=needs_bigtiff(bytes_per_pixel[key] * pixels))
+                )
+                for key, target in targets.items()
+                if target.suffix == ".tif"
+            }
             for index, image in enumerate(pages):
-                page = predict_page(model, image, config, tta, device, threshold, set(targets), f"{path.name}" + (f" page {index}" if stack else ""))
+                page = predict_page(
+                    model,
+                    image,
+                    config,
+                    tta,
+                    device,
+                    threshold,
+                    set(targets),
+                    f"{path.name}" + (f" page {index}" if stack else ""),
+                )
                 for key, writer in writers.items():
                     writer.write(page[key], photometric="minisblack", contiguous=True)
                 if "mask" not in writers:
                     skimage.io.imsave(partial(targets["mask"]), page["mask"], check_contrast=False)
                 if overlay:
-                    skimage.io.imsave(output / (f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"), overlay_image(image, page["classes"]), check_contrast=False)
+                    skimage.io.imsave(
+                        output / (f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"),
+                        overlay_image(image, page["classes"]),
+                        check_contrast=False,
+                    )
                 uniform += [f"{path.name}" + (f" page {index}" if stack else "")] if page["uniform"] else []
                 total += 1
         for target in targets.values():
@@ -152,20 +202,33 @@ def predict_files(
     return written
 
 
-def predict_page(model, image: np.ndarray, config: dict, tta: bool, device: torch.device, threshold: float, outputs: set[str], name: str) -> dict:
+def predict_page(
+    model,
+    image: np.ndarray,
+    config: dict,
+    tta: bool,
+    device: torch.device,
+    threshold: float,
+    outputs: set[str],
+    name: str,
+) -> dict:
     """One image's ``classes`` (H, W) int64 and, as they are written, its ``mask``, its class-1
     ``probability`` (float32) and its object ids (``instances``, uint16) where ``outputs`` asks for
     them, and whether it is a single class everywhere (``uniform``)."""
     channels = config["unet"]["image_channels"]
     result = predict_with_config(model, torch.from_numpy(normalize_image(image, channels)).to(device), config, tta)
-    classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
+    classes = predicted_classes(
+        result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]
+    ).numpy()
     page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}
     if "probability" in outputs:
         page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
     if "instances" in outputs:
         objects = object_instances(classes)
         if objects.max() >= 2**16:
-            raise UserError(f"{name}: {objects.max()} objects, more than a uint16 TIFF of object ids holds (65535): split the image")
+            raise UserError(
+                f"{name}: {objects.max()} objects, more than a uint16 TIFF of object ids holds (65535): split the image"
+            )
         page["instances"] = objects.astype(np.uint16)
     return page
 
@@ -196,7 +259,17 @@ def tiff_memmap(path: Path) -> np.ndarray | None:
         return None
 
 
-def predict_large_image(model, config: dict, path: Path, image: np.ndarray, output: Path, probabilities: bool, tta: bool, device: torch.device, threshold: float) -> Path:
+def predict_large_image(
+    model,
+    config: dict,
+    path: Path,
+    image: np.ndarray,
+    output: Path,
+    probabilities: bool,
+    tta: bool,
+    device: torch.device,
+    threshold: float,
+) -> Path:
     """Predict one large image in bands of rows, each with enough rows of context above and below
     that its output rows see what they would see in one pass over the whole image, into memory-mapped
     output TIFFs (whatever the input's format): memory follows one band, not the image. With padding 0
@@ -210,18 +283,46 @@ def predict_large_image(model, config: dict, path: Path, image: np.ndarray, outp
     period = 2**depth
     # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
     tile_size = config["predict"]["tile_size"]
-    reach = network_margin(depth, padding) if padding == 0 else (DEFAULT_TILE_SIZE[padding] if tile_size in (None, "auto") else tile_size) // 2
+    reach = (
+        network_margin(depth, padding)
+        if padding == 0
+        else (DEFAULT_TILE_SIZE[padding] if tile_size in (None, "auto") else tile_size) // 2
+    )
     context = -(-reach // period) * period
     band_rows = max(period, BAND_PIXELS // width // period * period)
     statistics = image_statistics(image, channels)
     mask_path, probability_path = output / f"{path.stem}.tif", output / f"{path.stem}_probability.tif"
-    masks = tifffile.memmap(partial(mask_path), shape=(height, width), dtype=np.uint8, photometric="minisblack", bigtiff=needs_bigtiff(height * width))
-    cells = tifffile.memmap(partial(probability_path), shape=(height, width), dtype=np.float32, photometric="minisblack", bigtiff=needs_bigtiff(4 * height * width)) if probabilities else None
+    masks = tifffile.memmap(
+        partial(mask_path),
+        shape=(height, width),
+        dtype=np.uint8,
+        photometric="minisblack",
+        bigtiff=needs_bigtiff(height * width),
+    )
+    cells = (
+        tifffile.memmap(
+            partial(probability_path),
+            shape=(height, width),
+            dtype=np.float32,
+            photometric="minisblack",
+            bigtiff=needs_bigtiff(4 * height * width),
+        )
+        if probabilities
+        else None
+    )
     for top in range(0, height, band_rows):
-        start, bottom, stop = max(0, top - context), min(height, top + band_rows), min(height, top + band_rows + context)
+        start, bottom, stop = (
+            max(0, top - context),
+            min(height, top + band_rows),
+            min(height, top + band_rows + context),
+        )
         band = np.take(image, range(start, stop), axis=axis)
-        result = predict_with_config(model, torch.from_numpy(normalize_image(band, channels, statistics)).to(device), config, tta)
-        classes = predicted_classes(result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]).numpy()
+        result = predict_with_config(
+            model, torch.from_numpy(normalize_image(band, channels, statistics)).to(device), config, tta
+        )
+        classes = predicted_classes(
+            result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]
+        ).numpy()
         masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
         if cells is not None:
             cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()

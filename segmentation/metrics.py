@@ -90,8 +90,9 @@ def pool_scores(confusion: torch.Tensor, cell_scores: list[dict[str, float]]) ->
     return pooled
 
 
-
-def image_scores(classes: torch.Tensor, label: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, dict[str, float] | None]:
+def image_scores(
+    classes: torch.Tensor, label: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, dict[str, float] | None]:
     """The confusion matrix of one image's predicted ``classes`` (H, W) against ``label`` (H, W) and,
     for two classes, its ``em_segmentation_scores``; combine several images' with ``pool_scores``."""
     confusion = confusion_matrix(classes, label, num_classes)
@@ -113,7 +114,11 @@ def instance_matches(true_ids: np.ndarray, predicted_ids: np.ndarray, threshold:
     if not both.any():
         return 0, len(true_labels), len(predicted_labels)
     pairs, intersections = np.unique(np.stack([true_ids[both], predicted_ids[both]]), axis=1, return_counts=True)
-    unions = true_areas[np.searchsorted(true_labels, pairs[0])] + predicted_areas[np.searchsorted(predicted_labels, pairs[1])] - intersections
+    unions = (
+        true_areas[np.searchsorted(true_labels, pairs[0])]
+        + predicted_areas[np.searchsorted(predicted_labels, pairs[1])]
+        - intersections
+    )
     return int(np.count_nonzero(intersections / unions > threshold)), len(true_labels), len(predicted_labels)
 
 

@@ -14,8 +14,8 @@ import math
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from console import first_line, note
 from losses import segmentation_loss
+from segmentation.console import first_line, note
 
 
 def build_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
@@ -67,12 +67,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_factor + (1 - min_factor) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: dict, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: dict, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of ``train`` (``lr_factor``), stepped once per optimisation step."""
     total_steps = train["max_epochs"] * steps_per_epoch
     warmup_steps = round(train["warmup_epochs"] * steps_per_epoch)
     min_factor = train["min_lr"] / train["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train["scheduler_type"], min_factor))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train["scheduler_type"], min_factor)
+    )
 
 
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
@@ -124,10 +128,14 @@ def train_step(
     total = torch.zeros((), device=device)
     for index, (micro_image, micro_label, micro_weight) in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not isinstance(wrapped, DistributedDataParallel) else wrapped.no_sync():
+        with (
+            contextlib.nullcontext() if last or not isinstance(wrapped, DistributedDataParallel) else wrapped.no_sync()
+        ):
             with autocast(device, precision):
                 logits = model(micro_image)
-            loss = segmentation_loss(loss_kind, logits.float(), micro_label, micro_weight) * (micro_image.shape[0] / image.shape[0])
+            loss = segmentation_loss(loss_kind, logits.float(), micro_label, micro_weight) * (
+                micro_image.shape[0] / image.shape[0]
+            )
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach()
     if scaler:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from config import UserError, load_config
+from segmentation.config import UserError, load_config
 from model import output_size
-from readers import (
+from segmentation.data.readers import (
     FileSample,
     label_from_mask,
     listed,

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from config import UserError
-from console import note
+from segmentation.config import UserError
+from segmentation.console import note
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,12 +16,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"train.device is {name!r} but PyTorch sees no CUDA GPU here (a CPU-only build or no driver); use train.device=auto or cpu")
+            raise UserError(
+                f"train.device is {name!r} but PyTorch sees no CUDA GPU here (a CPU-only build or no driver); use train.device=auto or cpu"
+            )
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise UserError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise UserError(
+                f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is 'mps' but the Apple GPU backend is not available here; use train.device=auto or cpu")
+        raise UserError(
+            "train.device is 'mps' but the Apple GPU backend is not available here; use train.device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -30,13 +36,17 @@ def prepare_device(device: torch.device, precision: str = "fp32") -> None:
     fp32 matrix products; a UserError when ``precision`` is bf16 on a GPU without bfloat16, a note
     when it is bf16 on a CPU that would emulate it."""
     if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
-        note("train.precision=bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX) is slower than fp32: use train.precision=fp32 (an fp32 step takes about twice as long as a native bf16 one: lower train.max_epochs for the same time)")
+        note(
+            "train.precision=bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX) is slower than fp32: use train.precision=fp32 (an fp32 step takes about twice as long as a native bf16 one: lower train.max_epochs for the same time)"
+        )
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"train.precision=bf16 needs a GPU with bfloat16 (Ampere or newer); {torch.cuda.get_device_name(device)} has none: use train.precision=fp16")
+        raise UserError(
+            f"train.precision=bf16 needs a GPU with bfloat16 (Ampere or newer); {torch.cuda.get_device_name(device)} has none: use train.precision=fp16"
+        )
 
 
 def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
@@ -45,7 +55,12 @@ def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     Read from the flags of ``cpuinfo_path`` (Linux); where there is none, oneDNN's own check."""
     try:
         with open(cpuinfo_path) as cpuinfo:
-            flags = {word for line in cpuinfo if line.lower().startswith(("flags", "features")) for word in line.split(":", 1)[1].split()}
+            flags = {
+                word
+                for line in cpuinfo
+                if line.lower().startswith(("flags", "features"))
+                for word in line.split(":", 1)[1].split()
+            }
         return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     except (OSError, IndexError):
         is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: may move

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from config import (
+from model import UNet, build_model
+from segmentation.config import (
     DEFAULT_CONFIG,
     UserError,
     architecture_differences,
@@ -22,9 +23,8 @@ from config import (
     resolve,
     split_differences,
 )
-from console import first_line, note
-from device import resolve_device
-from model import UNet, build_model
+from segmentation.console import first_line, note
+from segmentation.engine.device import resolve_device
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -51,7 +51,9 @@ def check_architecture(state: dict, config: dict, path: Path) -> None:
     """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``config`` disagree."""
     differences = architecture_differences(state["config"], config)
     if differences:
-        raise UserError(f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, or start a new run")
+        raise UserError(
+            f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, or start a new run"
+        )
 
 
 def load_checkpoint(path: Path, config: dict) -> dict:
@@ -61,7 +63,9 @@ def load_checkpoint(path: Path, config: dict) -> dict:
     check_architecture(state, config, path)
     differences = split_differences(state["config"], config)
     if differences:
-        raise UserError(f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images into training; set these keys as in the checkpoint, or start a new run")
+        raise UserError(
+            f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images into training; set these keys as in the checkpoint, or start a new run"
+        )
     return state
 
 
@@ -93,11 +97,22 @@ def find_best_checkpoint(save_path: Path) -> Path:
     """The newest ``best.pt`` under ``save_path/<run>/``."""
     candidates = sorted(save_path.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
     if not candidates:
-        raise UserError(f"no checkpoint found: looked for {save_path}/*/best.pt; train first (python training.py) or pass --checkpoint PATH")
+        raise UserError(
+            f"no checkpoint found: looked for {save_path}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"
+        )
     return candidates[-1]
 
 
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, config: dict, progress: dict, device: torch.device, ema_model: torch.nn.Module | None = None) -> dict:
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    config: dict,
+    progress: dict,
+    device: torch.device,
+    ema_model: torch.nn.Module | None = None,
+) -> dict:
     """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``).
     ``model`` holds the weights to predict with: the moving average under ``train.ema``, when the
     optimizer's own weights go to ``training_model``."""
@@ -114,7 +129,15 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     }
 
 
-def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, device: torch.device, ema_model: torch.nn.Module | None = None) -> dict:
+def restore(
+    checkpoint: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    device: torch.device,
+    ema_model: torch.nn.Module | None = None,
+) -> dict:
     """Load a checkpoint's model (and moving average), optimizer, scheduler, loss scaler and random
     states; returns its progress. A run that turns ``train.ema`` on starts its average from the weights."""
     model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
@@ -130,15 +153,23 @@ def restore(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
     return checkpoint["progress"]
 
 
-def load_model(checkpoint: Path | None, config_path: Path | None, overrides: list[str]) -> tuple[UNet, dict, dict, torch.device]:
+def load_model(
+    checkpoint: Path | None, config_path: Path | None, overrides: list[str]
+) -> tuple[UNet, dict, dict, torch.device]:
     """``(model in eval mode on its device, config, checkpoint contents, device)`` for a checkpoint
     (default: the newest ``best.pt`` under ``train.save_path``) and the config stored in it, or the one
     at ``config_path``, with ``section.key=value`` overrides; the architecture must match."""
     if checkpoint is None:
-        checkpoint = find_best_checkpoint(Path(load_config(config_path or DEFAULT_CONFIG, overrides)["train"]["save_path"]))
+        checkpoint = find_best_checkpoint(
+            Path(load_config(config_path or DEFAULT_CONFIG, overrides)["train"]["save_path"])
+        )
     state = read_checkpoint(checkpoint)
     notices: list[str] = []
-    config = load_config(config_path, overrides, notices) if config_path else resolve(merge_overrides(state["config"], overrides), notices)
+    config = (
+        load_config(config_path, overrides, notices)
+        if config_path
+        else resolve(merge_overrides(state["config"], overrides), notices)
+    )
     for message in notices:
         note(message)
     check_architecture(state, config, checkpoint)
@@ -157,5 +188,7 @@ def decision_threshold(config: dict, state: dict) -> float:
     if threshold != "auto":
         return threshold
     if "threshold" not in state:
-        note(f"predict.threshold=auto but {state['path']} holds no calibrated threshold (it is stored at the end of training): using 0.5")
+        note(
+            f"predict.threshold=auto but {state['path']} holds no calibrated threshold (it is stored at the end of training): using 0.5"
+        )
     return state.get("threshold", 0.5)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from config import default_config, resolve
+from segmentation.config import default_config, resolve
 
 AUGMENT_DEFAULTS = default_config()["augment"]
 

@@ -25,19 +25,33 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from augment import augment_on_device
-from config import ConfigError, UserError, config_to_yaml, resolve
-from console import note
 from dataset import EpochSampler, TileDataset, build_datasets
-from device import resolve_device
 from model import build_model, center_crop, output_size
-from runs import new_run_folder
-from step import build_optimizer, train_step
+from segmentation.config import ConfigError, UserError, config_to_yaml, resolve
+from segmentation.console import note
+from segmentation.data.augment import augment_on_device
+from segmentation.engine.device import resolve_device
+from segmentation.engine.step import build_optimizer, train_step
+from segmentation.runs.folders import new_run_folder
 
 # Keys that change the optimisation but not the data: trials differing only in these share one data set.
 OPTIMISATION_KEYS = {
     "unet": ("norm", "upsample", "dropout"),
-    "train": ("optim", "lr", "min_lr", "weight_decay", "momentum", "scheduler_type", "warmup_epochs", "grad_clip", "use_bitsandbytes", "loss", "batch_size", "max_epochs", "device"),
+    "train": (
+        "optim",
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "momentum",
+        "scheduler_type",
+        "warmup_epochs",
+        "grad_clip",
+        "use_bitsandbytes",
+        "loss",
+        "batch_size",
+        "max_epochs",
+        "device",
+    ),
 }
 SMOOTHING = 0.98  # lr_find: weight of the past in the exponential moving average of the loss (fastai's)
 
@@ -57,15 +71,21 @@ def fixed_batch(train_set: TileDataset, config: dict) -> tuple[list[torch.Tensor
     """
     train, unet = config["train"], config["unet"]
     if train["batch_size"] > len(train_set):
-        raise UserError(f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image")
+        raise UserError(
+            f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image"
+        )
     order = list(EpochSampler(len(train_set), train["seed"]))[: train["batch_size"]]
     batch = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in order))]
     labelled = output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
     classes = center_crop(batch[1], labelled, labelled).unique().tolist()
     if classes[-1] >= unet["num_classes"]:
-        raise UserError(f"the batch holds label {classes[-1]} but unet.num_classes is {unet['num_classes']} (labels 0..{unet['num_classes'] - 1}): raise unet.num_classes or fix the masks")
+        raise UserError(
+            f"the batch holds label {classes[-1]} but unet.num_classes is {unet['num_classes']} (labels 0..{unet['num_classes'] - 1}): raise unet.num_classes or fix the masks"
+        )
     if len(classes) == 1:
-        return batch, [f"only class {classes[0]} in the batch's labelled output: a model fits it by predicting that class everywhere; try another train.seed or a larger train.batch_size"]
+        return batch, [
+            f"only class {classes[0]} in the batch's labelled output: a model fits it by predicting that class everywhere; try another train.seed or a larger train.batch_size"
+        ]
     return batch, []
 
 
@@ -91,7 +111,14 @@ def fit_one_batch(config: dict, batch: list[torch.Tensor], device: torch.device,
         if stop:
             break
     final = losses[-1]
-    return {"losses": losses, "steps": len(losses), "final_loss": final, "reached": final < settings["tolerance"], "diverged": not math.isfinite(final), "seconds": time.perf_counter() - start}
+    return {
+        "losses": losses,
+        "steps": len(losses),
+        "final_loss": final,
+        "reached": final < settings["tolerance"],
+        "diverged": not math.isfinite(final),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def verdict(result: dict, config: dict) -> list[str]:
@@ -100,11 +127,15 @@ def verdict(result: dict, config: dict) -> list[str]:
     steps, tolerance, final = result["steps"], settings["tolerance"], result["final_loss"]
     if result["reached"]:
         return [f"reached tolerance {tolerance:g} in {steps} steps ({result['seconds']:.1f} s)"]
-    lower = f"lower train.lr (now {train['lr']:g})" + ("" if train["grad_clip"] else " or clip gradients (train.grad_clip)")
+    lower = f"lower train.lr (now {train['lr']:g})" + (
+        "" if train["grad_clip"] else " or clip gradients (train.grad_clip)"
+    )
     if result["diverged"]:
         return [f"diverged at step {steps}: the loss became {final}", f"hint: {lower}"]
     first, lowest, highest = result["losses"][0], min(result["losses"]), max(result["losses"])
-    lines = [f"did not reach tolerance {tolerance:g} after {steps} steps: final loss {final:.4g} (first {first:.4g}, lowest {lowest:.4g})"]
+    lines = [
+        f"did not reach tolerance {tolerance:g} after {steps} steps: final loss {final:.4g} (first {first:.4g}, lowest {lowest:.4g})"
+    ]
     if final > 1.1 * first or highest > 1.5 * first:
         lines.append(f"hint: the loss rose (up to {highest:.4g}): {lower}")
     elif final > 2 * lowest:
@@ -112,7 +143,9 @@ def verdict(result: dict, config: dict) -> list[str]:
     elif final > 0.9 * first:
         lines.append(f"hint: the loss fell by less than 10 %: raise train.lr (now {train['lr']:g})")
     else:
-        lines.append(f"hint: the loss is still falling: raise overfit_one_batch.max_steps (now {settings['max_steps']}) or train.lr, or loosen overfit_one_batch.tolerance")
+        lines.append(
+            f"hint: the loss is still falling: raise overfit_one_batch.max_steps (now {settings['max_steps']}) or train.lr, or loosen overfit_one_batch.tolerance"
+        )
     return lines
 
 
@@ -131,7 +164,12 @@ def overfit_batch(config: dict) -> dict:
         flush=True,
     )
     result = fit_one_batch(config, [tensor.to(device) for tensor in batch], device, settings["logging_steps"])
-    plot_losses({"loss": result["losses"]}, run_log / "loss.png", f"one fixed batch: {train['optim']}, lr {train['lr']:g}", settings["tolerance"])
+    plot_losses(
+        {"loss": result["losses"]},
+        run_log / "loss.png",
+        f"one fixed batch: {train['optim']}, lr {train['lr']:g}",
+        settings["tolerance"],
+    )
     lines = verdict(result, config)
     print(f"verdict: {lines[0]}", *lines[1:], *(f"note: {warning}" for warning in warnings), sep="\n")
     return {**result, "verdict": lines, "run_log": run_log}
@@ -154,7 +192,9 @@ def draw(choices: list | dict, rng: np.random.Generator) -> Any:
     if isinstance(choices, list):
         return copy.deepcopy(choices[rng.integers(len(choices))])
     ((kind, (low, high)),) = choices.items()
-    return math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "log_uniform" else float(rng.uniform(low, high))
+    return (
+        math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "log_uniform" else float(rng.uniform(low, high))
+    )
 
 
 def search_points(settings: dict) -> list[dict]:
@@ -162,7 +202,10 @@ def search_points(settings: dict) -> list[dict]:
     combination of the grid, or ``trials`` draws from ``search_seed``."""
     space = settings["search_space"]
     if settings["search_method"] == "grid":
-        axes = [choices if isinstance(choices, list) else grid_values(choices, settings["grid_points"]) for choices in space.values()]
+        axes = [
+            choices if isinstance(choices, list) else grid_values(choices, settings["grid_points"])
+            for choices in space.values()
+        ]
         return [dict(zip(space, values)) for values in itertools.product(*axes)]
     rng = np.random.default_rng(settings["search_seed"])
     return [{name: draw(choices, rng) for name, choices in space.items()} for _ in range(settings["trials"])]
@@ -170,7 +213,9 @@ def search_points(settings: dict) -> list[dict]:
 
 def describe(values: dict) -> str:
     """``train.lr=0.00123 train.optim=adam``: a trial's values, briefly."""
-    return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items())
+    return " ".join(
+        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items()
+    )
 
 
 def trial_configs(config: dict, points: list[dict]) -> list[dict]:
@@ -186,16 +231,28 @@ def trial_configs(config: dict, points: list[dict]) -> list[dict]:
             trial = resolve(trial)
             output_size(trial["train"]["tile_size"], len(trial["unet"]["input_channels"]), trial["unet"]["padding"])
         except ConfigError as error:
-            raise ConfigError([f"overfit_one_batch.search_space: trial {number} ({describe(values)}): {problem}" for problem in error.problems]) from None
+            raise ConfigError(
+                [
+                    f"overfit_one_batch.search_space: trial {number} ({describe(values)}): {problem}"
+                    for problem in error.problems
+                ]
+            ) from None
         except ValueError as error:
-            raise ConfigError([f"overfit_one_batch.search_space: trial {number} ({describe(values)}): train.tile_size: {error}"]) from None
+            raise ConfigError(
+                [f"overfit_one_batch.search_space: trial {number} ({describe(values)}): train.tile_size: {error}"]
+            ) from None
         configs.append(trial)
     return configs
 
 
 def data_key(config: dict) -> str:
     """The part of the config that the training tiles depend on, as text."""
-    return config_to_yaml({section: {key: value for key, value in config[section].items() if key not in OPTIMISATION_KEYS[section]} for section in OPTIMISATION_KEYS})
+    return config_to_yaml(
+        {
+            section: {key: value for key, value in config[section].items() if key not in OPTIMISATION_KEYS[section]}
+            for section in OPTIMISATION_KEYS
+        }
+    )
 
 
 def ranking_key(result: dict) -> tuple:
@@ -226,7 +283,10 @@ def hp_search(config: dict) -> dict:
     configs = trial_configs(config, points)
     device = resolve_device(config["train"]["device"])
     run_log = new_run_folder(config, "hp_search")
-    print(f"hp search: {len(configs)} trials ({settings['search_method']}) over {', '.join(settings['search_space'])}, each fitting one fixed batch from the same start until the loss < {settings['tolerance']:g} or {settings['max_steps']} steps; results in {run_log}", flush=True)
+    print(
+        f"hp search: {len(configs)} trials ({settings['search_method']}) over {', '.join(settings['search_space'])}, each fitting one fixed batch from the same start until the loss < {settings['tolerance']:g} or {settings['max_steps']} steps; results in {run_log}",
+        flush=True,
+    )
     train_sets, results, interrupted = {}, [], False
     try:
         for number, (values, trial) in enumerate(zip(points, configs), 1):
@@ -246,12 +306,19 @@ def hp_search(config: dict) -> dict:
     if not results:
         return summary
     rows = write_trials(run_log / "trials.csv", summary["results"], list(settings["search_space"]))
-    plot_losses({f"{r['trial']}: {describe(r['values'])}": r["losses"] for r in results}, run_log / "trials.png", "hp search: loss on one fixed batch per trial", settings["tolerance"])
+    plot_losses(
+        {f"{r['trial']}: {describe(r['values'])}": r["losses"] for r in results},
+        run_log / "trials.png",
+        "hp search: loss on one fixed batch per trial",
+        settings["tolerance"],
+    )
     print_table(rows[:5])
     best = summary["results"][0]
     best_path = run_log / "best_config.yaml"
     best_path.write_text(config_to_yaml(with_modes_off(best["config"])))
-    print(f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config {best_path}")
+    print(
+        f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config {best_path}"
+    )
     if best["diverged"]:
         note("every trial diverged: lower the learning rates of search_space")
     elif settings["full_train"] and not interrupted:
@@ -262,11 +329,22 @@ def hp_search(config: dict) -> dict:
 def write_trials(path: Path, ranked: list[dict], names: list[str]) -> list[dict]:
     """Write one CSV row per trial, best first; returns the rows."""
     rows = [
-        {"rank": rank, "trial": r["trial"], **r["values"], "steps": r["steps"], "final_loss": r["final_loss"], "reached": r["reached"], "diverged": r["diverged"], "seconds": round(r["seconds"], 2)}
+        {
+            "rank": rank,
+            "trial": r["trial"],
+            **r["values"],
+            "steps": r["steps"],
+            "final_loss": r["final_loss"],
+            "reached": r["reached"],
+            "diverged": r["diverged"],
+            "seconds": round(r["seconds"], 2),
+        }
         for rank, r in enumerate(ranked, 1)
     ]
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["rank", "trial", *names, "steps", "final_loss", "reached", "diverged", "seconds"])
+        writer = csv.DictWriter(
+            file, fieldnames=["rank", "trial", *names, "steps", "final_loss", "reached", "diverged", "seconds"]
+        )
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -330,23 +408,35 @@ def lr_find(config: dict) -> dict:
     device = resolve_device(train["device"])
     train_set = build_datasets(config, note)["train"]
     if train["batch_size"] > len(train_set):
-        raise UserError(f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image")
+        raise UserError(
+            f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image"
+        )
     run_log = new_run_folder(config, "lr_find")
     torch.manual_seed(train["seed"])
     model = build_model(config["unet"]).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
     sampler = EpochSampler(len(train_set), train["seed"])
-    loader = DataLoader(train_set, train["batch_size"], sampler=sampler, drop_last=True, num_workers=train["num_workers"])
+    loader = DataLoader(
+        train_set, train["batch_size"], sampler=sampler, drop_last=True, num_workers=train["num_workers"]
+    )
 
     def batches():
         for epoch in itertools.count():  # as many epochs as the steps need
             sampler.set_epoch(epoch)
             yield from loader
 
-    print(f"lr range test: lr from {settings['lr_find_min']:g} to {settings['lr_find_max']:g} over at most {settings['lr_find_steps']} steps on {device}; plot in {run_log / 'lr_find.png'}", flush=True)
+    print(
+        f"lr range test: lr from {settings['lr_find_min']:g} to {settings['lr_find_max']:g} over at most {settings['lr_find_steps']} steps on {device}; plot in {run_log / 'lr_find.png'}",
+        flush=True,
+    )
     lrs, losses, smoothed, average = [], [], [], 0.0
-    for step, (lr, batch) in enumerate(zip(np.geomspace(settings["lr_find_min"], settings["lr_find_max"], settings["lr_find_steps"]).tolist(), batches())):
+    for step, (lr, batch) in enumerate(
+        zip(
+            np.geomspace(settings["lr_find_min"], settings["lr_find_max"], settings["lr_find_steps"]).tolist(),
+            batches(),
+        )
+    ):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = augment_on_device(batch, config["augment"], train["seed"], step, device)
@@ -358,7 +448,10 @@ def lr_find(config: dict) -> dict:
         if (step + 1) % settings["logging_steps"] == 0:
             print(f"step {step + 1:5d}  lr {lr:.3g}  loss {loss:.4g}  smoothed {smoothed[-1]:.4g}", flush=True)
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed):
-            print(f"stopped at step {step + 1} (lr {lr:.3g}): the smoothed loss {smoothed[-1]:.4g} is above 4x its lowest", flush=True)
+            print(
+                f"stopped at step {step + 1} (lr {lr:.3g}): the smoothed loss {smoothed[-1]:.4g} is above 4x its lowest",
+                flush=True,
+            )
             break
     lr, rule = suggest_lr(lrs, smoothed)
     plot_lr_find(lrs, losses, smoothed, lr, run_log / "lr_find.png")
@@ -380,7 +473,13 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     finite = [value for value in smoothed if math.isfinite(value)]
     lowest = min(value for value in losses + smoothed if math.isfinite(value))
     # the raw loss of the last steps can be far off the scale of the rest
-    axis.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test", ylim=(0.9 * lowest, 1.1 * max(finite)))
+    axis.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="training loss",
+        title="learning-rate range test",
+        ylim=(0.9 * lowest, 1.1 * max(finite)),
+    )
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

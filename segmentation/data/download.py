@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import UserError
+from segmentation.config import UserError
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
@@ -396,7 +396,3 @@ def download_main(argv: list[str]) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(download_main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""The training engine: the step, checkpoints, validation, devices, processes, and the one-batch checks."""

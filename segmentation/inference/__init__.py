@@ -1,0 +1,1 @@
+"""Inference and export: whole images predicted by tiles, image files segmented, models exported."""

@@ -1,0 +1,1 @@
+"""Runs and figures: run folders, metrics.csv and curves, and the diagnostics of test.py."""
