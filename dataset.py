@@ -12,6 +12,7 @@ so memory does not grow with the number of images.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from model import output_size
-from segmentation.config import UserError, split_seed
-from segmentation.data.cache import PreparedImage, prepare_images, preprocessing_settings
+from segmentation.config import TrainSettings, UNetSettings, UserError
+from segmentation.data.cache import PreparedImage, PreprocessingSettings, prepare_images
 from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
@@ -163,29 +164,23 @@ def fold_indices(count: int, folds: int, fold: int, order: str, seed: int) -> li
     return sorted(np.array_split(indices, folds)[fold].tolist())
 
 
-def list_samples(config: dict) -> tuple[list, list | None]:
+def list_samples(train: TrainSettings, num_classes: int) -> tuple[list, list | None]:
     """``(training samples, validation samples or None)`` of the configured data set, not yet read
     (``readers.FileSample``, ``synthetic.SyntheticSample``).
 
     Validation samples come from the data set's own split (Penn-Fudan's ``valid_*`` folders) or from
     ``train.val_data``; None means: split ``train.val_fraction`` off the training samples.
     """
-    train = config["train"]
-    name, root = train["dataset_name"], Path(train["data"])
+    name, root = train.dataset_name, Path(train.data)
     if name == "synthetic":
-        samples, val_samples = (
-            [
-                SyntheticSample(
-                    f"synthetic {i}", train["seed"], i, train["synthetic_size"], config["unet"]["num_classes"]
-                )
-                for i in range(train["synthetic_images"])
-            ],
-            None,
-        )
+        size, count = train.synthetic_size, train.synthetic_images
+        samples = [SyntheticSample(f"synthetic {i}", train.seed, i, size, num_classes) for i in range(count)]
+        val_samples = None
     else:
         if not root.exists():
             raise UserError(
-                f"train.data: {root} not found; point it at the {name} data (python dataset.py download {name} --to data/ helps get it)"
+                f"train.data: {root} not found; point it at the {name} data "
+                f"(python dataset.py download {name} --to data/ helps get it)"
             )
         if name == "isbi2012":
             samples, val_samples = read_isbi2012(root), None
@@ -193,107 +188,103 @@ def list_samples(config: dict) -> tuple[list, list | None]:
             samples, val_samples = read_pennfudan(root)
         else:
             samples, val_samples = read_folder_pairs(root / "images", root / "masks"), None
-    if train["val_data"]:
-        val_root = Path(train["val_data"])
-        val_samples = (
-            read_isbi2012(val_root)
-            if name == "isbi2012"
-            else read_folder_pairs(val_root / "images", val_root / "masks")
-        )
+    if train.val_data:
+        val_root = Path(train.val_data)
+        if name == "isbi2012":
+            val_samples = read_isbi2012(val_root)
+        else:
+            val_samples = read_folder_pairs(val_root / "images", val_root / "masks")
     return samples, val_samples
 
 
-def split_samples(train: dict, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
+def split_samples(train: TrainSettings, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
     """Indices of the training, validation and test images among ``count`` samples: test images from
     fold ``train.fold`` of ``train.folds`` or from ``train.test_images``, validation from
-    ``train.val_images`` or a ``train.val_fraction`` of the rest drawn from ``split_seed`` (none where the data set brings its
-    own validation images)."""
-    if train["folds"]:
-        test_index = fold_indices(count, train["folds"], train["fold"], train["fold_order"], split_seed(train))
+    ``train.val_images`` or a ``train.val_fraction`` of the rest drawn from the split seed (none where
+    the data set brings its own validation images)."""
+    if train.folds:
+        test_index = fold_indices(count, train.folds, train.fold, train.fold_order, train.effective_split_seed)
     else:
-        test_index = sorted(set(train["test_images"] or []))
+        test_index = sorted(set(train.test_images or []))
     outside = [i for i in test_index if not 0 <= i < count]
     if outside:
         raise UserError(f"train.test_images: {outside} not among the {count} images (0..{count - 1})")
     pool = [i for i in range(count) if i not in test_index]
     if own_validation:
         train_index, val_index = pool, []
-    elif train["val_images"]:
-        val_index = sorted(set(train["val_images"]))
+    elif train.val_images:
+        val_index = sorted(set(train.val_images))
         outside = [i for i in val_index if not 0 <= i < count]
         if outside:
             raise UserError(f"train.val_images: {outside} not among the {count} images (0..{count - 1})")
         if set(val_index) & set(test_index):
+            shared = sorted(set(val_index) & set(test_index))
             raise UserError(
-                f"train.val_images and train.test_images share {sorted(set(val_index) & set(test_index))}: an image is either validation or test"
+                f"train.val_images and train.test_images share {shared}: an image is either validation or test"
             )
         train_index = [i for i in pool if i not in val_index]
     else:
-        train_part, val_part = split_indices(len(pool), train["val_fraction"], split_seed(train))
+        train_part, val_part = split_indices(len(pool), train.val_fraction, train.effective_split_seed)
         train_index, val_index = [pool[i] for i in train_part], [pool[i] for i in val_part]
     if not train_index:
         raise UserError("train.val_images and train.test_images hold every image: leave some for training")
     return train_index, val_index, test_index
 
 
-def build_datasets(config: dict, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1) -> dict:
-    """Everything training needs from the data: tiles, whole validation and test images, class weights.
+@dataclass
+class DataSets:
+    """What training needs from the data (``build_datasets``): ``train`` tiles, whole ``val`` and ``test``
+    images (``test`` None without test images), the ``class_weights`` ((K,) float32 or None) and an
+    ``example``: the normalised image (C, H, W), label (H, W) and weight map (H, W) of the first
+    training image, for the weight-map figure."""
 
-    Each image is preprocessed into the cache once (``cache.prepare_images``; under torchrun the
-    processes ``rank`` of ``world_size`` share the work) and read lazily from there. Returns a dict with
-    ``train`` (TileDataset), ``val`` and ``test`` (WholeImageDataset; ``test`` is None without
-    ``train.test_images``), ``class_weights`` ((K,) float32 array or None) and ``example``: the
-    normalised image (C, H, W), label and weight map of the first training image, for the weight-map
-    figure.
-    """
-    unet, train = config["unet"], config["train"]
+    train: TileDataset
+    val: WholeImageDataset
+    test: WholeImageDataset | None
+    class_weights: np.ndarray | None
+    example: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def build_datasets(
+    unet: UNetSettings, train: TrainSettings, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1
+) -> DataSets:
+    """The configured images, split, preprocessed into the cache once (``cache.prepare_images``; under
+    torchrun the processes ``rank`` of ``world_size`` share the work) and read lazily from there, as
+    training tiles and whole validation and test images."""
     try:
-        out_size = output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
+        out_size = output_size(train.tile_size, unet.depth, unet.padding)
     except ValueError as error:
         raise UserError(f"train.tile_size: {error}") from None
-    samples, val_samples = list_samples(config)
+    samples, val_samples = list_samples(train, unet.num_classes)
     train_index, val_index, test_index = split_samples(train, len(samples), own_validation=val_samples is not None)
     val_samples = val_samples if val_samples is not None else [samples[i] for i in val_index]
     parts = [[samples[i] for i in train_index], val_samples, [samples[i] for i in test_index]]
     # training tiles come from rescaled images; validation and test images keep their size, and the
     # predictor rescales them on the way in and the probabilities on the way out
-    scales = [train["image_scale"]] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
-    prepared = prepare_images(
-        [sample for part in parts for sample in part],
-        scales,
-        preprocessing_settings(config),
-        train["cache_dir"],
-        note,
-        rank,
-        world_size,
-    )
+    scales = [train.image_scale] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
+    settings = PreprocessingSettings.from_settings(unet, train)
+    every = [sample for part in parts for sample in part]
+    prepared = prepare_images(every, scales, settings, train.cache_dir, note, rank, world_size)
     train_images, val_images = prepared[: len(parts[0])], prepared[len(parts[0]) : len(parts[0]) + len(parts[1])]
     test_images = prepared[len(parts[0]) + len(parts[1]) :]
     channels = sorted({image.source_channels for image in train_images + val_images})
-    if channels != [unet["image_channels"]]:
-        note(
-            f"images have {' or '.join(map(str, channels))} channel(s) but unet.image_channels is {unet['image_channels']}: converting them"
-        )
-    if (
-        train["mask_type"] == "auto"
-        and train["mask_values"] is None
-        and train["mask_colors"] is None
-        and (train["dataset_name"] == "folder" or train["val_data"])
-    ):
+    if channels != [unet.image_channels]:
+        found = " or ".join(map(str, channels))
+        note(f"images have {found} channel(s) but unet.image_channels is {unet.image_channels}: converting them")
+    mapped = train.mask_values is not None or train.mask_colors is not None
+    if train.mask_type == "auto" and not mapped and (train.dataset_name == "folder" or train.val_data):
         note(mask_decision(prepared))
     note(data_summary(train_images, val_images, test_images))
-    class_weights = configured_class_weights(train["class_weights"], train_images, unet["num_classes"])
-    train_set = TileDataset(
-        train_images, class_weights, train["tile_size"], out_size, train["samples_per_image"], train["seed"]
+    class_weights = configured_class_weights(train.class_weights, train_images, unet.num_classes)
+    train_set = TileDataset(train_images, class_weights, train.tile_size, out_size, train.samples_per_image, train.seed)
+    example = tuple(tensor.numpy() for tensor in WholeImageDataset(train_images[:1], class_weights)[0])
+    return DataSets(
+        train_set,
+        WholeImageDataset(val_images, class_weights),
+        WholeImageDataset(test_images, class_weights) if test_images else None,
+        class_weights,
+        example,
     )
-    example_image, example_label, example_weight = WholeImageDataset(train_images[:1], class_weights)[0]
-    return {
-        "train": train_set,
-        "val": WholeImageDataset(val_images, class_weights),
-        "test": WholeImageDataset(test_images, class_weights) if test_images else None,
-        "class_weights": class_weights,
-        "example": (example_image.numpy(), example_label.numpy(), example_weight.numpy()),
-    }
 
 
 def data_summary(
@@ -304,10 +295,11 @@ def data_summary(
     heights, widths = [image.shape[0] for image in train_images], [image.shape[1] for image in train_images]
     counts = np.sum([image.class_counts for image in train_images], axis=0)
     channels = sorted({image.source_channels for image in train_images})
+    fractions = ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
     return (
-        f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; training images "
-        f"{min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px, {'/'.join(map(str, channels))} channel(s), class fractions "
-        + ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
+        f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
+        f"training images {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px, "
+        f"{'/'.join(map(str, channels))} channel(s), class fractions {fractions}"
     )
 
 
@@ -316,11 +308,16 @@ def mask_decision(prepared: Sequence[PreparedImage]) -> str:
     instances = [image.name for image in prepared if image.mask_read_as == "instances"]
     classes = sum(image.mask_read_as == "classes" for image in prepared)
     if not instances:
-        return f"train.mask_type auto: read the {classes} masks as class indices (0/255 or values below unet.num_classes); set train.mask_type to decide yourself"
+        return (
+            f"train.mask_type auto: read the {classes} masks as class indices (0/255 or values below "
+            "unet.num_classes); set train.mask_type to decide yourself"
+        )
     because = "two classes, and the masks hold other values than 0/1 or 0/255"
+    and_classes = f", and {classes} as class indices" if classes else ""
     return (
-        f"train.mask_type auto: read {len(instances)} of {len(prepared)} masks as one id per object, foreground = id > 0, the ids feeding the border weights "
-        f"({because}, e.g. {instances[0]}){f', and {classes} as class indices' if classes else ''}; set train.mask_type to decide yourself"
+        f"train.mask_type auto: read {len(instances)} of {len(prepared)} masks as one id per object, "
+        f"foreground = id > 0, the ids feeding the border weights ({because}, e.g. {instances[0]}){and_classes}; "
+        "set train.mask_type to decide yourself"
     )
 
 

@@ -10,6 +10,7 @@ callers can pick tile sizes and crop targets without running the network.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -461,17 +462,10 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
-def build_model(unet: dict) -> UNet:
-    """The U-Net described by a config's ``unet`` section."""
-    return UNet(
-        image_channels=unet["image_channels"],
-        num_classes=unet["num_classes"],
-        input_channels=unet["input_channels"],
-        padding=unet["padding"],
-        norm=unet["norm"],
-        dropout=unet["dropout"],
-        upsample=unet["upsample"],
-    )
+def build_model(unet) -> UNet:
+    """The U-Net of a config's ``unet`` section (``segmentation.config.UNetSettings``, whose fields are
+    this class's constructor arguments)."""
+    return UNet(**dataclasses.asdict(unet))
 
 
 def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

@@ -33,16 +33,19 @@ from pathlib import Path
 
 import torch
 
-from segmentation.config import UserError
-from segmentation.console import report_error
+from dataset import build_datasets
+from segmentation.config import Config, UserError
+from segmentation.console import note, report_error
+from segmentation.device import memory_description
 from segmentation.engine.checkpoint import decision_threshold, load_model
-from segmentation.engine.device import memory_description
 from segmentation.inference.export import check_onnx, export_onnx
+from segmentation.inference.infer import Predictor
 from segmentation.inference.predict import input_images, predict_files
 from segmentation.runs.diagnostics import diagnose, score_summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         description="Predict masks with a trained U-Net, or look at its diagnostics.",
         epilog="overrides: section.key=value, e.g. train.device=cpu predict.tile_size=572",
@@ -85,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--show", action="store_true", help="also show the diagnostic figures on screen")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_line()
     args = parser.parse_args(argv)
     # --checkpoint takes several paths, so overrides written after it land there: give them back
     overrides = [item for item in args.checkpoint or [] if re.match(r"\w+\.\w+=", str(item))]
@@ -101,27 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         model, config, state, device = load_model(checkpoints[0], args.config, args.overrides)
         print(f"{state['path']} (epoch {state['progress']['epoch']}) on {device}")
         if args.export:
-            export_onnx(model, args.export, config["unet"]["image_channels"], sample_size=config["train"]["tile_size"])
-            difference = check_onnx(
-                model,
-                args.export,
-                torch.randn(
-                    1, config["unet"]["image_channels"], config["train"]["tile_size"], config["train"]["tile_size"]
-                ),
-            )
+            channels, side = config.unet.image_channels, config.train.tile_size
+            export_onnx(model, args.export, channels, sample_size=side)
+            difference = check_onnx(model, args.export, torch.randn(1, channels, side, side))
             print(f"wrote {args.export}; onnxruntime and PyTorch differ by at most {difference:.2e}")
             return 0
         if args.input:
+            predictor = make_predictor(model, config, state, args.tta)
             predict_files(
-                model,
-                config,
+                predictor,
                 input_images(args.input),
                 args.output or Path("predictions"),
                 args.probabilities,
                 args.overlay,
-                args.tta,
-                device,
-                decision_threshold(config, state),
                 args.instances,
             )
             return 0
@@ -141,28 +141,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def make_predictor(model, config: Config, state: dict, tta: bool) -> Predictor:
+    """The predictor of a checkpoint: its config's ``predict`` settings, ``--tta``, and the threshold of
+    ``predict.threshold`` (calibrated and stored in the checkpoint for ``auto``)."""
+    threshold = decision_threshold(config.predict, state)
+    return Predictor.from_settings(model, config.predict, config.augment, config.train.image_scale, tta, threshold)
+
+
 def score_checkpoint(
-    model, config: dict, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None
+    model, config: Config, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None
 ) -> tuple[dict, Path]:
-    """``diagnostics.diagnose`` of one checkpoint on its held-out images; returns its overall scores and
-    the folder of its masks and figures (``output``, else ``<log_path>/<run>/diagnostics``)."""
+    """``diagnostics.diagnose`` of one checkpoint on its held-out images (``--split``: ``test``, the
+    images of ``train.test_images`` or ``train.folds``; ``val``, the validation images; default: test
+    when there are test images); returns its overall scores and the folder of its masks and figures
+    (``output``, else ``<log_path>/<run>/diagnostics``)."""
     run_name = state["progress"].get("run_name") or state["path"].parent.name
-    output = output or Path(config["train"]["log_path"]) / run_name / "diagnostics"
-    try:
-        scores = diagnose(
-            model,
-            config,
-            device,
-            output,
-            args.layers.split(",") if args.layers else None,
-            args.tta,
-            args.split,
-            decision_threshold(config, state),
-            args.instances,
+    output = output or Path(config.train.log_path) / run_name / "diagnostics"
+    predictor = make_predictor(model, config, state, args.tta)
+    data = build_datasets(config.unet, config.train, note)
+    split = args.split or ("test" if data.test is not None else "val")
+    dataset = data.test if split == "test" else data.val
+    if dataset is None:
+        raise UserError(
+            "--split test: the config sets no train.test_images; use --split val, or train with train.test_images=[...]"
         )
+    layers = args.layers.split(",") if args.layers else None
+    try:
+        scores = diagnose(predictor, dataset, split, config.train.loss, output, layers, args.instances)
     except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
         raise UserError(
-            f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: run test.py with train.device=cpu, or write masks only with --input"
+            f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: "
+            "run test.py with train.device=cpu, or write masks only with --input"
         ) from None
     return scores, output
 
@@ -179,7 +188,7 @@ def summarize_runs(checkpoints: list[Path], args: argparse.Namespace) -> None:
         results.append(
             score_checkpoint(model, config, state, device, args, args.output / names[-1] if args.output else None)[0]
         )
-        num_classes.add(config["unet"]["num_classes"])
+        num_classes.add(config.unet.num_classes)
     if len(num_classes) > 1:
         raise UserError(
             f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary compares runs of one task"

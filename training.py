@@ -6,14 +6,15 @@ for example ``python training.py train.lr=3e-4 unet.input_channels=[16,32,64,128
 its resolved config, ``metrics.csv``, ``curves.png`` and a weight-map figure to ``log_path/<run>/`` and
 its checkpoints ``last.pt`` and ``best.pt`` to ``save_path/<run>/``. ``train.resume=auto`` continues the
 newest run exactly where it stopped; Ctrl-C saves ``last.pt`` first. ``overfit_one_batch.overfit=true``,
-``hp_search=true`` or ``lr_find=true`` run a check of ``search.py`` instead of training (an overfit that
-misses its tolerance exits with code 1). Under ``torchrun --nproc_per_node=N`` every process trains
-its shard of the tiles (DistributedDataParallel) and process 0 alone prints, logs and saves.
+``hp_search=true`` or ``lr_find=true`` run a check of ``segmentation.engine.search`` instead of training
+(an overfit that misses its tolerance exits with code 1). Under ``torchrun --nproc_per_node=N`` every
+process trains its shard of the tiles (DistributedDataParallel) and process 0 alone prints, logs and saves.
 
 The loop (``train_process``) reads as its phases: set up, then for each epoch train, validate, log
-and save. What it calls lives in the library modules: the step in ``step.py``, the data in
-``dataset.py``, checkpoints in ``checkpoint.py``, validation in ``validation.py``, run folders and
-logs in ``runs.py``, the processes in ``distributed.py``.
+and save. The config is read once (``segmentation.config``) and each library function gets the section
+or the values it needs: the step from ``segmentation.engine.step``, the data from ``dataset.py``,
+checkpoints from ``segmentation.engine.checkpoint``, validation from ``segmentation.engine.validation``,
+run folders and figures from ``segmentation.runs``, the processes from ``segmentation.engine.distributed``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import sys
@@ -34,11 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import EpochSampler, build_datasets
+from dataset import DataSets, EpochSampler, build_datasets
 from model import build_model, count_parameters
-from segmentation.config import DEFAULT_CONFIG, HIGHER_IS_BETTER, UserError, load_config
+from segmentation.config import DEFAULT_CONFIG, HIGHER_IS_BETTER, Config, UserError, config_to_yaml, load_config
 from segmentation.console import first_line, note, report_error
 from segmentation.data.augment import augment_on_device
+from segmentation.device import bf16_supported, out_of_memory_advice, prepare_device
 from segmentation.engine import search
 from segmentation.engine.checkpoint import (
     find_resume_checkpoint,
@@ -49,19 +52,12 @@ from segmentation.engine.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from segmentation.engine.device import bf16_supported, out_of_memory_advice, prepare_device
 from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
 from segmentation.engine.step import build_optimizer, build_scheduler, train_step, update_ema
-from segmentation.engine.validation import calibrate, evaluate
-from segmentation.inference.infer import uniform_prediction_note
-from segmentation.runs.folders import (
-    new_run_name,
-    plot_curves,
-    read_metrics,
-    run_base_name,
-    start_run_folders,
-    write_metrics,
-)
+from segmentation.engine.validation import calibrate, calibration_metric, evaluate, store_threshold
+from segmentation.inference.infer import Predictor, uniform_prediction_note
+from segmentation.runs.figures import plot_curves, save_samples_figure
+from segmentation.runs.folders import new_run_name, read_metrics, run_base_name, start_run_folders, write_metrics
 
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
 
@@ -73,31 +69,30 @@ class Run:
     ``model`` is the bare network; ``step_model`` takes the steps: the same network, wrapped by
     DistributedDataParallel and torch.compile where those are on. ``ema_model`` (``train.ema``) is the
     moving average of ``model``'s weights; validation and best.pt use ``predict_model``, the average
-    where there is one.
-    ``progress`` (epoch, batch, step, best value and its epoch, loss sum, run name) goes into every
-    checkpoint; ``rows`` are the metrics.csv rows so far.
+    where there is one, through ``predictor``. ``progress`` (epoch, batch, step, best value and its
+    epoch, loss sum, run name) goes into every checkpoint; ``rows`` are the metrics.csv rows so far.
     """
 
-    config: dict
+    config: Config
     rank: int
     world_size: int
     device: torch.device
-    data: dict
+    data: DataSets
     model: torch.nn.Module
     ema_model: torch.nn.Module | None
     step_model: torch.nn.Module
+    predictor: Predictor
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
     sampler: EpochSampler
     loader: DataLoader
     steps_per_epoch: int
-    step_options: dict
-    compiling: bool
     progress: dict
     run_log: Path
     run_weights: Path
     rows: list[dict]
+    compiling: bool = False  # until the first step of a torch.compile'd model has run
     warned_uniform: bool = False  # the note on predictions of a single class is given once
 
     @property
@@ -110,16 +105,9 @@ class Run:
 
     def state(self) -> dict:
         """The run as it stands, as a checkpoint."""
-        return training_state(
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            self.config,
-            self.progress,
-            self.device,
-            self.ema_model,
-        )
+        settings = self.config.to_dict()
+        parts = (self.model, self.optimizer, self.scheduler, self.scaler, settings, self.progress, self.device)
+        return training_state(*parts, self.ema_model)
 
     def summary(self, interrupted: bool, scores: dict) -> dict:
         """What ``train`` returns: the trained model, run folders, progress (epoch, step, best value of
@@ -134,25 +122,23 @@ class Run:
         }
 
 
-def train(config: dict) -> dict:
+def train(config: Config) -> dict:
     """Train as the config says, in this process or, under torchrun, in each of its processes; returns
     ``Run.summary``."""
-    with process_group(config["train"]["device"]) as (rank, world_size, device):
+    with process_group(config.train.device) as (rank, world_size, device):
         try:
             return train_process(config, rank, world_size, device)
         except torch.OutOfMemoryError:
-            raise UserError(
-                out_of_memory_advice(device, config, "training")
-                + "; the checkpoints saved so far are intact (continue with train.resume=auto)"
-            ) from None
+            intact = "; the checkpoints saved so far are intact (continue with train.resume=auto)"
+            raise UserError(out_of_memory_advice(device, config.train) + intact) from None
 
 
-def train_process(config: dict, rank: int, world_size: int, device: torch.device) -> dict:
+def train_process(config: Config, rank: int, world_size: int, device: torch.device) -> dict:
     """``train`` in process ``rank`` of ``world_size``: all of them train, process 0 alone prints, logs
     and saves."""
     run = set_up(config, rank, world_size, device)
-    train_config = config["train"]
-    max_epochs, patience = train_config["max_epochs"], train_config["early_stopping"]
+    settings = config.train
+    max_epochs, patience = settings.max_epochs, settings.early_stopping
     scores: dict = {}
     run.model.train()
     with stop_requests() as stop_requested:
@@ -164,7 +150,7 @@ def train_process(config: dict, rank: int, world_size: int, device: torch.device
             # validate: whole images, predicted as test.py predicts them; a better score saves best.pt
             last_epoch = epoch + 1 == max_epochs
             stop = False
-            if (epoch + 1) % train_config["eval_epoch"] == 0 or last_epoch:
+            if (epoch + 1) % settings.eval_epoch == 0 or last_epoch:
                 scores = validate(run, epoch)
                 row.update(scores)
                 stop = patience > 0 and epoch + 1 - run.progress["best_epoch"] >= patience
@@ -174,22 +160,21 @@ def train_process(config: dict, rank: int, world_size: int, device: torch.device
             due = last_epoch or stop or bool(stop_requested)
             if run.main_process:
                 tqdm.write(epoch_line(row, max_epochs))
-                if (epoch + 1) % train_config["log_epoch"] == 0 or due:
+                if (epoch + 1) % settings.log_epoch == 0 or due:
                     write_metrics(run.run_log / "metrics.csv", run.rows)
                     plot_curves(run.rows, run.run_log / "curves.png")
             # save
-            if run.main_process and ((epoch + 1) % train_config["save_epoch"] == 0 or due):
+            if run.main_process and ((epoch + 1) % settings.save_epoch == 0 or due):
                 save_checkpoint(run.run_weights / "last.pt", run.state())
             if stop_requested and world_size == 1:
-                print(
-                    f"stopped: saved {run.run_weights / 'last.pt'} after epoch {epoch + 1}; continue with train.resume=auto",
-                    file=sys.stderr,
-                )
+                saved = f"saved {run.run_weights / 'last.pt'} after epoch {epoch + 1}"
+                print(f"stopped: {saved}; continue with train.resume=auto", file=sys.stderr)
                 return run.summary(True, scores)
             if stop:
                 if run.main_process:
+                    best = run.progress["best_epoch"]
                     print(
-                        f"early stopping: no better {train_config['best_metric']} for {patience} epochs (best at epoch {run.progress['best_epoch']})"
+                        f"early stopping: no better {settings.best_metric} for {patience} epochs (best at epoch {best})"
                     )
                 break
     if run.main_process:
@@ -197,185 +182,171 @@ def train_process(config: dict, rank: int, world_size: int, device: torch.device
     return run.summary(False, scores)
 
 
-def set_up(config: dict, rank: int, world_size: int, device: torch.device) -> Run:
+def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> Run:
     """Everything a training process needs, in an order that makes a run reproducible from its seed:
     the checkpoint to resume, the data, the model, optimizer and schedule, the run folders, the loader."""
-    train_config = config["train"]
-    resume_path = from_rank_zero(
-        find_resume_checkpoint(train_config["resume"], Path(train_config["save_path"])), world_size
-    )
-    checkpoint = load_checkpoint(resume_path, config) if resume_path else None
-    precision = train_config["precision"]
-    prepare_device(device, precision)
+    settings = config.train
+    resume_path = from_rank_zero(find_resume_checkpoint(settings.resume, Path(settings.save_path)), world_size)
+    checkpoint = load_checkpoint(resume_path, config.unet, settings) if resume_path else None
+    prepare_device(device, settings.precision)
 
-    torch.manual_seed(train_config["seed"])
-    data = build_datasets(config, note, rank, world_size)
-    batch_tiles = train_config["batch_size"] * train_config["grad_accum_steps"]
-    steps_per_epoch = len(data["train"]) // (batch_tiles * world_size)
+    torch.manual_seed(settings.seed)
+    data = build_datasets(config.unet, settings, note, rank, world_size)
+    batch_tiles = settings.batch_size * settings.grad_accum_steps
+    steps_per_epoch = len(data.train) // (batch_tiles * world_size)
     if steps_per_epoch == 0:
         raise UserError(
-            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps x {world_size} processes) but an epoch has "
-            f"{len(data['train'])}: lower them or raise train.samples_per_image"
+            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps "
+            f"x {world_size} processes) but an epoch has {len(data.train)}: lower them or raise train.samples_per_image"
         )
-    model = build_model(config["unet"]).to(device)
-    model.activation_checkpointing = train_config["activation_checkpointing"]
-    if train_config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    # a copy, not a new model: the same initial weights, and no draw from the seeded random stream
-    ema_model = copy.deepcopy(model).requires_grad_(False) if train_config["ema"] > 0 else None
-    optimizer = build_optimizer(model, train_config, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    scheduler = build_scheduler(optimizer, train_config, steps_per_epoch)
+    model, ema_model = build_models(config, device)
+    optimizer = build_optimizer(model, settings, device)
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
     if checkpoint:
         progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model)
     else:
-        progress = {
-            "epoch": 0,
-            "batch": 0,
-            "step": 0,
-            "best_value": None,
-            "best_epoch": -1,
-            "loss_sum": 0.0,
-            "run_name": from_rank_zero(new_run_name(train_config) if rank == 0 else None, world_size),
-        }
+        name = from_rank_zero(new_run_name(settings) if rank == 0 else None, world_size)
+        progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0}
+        progress["run_name"] = name
     run_log, run_weights = (
-        Path(train_config["log_path"]) / progress["run_name"],
-        Path(train_config["save_path"]) / progress["run_name"],
+        Path(settings.log_path) / progress["run_name"],
+        Path(settings.save_path) / progress["run_name"],
     )
     if rank == 0:
-        start_run_folders(config, run_log, run_weights, progress, data, device, resumed=checkpoint is not None)
+        start_run_folders(run_log, run_weights, config_to_yaml(config), progress["epoch"] if checkpoint else None)
+        if not checkpoint:
+            save_check_figures(run_log, data, config, device)
 
     # DDP all-reduces the gradients during the backward pass; validation and checkpoints use the bare model
-    step_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world_size > 1
-        else model
-    )
-    if train_config["compile"]:
+    step_model = model
+    if world_size > 1:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
         step_model = torch.compile(step_model)
-    step_options = {
-        "loss_kind": train_config["loss"],
-        "grad_clip": train_config["grad_clip"],
-        "device": device,
-        "precision": precision,
-        "scaler": scaler,
-        "accum_steps": train_config["grad_accum_steps"],
-        "channels_last": train_config["channels_last"],
-    }
-    sampler = EpochSampler(len(data["train"]), train_config["seed"], rank, world_size)
-    workers = train_config["num_workers"]
+    predict_model = model if ema_model is None else ema_model
+    predictor = Predictor.from_settings(predict_model, config.predict, config.augment, settings.image_scale)
+    sampler = EpochSampler(len(data.train), settings.seed, rank, world_size)
     loader = DataLoader(
-        data["train"],
+        data.train,
         batch_tiles,
         sampler=sampler,
         drop_last=True,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+        num_workers=settings.num_workers,
+        persistent_workers=settings.num_workers > 0,
         pin_memory=device.type == "cuda",
     )
-    rows = read_metrics(run_log / "metrics.csv", progress["epoch"])
     run = Run(
-        config,
-        rank,
-        world_size,
-        device,
-        data,
-        model,
-        ema_model,
-        step_model,
-        optimizer,
-        scheduler,
-        scaler,
-        sampler,
-        loader,
-        steps_per_epoch,
-        step_options,
-        train_config["compile"],
-        progress,
-        run_log,
-        run_weights,
-        rows,
+        config=config,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        data=data,
+        model=model,
+        ema_model=ema_model,
+        step_model=step_model,
+        predictor=predictor,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        sampler=sampler,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        progress=progress,
+        run_log=run_log,
+        run_weights=run_weights,
+        rows=read_metrics(run_log / "metrics.csv", progress["epoch"]),
+        compiling=settings.compile,
     )
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
     return run
 
 
+def build_models(config: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The network as ``unet`` describes it, laid out and checkpointed as ``train`` says, and its moving
+    average under ``train.ema`` (None without)."""
+    model = build_model(config.unet).to(device)
+    model.activation_checkpointing = config.train.activation_checkpointing
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # a copy, not a new model: the same initial weights, and no draw from the seeded random stream
+    ema_model = copy.deepcopy(model).requires_grad_(False) if config.train.ema > 0 else None
+    return model, ema_model
+
+
+def save_check_figures(run_log: Path, data: DataSets, config: Config, device: torch.device) -> None:
+    """The figures of a new run to check by eye before trusting the training: the first training image
+    with its weight map, and a few training tiles as the augmentation turns them."""
+    title = "first training image and its weight map"
+    save_samples_figure(
+        run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data.example), title=title
+    )
+    tiles = [data.train[i] for i in range(min(4, len(data.train)))]
+    examples = [torch.stack(tensors) for tensors in zip(*tiles)]
+    augmented = augment_on_device(examples, config.augment, config.train.seed, -1, device)
+    title = "augmented training tiles (the loss uses the centre of label and weight)"
+    save_samples_figure(run_log / "augmented_samples.png", *augmented, title=title)
+
+
 def print_start(run: Run, resumed_from: Path | None) -> None:
     """The run's first lines: model, device, precision, tiles and steps per epoch, where it writes."""
-    train_config, world_size = run.config["train"], run.world_size
-    batch_size, accum_steps = train_config["batch_size"], train_config["grad_accum_steps"]
+    settings, world_size = run.config.train, run.world_size
+    batch_size, accum_steps = settings.batch_size, settings.grad_accum_steps
     step_batch = batch_size * accum_steps * world_size
     split = f" = {batch_size} x {accum_steps} accumulated x {world_size} processes" if step_batch != batch_size else ""
-    print(
-        f"U-Net {count_parameters(run.model):,} parameters on {run.device}"
-        + (f" in each of {world_size} processes" if world_size > 1 else "")
-        + f", {train_config['precision']}; {len(run.data['train'])} tiles of {train_config['tile_size']} px per epoch ({run.steps_per_epoch} steps of {step_batch}{split}), "
-        f"{len(run.data['val'])} validation images\nrun {run.progress['run_name']}: logs in {run.run_log}, checkpoints in {run.run_weights}"
-        + (
-            f"\nresuming {resumed_from} at epoch {run.progress['epoch'] + 1}, batch {run.progress['batch']}"
-            if resumed_from
-            else ""
-        ),
-        flush=True,
-    )
+    processes = f" in each of {world_size} processes" if world_size > 1 else ""
+    lines = [
+        f"U-Net {count_parameters(run.model):,} parameters on {run.device}{processes}, {settings.precision}; "
+        f"{len(run.data.train)} tiles of {settings.tile_size} px per epoch ({run.steps_per_epoch} steps of "
+        f"{step_batch}{split}), {len(run.data.val)} validation images",
+        f"run {run.progress['run_name']}: logs in {run.run_log}, checkpoints in {run.run_weights}",
+    ]
+    if resumed_from:
+        lines.append(f"resuming {resumed_from} at epoch {run.progress['epoch'] + 1}, batch {run.progress['batch']}")
+    print("\n".join(lines), flush=True)
 
 
 def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     """One pass over the training tiles, from the batch where a resumed epoch stopped; returns the
     epoch's metrics row, or None when a stop request ended the epoch early (last.pt saved)."""
-    config, progress = run.config, run.progress
-    train_config = config["train"]
-    run.sampler.set_epoch(
-        epoch, start=progress["batch"] * train_config["batch_size"] * train_config["grad_accum_steps"]
-    )
+    settings, progress = run.config.train, run.progress
+    run.sampler.set_epoch(epoch, start=progress["batch"] * settings.batch_size * settings.grad_accum_steps)
     epoch_start, images_seen = time.perf_counter(), 0
     loss_sum = torch.tensor(progress["loss_sum"], device=run.device)
-    # a with block closes the bar on every way out, so that an error's one line starts a line of its own
-    with tqdm(
+    bar = tqdm(
         total=run.steps_per_epoch,
         initial=progress["batch"],
-        desc=f"epoch {epoch + 1}/{train_config['max_epochs']}",
+        desc=f"epoch {epoch + 1}/{settings.max_epochs}",
         unit="step",
         dynamic_ncols=True,
         leave=False,
         disable=not run.main_process,
-    ) as bar:
+    )
+    # a with block closes the bar on every way out, so that an error's one line starts a line of its own
+    with bar:
         for batch in run.loader:
             batch = augment_on_device(
-                batch, config["augment"], train_config["seed"], progress["step"], run.device, run.rank, run.world_size
+                batch, run.config.augment, settings.seed, progress["step"], run.device, run.rank, run.world_size
             )
             loss_sum += take_step(run, batch)
             run.scheduler.step()
             if run.ema_model is not None:
-                update_ema(run.ema_model, run.model, train_config["ema"], progress["step"])
+                update_ema(run.ema_model, run.model, settings.ema, progress["step"])
             progress["step"] += 1
             progress["batch"] += 1
             images_seen += batch[0].shape[0] * run.world_size
             bar.update()
             # processes stop together: they agree at the same steps, so a Ctrl-C waits for the next one
-            if (
-                progress["batch"] % CHECK_EVERY == 0
-                or progress["batch"] == run.steps_per_epoch
-                or (stop_requested and run.world_size == 1)
-            ):
+            ends = progress["batch"] % CHECK_EVERY == 0 or progress["batch"] == run.steps_per_epoch
+            if ends or (stop_requested and run.world_size == 1):
                 stop_votes = read_loss(run, loss_sum, bool(stop_requested), epoch)
                 speed = images_seen / (time.perf_counter() - epoch_start)
-                bar.set_postfix(
-                    loss=f"{progress['loss_sum'] / progress['batch']:.4f}",
-                    lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                    img_s=f"{speed:.1f}",
-                )
+                loss, lr = progress["loss_sum"] / progress["batch"], run.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
                 if stop_votes:
                     bar.close()
-                    share_run_buffers(run)
-                    if run.main_process:
-                        save_checkpoint(run.run_weights / "last.pt", run.state())
-                        write_metrics(run.run_log / "metrics.csv", run.rows)
-                        print(
-                            f"\nstopped: saved {run.run_weights / 'last.pt'} (epoch {epoch + 1}, batch {progress['batch']}); continue with train.resume=auto",
-                            file=sys.stderr,
-                        )
+                    save_interrupted_epoch(run, epoch)
                     return None
     share_run_buffers(run)
     seconds = time.perf_counter() - epoch_start
@@ -391,6 +362,19 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     return row
 
 
+def save_interrupted_epoch(run: Run, epoch: int) -> None:
+    """After a stop request inside an epoch: last.pt at the current step, and metrics.csv as it is."""
+    share_run_buffers(run)
+    if run.main_process:
+        save_checkpoint(run.run_weights / "last.pt", run.state())
+        write_metrics(run.run_log / "metrics.csv", run.rows)
+        where = f"epoch {epoch + 1}, batch {run.progress['batch']}"
+        print(
+            f"\nstopped: saved {run.run_weights / 'last.pt'} ({where}); continue with train.resume=auto",
+            file=sys.stderr,
+        )
+
+
 def share_run_buffers(run: Run) -> None:
     """``share_buffers`` for the model and its moving average."""
     for model in (run.model, run.ema_model):
@@ -401,14 +385,24 @@ def share_run_buffers(run: Run) -> None:
 def take_step(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
     """``step.train_step`` with the run's model; returns the loss on the device. If the first step of a
     compiled model fails, training goes on without torch.compile, with a notice."""
+    settings = run.config.train
+    options = {
+        "loss_kind": settings.loss,
+        "grad_clip": settings.grad_clip,
+        "device": run.device,
+        "precision": settings.precision,
+        "scaler": run.scaler,
+        "accum_steps": settings.grad_accum_steps,
+        "channels_last": settings.channels_last,
+    }
     try:
-        loss = train_step(run.step_model, run.optimizer, batch, **run.step_options)
+        loss = train_step(run.step_model, run.optimizer, batch, **options)
     except Exception as error:  # compiling needs a C++ compiler (Triton on GPUs) and can fail in many ways
         if not run.compiling:
             raise
         note(f"torch.compile failed ({first_line(error)}): training without it")
         run.step_model = run.step_model._orig_mod
-        loss = train_step(run.step_model, run.optimizer, batch, **run.step_options)
+        loss = train_step(run.step_model, run.optimizer, batch, **options)
     run.compiling = False
     return loss
 
@@ -417,38 +411,40 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
     """Read the epoch's loss sum on the host (summed over the processes with their stop votes, then
     averaged) into ``progress["loss_sum"]``; returns the number of stop votes. A loss that is not
     finite is a UserError, with the checkpoints left as they were."""
-    totals = sum_over_processes(
-        torch.stack((loss_sum, torch.tensor(float(stop_requested), device=run.device))), run.world_size
-    )
-    loss_total, stop_votes = totals.tolist()
+    votes = torch.tensor(float(stop_requested), device=run.device)
+    loss_total, stop_votes = sum_over_processes(torch.stack((loss_sum, votes)), run.world_size).tolist()
     run.progress["loss_sum"] = loss_total / run.world_size
     if not math.isfinite(run.progress["loss_sum"]):
-        fp16 = run.config["train"]["precision"] == "fp16"
-        cure = (
-            f"train.precision=fp16 overflows float16's range (up to 65504): use train.precision={'bf16' if bf16_supported(run.device) else 'fp32'}, or lower train.lr (now {run.config['train']['lr']})"
-            if fp16
-            else f"lower train.lr (now {run.config['train']['lr']}) or set train.grad_clip"
-        )
+        settings = run.config.train
+        if settings.precision == "fp16":
+            precision = "bf16" if bf16_supported(run.device) else "fp32"
+            cure = (
+                "train.precision=fp16 overflows float16's range (up to 65504): "
+                f"use train.precision={precision}, or lower train.lr (now {settings.lr})"
+            )
+        else:
+            cure = f"lower train.lr (now {settings.lr}) or set train.grad_clip"
         raise UserError(
-            f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): {cure}; the checkpoints in {run.run_weights} were left as they were"
+            f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): "
+            f"{cure}; the checkpoints in {run.run_weights} were left as they were"
         )
     return stop_votes
 
 
 def validate(run: Run, epoch: int) -> dict[str, float]:
     """``validation.evaluate`` on the validation images; saves best.pt when ``train.best_metric`` improved."""
-    scores = evaluate(run.predict_model, run.data["val"], run.device, run.config, run.rank, run.world_size)
+    scores = evaluate(run.predictor, run.data.val, run.config.train.loss, run.rank, run.world_size)
     if not math.isfinite(scores["val_loss"]):
         raise UserError(
-            f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; checkpoints left as they were in {run.run_weights}"
+            f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; "
+            f"checkpoints left as they were in {run.run_weights}"
         )
-    if scores.get("uniform_images") == len(run.data["val"]) and not run.warned_uniform:
+    if scores.get("uniform_images") == len(run.data.val) and not run.warned_uniform:
         note(
-            f"epoch {epoch + 1}: "
-            + uniform_prediction_note(run.data["val"].names, len(run.data["val"]), "validation images")
+            f"epoch {epoch + 1}: " + uniform_prediction_note(run.data.val.names, len(run.data.val), "validation images")
         )
         run.warned_uniform = True
-    best_metric = run.config["train"]["best_metric"]
+    best_metric = run.config.train.best_metric
     if improved(scores[best_metric], run.progress["best_value"], best_metric):
         run.progress.update(best_value=scores[best_metric], best_epoch=epoch + 1)
         if run.main_process:
@@ -465,9 +461,8 @@ def improved(value: float, best: float | None, metric: str) -> bool:
 
 def epoch_line(row: dict, max_epochs: int) -> str:
     """The line printed after each epoch: training loss, the main validation scores, seconds."""
-    scores = "".join(
-        f"  {key} {row[key]:.4f}" for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error") if key in row
-    )
+    keys = ("val_loss", "val_pixel_error", "val_dice", "val_rand_error")
+    scores = "".join(f"  {key} {row[key]:.4f}" for key in keys if key in row)
     return (
         f"epoch {row['epoch']}/{max_epochs}  train_loss {row['train_loss']:.4f}{scores}  {row['epoch_seconds']:.1f} s"
     )
@@ -475,12 +470,22 @@ def epoch_line(row: dict, max_epochs: int) -> str:
 
 def finish(run: Run) -> None:
     """After the last epoch: say where the best checkpoint is, and calibrate ``predict.threshold: auto`` on it."""
-    config = run.config
+    config, best = run.config, run.run_weights / "best.pt"
+    metric = config.train.best_metric
+    print(f"done: best {metric} {run.progress['best_value']:.4f} at epoch {run.progress['best_epoch']}; {best}")
+    if config.predict.threshold != "auto" or config.unet.num_classes != 2:
+        return
+    model = build_model(config.unet).to(run.device)
+    model.load_state_dict(read_checkpoint(best)["model"])
+    predictor = Predictor.from_settings(model, config.predict, config.augment, config.train.image_scale)
+    score = calibration_metric(metric)
+    threshold, table = calibrate(predictor, run.data.val, score)
+    store_threshold(best, threshold, table)
+    at = {row["threshold"]: row for row in table}
     print(
-        f"done: best {config['train']['best_metric']} {run.progress['best_value']:.4f} at epoch {run.progress['best_epoch']}; {run.run_weights / 'best.pt'}"
+        f"calibrated predict.threshold on {len(run.data.val)} validation images: {threshold:.2f} "
+        f"({score} {at[threshold][score]:.4f}; at 0.50: {at[0.5][score]:.4f}), stored in {best}"
     )
-    if config["predict"]["threshold"] == "auto" and config["unet"]["num_classes"] == 2:
-        calibrate(run.run_weights / "best.pt", run.data["val"], run.device, config)
 
 
 @contextlib.contextmanager
@@ -494,10 +499,8 @@ def stop_requests():
         if requested:
             raise KeyboardInterrupt
         requested.append(signum)
-        tqdm.write(
-            "stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)",
-            file=sys.stderr,
-        )
+        message = "stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)"
+        tqdm.write(message, file=sys.stderr)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield requested
@@ -510,65 +513,59 @@ def stop_requests():
             signal.signal(number, handler)
 
 
-def run_config(config: dict) -> int:
-    """Train as ``config`` says, or run the check of ``search.py`` that ``overfit_one_batch`` switches on
-    (with ``full_train``, the search's best config is then trained); returns the exit code."""
-    modes = config["overfit_one_batch"]
-    if modes["lr_find"]:
+def run_config(config: Config) -> int:
+    """Train as ``config`` says, or run the check of ``segmentation.engine.search`` that
+    ``overfit_one_batch`` switches on (with ``full_train``, the search's best config is then trained);
+    returns the exit code."""
+    mode = config.overfit_one_batch.mode
+    if mode == "lr_find":
         search.lr_find(config)
         return 0
-    if modes["overfit"]:
+    if mode == "overfit":
         return 0 if search.overfit_batch(config)["reached"] else 1
-    if modes["hp_search"]:
+    if mode == "hp_search":
         summary = search.hp_search(config)
         if "full_train_config" not in summary:
             return 130 if summary["interrupted"] else 0
         config = summary["full_train_config"]
-    if config["train"]["folds"] and config["train"]["fold"] == "all":
+    if config.train.folds and config.train.fold == "all":
         return train_every_fold(config)
     return 130 if train(config)["interrupted"] else 0
 
 
-def train_every_fold(config: dict) -> int:
+def train_every_fold(config: Config) -> int:
     """``train.fold: all``: train fold 0, 1, ... of ``train.folds`` in turn, each a run named
     ``<base>-fold<i>``, then print the test.py command that scores them all. With ``train.resume: auto``
     the newest series (or the one ``train.run_name`` names) continues: finished folds (all epochs, or
     ended by early stopping) are skipped and an interrupted one resumes from its ``last.pt``."""
-    train_config = config["train"]
-    save_path, resume = Path(train_config["save_path"]), train_config["resume"] == "auto"
-    base = (
-        train_config["run_name"] or (newest_fold_series(save_path) if resume else None) or run_base_name(train_config)
-    )
+    settings = config.train
+    save_path, resume = Path(settings.save_path), settings.resume == "auto"
+    base = settings.run_name or (newest_fold_series(save_path) if resume else None) or run_base_name(settings)
     best_checkpoints = []
-    for fold in range(train_config["folds"]):
-        fold_config = copy.deepcopy(config)
-        fold_config["train"].update(fold=fold, run_name=base, resume=None)
+    for fold in range(settings.folds):
+        fold_train = dataclasses.replace(settings, fold=fold, run_name=base, resume=None)
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
             progress = read_checkpoint(last)["progress"]
-            ended = (
-                f"has finished its {train_config['max_epochs']} epochs"
-                if progress["epoch"] >= train_config["max_epochs"]
-                else "ended by early stopping"
-                if progress.get("stopped_early") and train_config["early_stopping"] > 0
-                else None
-            )
+            ended = None
+            if progress["epoch"] >= settings.max_epochs:
+                ended = f"has finished its {settings.max_epochs} epochs"
+            elif progress.get("stopped_early") and settings.early_stopping > 0:
+                ended = "ended by early stopping"
             if ended:
                 note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))
                 continue
-            fold_config["train"]["resume"] = str(last)
-        note(f"fold {fold} of {train_config['folds']} (0..{train_config['folds'] - 1}) held out for testing")
-        summary = train(fold_config)
+            fold_train = dataclasses.replace(fold_train, resume=str(last))
+        note(f"fold {fold} of {settings.folds} (0..{settings.folds - 1}) held out for testing")
+        summary = train(dataclasses.replace(config, train=fold_train))
         if summary["interrupted"]:
             print(
                 f"continue the folds with: python training.py ... train.fold=all train.run_name={base} train.resume=auto"
             )
             return 130
         best_checkpoints.append(summary["run_weights"] / "best.pt")
-    print(
-        f"all {train_config['folds']} folds trained; score each on its test images, with the mean and standard deviation:"
-    )
+    print(f"all {settings.folds} folds trained; score each on its test images, with the mean and standard deviation:")
     print("python test.py --checkpoint " + " ".join(map(str, best_checkpoints)))
     return 0
 

@@ -20,7 +20,10 @@ out, overrides = Path(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
 config = load_config(None, overrides)
 if rank != 0:
-    config["train"]["save_path"] = str(out / f"rank{rank}" / "weights")
-    config["train"]["log_path"] = str(out / f"rank{rank}" / "logs")
+    folders = {
+        "train.save_path": str(out / f"rank{rank}" / "weights"),
+        "train.log_path": str(out / f"rank{rank}" / "logs"),
+    }
+    config = config.with_values(folders)
 summary = training.train(config)
 torch.save(summary["model"].state_dict(), out / f"rank{rank}.pt")

@@ -8,16 +8,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from segmentation.config import ConfigError
-from segmentation.data.augment import (
-    AUGMENT_DEFAULTS,
-    BLUR_TRUNCATE,
-    apply_parameters,
-    augment_batch,
-    random_parameters,
-    resolve_settings,
-    save_samples_figure,
-)
+from segmentation.config import AugmentSettings, ConfigError, resolve
+from segmentation.data.augment import BLUR_TRUNCATE, apply_parameters, augment_batch, random_parameters
+from segmentation.runs.figures import save_samples_figure
 
 ALL_OFF = {
     "flip": False,
@@ -48,9 +41,19 @@ EVERYTHING_ON = {
 }
 
 
-def only(**on) -> dict:
+def settings_of(**values) -> AugmentSettings:
+    """The ``augment`` section with these values, resolved and checked as the config is."""
+    return resolve({"augment": values}).augment
+
+
+def only(**on) -> AugmentSettings:
     """Settings with every transform off except the given ones."""
-    return {**ALL_OFF, **on}
+    return settings_of(**{**ALL_OFF, **on})
+
+
+def everything_on(**values) -> AugmentSettings:
+    """Every transform on, with these values changed."""
+    return settings_of(**{**EVERYTHING_ON, **values})
 
 
 def identity_parameters(batch: int, grid: int = 3) -> dict:
@@ -114,17 +117,17 @@ def keys_bicubic_matrix(nodes: int, size: int, a: float = -0.75) -> np.ndarray:
 
 
 def test_settings_are_checked():
-    assert resolve_settings({}) == AUGMENT_DEFAULTS
+    assert settings_of() == AugmentSettings()
     with pytest.raises(ConfigError, match="rotaton"):
-        resolve_settings({"rotaton": 10})
+        settings_of(rotaton=10)
     with pytest.raises(ConfigError, match="interpolation"):
-        resolve_settings({"interpolation": "nearest"})
+        settings_of(interpolation="nearest")
     with pytest.raises(ConfigError, match="probability"):
-        resolve_settings({"probability": 1.5})
+        settings_of(probability=1.5)
 
 
 def test_random_parameters_have_the_documented_keys_and_shapes():
-    params = random_parameters((4, 3, 20, 30), {"noise": 0.1, "elastic_grid": 5}, torch.Generator().manual_seed(0))
+    params = random_parameters((4, 3, 20, 30), settings_of(noise=0.1, elastic_grid=5), torch.Generator().manual_seed(0))
     reference = identity_parameters(4, grid=5)
     assert set(params) == set(reference) | {"noise"}
     for key, value in reference.items():
@@ -134,7 +137,7 @@ def test_random_parameters_have_the_documented_keys_and_shapes():
 
 @pytest.mark.parametrize(
     "settings, shape",
-    [(ALL_OFF, (3, 2, 32, 40)), ({**EVERYTHING_ON, "probability": 0.0}, (4, 1, 48, 48))],
+    [(only(), (3, 2, 32, 40)), (everything_on(probability=0.0), (4, 1, 48, 48))],
     ids=["all transforms off", "probability 0"],
 )
 def test_batch_passes_through_bit_exact(settings, shape):
@@ -146,7 +149,7 @@ def test_batch_passes_through_bit_exact(settings, shape):
 
 def test_samples_not_augmented_are_bit_exact_and_the_others_change():
     image, label, weight = random_batch(4, 1, 48, 48)
-    settings = {**EVERYTHING_ON, "probability": 0.5}
+    settings = everything_on(probability=0.5)
     params = random_parameters(tuple(image.shape), settings, torch.Generator().manual_seed(3))
     params["augmented"] = torch.tensor([True, False, True, False])
     out_image, out_label, out_weight = apply_parameters(image, label, weight, params, settings)
@@ -159,7 +162,7 @@ def test_samples_not_augmented_are_bit_exact_and_the_others_change():
 
 def test_probability_selects_about_that_fraction_of_samples():
     image, label, weight = random_batch(200, 1, 8, 8)
-    settings = {**EVERYTHING_ON, "probability": 0.3}
+    settings = everything_on(probability=0.3)
     out_image = augment_batch(image, label, weight, settings, torch.Generator().manual_seed(4))[0]
     unchanged = (out_image == image).flatten(1).all(dim=1).float().mean().item()
     assert abs(unchanged - 0.7) < 0.1
@@ -189,8 +192,7 @@ def test_flips_are_exact_and_all_four_combinations_occur():
 
 def test_without_vertical_flips_only_left_right_flips_occur():
     image, label, weight = random_batch(32, 1, 40, 56)
-    settings = only(flip=True)
-    settings["vertical_flip"] = False
+    settings = only(flip=True, vertical_flip=False)
     out_image, _, _ = augment_batch(image, label, weight, settings, torch.Generator().manual_seed(5))
     flipped = [not torch.allclose(out_image[i], image[i], atol=1e-5) for i in range(len(image))]
     for index in range(len(image)):
@@ -371,7 +373,7 @@ def test_labels_image_and_weight_stay_aligned_under_all_geometry():
 def test_non_square_colour_batch_with_everything_on():
     image, label, weight = random_batch(2, 3, 100, 140, seed=5)
     for interpolation in ("bilinear", "bicubic"):
-        settings = {**EVERYTHING_ON, "interpolation": interpolation, "elastic_std": 10.0}
+        settings = everything_on(interpolation=interpolation, elastic_std=10.0)
         generator = torch.Generator().manual_seed(9)
         out_image, out_label, out_weight = augment_batch(image, label, weight, settings, generator)
         assert out_image.shape == image.shape and out_image.dtype == torch.float32
@@ -484,7 +486,7 @@ def test_same_seed_same_batch_other_seed_other_batch():
     image, label, weight = random_batch(4, 1, 48, 48)
 
     def run(seed):
-        return augment_batch(image, label, weight, EVERYTHING_ON, torch.Generator().manual_seed(seed))
+        return augment_batch(image, label, weight, everything_on(), torch.Generator().manual_seed(seed))
 
     first, again, other = run(15), run(15), run(16)
     for a, b in zip(first, again):
@@ -495,7 +497,7 @@ def test_same_seed_same_batch_other_seed_other_batch():
 
 def test_default_settings_run(tmp_path):
     image, label, weight = random_batch(3, 1, 64, 64)
-    out = augment_batch(image, label, weight, {}, torch.Generator().manual_seed(17))
+    out = augment_batch(image, label, weight, AugmentSettings(), torch.Generator().manual_seed(17))
     path = tmp_path / "augmented.png"
     save_samples_figure(path, *out, count=2, title="defaults")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from skimage import measure
 from dataset import build_datasets, list_samples
 from segmentation.config import UserError, load_config
 from segmentation.data import cache
-from segmentation.data.cache import prepare_images, preprocessing_settings, read_entry
+from segmentation.data.cache import PreprocessingSettings, prepare_images, read_entry
 from segmentation.data.preprocess import (
     mirror_pad,
     normalize_image,
@@ -24,8 +24,9 @@ from segmentation.data.preprocess import (
     resize_mask,
     scaled_size,
 )
-from segmentation.data.readers import mask_settings
+from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import class_balance_weights, weight_map
+from tests.helpers import datasets_of
 from training import train
 
 
@@ -75,13 +76,13 @@ def count_builds(monkeypatch) -> list:
 def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, scale):
     make_folder(tmp_path / "data")
     config = folder_config(tmp_path / "data", tmp_path / "cache", f"train.image_scale={scale}")
-    data = build_datasets(config, lambda message: None)
-    train_set, (samples, _) = data["train"], list_samples(config)
+    data = build_datasets(config.unet, config.train, lambda message: None)
+    train_set, (samples, _) = data.train, list_samples(config.train, config.unet.num_classes)
     names = [image.name for image in train_set.images]
     # the whole arrays, computed directly as before the cache: every pixel in memory, float32 and float64
     direct = {}
     for sample in samples:
-        read = sample.read(mask_settings(config))
+        read = sample.read(MaskSettings.from_settings(config.unet.num_classes, config.train))
         image, label = normalize_image(read.image, 1), read.label
         instances = measure.label(label, connectivity=1)
         if scale != 1:
@@ -93,13 +94,13 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
             )
         direct[read.name] = (image, label, instances)
     class_weights = class_balance_weights([direct[name][1] for name in names], 2)
-    assert np.array_equal(data["class_weights"], class_weights)
+    assert np.array_equal(data.class_weights, class_weights)
     margin, out = train_set.margin, train_set.output_size
     for key in range(len(train_set)):
         image, label, instances = direct[names[key // train_set.samples_per_image]]
-        weights = weight_map(label, instances, config["train"]["w_0"], config["train"]["sigma"], class_weights)
+        weights = weight_map(label, instances, config.train.w_0, config.train.sigma, class_weights)
         # the tile as the in-memory implementation cut it: mirror-pad everything, then slice
-        rng = np.random.default_rng([config["train"]["seed"], 0, key])
+        rng = np.random.default_rng([config.train.seed, 0, key])
         after = [margin + max(0, out - side) for side in label.shape]
         padded = [mirror_pad(array, margin, *after) for array in (image, label, weights)]
         top = int(rng.integers(0, padded[1].shape[0] - 2 * margin - out + 1))
@@ -113,8 +114,10 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
         assert np.array_equal(label_tile.numpy(), padded[1][window])
         np.testing.assert_allclose(weight_tile.numpy(), padded[2][window], rtol=2**-11)
         assert weight_tile.max() > 2 * class_weights.max()  # the border term is there
-    val_image, val_label, val_weight = data["val"][0]
-    sample = next(s for s in samples if s.name == data["val"].names[0]).read(mask_settings(config))
+    val_image, val_label, val_weight = data.val[0]
+    sample = next(s for s in samples if s.name == data.val.names[0]).read(
+        MaskSettings.from_settings(config.unet.num_classes, config.train)
+    )
     assert np.array_equal(val_image.numpy(), normalize_image(sample.image, 1))  # validation images keep their size
     assert np.array_equal(val_label.numpy(), sample.label)
     np.testing.assert_allclose(
@@ -128,23 +131,23 @@ def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_p
     make_folder(tmp_path / "data")
     built = count_builds(monkeypatch)
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    build_datasets(config)
+    build_datasets(config.unet, config.train)
     assert sorted(built) == [f"img{i}.png" for i in range(4)]
     built.clear()
-    build_datasets(config)
+    build_datasets(config.unet, config.train)
     assert built == []  # warm: everything from the cache
     image = skimage.io.imread(tmp_path / "data" / "images" / "img2.png")
     skimage.io.imsave(tmp_path / "data" / "images" / "img2.png", 255 - image, check_contrast=False)
-    data = build_datasets(config)
+    data = build_datasets(config.unet, config.train)
     assert built == ["img2.png"]
-    index = [image.name for image in data["train"].images + data["val"].images].index("img2.png")
-    entry = (data["train"].images + data["val"].images)[index]
+    index = [image.name for image in data.train.images + data.val.images].index("img2.png")
+    entry = (data.train.images + data.val.images)[index]
     assert np.array_equal(np.asarray(entry.arrays()[0]).astype(np.float32), normalize_image(255 - image, 1))
     built.clear()
-    build_datasets(folder_config(tmp_path / "data", tmp_path / "cache", "train.w_0=5"))
+    datasets_of(folder_config(tmp_path / "data", tmp_path / "cache", "train.w_0=5"))
     assert sorted(built) == [f"img{i}.png" for i in range(4)]  # the border term of every image changes
     built.clear()
-    build_datasets(
+    datasets_of(
         folder_config(
             tmp_path / "data",
             tmp_path / "cache",
@@ -159,14 +162,14 @@ def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_p
 def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, monkeypatch):
     make_folder(tmp_path / "data")
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    first = build_datasets(config)["train"]
+    first = build_datasets(config.unet, config.train).train
     entry = first.images[0]
     expected = [np.array(array) for array in entry.arrays() if array is not None]
     damaged = entry.folder / "image.npy"
     damaged.write_bytes(damaged.read_bytes()[:-100])
     assert read_entry(entry.folder)[0] is None
     notes, built = [], count_builds(monkeypatch)
-    second = build_datasets(config, notes.append)["train"]
+    second = build_datasets(config.unet, config.train, notes.append).train
     assert built == [entry.name]
     notes = [line for line in notes if line.startswith("cache entry")]
     assert (
@@ -194,7 +197,7 @@ def test_an_interrupted_build_resumes_with_the_finished_entries(tmp_path, monkey
 
     monkeypatch.setattr(cache.os, "rename", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        build_datasets(config)
+        build_datasets(config.unet, config.train)
     monkeypatch.setattr(cache.os, "rename", original_rename)
     complete = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
     assert len(complete) == 2 and all(read_entry(path)[0] is not None for path in complete)
@@ -202,17 +205,17 @@ def test_an_interrupted_build_resumes_with_the_finished_entries(tmp_path, monkey
     abandoned = tmp_path / "cache" / f".img9.png-0123.{cache.host_name()}.999999999.tmp"
     abandoned.mkdir()
     built = count_builds(monkeypatch)
-    data = build_datasets(config)
+    data = build_datasets(config.unet, config.train)
     assert len(built) == 3 and not abandoned.exists()
     assert not [path for path in (tmp_path / "cache").iterdir() if path.name.startswith(".")]
-    assert len(data["train"].images) + len(data["val"].images) == 5
+    assert len(data.train.images) + len(data.val.images) == 5
 
 
 def test_many_images_are_built_in_worker_processes_with_the_same_result(tmp_path, monkeypatch):
     make_folder(tmp_path / "data", count=cache.MIN_PARALLEL + 1, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "parallel")
-    samples, _ = list_samples(config)
-    settings = preprocessing_settings(config)
+    samples, _ = list_samples(config.train, config.unet.num_classes)
+    settings = PreprocessingSettings.from_settings(config.unet, config.train)
     parallel = prepare_images(samples, [1.0] * len(samples), settings, tmp_path / "parallel")
     monkeypatch.setattr(cache, "MIN_PARALLEL", 10**6)
     serial = prepare_images(samples, [1.0] * len(samples), settings, tmp_path / "serial")
@@ -258,15 +261,15 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatc
         UserError,
         match=r"^train.cache_dir: cannot write .*img\d.png-.* \(No space left on device\): free some space or set train.cache_dir to another folder$",
     ):
-        build_datasets(folder_config(tmp_path / "data", tmp_path / "cache"))
+        datasets_of(folder_config(tmp_path / "data", tmp_path / "cache"))
     assert not list((tmp_path / "cache").iterdir())  # no half entry
 
 
 def test_processes_of_a_torchrun_launch_build_their_shares_and_wait_for_the_others(tmp_path, monkeypatch):
     make_folder(tmp_path / "data", count=6, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    samples, _ = list_samples(config)
-    settings = preprocessing_settings(config)
+    samples, _ = list_samples(config.train, config.unet.num_classes)
+    settings = PreprocessingSettings.from_settings(config.unet, config.train)
     built = []
     original = cache.build_entry
     monkeypatch.setattr(
@@ -296,8 +299,8 @@ def test_a_process_that_starts_after_the_others_built_their_share_builds_the_res
     # share of the three it finds missing (which left two to nobody and hung both processes).
     make_folder(tmp_path / "data", count=6, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    samples, _ = list_samples(config)
-    settings = preprocessing_settings(config)
+    samples, _ = list_samples(config.train, config.unet.num_classes)
+    settings = PreprocessingSettings.from_settings(config.unet, config.train)
     monkeypatch.setattr(cache, "POLL_SECONDS", 0.01)
     results = {}
 

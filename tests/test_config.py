@@ -1,5 +1,6 @@
 """Config loading, overrides and validation."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -8,7 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segmentation.config import SCHEMA, ConfigError, default_config, load_config, parse_overrides, resolve
+from segmentation.config import (
+    SCHEMA,
+    ConfigError,
+    TrainSettings,
+    default_config,
+    load_config,
+    parse_overrides,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +68,7 @@ def test_shipped_config_documents_every_key_and_loads():
             line = next((line for line in text.splitlines() if re.match(rf"\s+{key}:", line)), None)
             assert line is not None, f"{section}.{key} missing from config.yaml"
             assert "#" in line and line.split("#", 1)[1].strip(), f"{section}.{key} has no comment in config.yaml"
-    assert set(config) == set(SCHEMA)
+    assert set(config.to_dict()) == set(SCHEMA)
 
 
 def test_unknown_key_names_it_and_suggests_the_closest():
@@ -90,8 +99,8 @@ def test_yaml_exponent_without_dot_is_a_number():
     # PyYAML reads 1e-5 as the string '1e-5'
     assert yaml.safe_load("lr: 1e-5")["lr"] == "1e-5"
     config = load_config(None, ["train.lr=1e-5", "train.weight_decay=5E-4"])
-    assert config["train"]["lr"] == pytest.approx(1e-5) and isinstance(config["train"]["lr"], float)
-    assert config["train"]["weight_decay"] == pytest.approx(5e-4)
+    assert config.train.lr == pytest.approx(1e-5) and isinstance(config.train.lr, float)
+    assert config.train.weight_decay == pytest.approx(5e-4)
 
 
 def test_overrides_are_yaml_and_applied_over_the_file(tmp_path):
@@ -100,10 +109,10 @@ def test_overrides_are_yaml_and_applied_over_the_file(tmp_path):
     config = load_config(
         path, ["train.lr=3e-4", "unet.input_channels=[8, 16]", "train.run_name=null", "augment.flip=false"]
     )
-    assert config["train"]["lr"] == pytest.approx(3e-4)
-    assert config["train"]["batch_size"] == 2
-    assert config["unet"]["input_channels"] == [8, 16]
-    assert config["train"]["run_name"] is None and config["augment"]["flip"] is False
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.train.batch_size == 2
+    assert config.unet.input_channels == (8, 16)
+    assert config.train.run_name is None and config.augment.flip is False
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["trainlr=3"])
 
@@ -113,15 +122,15 @@ def test_seed_readme_config_is_accepted_with_the_same_meaning(tmp_path):
     path.write_text(SEED_README_CONFIG)
     notices = []
     config = load_config(path, ["train.device=cpu"], notices)
-    assert config["unet"]["norm"] == "layer"  # use_ln: True
-    assert config["unet"]["input_shape"] is None
-    assert config["train"]["dataset_name"] == "pennfudan"
-    assert config["train"]["lr"] == pytest.approx(1e-5)
-    assert config["train"]["w_0"] == pytest.approx(1.1) and config["train"]["early_stopping"] == 50
+    assert config.unet.norm == "layer"  # use_ln: True
+    assert "input_shape" not in config.to_dict()["unet"]
+    assert config.train.dataset_name == "pennfudan"
+    assert config.train.lr == pytest.approx(1e-5)
+    assert config.train.w_0 == pytest.approx(1.1) and config.train.early_stopping == 50
     assert any("use_ln" in n for n in notices) and any("input_shape is a legacy key" in n for n in notices)
     # the seed's input_shape[0] (320) with its padding 1 sets train.tile_size: auto, and the run says so
-    assert config["train"]["tile_size"] == 320 and any(n.startswith("train.tile_size auto: 320 px") for n in notices)
-    assert load_config(path, ["train.device=cpu", "unet.use_ln=false"])["unet"]["norm"] == "none"
+    assert config.train.tile_size == 320 and any(n.startswith("train.tile_size auto: 320 px") for n in notices)
+    assert load_config(path, ["train.device=cpu", "unet.use_ln=false"]).unet.norm == "none"
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(path, ["unet.norm=batch"])
 
@@ -131,14 +140,42 @@ def test_device_and_class_weight_checks():
     assert problems_of({"train": {"class_weights": [1, 2, 3]}}) == [
         "train.class_weights: 3 weights given but unet.num_classes is 2"
     ]
-    assert resolve({"train": {"class_weights": [1, "2e0"]}})["train"]["class_weights"] == [1.0, 2.0]
+    assert resolve({"train": {"class_weights": [1, "2e0"]}}).train.class_weights == (1.0, 2.0)
 
 
 def test_defaults_are_valid():
     expected = default_config()
     assert expected["train"]["tile_size"] == "auto"
     expected["train"]["tile_size"] = 252  # auto: the valid size nearest 256 px for depth 4, padding 0
-    assert resolve({}) == expected
+    assert resolve({}).to_dict() == expected
+
+
+def test_settings_are_frozen_typed_and_round_trip_as_plain_data():
+    config = load_config(None, ["unet.input_channels=[8, 16]", "train.test_images=[3, 4]", "predict.scales=[1.0, 1.2]"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
+    assert isinstance(config.train, TrainSettings) and config.unet.depth == 2
+    assert config.train.test_images == (3, 4) and config.predict.scales == (1.0, 1.2)
+    data = config.to_dict()
+    assert data["unet"]["input_channels"] == [8, 16] and data["train"]["test_images"] == [3, 4]
+    assert yaml.safe_load(yaml.safe_dump(data)) == data  # plain data: YAML and checkpoints store it as it is
+    assert resolve(data) == config
+    changed = config.with_values({"train.lr": 0.01, "unet.norm": "group"})
+    assert (changed.train.lr, changed.unet.norm, config.train.lr, config.unet.norm) == (0.01, "group", 1e-3, "batch")
+    with pytest.raises(ConfigError, match="train.lr: must be > 0.0"):
+        config.with_values({"train.lr": 0})
+
+
+def test_a_config_stored_before_the_typed_settings_still_resolves():
+    """Checkpoints of earlier versions store every key, the legacy ones as null, and lack newer keys."""
+    stored = default_config()
+    stored["unet"].update(use_ln=None, input_shape=None)
+    stored["train"].update(tile_size=252)
+    del stored["train"]["split_seed"]
+    expected = default_config()
+    expected["train"]["tile_size"] = 252
+    notices = []
+    assert resolve(stored, notices).to_dict() == expected and notices == []
 
 
 def test_cli_unknown_key_fails_in_one_line():

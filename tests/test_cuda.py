@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import UNet
+from segmentation.config import TrainSettings
 from segmentation.engine.step import build_optimizer, train_step
 from segmentation.inference.infer import predict_probabilities
 from tests.test_training import tiny_config
@@ -100,9 +101,8 @@ def test_bitsandbytes_8bit_adamw_steps_on_cuda():
     pytest.importorskip("bitsandbytes")
     device = torch.device("cuda")
     model, batch = small_unet(device), learnable_batch(device)
-    optimizer = build_optimizer(
-        model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, device
-    )
+    settings = TrainSettings(optim="adamw", lr=1e-2, weight_decay=0.0, use_bitsandbytes=True, momentum=0.9)
+    optimizer = build_optimizer(model, settings, device)
     assert "8bit" in type(optimizer).__name__
     losses = [
         train_step(

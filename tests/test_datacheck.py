@@ -12,7 +12,7 @@ import tifffile
 from dataset import list_samples
 from segmentation.config import load_config
 from segmentation.data.datacheck import check_data, check_main
-from segmentation.data.readers import mask_settings
+from segmentation.data.readers import MaskSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -43,8 +43,8 @@ def suggested_config(report: dict, root: Path):
 
 
 def reads_every_mask(config: dict) -> bool:
-    settings = mask_settings(config)
-    return all(sample.read(settings) is not None for sample in list_samples(config)[0])
+    settings = MaskSettings.from_settings(config.unet.num_classes, config.train)
+    return all(sample.read(settings) is not None for sample in list_samples(config.train, config.unet.num_classes)[0])
 
 
 def test_binary_masks_and_every_pairing_problem_are_reported(tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_colour_and_sparse_value_masks_get_their_mapping(tmp_path):
     report = check_data(root)
     assert report["suggestion"]["values"]["train.mask_colors"] == [[0, 0, 0], [30, 200, 30], [200, 30, 30]]
     config = suggested_config(report, root)
-    assert config["unet"]["num_classes"] == 3 and reads_every_mask(config)
+    assert config.unet.num_classes == 3 and reads_every_mask(config)
     root = folder(tmp_path / "sparse", [np.array([0, 128, 255], np.uint8)[classes]] * 2)
     report = check_data(root)
     assert report["suggestion"]["values"]["train.mask_values"] == [0, 128, 255] and reads_every_mask(

@@ -13,6 +13,7 @@ from dataset import build_datasets
 from model import build_model
 from segmentation.config import load_config
 from segmentation.engine.validation import evaluate
+from tests.helpers import predictor_of
 from tests.test_training import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +72,13 @@ def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path
 
     # each process scored one of the 2 validation images: the gathered scores are those of all of them
     config = load_config(None, overrides)
-    model = build_model(config["unet"])
+    model = build_model(config.unet)
     model.load_state_dict(rank0)
-    scores = evaluate(model, build_datasets(config, lambda message: None)["val"], torch.device("cpu"), config)
+    scores = evaluate(
+        predictor_of(model, config),
+        build_datasets(config.unet, config.train, lambda message: None).val,
+        config.train.loss,
+    )
     for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error"):
         assert float(rows[-1][key]) == pytest.approx(scores[key], rel=1e-5, abs=1e-6), key
 

@@ -11,10 +11,11 @@ import test_script
 import torch
 
 import training
-from dataset import build_datasets, fold_indices
-from segmentation.config import UserError, load_config
+from dataset import fold_indices
+from segmentation.config import UserError, load_config, resolve
 from segmentation.data.synthetic import synthetic_em_set
 from segmentation.engine.checkpoint import load_checkpoint
+from tests.helpers import datasets_of
 
 NAMES = [f"slice{index:02d}.png" for index in range(6)]
 
@@ -62,6 +63,11 @@ def test_folds_partition_every_image_into_near_equal_parts(count, folds):
     assert fold_indices(30, 5, 4, "contiguous", 0) == [24, 25, 26, 27, 28, 29]
 
 
+def check_resume(path, config) -> dict:
+    """``load_checkpoint`` of ``path`` for a run of ``config``."""
+    return load_checkpoint(path, config.unet, config.train)
+
+
 def test_random_folds_follow_the_seed():
     assert fold_indices(30, 5, 2, "random", seed=0) == fold_indices(30, 5, 2, "random", seed=0)
     assert fold_indices(30, 5, 2, "random", seed=0) != fold_indices(30, 5, 2, "random", seed=1)
@@ -70,11 +76,11 @@ def test_random_folds_follow_the_seed():
 
 def test_split_seed_holds_out_the_same_images_under_every_train_seed(image_folder):
     def split(*overrides):
-        data = build_datasets(
+        data = datasets_of(
             folder_config(image_folder, "train.folds=3", "train.fold=1", "train.val_fraction=0.25", *overrides),
             lambda message: None,
         )
-        return data["test"].names, data["val"].names
+        return data.test.names, data.val.names
 
     assert fold_indices(6, 3, 1, "random", seed=0) != fold_indices(
         6, 3, 1, "random", seed=1
@@ -92,19 +98,19 @@ def test_resuming_under_another_train_seed_is_refused_only_where_the_split_chang
         ]
         / "last.pt"
     )
-    load_checkpoint(
+    check_resume(
         last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5", "train.split_seed=0")
     )
     with pytest.raises(
         UserError, match=r"another split \(train.split_seed \(else train.seed\): checkpoint 0, config 5\)"
     ):
-        load_checkpoint(last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5"))
+        check_resume(last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5"))
 
 
 def test_each_fold_holds_out_its_images_from_training_and_validation(image_folder):
     test_names = []
     for fold in range(3):
-        data = build_datasets(
+        data = datasets_of(
             folder_config(
                 image_folder,
                 "train.folds=3",
@@ -114,10 +120,10 @@ def test_each_fold_holds_out_its_images_from_training_and_validation(image_folde
             ),
             lambda message: None,
         )
-        assert data["test"].names == NAMES[2 * fold : 2 * fold + 2]
-        assert len(data["val"]) == 1 and data["val"].names[0] not in data["test"].names
-        assert len(data["train"]) == 3 * 2  # the 3 images left, 2 tiles each
-        test_names += data["test"].names
+        assert data.test.names == NAMES[2 * fold : 2 * fold + 2]
+        assert len(data.val) == 1 and data.val.names[0] not in data.test.names
+        assert len(data.train) == 3 * 2  # the 3 images left, 2 tiles each
+        test_names += data.test.names
     assert sorted(test_names) == NAMES
 
 
@@ -138,27 +144,27 @@ def test_contradictory_fold_settings_are_one_line_each(image_folder):
     with pytest.raises(UserError, match=r"train.resume: with train.fold=all .* use train.resume=auto"):
         folder_config(image_folder, "train.folds=3", "train.fold=all", "train.resume=weights/x/last.pt")
     with pytest.raises(UserError, match=r"train.folds: 7 folds need at least 7 images, found 6"):
-        build_datasets(folder_config(image_folder, "train.folds=7"), lambda message: None)
+        datasets_of(folder_config(image_folder, "train.folds=7"), lambda message: None)
 
 
 def test_resuming_on_another_fold_is_refused(image_folder):
     config = folder_config(image_folder, "train.folds=3", "train.fold=0", "train.max_epochs=1")
     last = training.train(config)["run_weights"] / "last.pt"
     assert last.parent.name.endswith("-fold0")
-    load_checkpoint(last, config)  # the same fold resumes
+    check_resume(last, config)  # the same fold resumes
     with pytest.raises(
         UserError,
         match=r"trained on another split \(train.fold: checkpoint 0, config 1\): resuming would mix its test images into training",
     ):
-        load_checkpoint(last, folder_config(image_folder, "train.folds=3", "train.fold=1", "train.max_epochs=1"))
+        check_resume(last, folder_config(image_folder, "train.folds=3", "train.fold=1", "train.max_epochs=1"))
     # a checkpoint of a version without the fold keys resumes as one without folds
     state = torch.load(last, weights_only=True)
     for key in ("folds", "fold", "fold_order"):
         del state["config"]["train"][key]
     torch.save(state, last)
     with pytest.raises(UserError, match=r"another split \(train.folds: checkpoint None, config 3\)"):
-        load_checkpoint(last, config)
-    load_checkpoint(last, folder_config(image_folder, "train.max_epochs=1"))
+        check_resume(last, config)
+    check_resume(last, folder_config(image_folder, "train.max_epochs=1"))
 
 
 def every_fold_arguments(image_folder: Path) -> list[str]:
@@ -191,7 +197,7 @@ def test_every_fold_trains_resumes_and_test_py_summarizes_them(image_folder, cap
     for fold, path in enumerate(best):
         state = torch.load(path, weights_only=True)
         assert state["config"]["train"]["fold"] == fold and state["progress"]["epoch"] == 1
-        test_names[fold] = build_datasets(state["config"], lambda message: None)["test"].names
+        test_names[fold] = datasets_of(resolve(state["config"])).test.names
     assert sorted(sum(test_names.values(), [])) == NAMES
 
     # resume=auto continues the newest series: each fold from its last.pt, in its own folder

@@ -14,6 +14,7 @@ from model import build_model
 from segmentation.config import UserError, load_config
 from segmentation.data.synthetic import synthetic_em_set
 from segmentation.inference.infer import calibrate_threshold, predict_probabilities, separate_cells
+from tests.helpers import datasets_of
 from training import train
 
 
@@ -50,24 +51,22 @@ def image_folder(tmp_path_factory):
 
 
 def test_test_images_are_held_out_of_training_and_validation(image_folder):
-    data = build_datasets(
+    data = datasets_of(
         folder_config(image_folder, "train.val_images=[3]", "train.test_images=[5, 4]"), lambda message: None
     )
-    assert data["test"].names == ["slice04.png", "slice05.png"]
-    assert data["val"].names == ["slice03.png"]
-    assert len(data["train"]) == 3 * 4  # slices 0-2, 4 tiles each
-    assert build_datasets(folder_config(image_folder), lambda message: None)["test"] is None
+    assert data.test.names == ["slice04.png", "slice05.png"]
+    assert data.val.names == ["slice03.png"]
+    assert len(data.train) == 3 * 4  # slices 0-2, 4 tiles each
+    assert datasets_of(folder_config(image_folder), lambda message: None).test is None
     with pytest.raises(UserError, match=r"share \[4\]"):
-        build_datasets(
-            folder_config(image_folder, "train.val_images=[4]", "train.test_images=[4]"), lambda message: None
-        )
+        datasets_of(folder_config(image_folder, "train.val_images=[4]", "train.test_images=[4]"), lambda message: None)
     with pytest.raises(UserError, match=r"train.test_images: \[9\] not among the 6 images"):
-        build_datasets(folder_config(image_folder, "train.test_images=[9]"), lambda message: None)
+        datasets_of(folder_config(image_folder, "train.test_images=[9]"), lambda message: None)
     # with a fraction, validation is drawn from the images left after the test images
-    data = build_datasets(
+    data = datasets_of(
         folder_config(image_folder, "train.val_fraction=0.25", "train.test_images=[0, 1]"), lambda message: None
     )
-    assert len(data["val"]) == 1 and data["val"].names[0] not in ("slice00.png", "slice01.png")
+    assert len(data.val) == 1 and data.val.names[0] not in ("slice00.png", "slice01.png")
 
 
 def test_calibrate_threshold_against_a_hand_computation():
@@ -150,9 +149,9 @@ def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_fo
     assert 0.05 <= threshold <= 0.95
 
     # the stored threshold has the lowest pixel error on the validation image, counted here with NumPy
-    model = build_model(config["unet"])
+    model = build_model(config.unet)
     model.load_state_dict(state["model"])
-    image, label, _ = build_datasets(config, lambda message: None)["val"][0]
+    image, label, _ = build_datasets(config.unet, config.train, lambda message: None).val[0]
     probability = predict_probabilities(model, image, 100)[1].numpy()
     errors = {
         row["threshold"]: np.mean((probability >= row["threshold"]) != (label.numpy() == 1))
@@ -166,7 +165,7 @@ def test_training_calibrates_the_threshold_and_test_py_scores_its_masks(image_fo
     assert f"2 test images, class 1 at probability >= {threshold:.2f}" in printed
     wrong = total = 0
     rand_errors = []
-    test_images = build_datasets(config, lambda message: None)["test"]
+    test_images = build_datasets(config.unet, config.train, lambda message: None).test
     for index, name in enumerate(("slice04", "slice05")):
         truth = skimage.io.imread(image_folder / "masks" / f"{name}.png")
         written = skimage.io.imread(tmp_path / "masks" / f"{name}.png")

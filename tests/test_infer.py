@@ -254,27 +254,29 @@ def test_image_scale_shrinks_the_training_images_only():
             "train.image_scale=0.3333333",
         ],
     )
-    data = build_datasets(config, lambda message: None)
-    _, label, _ = synthetic_em_set(4, 63, config["train"]["seed"])[0]
-    example_image, example_label, example_weight = data["example"]  # the first training image
+    data = build_datasets(config.unet, config.train, lambda message: None)
+    _, label, _ = synthetic_em_set(4, 63, config.train.seed)[0]
+    example_image, example_label, example_weight = data.example  # the first training image
     assert example_image.shape == (1, 21, 21) and example_weight.shape == (21, 21)
     # nearest neighbour at 1/3 samples every third pixel from the second, as scikit-image's order-0 resize does
     expected = resize(label, (21, 21), order=0, anti_aliasing=False, preserve_range=True).astype(label.dtype)
     assert np.array_equal(example_label, expected)
-    image, val_label, _ = data["val"][0]
+    image, val_label, _ = data.val[0]
     assert image.shape[-2:] == (63, 63) and val_label.shape == (63, 63)
 
 
 def test_tta_uses_only_the_transforms_that_training_augmented():
-    from segmentation.config import default_config
+    from dataclasses import replace
+
+    from segmentation.config import AugmentSettings
     from segmentation.inference.infer import DIHEDRAL, tta_transforms
 
-    augment = default_config()["augment"]
+    augment = AugmentSettings()
     assert tta_transforms(augment) == DIHEDRAL and len(set(DIHEDRAL)) == 8
-    assert tta_transforms({**augment, "rotate90": False}) == [(0, False), (0, True), (2, False), (2, True)]
-    assert tta_transforms({**augment, "rotate90": False, "vertical_flip": False}) == [(0, False), (0, True)]
-    assert tta_transforms({**augment, "rotate90": False, "flip": False}) == [(0, False)]
-    assert tta_transforms({**augment, "rotate90": False, "flip": False, "rotation": 180.0}) == DIHEDRAL
+    assert tta_transforms(replace(augment, rotate90=False)) == [(0, False), (0, True), (2, False), (2, True)]
+    assert tta_transforms(replace(augment, rotate90=False, vertical_flip=False)) == [(0, False), (0, True)]
+    assert tta_transforms(replace(augment, rotate90=False, flip=False)) == [(0, False)]
+    assert tta_transforms(replace(augment, rotate90=False, flip=False, rotation=180.0)) == DIHEDRAL
 
     torch.manual_seed(0)
     model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
@@ -293,7 +295,7 @@ def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale(
     import torch.nn.functional as F
 
     from segmentation.config import ConfigError, load_config
-    from segmentation.inference.infer import predict_with_config
+    from segmentation.inference.infer import Predictor
 
     torch.manual_seed(0)
     model = UNet(1, 2, (4, 8), padding=1, norm="batch").eval()
@@ -315,7 +317,7 @@ def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale(
                 predict_probabilities(model, small, 64)[None], size=(80, 60), mode="bilinear", align_corners=False
             )[0]
         )
-    averaged = predict_with_config(model, image, config)
+    averaged = Predictor(model, config.predict, config.train.image_scale).probabilities(image)
     torch.testing.assert_close(averaged, sum(expected) / 3)
     assert not torch.allclose(averaged, expected[1], atol=1e-3)  # the other scales changed the result
     for wrong in ("predict.scales=[]", "predict.scales=[0.0, 1.0]", "predict.scales=1.0"):

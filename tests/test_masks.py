@@ -9,11 +9,12 @@ import pytest
 import skimage.io
 import tifffile
 
-from dataset import build_datasets, list_samples
+from dataset import list_samples
 from segmentation.config import ConfigError, UserError, load_config
 from segmentation.data.cache import write_entry
-from segmentation.data.readers import mask_settings
+from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import border_weights
+from tests.helpers import datasets_of
 
 CLASSES = np.array([[0, 0, 1, 1], [2, 2, 1, 0], [0, 2, 2, 1]], dtype=np.uint8)
 
@@ -34,7 +35,10 @@ def config_for(root: Path, *overrides: str) -> dict:
 def read_only(root: Path, *overrides: str) -> list:
     """The folder's samples, read as the config says."""
     config = config_for(root, *overrides)
-    return [sample.read(mask_settings(config)) for sample in list_samples(config)[0]]
+    return [
+        sample.read(MaskSettings.from_settings(config.unet.num_classes, config.train))
+        for sample in list_samples(config.train, config.unet.num_classes)[0]
+    ]
 
 
 def write_pair(root: Path, stem: str, mask, image=None, mask_name: str | None = None) -> None:
@@ -134,14 +138,14 @@ def test_instance_id_masks_give_objects_and_the_paper_weights_in_the_gap(tmp_pat
         and np.array_equal(sample.instances, ids)
     )
     notes = []
-    data = build_datasets(
+    data = datasets_of(
         config_for(tmp_path, "train.val_data=" + str(tmp_path), "train.w_0=10", "train.sigma=5"), notes.append
     )
     assert any(
         note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") and "a.png" in note
         for note in notes
     )
-    border = np.asarray(data["train"].images[0].arrays()[2], dtype=np.float64)
+    border = np.asarray(data.train.images[0].arrays()[2], dtype=np.float64)
     # by hand: in the gap both discs are 1 px away, so the border term is w_0 * exp(-(1 + 1)^2 / (2 * 5^2))
     assert border[16, 23] == pytest.approx(10 * np.exp(-4 / 50), rel=1e-3)
     assert border.max() == pytest.approx(border[16, 23], rel=1e-3)  # it peaks in the gap
@@ -205,10 +209,8 @@ def test_pairing_edge_cases_and_image_kinds(tmp_path):
     samples = read_only(tmp_path, "unet.image_channels=3")
     assert [sample.name for sample in samples] == ["1.jpg", "10.tif", "2.png", "a.b.c.png"]
     assert all(np.array_equal(sample.label, mask // 255) for sample in samples)
-    data = build_datasets(
-        config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None
-    )
-    assert data["val"][0][0].shape == (3, 20, 24) and len(data["train"].images) == 3
+    data = datasets_of(config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None)
+    assert data.val[0][0].shape == (3, 20, 24) and len(data.train.images) == 3
 
 
 def test_entries_written_from_arrays_keep_instances(tmp_path):

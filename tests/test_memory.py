@@ -13,6 +13,7 @@ from model import build_model
 from segmentation.config import UserError, load_config
 from segmentation.engine import step
 from segmentation.inference import predict
+from segmentation.inference.infer import Predictor
 from tests.test_training import tiny_config
 
 real_conv2d = F.conv2d
@@ -85,28 +86,20 @@ def test_prediction_halves_its_batch_until_it_fits(tmp_path, monkeypatch, capsys
     config = load_config(
         None, ["unet.input_channels=[4, 8]", "train.device=cpu", "predict.tile_size=60", "predict.batch_size=4"]
     )
-    model = build_model(config["unet"]).eval()
+    model = build_model(config.unet).eval()
     inputs = write_images(tmp_path / "images")
-    predict.predict_files(
-        model,
-        load_config(
-            None, ["unet.input_channels=[4, 8]", "train.device=cpu", "predict.tile_size=60", "predict.batch_size=1"]
-        ),
-        inputs,
-        tmp_path / "reference",
-        True,
-        False,
-        False,
-        torch.device("cpu"),
-    )
+    reference = load_config(None, ["unet.input_channels=[4, 8]", "predict.tile_size=60", "predict.batch_size=1"])
+    predict.predict_files(Predictor(model, reference.predict), inputs, tmp_path / "reference", probabilities=True)
     sizes = run_out_of_memory(monkeypatch, above_batch=1)
-    predict.predict_files(model, config, inputs, tmp_path / "out", True, False, False, torch.device("cpu"))
+    predictor = Predictor(model, config.predict)
+    predict.predict_files(predictor, inputs, tmp_path / "out", probabilities=True)
     notes = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
     assert notes == [
         "note: out of memory predicting on cpu: predict.batch_size is now 2 (tiles per forward pass), retrying",
         "note: out of memory predicting on cpu: predict.batch_size is now 1 (tiles per forward pass), retrying",
     ]
-    assert config["predict"]["batch_size"] == 1 and max(sizes[-10:]) == 1  # the second image starts at 1
+    # the predictor keeps its smaller batch for the second image; the settings stay as resolved
+    assert predictor.batch_size == 1 and max(sizes[-10:]) == 1 and config.predict.batch_size == 4
     for name in ("0_probability.tif", "1_probability.tif"):
         assert np.array_equal(
             skimage.io.imread(tmp_path / "out" / name), skimage.io.imread(tmp_path / "reference" / name)
@@ -116,7 +109,7 @@ def test_prediction_halves_its_batch_until_it_fits(tmp_path, monkeypatch, capsys
         UserError,
         match=r"^out of memory while predicting on cpu \(.*\) with predict.batch_size=1, predict.tile_size=60: lower predict.tile_size",
     ):
-        predict.predict_files(model, config, inputs, tmp_path / "again", False, False, False, torch.device("cpu"))
+        predict.predict_files(predictor, inputs, tmp_path / "again")
 
 
 def test_a_nan_loss_under_fp16_names_fp16_and_suggests_bf16(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import torch
 import training
 from dataset import EpochSampler
 from model import UNet
-from segmentation.engine import device
+from segmentation import device
+from segmentation.config import TrainSettings
 from segmentation.engine.step import build_optimizer, train_step
 from tests.test_training import read_rows, tiny_config
 from training import train
@@ -170,9 +171,8 @@ def test_bitsandbytes_8bit_adamw_trains_with_mixed_precision_and_accumulation(pr
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = UNet(input_channels=(8, 16), norm="batch")
-    optimizer = build_optimizer(
-        model, {"optim": "adamw", "lr": 1e-2, "weight_decay": 0.0, "use_bitsandbytes": True, "momentum": 0.9}, CPU
-    )
+    settings = TrainSettings(optim="adamw", lr=1e-2, weight_decay=0.0, use_bitsandbytes=True, momentum=0.9)
+    optimizer = build_optimizer(model, settings, CPU)
     if not type(optimizer).__module__.startswith("bitsandbytes"):
         pytest.skip("bitsandbytes' 8-bit optimizer does not run on this machine's CPU")
     assert any(

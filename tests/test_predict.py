@@ -17,6 +17,7 @@ from model import build_model
 from segmentation.config import load_config
 from segmentation.data.synthetic import synthetic_em_set
 from segmentation.inference import predict
+from segmentation.inference.infer import Predictor
 from training import train
 
 
@@ -243,16 +244,17 @@ def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypat
     config = load_config(
         None, ["unet.input_channels=[4, 8]", f"unet.padding={padding}", "train.device=cpu", "predict.tile_size=64"]
     )
-    model = build_model(config["unet"]).eval()
+    model = build_model(config.unet).eval()
     image = (np.random.default_rng(3).random((203, 150)) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "large.tif", image, photometric="minisblack")  # uncompressed: memory-mapped
     skimage.io.imsave(tmp_path / "large.png", image, check_contrast=False)
     whole = tmp_path / "whole"
-    predict.predict_files(model, config, [tmp_path / "large.tif"], whole, True, False, False, torch.device("cpu"))
+    predictor = Predictor(model, config.predict)
+    predict.predict_files(predictor, [tmp_path / "large.tif"], whole, probabilities=True)
     monkeypatch.setattr(predict, "BAND_PIXELS", 150 * 40)  # bands of 40 rows (a multiple of 2**depth = 4)
     for name in ("large.tif", "large.png"):
         banded = tmp_path / f"banded_{name[-3:]}"
-        predict.predict_files(model, config, [tmp_path / name], banded, True, False, False, torch.device("cpu"))
+        predict.predict_files(predictor, [tmp_path / name], banded, probabilities=True)
         probability, reference = (
             tifffile.imread(banded / "large_probability.tif"),
             tifffile.imread(whole / "large_probability.tif"),
@@ -367,7 +369,7 @@ def test_instance_output_and_object_f1(trained, tmp_path, capsys):
 def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):
     torch.manual_seed(0)
     config = load_config(None, ["unet.input_channels=[4, 8]", "train.device=cpu"])
-    model = build_model(config["unet"]).eval()
+    model = build_model(config.unet).eval()
     with torch.no_grad():
         model.outc.weight.zero_()
         model.outc.bias.copy_(torch.tensor([5.0, -5.0]))  # class 0 everywhere: "the prediction is all black"
@@ -379,9 +381,7 @@ def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):
             (np.random.default_rng(index).random((40, 40)) * 255).astype(np.uint8),
             check_contrast=False,
         )
-    predict.predict_files(
-        model, config, sorted(images.iterdir()), tmp_path / "out", False, False, False, torch.device("cpu")
-    )
+    predict.predict_files(Predictor(model, config.predict), sorted(images.iterdir()), tmp_path / "out")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(lines) == 1 and "all 3 predicted images are predicted as a single class everywhere" in lines[0]
     assert "train.mask_type" in lines[0] and "train.class_weights" in lines[0] and "predict.threshold" in lines[0]

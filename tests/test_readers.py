@@ -13,13 +13,14 @@ from dataset import TileDataset, build_datasets, list_samples
 from segmentation.config import UserError, load_config
 from segmentation.data.cache import write_entry
 from segmentation.data.preprocess import network_margin, pad_for_model
-from segmentation.data.readers import mask_settings, read_isbi2012, read_pennfudan
+from segmentation.data.readers import MaskSettings, read_isbi2012, read_pennfudan
+from tests.helpers import datasets_of
 from tests.test_masks import separated
 from training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TWO_CLASSES = mask_settings(load_config(None))  # how masks are read by default
+TWO_CLASSES = MaskSettings()  # how masks are read by default
 
 
 def write(path: Path, array: np.ndarray) -> None:
@@ -50,8 +51,8 @@ def make_folder(root: Path, count: int = 4, size: tuple[int, int] = (40, 48), rg
 
 def read_samples(config: dict) -> tuple[list, list | None]:
     """The configured data set's samples, read (listing alone reads no pixels)."""
-    samples, val = list_samples(config)
-    settings = mask_settings(config)
+    samples, val = list_samples(config.train, config.unet.num_classes)
+    settings = MaskSettings.from_settings(config.unet.num_classes, config.train)
     return [sample.read(settings) for sample in samples], None if val is None else [
         sample.read(settings) for sample in val
     ]
@@ -225,10 +226,10 @@ def test_explicit_validation_images(tmp_path):
             "train.tile_size=60",
         ],
     )
-    data = build_datasets(config)
-    assert len(data["val"]) == 2 and data["val"].names == ["synthetic 1", "synthetic 3"] and len(data["train"]) == 3 * 4
+    data = build_datasets(config.unet, config.train)
+    assert len(data.val) == 2 and data.val.names == ["synthetic 1", "synthetic 3"] and len(data.train) == 3 * 4
     with pytest.raises(UserError, match=r"train.val_images: \[7\] not among the 5 images"):
-        build_datasets(load_config(None, ["train.synthetic_images=5", "train.val_images=[7]"]))
+        datasets_of(load_config(None, ["train.synthetic_images=5", "train.val_images=[7]"]))
 
 
 def test_training_on_a_folder_of_rgb_images_with_0_255_masks(tmp_path):
@@ -273,21 +274,17 @@ def test_real_pennfudan():
 @pytest.mark.parametrize("name", ["isbi2012", "isbi2012_cpu", "pennfudan", "pennfudan_cpu"])
 def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
     config = load_config(ROOT / "configs" / f"{name}.yaml", [], [])
-    train = config["train"]
-    test_images = train["test_images"]
-    assert test_images and not set(test_images) & set(train["val_images"] or [])
+    train = config.train
+    test_images = train.test_images
+    assert test_images and not set(test_images) & set(train.val_images or [])
     if name.startswith("isbi2012"):
-        assert test_images == [24, 25, 26, 27, 28, 29] and train["val_images"] == [21, 22, 23]
+        assert test_images == (24, 25, 26, 27, 28, 29) and train.val_images == (21, 22, 23)
+        assert config.unet.padding == 0 and config.unet.image_channels == 1 and config.augment.elastic_std > 0
         assert (
-            config["unet"]["padding"] == 0
-            and config["unet"]["image_channels"] == 1
-            and config["augment"]["elastic_std"] > 0
-        )
-        assert (
-            train["w_0"] > 0 or name == "isbi2012_cpu"
+            train.w_0 > 0 or name == "isbi2012_cpu"
         )  # the paper's set-up has border weights; the CPU recipe measured better without
     else:
-        assert config["unet"]["padding"] == 1 and config["unet"]["image_channels"] == 3
+        assert config.unet.padding == 1 and config.unet.image_channels == 3
 
 
 @pytest.mark.parametrize("data_set", ["isbi2012", "pennfudan"])
@@ -295,25 +292,17 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
     baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
     # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
+    assert baseline.train.loss == "ce" and baseline.train.class_weights == "none" and baseline.train.w_0 == 0
     assert (
-        baseline["train"]["loss"] == "ce"
-        and baseline["train"]["class_weights"] == "none"
-        and baseline["train"]["w_0"] == 0
+        baseline.predict.threshold == 0.5
+        and baseline.predict.watershed_seeds is None
+        and baseline.predict.tta is False
+        and baseline.predict.scales == (1.0,)
     )
-    assert (
-        baseline["predict"]["threshold"] == 0.5
-        and baseline["predict"]["watershed_seeds"] is None
-        and baseline["predict"]["tta"] is False
-        and baseline["predict"]["scales"] == [1.0]
-    )
-    assert (
-        baseline["augment"]["elastic_std"] == 0
-        and baseline["augment"]["scale"] == 0
-        and baseline["augment"]["brightness"] == 0
-    )
-    assert baseline["train"]["ema"] == 0 and baseline["train"]["optim"] == "adam"  # the optimizer's own weights
+    assert baseline.augment.elastic_std == 0 and baseline.augment.scale == 0 and baseline.augment.brightness == 0
+    assert baseline.train.ema == 0 and baseline.train.optim == "adam"  # the optimizer's own weights
     # the same network, data, split and budget as the recipe
-    assert baseline["unet"] == recipe["unet"]
+    assert baseline.unet == recipe.unet
     for key in (
         "dataset_name",
         "data",
@@ -333,7 +322,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
         "split_seed",
         "best_metric",
     ):
-        assert baseline["train"][key] == recipe["train"][key], key
+        assert getattr(baseline.train, key) == getattr(recipe.train, key), key
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
@@ -345,20 +334,20 @@ def test_isbi_contiguous_folds_hold_out_six_neighbouring_slices():
         "train.folds=5",
         "train.fold=1",
     ]
-    data = build_datasets(load_config(ROOT / "configs" / "isbi2012_cpu.yaml", overrides, []), lambda message: None)
+    data = datasets_of(load_config(ROOT / "configs" / "isbi2012_cpu.yaml", overrides, []), lambda message: None)
     truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
-    assert len(data["test"]) == 6 and len(data["val"]) == 2 and len(data["train"]) == 22 * 4
+    assert len(data.test) == 6 and len(data.val) == 2 and len(data.train) == 22 * 4
     for index, slice_index in enumerate(range(6, 12)):
-        assert np.array_equal(data["test"][index][1].numpy(), truth[slice_index] == 255)
+        assert np.array_equal(data.test[index][1].numpy(), truth[slice_index] == 255)
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
 def test_isbi_cpu_config_trains_on_slices_0_to_20_and_tests_on_24_to_29():
     config = load_config(ROOT / "configs" / "isbi2012_cpu.yaml", [f"train.data={SHARED / 'isbi2012'}"], [])
-    data = build_datasets(config, lambda message: None)
-    assert len(data["train"]) == 21 * config["train"]["samples_per_image"]
+    data = build_datasets(config.unet, config.train, lambda message: None)
+    assert len(data.train) == 21 * config.train.samples_per_image
     truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
-    for part, slices in (("val", [21, 22, 23]), ("test", [24, 25, 26, 27, 28, 29])):
-        assert len(data[part]) == len(slices)
+    for images, slices in ((data.val, [21, 22, 23]), (data.test, [24, 25, 26, 27, 28, 29])):
+        assert len(images) == len(slices)
         for index, slice_index in enumerate(slices):
-            assert np.array_equal(data[part][index][1].numpy(), truth[slice_index] == 255)
+            assert np.array_equal(images[index][1].numpy(), truth[slice_index] == 255)

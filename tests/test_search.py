@@ -63,12 +63,13 @@ def test_tiny_lr_fails_with_the_raise_lr_hint(tmp_path):
 
 def test_the_batch_is_fixed_and_unaugmented(tmp_path):
     config = tiny_config(tmp_path, "train.batch_size=3")
-    train_set = build_datasets(config)["train"]
-    first, warnings = search.fixed_batch(train_set, config)
-    second, _ = search.fixed_batch(build_datasets(config)["train"], config)
-    smaller, _ = search.fixed_batch(train_set, tiny_config(tmp_path, "train.batch_size=2"))
+    train_set = build_datasets(config.unet, config.train).train
+    first, warnings = search.fixed_batch(train_set, config.unet, config.train)
+    second, _ = search.fixed_batch(build_datasets(config.unet, config.train).train, config.unet, config.train)
+    smaller_config = tiny_config(tmp_path, "train.batch_size=2")
+    smaller, _ = search.fixed_batch(train_set, smaller_config.unet, smaller_config.train)
     assert first[0].shape == (3, 1, 60, 60) and warnings == []
-    order = list(EpochSampler(len(train_set), config["train"]["seed"]))[:3]
+    order = list(EpochSampler(len(train_set), config.train.seed))[:3]
     for batch_tensor, raw in zip(first, zip(*(train_set[i] for i in order))):
         assert torch.equal(batch_tensor, torch.stack(raw))  # the dataset's tiles as they are: no augmentation
     for a, b, c in zip(first, second, smaller):
@@ -77,7 +78,7 @@ def test_the_batch_is_fixed_and_unaugmented(tmp_path):
 
 def test_labels_beyond_the_classes_are_an_error(tmp_path):
     config = tiny_config(tmp_path, "train.class_weights=none")  # a class weight per class could not weigh label 2
-    train_set = build_datasets(config)["train"]
+    train_set = build_datasets(config.unet, config.train).train
     doubled = []
     for index, prepared in enumerate(train_set.images):
         image, label, border = prepared.arrays()
@@ -86,7 +87,7 @@ def test_labels_beyond_the_classes_are_an_error(tmp_path):
         )
     train_set.images = doubled
     with pytest.raises(UserError, match="label 2 but unet.num_classes is 2"):
-        search.fixed_batch(train_set, config)
+        search.fixed_batch(train_set, config.unet, config.train)
 
 
 def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, monkeypatch):
@@ -115,12 +116,10 @@ def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, mon
     assert rows == sorted(rows, key=rule) and [row["rank"] for row in rows] == ["1", "2", "3"]
     assert is_png(run_log / "trials.png")
     best = load_config(run_log / "best_config.yaml")
-    assert best["train"]["lr"] == float(rows[0]["train.lr"]) and best["train"]["optim"] == rows[0]["train.optim"]
-    assert not any(best["overfit_one_batch"][mode] for mode in ("overfit", "hp_search", "lr_find", "full_train"))
-    assert (
-        best["unet"] == config["unet"]
-        and best["overfit_one_batch"]["search_space"] == config["overfit_one_batch"]["search_space"]
-    )
+    assert best.train.lr == float(rows[0]["train.lr"]) and best.train.optim == rows[0]["train.optim"]
+    modes = best.overfit_one_batch
+    assert not (modes.overfit or modes.hp_search or modes.lr_find or modes.full_train)
+    assert best.unet == config.unet and best.overfit_one_batch.search_space == config.overfit_one_batch.search_space
     assert trained == [best]
 
 
@@ -131,7 +130,7 @@ def test_grid_takes_every_combination_and_spaced_range_points(tmp_path):
         "overfit_one_batch.grid_points=4",
         "overfit_one_batch.search_space={train.optim: [adam, adamw, sgd], train.lr: {log_uniform: [1e-4, 1e-1]}, unet.dropout: {uniform: [0, 0.3]}}",
     )
-    points = search.search_points(config["overfit_one_batch"])
+    points = search.search_points(config.overfit_one_batch)
     assert len(points) == 3 * 4 * 4
     assert sorted({point["train.lr"] for point in points}) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
     assert sorted({point["unet.dropout"] for point in points}) == pytest.approx([0.0, 0.1, 0.2, 0.3])
@@ -227,7 +226,7 @@ def test_ctrl_c_in_trial_2_still_writes_trial_1(tmp_path, monkeypatch):
     rows = read_trials(summary["run_log"])
     assert [row["trial"] for row in rows] == ["1"]
     best = load_config(summary["run_log"] / "best_config.yaml")
-    assert best["train"]["lr"] == float(rows[0]["train.lr"])
+    assert best.train.lr == float(rows[0]["train.lr"])
     assert is_png(summary["run_log"] / "trials.png")
 
 

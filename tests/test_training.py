@@ -17,11 +17,12 @@ import torch
 import training
 from dataset import build_datasets
 from model import build_model
-from segmentation.config import UserError, load_config
+from segmentation.config import UserError, load_config, resolve
+from segmentation.device import resolve_device
 from segmentation.engine import step
-from segmentation.engine.device import resolve_device
 from segmentation.engine.step import build_optimizer, lr_factor
 from segmentation.engine.validation import evaluate
+from tests.helpers import datasets_of, predictor_of
 from tests.test_config import SEED_README_CONFIG
 from training import train
 
@@ -86,7 +87,7 @@ def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     assert load_config(run_log / "config.yaml") == config
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_weights / name, weights_only=True)
-        assert state["config"] == config
+        assert state["config"] == config.to_dict()
         assert {"model", "optimizer", "scheduler", "progress", "rng"} <= state.keys()
     last = torch.load(run_weights / "last.pt", weights_only=True)
     assert last["progress"]["epoch"] == 2 and last["progress"]["step"] == 8
@@ -225,7 +226,7 @@ def test_cuda_without_gpu_is_a_clear_error():
 def test_bitsandbytes_falls_back_to_torch_with_a_notice(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     model = torch.nn.Linear(2, 2)
-    train_config = load_config(None, ["train.use_bitsandbytes=true", "train.optim=adamw"])["train"]
+    train_config = load_config(None, ["train.use_bitsandbytes=true", "train.optim=adamw"]).train
     optimizer = build_optimizer(model, train_config, torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW
     assert "bitsandbytes' 8-bit adamw does not work on cpu" in capsys.readouterr().err
@@ -269,13 +270,14 @@ def test_update_ema_by_hand():
 def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
     summary = train(tiny_config(tmp_path, "train.max_epochs=2", "train.ema=0.5"))
     last = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
-    config, data = last["config"], build_datasets(last["config"], lambda message: None)
+    config = resolve(last["config"])
+    data = datasets_of(config)
     logged = read_rows(summary["run_log"])[-1]
     scores = {}
     for key in ("model", "training_model"):
-        model = build_model(config["unet"])
+        model = build_model(config.unet)
         model.load_state_dict(last[key])
-        scores[key] = evaluate(model, data["val"], torch.device("cpu"), config)["val_loss"]
+        scores[key] = evaluate(predictor_of(model, config), data.val, config.train.loss)["val_loss"]
     assert scores["model"] != scores["training_model"]
     assert scores["model"] == pytest.approx(float(logged["val_loss"]), rel=1e-6)
 
@@ -353,7 +355,7 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
     )
     summary = train(config)
     assert not summary["interrupted"] and summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
-    assert config["train"]["tile_size"] == 320 and "tiles of 320 px" in capsys.readouterr().out
+    assert config.train.tile_size == 320 and "tiles of 320 px" in capsys.readouterr().out
 
 
 def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeypatch, capsys):
@@ -368,9 +370,9 @@ def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeyp
 
 def test_evaluate_counts_the_images_predicted_as_one_class(tmp_path):
     config = tiny_config(tmp_path)
-    data = build_datasets(config, lambda message: None)
-    model = build_model(config["unet"])
-    assert evaluate(model, data["val"], torch.device("cpu"), config)["uniform_images"] in (0, 1, 2)
+    data = build_datasets(config.unet, config.train, lambda message: None)
+    model = build_model(config.unet)
+    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] in (0, 1, 2)
     with torch.no_grad():
         model.outc.bias.copy_(torch.tensor([-50.0, 50.0]))  # class 1 everywhere
-    assert evaluate(model, data["val"], torch.device("cpu"), config)["uniform_images"] == len(data["val"]) == 2
+    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] == len(data.val) == 2

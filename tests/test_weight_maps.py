@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from segmentation.data.augment import save_samples_figure
 from segmentation.data.synthetic import synthetic_em
 from segmentation.data.weight_maps import class_balance_weights, weight_map
+from segmentation.runs.figures import save_samples_figure
 
 # ------------------------------------------------------------------ weight_map
 

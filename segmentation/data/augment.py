@@ -1,4 +1,4 @@
-"""Batched data augmentation in torch, on the training device, and a figure of augmented tiles.
+"""Batched data augmentation in torch, on the training device, from the config's ``augment`` section.
 
 The U-Net paper (Ronneberger et al. 2015, sec. 3.1) trains on few images and relies on strong
 augmentation: shifts, rotations, gray-value variations and, above all, smooth elastic deformations
@@ -22,16 +22,12 @@ is repeated, d c b a | a b c d, unlike NumPy's "reflect" padding).
 from __future__ import annotations
 
 import math
-import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmentation.config import default_config, resolve
-
-AUGMENT_DEFAULTS = default_config()["augment"]
+from segmentation.config import AugmentSettings
 
 # Below this sigma (px) a Gaussian kernel is a delta to float precision at the centre tap anyway;
 # using an exact delta keeps such samples bit-exact and avoids dividing by a vanishing sigma.
@@ -39,14 +35,6 @@ MIN_BLUR_SIGMA = 0.1
 
 # The blur kernel is cut off at this many sigmas of the largest possible sigma (99.7 % of the mass).
 BLUR_TRUNCATE = 3.0
-
-_GEOMETRIC_KEYS = ("flip", "rotate90", "rotation", "scale", "shift", "elastic_std")
-
-
-def resolve_settings(settings: dict) -> dict:
-    """``settings`` (any subset of the config's ``augment`` keys) completed with the defaults and
-    checked like the config; a ConfigError names an unknown key or a value out of range."""
-    return resolve({"augment": settings})["augment"]
 
 
 def _symmetric_uniform(half_width: float, size: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -56,7 +44,7 @@ def _symmetric_uniform(half_width: float, size: tuple[int, ...], generator: torc
 
 
 def random_parameters(
-    shape: tuple[int, int, int, int], settings: dict, generator: torch.Generator
+    shape: tuple[int, int, int, int], settings: AugmentSettings, generator: torch.Generator
 ) -> dict[str, Tensor]:
     """Draw random per-sample augmentation parameters for a batch.
 
@@ -67,15 +55,15 @@ def random_parameters(
     ----------
     shape : tuple of int
         Image batch shape (B, C, H, W).
-    settings : dict
-        Augmentation settings, see the config's ``augment`` section.
+    settings : AugmentSettings
+        The config's ``augment`` section.
     generator : torch.Generator
         Source of all randomness; the tensors are created on its device.
 
     Returns
     -------
     dict of str to Tensor
-        On the generator's device, B = batch size, g = ``settings["elastic_grid"]``:
+        On the generator's device, B = batch size, g = ``settings.elastic_grid``:
 
         - ``augmented``: (B,) bool, whether the sample is augmented at all.
         - ``flip_horizontal``, ``flip_vertical``: (B,) bool, mirror left-right / top-bottom.
@@ -91,33 +79,31 @@ def random_parameters(
         - ``noise_std``: (B,) float32, noise standard deviation in image units.
         - ``blur_sigma``: (B,) float32, Gaussian blur sigma in px.
         - ``noise``: (B, C, H, W) float32 standard normal noise, only present when
-          ``settings["noise"] > 0``.
+          ``settings.noise > 0``.
     """
-    settings = resolve_settings(settings)
     batch, channels, height, width = shape
-    grid = settings["elastic_grid"]
+    grid = settings.elastic_grid
     device = generator.device
 
     def unit() -> Tensor:
         return torch.rand(batch, generator=generator, device=device)
 
     params = {
-        "augmented": unit() < settings["probability"],
-        "flip_horizontal": (unit() < 0.5) & settings["flip"],
-        "flip_vertical": (unit() < 0.5) & (settings["flip"] and settings["vertical_flip"]),
-        "quarter_turns": torch.randint(4, (batch,), generator=generator, device=device) * int(settings["rotate90"]),
-        "angle": _symmetric_uniform(settings["rotation"], (batch,), generator),
-        "zoom": torch.exp(_symmetric_uniform(math.log1p(settings["scale"]), (batch,), generator)),
-        "shift": _symmetric_uniform(settings["shift"], (batch, 2), generator),
-        "displacement": settings["elastic_std"]
-        * torch.randn((batch, 2, grid, grid), generator=generator, device=device),
-        "brightness": _symmetric_uniform(settings["brightness"], (batch,), generator),
-        "contrast": 1.0 + _symmetric_uniform(settings["contrast"], (batch,), generator),
-        "gamma": torch.exp(_symmetric_uniform(math.log1p(settings["gamma"]), (batch,), generator)),
-        "noise_std": settings["noise"] * unit(),
-        "blur_sigma": settings["blur"] * unit(),
+        "augmented": unit() < settings.probability,
+        "flip_horizontal": (unit() < 0.5) & settings.flip,
+        "flip_vertical": (unit() < 0.5) & (settings.flip and settings.vertical_flip),
+        "quarter_turns": torch.randint(4, (batch,), generator=generator, device=device) * int(settings.rotate90),
+        "angle": _symmetric_uniform(settings.rotation, (batch,), generator),
+        "zoom": torch.exp(_symmetric_uniform(math.log1p(settings.scale), (batch,), generator)),
+        "shift": _symmetric_uniform(settings.shift, (batch, 2), generator),
+        "displacement": settings.elastic_std * torch.randn((batch, 2, grid, grid), generator=generator, device=device),
+        "brightness": _symmetric_uniform(settings.brightness, (batch,), generator),
+        "contrast": 1.0 + _symmetric_uniform(settings.contrast, (batch,), generator),
+        "gamma": torch.exp(_symmetric_uniform(math.log1p(settings.gamma), (batch,), generator)),
+        "noise_std": settings.noise * unit(),
+        "blur_sigma": settings.blur * unit(),
     }
-    if settings["noise"] > 0:
+    if settings.noise > 0:
         # Drawn last: the per-sample draws above do not depend on whether noise is on.
         params["noise"] = torch.randn((batch, channels, height, width), generator=generator, device=device)
     return params
@@ -155,10 +141,16 @@ def sampling_grid(params: dict[str, Tensor], height: int, width: int, elastic: b
     mirror_y = 1.0 - 2.0 * params["flip_vertical"].double()
     # Inverse of "rotate counter-clockwise by phi" in (x, y) with y pointing down is
     # (x, y) -> (x cos - y sin, x sin + y cos); the flip is its own inverse and comes last.
-    inverse = torch.stack(
-        [torch.stack([mirror_x * cos, -mirror_x * sin], dim=-1), torch.stack([mirror_y * sin, mirror_y * cos], dim=-1)],
-        dim=-2,
-    ) / params["zoom"].double()[:, None, None]
+    inverse = (
+        torch.stack(
+            [
+                torch.stack([mirror_x * cos, -mirror_x * sin], dim=-1),
+                torch.stack([mirror_y * sin, mirror_y * cos], dim=-1),
+            ],
+            dim=-2,
+        )
+        / params["zoom"].double()[:, None, None]
+    )
     # A pixel coordinate u (centres at 0..W-1) is 2 (u - c) / W in normalised coordinates; since
     # the map is linear about the centre, the scaling folds into the matrix.
     to_normalised = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64, device=inverse.device)
@@ -199,6 +191,7 @@ def upsample_bicubic(coarse: Tensor, height: int, width: int) -> Tensor:
     Tensor
         (B, K, H, W), the same as ``F.interpolate(coarse, (H, W), mode="bicubic", align_corners=True)``.
     """
+
     # Bicubic interpolation is separable and linear in the node values: interpolating each node's
     # unit impulse along one axis gives (H, m) and (W, n) weight matrices, and the result is
     # rows @ coarse @ cols^T: a few multiply-adds per pixel instead of 16 taps, much faster on a CPU.
@@ -240,7 +233,7 @@ def gaussian_blur(image: Tensor, sigma: Tensor, radius: int) -> Tensor:
     return F.conv2d(planes, kernel_2d, groups=batch * channels).reshape(image.shape)
 
 
-def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: dict) -> Tensor:
+def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: AugmentSettings) -> Tensor:
     """Apply blur, gamma, contrast, brightness and noise, in this order, per sample.
 
     Blur comes first as the optics would; noise comes last, as the sensor adds it after everything
@@ -252,46 +245,45 @@ def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: dict) -
         (B, C, H, W) float.
     params : dict of str to Tensor
         As returned by :func:`random_parameters`.
-    settings : dict
-        Augmentation settings, see the config's ``augment`` section.
+    settings : AugmentSettings
+        The config's ``augment`` section.
 
     Returns
     -------
     Tensor
         (B, C, H, W), same dtype.
     """
-    settings = resolve_settings(settings)
     per_sample = (-1, 1, 1, 1)
     dims = (1, 2, 3)
     # Each step is written in as few full-size passes as possible (addcmul, in-place on fresh
     # intermediates): on a CPU these element-wise passes, not the arithmetic, take the time.
-    if settings["blur"] > 0:
-        radius = max(1, math.ceil(BLUR_TRUNCATE * settings["blur"]))
+    if settings.blur > 0:
+        radius = max(1, math.ceil(BLUR_TRUNCATE * settings.blur))
         image = gaussian_blur(image, params["blur_sigma"], radius)
-    if settings["gamma"] > 0:
+    if settings.gamma > 0:
         low = image.amin(dim=dims, keepdim=True)
         span = (image.amax(dim=dims, keepdim=True) - low).clamp_min(torch.finfo(image.dtype).tiny)
         # The clamp only absorbs rounding just outside [0, 1], where a fractional power is undefined.
         unit = ((image - low) / span).clamp_(0.0, 1.0)
         image = torch.addcmul(low, unit.pow_(params["gamma"].reshape(per_sample)), span)
-    if settings["contrast"] > 0 or settings["brightness"] > 0:
+    if settings.contrast > 0 or settings.brightness > 0:
         # mean + (x - mean) * factor + brightness, as one affine map x * factor + offset; a disabled
         # part has its identity value (factor 1, brightness 0).
         factor = params["contrast"].reshape(per_sample)
         offset = image.mean(dim=dims, keepdim=True) * (1.0 - factor) + params["brightness"].reshape(per_sample)
         image = torch.addcmul(offset, image, factor)
-    if settings["noise"] > 0:
+    if settings.noise > 0:
         image = torch.addcmul(image, params["noise_std"].reshape(per_sample), params["noise"])
     return image
 
 
 def apply_parameters(
-    image: Tensor, label: Tensor, weight: Tensor, params: dict[str, Tensor], settings: dict
+    image: Tensor, label: Tensor, weight: Tensor, params: dict[str, Tensor], settings: AugmentSettings
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Augment a batch with given per-sample parameters.
 
     Geometry: one sampling grid per sample (see :func:`sampling_grid`) and one ``F.grid_sample``
-    call per tensor, mirroring at the tile edges: the image with ``settings["interpolation"]``, the
+    call per tensor, mirroring at the tile edges: the image with ``settings.interpolation``, the
     label with nearest neighbour (so it keeps its class values), the weight bilinearly. When all
     geometric transforms are off, no resampling happens. Then the image's intensity is changed
     (:func:`adjust_intensity`). Samples with ``params["augmented"]`` false are returned unchanged.
@@ -306,15 +298,14 @@ def apply_parameters(
         (B, H, W) float32 per-pixel loss weights.
     params : dict of str to Tensor
         As returned by :func:`random_parameters`, on the tensors' device.
-    settings : dict
-        Augmentation settings, see the config's ``augment`` section; they decide which transforms run.
+    settings : AugmentSettings
+        The config's ``augment`` section; it decides which transforms run.
 
     Returns
     -------
     image, label, weight : Tensor
         Same shapes, dtypes and device as the inputs.
     """
-    settings = resolve_settings(settings)
     if image.ndim != 4 or label.shape != (image.shape[0], *image.shape[2:]) or weight.shape != label.shape:
         raise ValueError(
             f"expected image (B, C, H, W) with label and weight (B, H, W), got image {tuple(image.shape)}, "
@@ -322,16 +313,16 @@ def apply_parameters(
         )
     height, width = image.shape[-2:]
     new_image, new_label, new_weight = image, label, weight
-    if any(settings[key] for key in _GEOMETRIC_KEYS):
-        grid = sampling_grid(params, height, width, elastic=settings["elastic_std"] > 0)
+    if settings.geometric:
+        grid = sampling_grid(params, height, width, elastic=settings.elastic_std > 0)
         resample = {"padding_mode": "reflection", "align_corners": False}
-        new_image = F.grid_sample(image, grid, mode=settings["interpolation"], **resample)
+        new_image = F.grid_sample(image, grid, mode=settings.interpolation, **resample)
         # Class indices are exact in float32 (below 2**24), and nearest sampling only copies them.
         label_plane = label[:, None].to(image.dtype)
         new_label = F.grid_sample(label_plane, grid, mode="nearest", **resample)[:, 0].to(label.dtype)
         new_weight = F.grid_sample(weight[:, None], grid, mode="bilinear", **resample)[:, 0]
     new_image = adjust_intensity(new_image, params, settings)
-    if settings["probability"] == 1.0:
+    if settings.probability == 1.0:
         return new_image, new_label, new_weight
     # Selecting per sample (rather than resampling with an identity grid) keeps skipped samples
     # bit-exact and needs no host round trip to know which samples those are.
@@ -344,7 +335,7 @@ def apply_parameters(
 
 
 def augment_batch(
-    image: Tensor, label: Tensor, weight: Tensor, settings: dict, generator: torch.Generator
+    image: Tensor, label: Tensor, weight: Tensor, settings: AugmentSettings, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Randomly augment a batch of training tiles on their device (U-Net paper, sec. 3.1).
 
@@ -356,8 +347,8 @@ def augment_batch(
         (B, H, W) int64 class indices.
     weight : Tensor
         (B, H, W) float32 per-pixel loss weights.
-    settings : dict
-        Augmentation settings, any subset of the config's ``augment`` section.
+    settings : AugmentSettings
+        The config's ``augment`` section.
     generator : torch.Generator
         Source of all randomness, on the same device type as the tensors.
 
@@ -372,70 +363,12 @@ def augment_batch(
     return apply_parameters(image, label, weight, params, settings)
 
 
-def augment_on_device(batch, settings: dict, seed: int, step: int, device: torch.device, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+def augment_on_device(
+    batch, settings: AugmentSettings, seed: int, step: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
     """Move ``(image, label, weight)`` to the device and augment them there, with randomness fixed by
     ``(seed, step, rank)`` so that a resumed run sees the same augmentation and the processes of a
     distributed run draw different augmentations."""
     batch = [tensor.to(device, non_blocking=True) for tensor in batch]
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * world_size + rank + 1)
     return list(augment_batch(*batch, settings, generator))
-
-
-
-def save_samples_figure(
-    path: str | os.PathLike,
-    image: Tensor,
-    label: Tensor,
-    weight: Tensor,
-    count: int = 4,
-    title: str = "",
-) -> None:
-    """Save a PNG of samples to check by eye: one row per sample, columns image, label and weight map.
-
-    Used for the weight map of a whole training image and for augmented training tiles.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Output PNG file.
-    image : Tensor
-        (B, C, H, W) float; one channel is shown in gray, three as RGB (each sample stretched to
-        [0, 1]), otherwise the first channel.
-    label : Tensor
-        (B, H, W) int class indices.
-    weight : Tensor
-        (B, H, W) float weight maps, on one colour scale for all rows.
-    count : int, optional
-        Number of samples shown, the first ones of the batch (fewer if the batch is smaller).
-    title : str, optional
-        Figure title.
-    """
-    # matplotlib is imported here so that importing this module stays fast; a bare Figure renders
-    # with Agg and is never registered with pyplot, so it needs no GUI backend and no closing.
-    from matplotlib.figure import Figure
-
-    rows = min(count, image.shape[0])
-    images = image[:rows].detach().float().cpu().numpy()
-    labels = label[:rows].detach().cpu().numpy()
-    weights = weight[:rows].detach().float().cpu().numpy()
-    weight_range = {"vmin": float(weights.min()), "vmax": float(weights.max())}
-
-    figure = Figure(figsize=(9, 3 * rows + 0.5), layout="constrained")
-    axes = figure.subplots(rows, 3, squeeze=False)
-    for row in range(rows):
-        if images.shape[1] == 3:
-            rgb = np.moveaxis(images[row], 0, -1)
-            rgb = (rgb - rgb.min()) / max(float(np.ptp(rgb)), 1e-12)
-            axes[row, 0].imshow(rgb, interpolation="nearest")
-        else:
-            axes[row, 0].imshow(images[row, 0], cmap="gray", interpolation="nearest")
-        axes[row, 1].imshow(labels[row], cmap="gray", interpolation="nearest")
-        weight_plot = axes[row, 2].imshow(weights[row], cmap="viridis", interpolation="nearest", **weight_range)
-        for column in range(3):
-            axes[row, column].set_axis_off()
-    for column, name in enumerate(("image", "label", "weight")):
-        axes[0, column].set_title(name)
-    figure.colorbar(weight_plot, ax=axes[:, 2], shrink=0.6)
-    if title:
-        figure.suptitle(title)
-    figure.savefig(path, dpi=100)

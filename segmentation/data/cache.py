@@ -49,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,10 +58,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from segmentation.config import UserError
+from segmentation.config import TrainSettings, UNetSettings, UserError
 from segmentation.console import first_line
 from segmentation.data.preprocess import normalize_image, resize_image, resize_mask, scaled_size
-from segmentation.data.readers import mask_settings
+from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import border_weights, class_counts
 
 CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
@@ -89,7 +90,11 @@ class PreparedImage:
         read-only: only what is indexed is read, and the mapping closes when the arrays are dropped, so
         nothing stays in the process's memory."""
         border = np.load(self.folder / "border.npy", mmap_mode="r") if self.has_border else None
-        return np.load(self.folder / "image.npy", mmap_mode="r"), np.load(self.folder / "label.npy", mmap_mode="r"), border
+        return (
+            np.load(self.folder / "image.npy", mmap_mode="r"),
+            np.load(self.folder / "label.npy", mmap_mode="r"),
+            border,
+        )
 
     def instances(self) -> np.ndarray:
         """(H, W) object ids (0 = none) of the image, in memory; a ValueError where they are not stored."""
@@ -98,15 +103,30 @@ class PreparedImage:
         return np.load(self.folder / "instances.npy")
 
 
-def preprocessing_settings(config: dict) -> dict:
-    """The settings of a config that enter an entry (besides the per-image ``train.image_scale``):
-    the channels, the border term's ``w_0`` and ``sigma``, and how masks are read (``readers.mask_settings``)."""
-    train = config["train"]
-    return {"channels": config["unet"]["image_channels"], "w_0": train["w_0"], "sigma": train["sigma"], **mask_settings(config)}
+@dataclass(frozen=True)
+class PreprocessingSettings:
+    """The settings that enter an entry (besides the per-image ``train.image_scale``): the channels
+    (``unet.image_channels``), the border term's ``train.w_0`` and ``train.sigma``, and how masks are read."""
+
+    channels: int
+    w_0: float
+    sigma: float
+    masks: MaskSettings
+
+    @classmethod
+    def from_settings(cls, unet: UNetSettings, train: TrainSettings) -> PreprocessingSettings:
+        """The preprocessing settings of a config's ``unet`` and ``train`` sections."""
+        return cls(unet.image_channels, train.w_0, train.sigma, MaskSettings.from_settings(unet.num_classes, train))
 
 
 def prepare_images(
-    samples: Sequence, scales: Sequence[float], settings: dict, cache_dir: str | Path, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1
+    samples: Sequence,
+    scales: Sequence[float],
+    settings: PreprocessingSettings,
+    cache_dir: str | Path,
+    note: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[PreparedImage]:
     """The cache entries of ``samples`` (``readers.FileSample`` or ``synthetic.SyntheticSample``), each
     resized by its ``scales`` factor, building the missing ones; in the order of ``samples``."""
@@ -115,7 +135,10 @@ def prepare_images(
         cache_dir.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(cache_dir)
     except OSError as error:
-        raise UserError(f"train.cache_dir: cannot write to {cache_dir} ({error.strerror or error}): set train.cache_dir to a writable folder") from None
+        raise UserError(
+            f"train.cache_dir: cannot write to {cache_dir} ({error.strerror or error}): "
+            "set train.cache_dir to a writable folder"
+        ) from None
     folders = [cache_dir / entry_name(sample, scale, settings) for sample, scale in zip(samples, scales)]
     entries: dict[int, PreparedImage] = {}
     missing = []
@@ -127,23 +150,35 @@ def prepare_images(
         if problem:
             note(f"cache entry {folder} of {samples[index].name} is incomplete or damaged ({problem}): rebuilding it")
         missing.append(index)
-    first = {folder: index for index, folder in reversed(list(enumerate(folders)))}  # an image listed twice is built once
-    # Under torchrun each process builds every world_size-th image of the whole list, missing or not, so
-    # that a process starting late, which finds part of the others' share built, still agrees on who builds the rest.
+    # an image listed twice is built once
+    first = {folder: index for index, folder in reversed(list(enumerate(folders)))}
+    # Under torchrun each process builds every world_size-th image of the whole list, missing or not, so that
+    # a process starting late, which finds part of the others' share built, still agrees on who builds the rest.
     missing_set = set(missing)
     share = [index for index in sorted(first.values())[rank::world_size] if index in missing_set]
     for index in share:
         shutil.rmtree(folders[index], ignore_errors=True)
     jobs = [(samples[index], scales[index], folders[index]) for index in share]
-    build_entries(jobs, settings, f"preparing {len(missing)} image(s) into {cache_dir} (once)", show_progress=rank == 0, workers=max(1, (os.cpu_count() or 1) // world_size))
+    build_entries(
+        jobs,
+        settings,
+        f"preparing {len(missing)} image(s) into {cache_dir} (once)",
+        show_progress=rank == 0,
+        workers=max(1, (os.cpu_count() or 1) // world_size),
+    )
     for index in missing:
         entries[index] = wait_for_entry(folders[index], samples[index].name, waiting=world_size > 1)
     return [entries[index] for index in range(len(folders))]
 
 
-def entry_name(sample, scale: float, settings: dict) -> str:
+def entry_name(sample, scale: float, settings: PreprocessingSettings) -> str:
     """``<image name>-<key>``: the name for people, the key (20 hex digits of a SHA-256) for correctness."""
-    identity = {"source": sample.identity(), "scale": scale, "settings": settings, "code": code_version()}
+    identity = {
+        "source": sample.identity(),
+        "scale": scale,
+        "settings": dataclasses.asdict(settings),
+        "code": code_version(),
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', sample.name)[:40]}-{key}"
 
@@ -173,7 +208,16 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             expected["instances"] = ((height, width), np.dtype(meta["instances_dtype"]))
         for array, (shape, dtype) in expected.items():
             check_array_file(folder / f"{array}.npy", shape, dtype)
-        entry = PreparedImage(folder, meta["name"], (height, width), meta["source_channels"], tuple(meta["class_counts"]), meta["has_border"], meta["mask_read_as"], bool(meta["instances_dtype"]))
+        entry = PreparedImage(
+            folder,
+            meta["name"],
+            (height, width),
+            meta["source_channels"],
+            tuple(meta["class_counts"]),
+            meta["has_border"],
+            meta["mask_read_as"],
+            bool(meta["instances_dtype"]),
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {first_line(error)}"
     return entry, None
@@ -188,12 +232,16 @@ def check_array_file(path: Path, shape: tuple[int, ...], dtype) -> None:
         size = os.fstat(file.fileno()).st_size
         needed = file.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran_order:
-        raise ValueError(f"{path.name} holds {found_dtype} {tuple(found_shape)}, expected {np.dtype(dtype)} {tuple(shape)}")
+        raise ValueError(
+            f"{path.name} holds {found_dtype} {tuple(found_shape)}, expected {np.dtype(dtype)} {tuple(shape)}"
+        )
     if size != needed:
         raise ValueError(f"{path.name} has {size} bytes, expected {needed}")
 
 
-def build_entries(jobs: list[tuple], settings: dict, description: str, show_progress: bool, workers: int) -> None:
+def build_entries(
+    jobs: list[tuple], settings: PreprocessingSettings, description: str, show_progress: bool, workers: int
+) -> None:
     """Build the entries of ``jobs`` (sample, scale, folder): in worker processes when there are many."""
     if not jobs:
         return
@@ -218,27 +266,46 @@ def build_entries(jobs: list[tuple], settings: dict, description: str, show_prog
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def build_entry(sample, scale: float, folder: Path, settings: dict) -> None:
+def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSettings) -> None:
     """Read one image, preprocess it as training needs it and write its entry atomically."""
-    data = sample.read(settings)
-    image = normalize_image(data.image, settings["channels"])
+    data = sample.read(settings.masks)
+    image = normalize_image(data.image, settings.channels)
     label, instances = data.label, data.instances
     if scale != 1:
         size = scaled_size(*label.shape, scale)
         image = resize_image(torch.from_numpy(image), size).numpy()
         label, instances = resize_mask(label, size), resize_mask(instances, size)
-    border = border_weights(label, instances, settings["w_0"], settings["sigma"])
+    border = border_weights(label, instances, settings.w_0, settings.sigma)
     source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
     try:
         # object ids only where validation and test can use them: at the image's own size
-        write_entry(folder, data.name, image, label, border, source_channels, settings["num_classes"], instances if scale == 1 else None, data.mask_read_as)
+        write_entry(
+            folder,
+            data.name,
+            image,
+            label,
+            border,
+            source_channels,
+            settings.masks.num_classes,
+            instances if scale == 1 else None,
+            data.mask_read_as,
+        )
     except OSError as error:  # a full disk, a folder without write permission
-        raise UserError(f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set train.cache_dir to another folder") from None
+        raise UserError(
+            f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set train.cache_dir to another folder"
+        ) from None
 
 
 def write_entry(
-    folder: Path, name: str, image: np.ndarray, label: np.ndarray, border: np.ndarray | None, source_channels: int, num_classes: int,
-    instances: np.ndarray | None = None, mask_read_as: str = "classes",
+    folder: Path,
+    name: str,
+    image: np.ndarray,
+    label: np.ndarray,
+    border: np.ndarray | None,
+    source_channels: int,
+    num_classes: int,
+    instances: np.ndarray | None = None,
+    mask_read_as: str = "classes",
 ) -> PreparedImage:
     """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` and
     ``instances`` (H, W) or None) into a temporary folder, then rename it to ``folder``: it appears
@@ -280,7 +347,9 @@ def wait_for_entry(folder: Path, name: str, waiting: bool) -> PreparedImage:
         if entry is not None:
             return entry
         if not waiting:
-            raise UserError(f"cache entry {folder} of {name} was not built ({problem or 'missing'}): delete it and run again")
+            raise UserError(
+                f"cache entry {folder} of {name} was not built ({problem or 'missing'}): delete it and run again"
+            )
         time.sleep(POLL_SECONDS)
 
 

@@ -25,7 +25,7 @@ from segmentation.data.readers import (
     FileSample,
     label_from_mask,
     listed,
-    mask_settings,
+    MaskSettings,
     match_by_stem,
     read_isbi2012,
     read_mask,
@@ -40,9 +40,13 @@ def check_main(argv: list[str]) -> int:
     """``python dataset.py check PATH``: print the fingerprint; exit status 0, or 1 when the data
     cannot be trained on as it is."""
     argv = argv[1:] if argv and argv[0] == "check" else argv
-    parser = argparse.ArgumentParser(prog="python dataset.py check", description="Check a data set and suggest its config lines.")
+    parser = argparse.ArgumentParser(
+        prog="python dataset.py check", description="Check a data set and suggest its config lines."
+    )
     parser.add_argument("path", type=Path, help="the data set's folder (images/ + masks/, ISBI 2012, Penn-Fudan)")
-    parser.add_argument("--sample", type=int, default=200, help="masks to read at most, spread over the data set (default 200)")
+    parser.add_argument(
+        "--sample", type=int, default=200, help="masks to read at most, spread over the data set (default 200)"
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
@@ -66,7 +70,9 @@ def detect_layout(root: Path) -> str:
         return "folder"
     if not root.is_dir():
         raise UserError(f"{root}: folder not found")
-    raise UserError(f"{root}: no known layout: expected images/ + masks/ (your data), train-volume.tif + train-labels.tif (ISBI 2012) or PNGImages/ + PedMasks/ (Penn-Fudan)")
+    raise UserError(
+        f"{root}: no known layout: expected images/ + masks/ (your data), train-volume.tif + train-labels.tif (ISBI 2012) or PNGImages/ + PedMasks/ (Penn-Fudan)"
+    )
 
 
 def list_pairs(root: Path, layout: str) -> tuple[list[FileSample], list[str]]:
@@ -90,7 +96,9 @@ def image_header(sample: FileSample) -> tuple[tuple[int, ...], str]:
             page = tiff.pages[sample.page or 0]
             return tuple(page.shape), str(page.dtype)
     with PIL.Image.open(sample.image) as image:
-        channels = {"L": (), "P": (), "I;16": (), "I": (), "F": (), "1": (), "LA": (2,), "RGB": (3,), "RGBA": (4,)}.get(image.mode, (len(image.getbands()),))
+        channels = {"L": (), "P": (), "I;16": (), "I": (), "F": (), "1": (), "LA": (2,), "RGB": (3,), "RGBA": (4,)}.get(
+            image.mode, (len(image.getbands()),)
+        )
         dtype = {"I;16": "uint16", "I": "int32", "F": "float32", "1": "bool"}.get(image.mode, "uint8")
         return (image.height, image.width, *channels), dtype
 
@@ -98,7 +106,11 @@ def image_header(sample: FileSample) -> tuple[tuple[int, ...], str]:
 def mask_kind(mask: np.ndarray, palette: bool) -> str:
     """How a mask's values look: ``0/255``, ``0/1``, ``float 0/1``, ``palette indices``, ``colours``,
     ``integer values`` (class indices or object ids) or ``other values``."""
-    if mask.ndim == 3 and mask.shape[-1] in (3, 4) and not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
+    if (
+        mask.ndim == 3
+        and mask.shape[-1] in (3, 4)
+        and not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2]))
+    ):
         return "colours"
     values = set(np.unique(mask[..., 0] if mask.ndim == 3 else mask).tolist())
     if palette:
@@ -122,7 +134,9 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
             headers.append(image_header(sample))
         except Exception as error:  # the readers raise many types for broken files
             unreadable.append(f"{sample.image}: cannot read this image ({type(error).__name__})")
-    picked = [samples[index] for index in np.linspace(0, len(samples) - 1, min(sample_size, len(samples))).round().astype(int)]
+    picked = [
+        samples[index] for index in np.linspace(0, len(samples) - 1, min(sample_size, len(samples))).round().astype(int)
+    ]
     masks, kinds = [], Counter()
     for sample in picked:
         try:
@@ -138,8 +152,14 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
     suggestion = suggest(layout, root, headers, masks, kinds)
     lines = describe(layout, root, samples, headers, masks, kinds, suggestion)
     problems += unreadable + suggestion["problems"]
-    lines += [f"problem: {problem}" for problem in problems[:20]] + ([f"... and {len(problems) - 20} more problems"] if len(problems) > 20 else [])
-    lines += ["", "suggested config (python training.py --config this.yaml, or as section.key=value overrides):", *suggestion["yaml"]]
+    lines += [f"problem: {problem}" for problem in problems[:20]] + (
+        [f"... and {len(problems) - 20} more problems"] if len(problems) > 20 else []
+    )
+    lines += [
+        "",
+        "suggested config (python training.py --config this.yaml, or as section.key=value overrides):",
+        *suggestion["yaml"],
+    ]
     return {"lines": lines, "problems": problems, "suggestion": suggestion}
 
 
@@ -163,18 +183,28 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
     sides = [max(shape[:2]) for shape, _ in headers]
     if sides and np.median(sides) > LARGE_PHOTO_SIDE:
         values["train.image_scale"] = round(512 / float(np.median(sides)), 2)
-    config = load_config(None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"])
-    fractions, unreadable = class_fractions(masks, config)
+    config = load_config(
+        None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"]
+    )
+    fractions, unreadable = class_fractions(masks, MaskSettings.from_settings(config.unet.num_classes, config.train))
     if len(fractions) and fractions.min() < 0.1:
         values["train.class_weights"] = "balanced"
     sections: dict[str, list[str]] = {}
     for key, value in values.items():
         section, _, name = key.partition(".")
         sections.setdefault(section, []).append(f"  {name}: {value}")
-    yaml = [line for section in ("unet", "train") if section in sections for line in (f"{section}:", *sections[section])]
-    tile = config["train"]["tile_size"]
-    labelled = output_size(tile, len(config["unet"]["input_channels"]), config["unet"]["padding"])
-    return {"values": values, "yaml": yaml, "fractions": fractions, "problems": problems + unreadable, "tile": (tile, labelled)}
+    yaml = [
+        line for section in ("unet", "train") if section in sections for line in (f"{section}:", *sections[section])
+    ]
+    tile = config.train.tile_size
+    labelled = output_size(tile, config.unet.depth, config.unet.padding)
+    return {
+        "values": values,
+        "yaml": yaml,
+        "fractions": fractions,
+        "problems": problems + unreadable,
+        "tile": (tile, labelled),
+    }
 
 
 def mask_config(masks: list, kinds: Counter) -> dict:
@@ -184,7 +214,9 @@ def mask_config(masks: list, kinds: Counter) -> dict:
     usual = kinds.most_common(1)[0][0]
     typical = [mask for _, mask, kind in masks if kind == usual or usual == "palette indices"]
     if usual == "colours":
-        colours = sorted({tuple(colour) for mask in typical for colour in np.unique(mask[..., :3].reshape(-1, 3), axis=0).tolist()})
+        colours = sorted(
+            {tuple(colour) for mask in typical for colour in np.unique(mask[..., :3].reshape(-1, 3), axis=0).tolist()}
+        )
         return {"unet.num_classes": len(colours), "train.mask_colors": [list(colour) for colour in colours]}
     distinct = sorted(set().union(*(set(np.unique(mask).tolist()) for mask in typical)))
     if usual == "integer values" and len(distinct) > MAX_CLASSES:
@@ -196,22 +228,23 @@ def mask_config(masks: list, kinds: Counter) -> dict:
     return {"unet.num_classes": 2}
 
 
-def class_fractions(masks: list, config: dict) -> tuple[np.ndarray, list[str]]:
-    """The fraction of each class over the sampled masks read as ``config`` says, and the masks it
+def class_fractions(masks: list, settings: MaskSettings) -> tuple[np.ndarray, list[str]]:
+    """The fraction of each class over the sampled masks read as ``settings`` say, and the masks they
     cannot read (one line each)."""
-    settings = mask_settings(config)
-    counts, problems = np.zeros(settings["num_classes"], dtype=np.int64), []
+    counts, problems = np.zeros(settings.num_classes, dtype=np.int64), []
     for sample, mask, _ in masks:
         try:
             label = label_from_mask(mask, settings, str(sample.mask), sample.mask_kind)[0]
         except UserError as error:
             problems.append(str(error))
             continue
-        counts += np.bincount(label.ravel(), minlength=settings["num_classes"])[: settings["num_classes"]]
+        counts += np.bincount(label.ravel(), minlength=settings.num_classes)[: settings.num_classes]
     return (counts / counts.sum() if counts.sum() else counts.astype(float)), problems
 
 
-def describe(layout: str, root: Path, samples: list, headers: list, masks: list, kinds: Counter, suggestion: dict) -> list[str]:
+def describe(
+    layout: str, root: Path, samples: list, headers: list, masks: list, kinds: Counter, suggestion: dict
+) -> list[str]:
     """The report's lines: counts, sizes, channels and bit depths, mask kinds, class fractions."""
     shapes = Counter((shape[0], shape[1]) for shape, _ in headers)
     channels = Counter(1 if len(shape) == 2 else shape[-1] for shape, _ in headers)
@@ -219,18 +252,27 @@ def describe(layout: str, root: Path, samples: list, headers: list, masks: list,
     heights, widths = [shape[0] for shape, _ in headers], [shape[1] for shape, _ in headers]
     lines = [
         f"{root}: {layout} layout, {len(samples)} images with masks",
-        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}" if headers else "sizes: none readable",
+        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}"
+        if headers
+        else "sizes: none readable",
         f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel types: {', '.join(f'{count} {dtype}' for dtype, count in depths.most_common())}",
-        f"masks (read {len(masks)} of {len(samples)}): " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()),
+        f"masks (read {len(masks)} of {len(samples)}): "
+        + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()),
     ]
-    values = sorted(set().union(*(set(np.unique(mask).tolist()) for _, mask, _ in masks if mask.ndim == 2))) if masks else []
+    values = (
+        sorted(set().union(*(set(np.unique(mask).tolist()) for _, mask, _ in masks if mask.ndim == 2))) if masks else []
+    )
     if values:
         lines.append(f"mask values: {listed(values, 12)}")
     if suggestion["values"].get("train.mask_type") == "classes" and layout == "folder":
-        lines.append("masks hold a few small integers: read as class indices; if each value is an object instead, use train.mask_type: instances and unet.num_classes: 2")
+        lines.append(
+            "masks hold a few small integers: read as class indices; if each value is an object instead, use train.mask_type: instances and unet.num_classes: 2"
+        )
     tile, labelled = suggestion["tile"]
     lines.append(f"tiles: train.tile_size auto gives {tile} px ({labelled} px labelled output) for the default U-Net")
     if len(suggestion["fractions"]):
-        lines.append("class fractions (as the suggested config reads the masks): " + ", ".join(f"{c}: {100 * f:.1f} %" for c, f in enumerate(suggestion["fractions"])))
+        lines.append(
+            "class fractions (as the suggested config reads the masks): "
+            + ", ".join(f"{c}: {100 * f:.1f} %" for c, f in enumerate(suggestion["fractions"]))
+        )
     return lines
-

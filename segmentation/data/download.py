@@ -87,20 +87,40 @@ def download(url: str, destination: Path, show_progress: bool = True, timeout: f
         request = urllib.request.Request(url, headers={"User-Agent": "unet-pytorch-downloader"})
         try:
             response = urllib.request.urlopen(request, timeout=timeout)
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:  # HTTPError, refused, DNS, timeout, SSL, bad URL
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            OSError,
+            ValueError,
+        ) as error:  # HTTPError, refused, DNS, timeout, SSL, bad URL
             raise UserError(f"could not download {url}: {_describe_network_error(error)}; {by_hand}") from None
         with response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            progress = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, file=sys.stderr, disable=not show_progress)
+            progress = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=destination.name,
+                file=sys.stderr,
+                disable=not show_progress,
+            )
             received = 0
             try:
                 with open(part, "wb") as file:
                     while True:
                         try:
                             chunk = response.read(CHUNK_BYTES)
-                        except (http.client.HTTPException, OSError, ValueError, EOFError) as error:  # reset, timeout, IncompleteRead
-                            raise UserError(f"could not download {url}: connection lost after {received} bytes ({_describe_network_error(error)}); {by_hand}") from None
+                        except (
+                            http.client.HTTPException,
+                            OSError,
+                            ValueError,
+                            EOFError,
+                        ) as error:  # reset, timeout, IncompleteRead
+                            raise UserError(
+                                f"could not download {url}: connection lost after {received} bytes ({_describe_network_error(error)}); {by_hand}"
+                            ) from None
                         if not chunk:
                             break
                         file.write(chunk)
@@ -111,7 +131,9 @@ def download(url: str, destination: Path, show_progress: bool = True, timeout: f
             finally:
                 progress.close()
         if total is not None and received != total:
-            raise UserError(f"could not download {url}: got {received} of {total} bytes (connection closed early); {by_hand}")
+            raise UserError(
+                f"could not download {url}: got {received} of {total} bytes (connection closed early); {by_hand}"
+            )
         try:
             os.replace(part, destination)
         except OSError as error:
@@ -195,14 +217,18 @@ def safe_extract_zip(archive: Path, target: Path, max_total_bytes: int = DEFAULT
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
-        raise UserError(f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or incomplete download?): {REDOWNLOAD}") from None
+        raise UserError(
+            f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or incomplete download?): {REDOWNLOAD}"
+        ) from None
     with zf:
         plan = _extraction_plan(zf, archive, target, max_total_bytes)
         skip = _unchanged_members(zf, archive, target, plan)
         return _write_members(zf, archive, plan, skip)
 
 
-def _extraction_plan(zf: zipfile.ZipFile, archive: Path, target: Path, max_total_bytes: int) -> list[tuple[zipfile.ZipInfo, Path]]:
+def _extraction_plan(
+    zf: zipfile.ZipFile, archive: Path, target: Path, max_total_bytes: int
+) -> list[tuple[zipfile.ZipInfo, Path]]:
     """Each member with its destination under ``target``, after checking every member's name and the
     archive's total size and CRCs; a UserError at the first problem."""
     root = target.resolve()
@@ -225,24 +251,32 @@ def _extraction_plan(zf: zipfile.ZipFile, archive: Path, target: Path, max_total
             elif not info.is_dir() and key in folders:
                 problem = "is a file, but other members lie inside it"
         if problem is not None:
-            raise UserError(f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; nothing was extracted)")
+            raise UserError(
+                f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; nothing was extracted)"
+            )
         seen[key] = info.is_dir()
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         if not info.is_dir():
             total += info.file_size
         plan.append((info, target.joinpath(*parts)))
     if total > max_total_bytes:
-        raise UserError(f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of {max_total_bytes:,} bytes (zip bomb?)")
+        raise UserError(
+            f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of {max_total_bytes:,} bytes (zip bomb?)"
+        )
     try:
         bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
-        raise UserError(f"{archive}: corrupt zip archive ({_one_line(error) or type(error).__name__}): {REDOWNLOAD}") from None
+        raise UserError(
+            f"{archive}: corrupt zip archive ({_one_line(error) or type(error).__name__}): {REDOWNLOAD}"
+        ) from None
     if bad is not None:
         raise UserError(f"{archive}: corrupt zip archive (bad CRC of the member {bad!r}): {REDOWNLOAD}")
     return plan
 
 
-def _unchanged_members(zf: zipfile.ZipFile, archive: Path, target: Path, plan: list[tuple[zipfile.ZipInfo, Path]]) -> set[str]:
+def _unchanged_members(
+    zf: zipfile.ZipFile, archive: Path, target: Path, plan: list[tuple[zipfile.ZipInfo, Path]]
+) -> set[str]:
     """The names of the file members already extracted with the same content (to skip); a UserError
     when a destination exists with other content or a file stands where a folder must go."""
     if target.exists() and not target.is_dir():
@@ -251,27 +285,37 @@ def _unchanged_members(zf: zipfile.ZipFile, archive: Path, target: Path, plan: l
     for info, destination in plan:
         if info.is_dir():
             if destination.exists() and not destination.is_dir():
-                raise UserError(f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that file away and run again")
+                raise UserError(
+                    f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that file away and run again"
+                )
             continue
         for parent in destination.parents:
             if parent == target:
                 break
             if parent.exists() and not parent.is_dir():
-                raise UserError(f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move that file away and run again")
+                raise UserError(
+                    f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move that file away and run again"
+                )
         if destination.is_dir():
-            raise UserError(f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that folder away and run again")
+            raise UserError(
+                f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that folder away and run again"
+            )
         if destination.exists() or destination.is_symlink():
             try:
                 same = destination.is_file() and _same_content(zf, info, destination)
             except OSError as error:
                 raise UserError(f"cannot read {destination}: {_one_line(error)}") from None
             if not same:
-                raise UserError(f"{destination} already exists with other content than {info.filename!r} in {archive}: move it away (or delete it) and run again")
+                raise UserError(
+                    f"{destination} already exists with other content than {info.filename!r} in {archive}: move it away (or delete it) and run again"
+                )
             skip.add(info.filename)
     return skip
 
 
-def _write_members(zf: zipfile.ZipFile, archive: Path, plan: list[tuple[zipfile.ZipInfo, Path]], skip: set[str]) -> list[Path]:
+def _write_members(
+    zf: zipfile.ZipFile, archive: Path, plan: list[tuple[zipfile.ZipInfo, Path]], skip: set[str]
+) -> list[Path]:
     """Write the planned members: every file through a temporary file in its folder, renamed once
     complete; returns the paths of all file members."""
     files: list[Path] = []
@@ -295,7 +339,9 @@ def _write_members(zf: zipfile.ZipFile, archive: Path, plan: list[tuple[zipfile.
         except zipfile.BadZipFile as error:
             raise UserError(f"{archive}: corrupt zip archive ({_one_line(error)}): {REDOWNLOAD}") from None
         except OSError as error:
-            raise UserError(f"cannot extract {info.filename!r} from {archive} to {destination}: {_one_line(error)}") from None
+            raise UserError(
+                f"cannot extract {info.filename!r} from {archive} to {destination}: {_one_line(error)}"
+            ) from None
     return files
 
 
@@ -316,7 +362,9 @@ def check_pennfudan(root: Path) -> dict:
     images_dir, masks_dir = root / "PNGImages", root / "PedMasks"
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
-            raise UserError(f"{folder}: folder missing; not the Penn-Fudan layout (expected PNGImages/ and PedMasks/ in {root})")
+            raise UserError(
+                f"{folder}: folder missing; not the Penn-Fudan layout (expected PNGImages/ and PedMasks/ in {root})"
+            )
     images = sorted(path for path in images_dir.glob("*.png") if path.is_file())
     masks = sorted(path for path in masks_dir.glob("*_mask.png") if path.is_file())
     if not images:
@@ -375,8 +423,14 @@ def download_main(argv: list[str]) -> int:
     argv = list(argv)
     if argv and argv[0] == "download":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python dataset.py download", description="Get a public data set for training.")
-    parser.add_argument("dataset", choices=("pennfudan", "isbi2012"), help="pennfudan: downloaded and extracted; isbi2012: instructions (needs a registration)")
+    parser = argparse.ArgumentParser(
+        prog="python dataset.py download", description="Get a public data set for training."
+    )
+    parser.add_argument(
+        "dataset",
+        choices=("pennfudan", "isbi2012"),
+        help="pennfudan: downloaded and extracted; isbi2012: instructions (needs a registration)",
+    )
     parser.add_argument("--to", default="data", metavar="DIR", help="folder for the data (default: data/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     try:

@@ -55,7 +55,11 @@ def channels_first(image: np.ndarray, channels: int) -> np.ndarray:
     if array.shape[0] == 4:
         array = array[:3]
     if array.shape[0] != channels:
-        array = array.mean(axis=0, keepdims=True) if channels == 1 else np.repeat(array.mean(axis=0, keepdims=True), channels, axis=0)
+        array = (
+            array.mean(axis=0, keepdims=True)
+            if channels == 1
+            else np.repeat(array.mean(axis=0, keepdims=True), channels, axis=0)
+        )
     return array
 
 
@@ -71,7 +75,9 @@ def image_statistics(image: np.ndarray, channels: int, band_rows: int = 1024) ->
     axis = row_axis(image.shape)
     total = squares = count = 0.0
     for top in range(0, image.shape[axis], band_rows):
-        band = channels_first(np.take(image, range(top, min(top + band_rows, image.shape[axis])), axis=axis), channels).astype(np.float64)
+        band = channels_first(
+            np.take(image, range(top, min(top + band_rows, image.shape[axis])), axis=axis), channels
+        ).astype(np.float64)
         total, squares, count = total + band.sum(), squares + np.square(band).sum(), count + band.size
     mean = total / count
     return mean, float(np.sqrt(max(squares / count - mean**2, 0.0)))

@@ -7,6 +7,7 @@ preprocessing cache reads each image once). Problems with a file are one-line ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import skimage.io
 import tifffile
 from skimage import measure
 
-from segmentation.config import UserError
+from segmentation.config import TrainSettings, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -35,12 +36,20 @@ class Sample:
     mask_read_as: str = "classes"
 
 
-
-def mask_settings(config: dict) -> dict:
+@dataclass(frozen=True)
+class MaskSettings:
     """What reading a mask depends on: ``unet.num_classes`` and ``train.mask_type``, ``mask_values``
-    and ``mask_colors``."""
-    train = config["train"]
-    return {"num_classes": config["unet"]["num_classes"], "mask_type": train["mask_type"], "mask_values": train["mask_values"], "mask_colors": train["mask_colors"]}
+    and ``mask_colors`` (see ``label_from_mask``)."""
+
+    num_classes: int = 2
+    mask_type: str = "auto"
+    mask_values: Sequence[float] | None = None
+    mask_colors: Sequence[Sequence[int]] | None = None
+
+    @classmethod
+    def from_settings(cls, num_classes: int, train: TrainSettings) -> MaskSettings:
+        """The mask settings of a config: ``unet.num_classes`` and the ``train`` section's mask keys."""
+        return cls(num_classes, train.mask_type, train.mask_values, train.mask_colors)
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,17 @@ class FileSample:
             files.append([str(path.resolve()), status.st_size, status.st_mtime_ns])
         return ["file", files, self.page, self.mask_kind]
 
-    def read(self, settings: dict) -> Sample:
-        """Read the image and its mask as a ``Sample``, the mask as ``settings`` (``mask_settings``)
-        say; a UserError names a file that does not fit."""
+    def read(self, settings: MaskSettings) -> Sample:
+        """Read the image and its mask as a ``Sample``, the mask as ``settings`` say; a UserError names
+        a file that does not fit."""
         image, mask = read_image(self.image, self.page), read_mask(self.mask, self.page)
         where = f"{self.mask} page {self.page}" if self.page is not None else str(self.mask)
         if image.shape[:2] != mask.shape[:2]:
-            raise UserError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {self.name} is {image.shape[1]}x{image.shape[0]}")
-        kind = settings["mask_type"] if settings["mask_type"] != "auto" else self.mask_kind
+            raise UserError(
+                f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} px "
+                f"but its image {self.name} is {image.shape[1]}x{image.shape[0]}"
+            )
+        kind = settings.mask_type if settings.mask_type != "auto" else self.mask_kind
         label, instances, read_as = label_from_mask(mask, settings, where, kind)
         return Sample(image, label, instances, self.name, read_as)
 
@@ -88,7 +100,9 @@ def read_image(path: Path, page: int | None = None) -> np.ndarray:
                 return tiff.pages[page].asarray()
         return skimage.io.imread(path)
     except Exception as error:  # the readers raise many types for broken files
-        raise UserError(f"{path}: cannot read this image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise UserError(
+            f"{path}: cannot read this image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
 
 
 def read_mask(path: Path, page: int | None = None) -> np.ndarray:
@@ -108,7 +122,9 @@ def image_files(folder: Path) -> list[Path]:
     """The image files of ``folder``, sorted by name; a UserError if there is none."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."))
+    files = sorted(
+        path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files
@@ -143,7 +159,9 @@ def match_by_stem(image_folder: Path, mask_folder: Path) -> tuple[list[tuple[Pat
     return pairs, problems, [path for stem, paths in masks.items() if stem not in stems for path in paths]
 
 
-def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+def label_from_mask(
+    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, str]:
     """``(label, instances, read_as)`` of a mask's values: (H, W) uint8 class indices, (H, W) int32
     object ids for the weight map, and ``classes`` or ``instances``.
 
@@ -151,25 +169,30 @@ def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "au
       gray masks stored as RGB (equal channels) are gray.
     - ``mask_values`` maps gray values to classes (class i = value i), e.g. ``[0, 128, 255]``.
     - ``kind`` ``instances``: one integer id per object, 0 = background; class 1 where id > 0 (two
-      classes), but for a 1 px line where two objects touch (``separation_lines``). ``classes``: class indices 0..num_classes-1, or 0/255 (and 0/1, 0.0/1.0) for two
-      classes; objects are the 4-connected components of each class. ``auto``: instances when there
+      classes), but for a 1 px line where two objects touch (``separation_lines``). ``classes``: class
+      indices 0..num_classes-1, or 0/255 (and 0/1, 0.0/1.0) for two classes; objects are the
+      4-connected components of each class. ``auto``: instances when there
       are two classes and the mask holds other values than 0/1 or 0/255, else classes.
 
     A value or colour outside the mapping is a UserError that lists the values found and the key to set.
     """
-    num_classes = settings["num_classes"]
+    num_classes = settings.num_classes
     if mask.ndim == 3 and mask.shape[-1] in (3, 4):
-        if settings["mask_colors"] is not None:
-            label = mapped(colour_codes(mask), [colour_code(colour) for colour in settings["mask_colors"]], name, "colour", "train.mask_colors", colours_of(mask))
+        if settings.mask_colors is not None:
+            codes = [colour_code(colour) for colour in settings.mask_colors]
+            label = mapped(colour_codes(mask), codes, name, "colour", "train.mask_colors", colours_of(mask))
             return label, object_instances(label), "classes"
         if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
-            raise UserError(f"{name}: mask is a colour image with the colours {listed(colours_of(mask))}: set train.mask_colors: [[r, g, b], ...] (class i = colour i), or save masks with one channel of class indices")
+            raise UserError(
+                f"{name}: mask is a colour image with the colours {listed(colours_of(mask))}: set "
+                "train.mask_colors: [[r, g, b], ...] (class i = colour i), or save masks with one channel of class indices"
+            )
         mask = mask[..., 0]
     elif mask.ndim != 2:
         raise UserError(f"{name}: a mask of shape {mask.shape}; expected one channel (H, W) or RGB (H, W, 3)")
     values = np.unique(mask)
-    if settings["mask_values"] is not None:
-        label = mapped(mask, settings["mask_values"], name, "value", "train.mask_values", values.tolist())
+    if settings.mask_values is not None:
+        label = mapped(mask, list(settings.mask_values), name, "value", "train.mask_values", values.tolist())
         return label, object_instances(label), "classes"
     integers = bool(np.all(values == np.round(values))) and values.min() >= 0
     binary = set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}
@@ -186,8 +209,15 @@ def label_from_mask(mask: np.ndarray, settings: dict, name: str, kind: str = "au
         return label, object_instances(label), "classes"
     if not integers or values.max() >= num_classes:
         bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))][0]
-        hint = f"train.mask_values: {values.tolist()} maps them to classes 0..{num_classes - 1}" if len(values) == num_classes else f"set train.mask_values to map {num_classes} values to classes 0..{num_classes - 1}"
-        raise UserError(f"{name}: mask value {bad:g} is not a class of unet.num_classes={num_classes} (values found: {listed(values.tolist())}; expected 0..{num_classes - 1}, or 0/255 for two classes): {hint}")
+        hint = (
+            f"train.mask_values: {values.tolist()} maps them to classes 0..{num_classes - 1}"
+            if len(values) == num_classes
+            else f"set train.mask_values to map {num_classes} values to classes 0..{num_classes - 1}"
+        )
+        raise UserError(
+            f"{name}: mask value {bad:g} is not a class of unet.num_classes={num_classes} (values found: "
+            f"{listed(values.tolist())}; expected 0..{num_classes - 1}, or 0/255 for two classes): {hint}"
+        )
     label = mask.astype(np.uint8)
     return label, object_instances(label), "classes"
 
@@ -240,16 +270,15 @@ def mapped(values: np.ndarray, table: list, name: str, what: str, key: str, foun
 
 def listed(items: list, shown: int = 8) -> str:
     """The first ``shown`` items, and how many there are in all when there are more."""
-    return ", ".join(str(item) for item in items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+    return ", ".join(str(item) for item in items[:shown]) + (
+        f", ... ({len(items)} in all)" if len(items) > shown else ""
+    )
 
 
 def object_instances(label: np.ndarray) -> np.ndarray:
-    """(H, W) int32 ids of the 4-connected components of every foreground class (0 on background)."""
-    instances = np.zeros(label.shape, dtype=np.int32)
-    for value in np.unique(label[label > 0]):
-        components, count = measure.label(label == value, connectivity=1, return_num=True)
-        instances[components > 0] = components[components > 0] + instances.max()
-    return instances
+    """(H, W) int32 ids of the 4-connected components of every foreground class (0 on background):
+    scikit-image's labelling of the regions of equal value."""
+    return measure.label(label, background=0, connectivity=1).astype(np.int32)
 
 
 def tiff_pages(path: Path) -> list[tuple[int, ...]]:
@@ -258,7 +287,9 @@ def tiff_pages(path: Path) -> list[tuple[int, ...]]:
         with tifffile.TiffFile(path) as tiff:
             return [page.shape for page in tiff.pages]
     except Exception as error:  # tifffile raises many types for broken files
-        raise UserError(f"{path}: cannot read this TIFF ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise UserError(
+            f"{path}: cannot read this TIFF ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
 
 
 def read_folder_pairs(image_folder: Path, mask_folder: Path, mask_kind: str = "auto") -> list[FileSample]:
@@ -279,12 +310,19 @@ def read_isbi2012(root: Path) -> list[FileSample]:
             raise UserError(f"{labels}: not found next to {volume.name}; ISBI 2012 needs both stacks")
         image_pages, label_pages = tiff_pages(volume), tiff_pages(labels)
         if image_pages != label_pages:
-            raise UserError(f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s {len(image_pages)} of {image_pages[0]}")
-        return [FileSample(f"{volume.name} slice {index}", volume, labels, "classes", page=index) for index in range(len(image_pages))]
+            raise UserError(
+                f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s {len(image_pages)} of {image_pages[0]}"
+            )
+        return [
+            FileSample(f"{volume.name} slice {index}", volume, labels, "classes", page=index)
+            for index in range(len(image_pages))
+        ]
     for folder in (root, root / "train"):
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
             return read_folder_pairs(folder / "images", folder / "labels", "classes")
-    raise UserError(f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see python dataset.py download isbi2012)")
+    raise UserError(
+        f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see python dataset.py download isbi2012)"
+    )
 
 
 def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | None]:
@@ -299,5 +337,9 @@ def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | Non
     if (root / "PNGImages").is_dir():
         return read_folder_pairs(root / "PNGImages", root / "PedMasks", "instances"), None
     if (root / "train_images").is_dir():
-        return read_folder_pairs(root / "train_images", root / "train_masks", "instances"), read_folder_pairs(root / "valid_images", root / "valid_masks", "instances")
-    raise UserError(f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, valid_images/, valid_masks/ (python dataset.py download pennfudan)")
+        return read_folder_pairs(root / "train_images", root / "train_masks", "instances"), read_folder_pairs(
+            root / "valid_images", root / "valid_masks", "instances"
+        )
+    raise UserError(
+        f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, valid_images/, valid_masks/ (python dataset.py download pennfudan)"
+    )

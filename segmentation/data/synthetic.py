@@ -16,7 +16,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure, morphology
 
-from segmentation.data.readers import Sample
+from segmentation.data.readers import MaskSettings, Sample
 
 
 def _smooth_noise(size: int, correlation_length: float, rng: np.random.Generator) -> np.ndarray:
@@ -55,9 +55,7 @@ def _jittered_hex_seeds(size: int, spacing: float, rng: np.random.Generator) -> 
     return seeds
 
 
-def _dark_blobs(
-    clearance: np.ndarray, cell_diameter: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _dark_blobs(clearance: np.ndarray, cell_diameter: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Dark blobs (mitochondria, vesicles) placed inside cells.
 
     Parameters
@@ -277,7 +275,7 @@ class SyntheticSample:
         """What the pixels depend on (with the generator's code, which the cache hashes)."""
         return ["synthetic", self.seed, self.index, self.size, self.classes]
 
-    def read(self, settings: dict) -> Sample:
+    def read(self, settings: MaskSettings) -> Sample:
         """Generate the image (``settings``, the mask settings of ``readers.FileSample.read``, do not apply)."""
         # the index-th child of SeedSequence(seed), as SeedSequence.spawn makes it
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.index,)))
@@ -305,7 +303,9 @@ def touching_nuclei(size: int, rng: np.random.Generator, spacing: float = 17.0) 
     for number, (row, col) in enumerate(centres, 1):
         a, b, angle = rng.uniform(7.0, 11.0), rng.uniform(7.0, 11.0), rng.uniform(0.0, np.pi)
         dy, dx = rows - row, cols - col
-        radius = np.sqrt(((dx * np.cos(angle) + dy * np.sin(angle)) / a) ** 2 + ((-dx * np.sin(angle) + dy * np.cos(angle)) / b) ** 2)
+        radius = np.sqrt(
+            ((dx * np.cos(angle) + dy * np.sin(angle)) / a) ** 2 + ((-dx * np.sin(angle) + dy * np.cos(angle)) / b) ** 2
+        )
         deeper = (radius <= 1.0) & (radius < depth)
         depth[deeper], ids[deeper] = radius[deeper], number
         brightness[deeper] = rng.uniform(0.55, 0.85) * (1.0 - 0.35 * radius[deeper] ** 2)

@@ -66,7 +66,9 @@ def weight_map(
     return add_class_weights(label, border_weights(label, instances, w_0, sigma), class_weights)
 
 
-def border_weights(label: np.ndarray, instances: np.ndarray, w_0: float = 10.0, sigma: float = 5.0) -> np.ndarray | None:
+def border_weights(
+    label: np.ndarray, instances: np.ndarray, w_0: float = 10.0, sigma: float = 5.0
+) -> np.ndarray | None:
     """The border term of :func:`weight_map` alone: ``w_0 * exp(-(d1 + d2)**2 / (2 sigma**2))`` on
     background pixels (``label == 0``), 0 elsewhere; (H, W) float64, or None where it is 0 everywhere
     (``w_0 == 0`` or fewer than two instances). It does not depend on the class weights, so it can be
@@ -102,7 +104,9 @@ def border_weights(label: np.ndarray, instances: np.ndarray, w_0: float = 10.0, 
     return np.where(label == 0, border, 0.0)
 
 
-def add_class_weights(label: np.ndarray, border: np.ndarray | None, class_weights: np.ndarray | None = None) -> np.ndarray:
+def add_class_weights(
+    label: np.ndarray, border: np.ndarray | None, class_weights: np.ndarray | None = None
+) -> np.ndarray:
     """The weight map ``w_c(label) + border`` as (H, W) float32, summed in float64.
 
     ``label`` (H, W) class indices, ``border`` (H, W) from :func:`border_weights` in any float dtype
@@ -139,7 +143,9 @@ def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int) -> np.
     ndarray of float32, shape (num_classes,)
         The weight of each class.
     """
-    return balanced_class_weights(sum((class_counts(image, num_classes) for image in labels), np.zeros(num_classes, dtype=np.int64)))
+    return balanced_class_weights(
+        sum((class_counts(image, num_classes) for image in labels), np.zeros(num_classes, dtype=np.int64))
+    )
 
 
 def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:

@@ -16,6 +16,10 @@ import torch
 from model import UNet, build_model
 from segmentation.config import (
     DEFAULT_CONFIG,
+    Config,
+    PredictSettings,
+    TrainSettings,
+    UNetSettings,
     UserError,
     architecture_differences,
     load_config,
@@ -24,7 +28,7 @@ from segmentation.config import (
     split_differences,
 )
 from segmentation.console import first_line, note
-from segmentation.engine.device import resolve_device
+from segmentation.device import resolve_device
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -47,24 +51,26 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def check_architecture(state: dict, config: dict, path: Path) -> None:
-    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``config`` disagree."""
-    differences = architecture_differences(state["config"], config)
+def check_architecture(state: dict, unet: UNetSettings, path: Path) -> None:
+    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``unet`` disagree."""
+    differences = architecture_differences(state["config"], unet)
     if differences:
         raise UserError(
-            f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, or start a new run"
+            f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, "
+            "or start a new run"
         )
 
 
-def load_checkpoint(path: Path, config: dict) -> dict:
-    """``read_checkpoint`` of a run to resume, checked to hold the architecture and to have trained on the
-    split (the same test images) that ``config`` describes."""
+def load_checkpoint(path: Path, unet: UNetSettings, train: TrainSettings) -> dict:
+    """``read_checkpoint`` of a run to resume, checked to hold the architecture ``unet`` and to have
+    trained on the split (the same test images) that ``train`` describes."""
     state = read_checkpoint(path)
-    check_architecture(state, config, path)
-    differences = split_differences(state["config"], config)
+    check_architecture(state, unet, path)
+    differences = split_differences(state["config"], train)
     if differences:
         raise UserError(
-            f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images into training; set these keys as in the checkpoint, or start a new run"
+            f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images "
+            "into training; set these keys as in the checkpoint, or start a new run"
         )
     return state
 
@@ -98,7 +104,8 @@ def find_best_checkpoint(save_path: Path) -> Path:
     candidates = sorted(save_path.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
     if not candidates:
         raise UserError(
-            f"no checkpoint found: looked for {save_path}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"
+            f"no checkpoint found: looked for {save_path}/*/best.pt; "
+            "train first (python training.py) or pass --checkpoint PATH"
         )
     return candidates[-1]
 
@@ -108,12 +115,13 @@ def training_state(
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler,
-    config: dict,
+    settings: dict,
     progress: dict,
     device: torch.device,
     ema_model: torch.nn.Module | None = None,
 ) -> dict:
-    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``).
+    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``), and the
+    run's ``settings`` as plain data (``Config.to_dict``), from which test.py rebuilds the model.
     ``model`` holds the weights to predict with: the moving average under ``train.ema``, when the
     optimizer's own weights go to ``training_model``."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
@@ -123,7 +131,7 @@ def training_state(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
-        "config": config,
+        "config": settings,
         "progress": dict(progress),
         "rng": rng,
     }
@@ -155,14 +163,12 @@ def restore(
 
 def load_model(
     checkpoint: Path | None, config_path: Path | None, overrides: list[str]
-) -> tuple[UNet, dict, dict, torch.device]:
+) -> tuple[UNet, Config, dict, torch.device]:
     """``(model in eval mode on its device, config, checkpoint contents, device)`` for a checkpoint
     (default: the newest ``best.pt`` under ``train.save_path``) and the config stored in it, or the one
     at ``config_path``, with ``section.key=value`` overrides; the architecture must match."""
     if checkpoint is None:
-        checkpoint = find_best_checkpoint(
-            Path(load_config(config_path or DEFAULT_CONFIG, overrides)["train"]["save_path"])
-        )
+        checkpoint = find_best_checkpoint(Path(load_config(config_path or DEFAULT_CONFIG, overrides).train.save_path))
     state = read_checkpoint(checkpoint)
     notices: list[str] = []
     config = (
@@ -172,23 +178,24 @@ def load_model(
     )
     for message in notices:
         note(message)
-    check_architecture(state, config, checkpoint)
-    device = resolve_device(config["train"]["device"])
-    model = build_model(config["unet"]).to(device)
+    check_architecture(state, config.unet, checkpoint)
+    device = resolve_device(config.train.device)
+    model = build_model(config.unet).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     state["path"] = checkpoint
     return model, config, state, device
 
 
-def decision_threshold(config: dict, state: dict) -> float:
+def decision_threshold(predict: PredictSettings, state: dict) -> float:
     """``predict.threshold``: a number as given, or for ``auto`` the one calibrated after training and
     stored in the checkpoint (0.5 with a notice when there is none)."""
-    threshold = config["predict"]["threshold"]
+    threshold = predict.threshold
     if threshold != "auto":
         return threshold
     if "threshold" not in state:
         note(
-            f"predict.threshold=auto but {state['path']} holds no calibrated threshold (it is stored at the end of training): using 0.5"
+            f"predict.threshold=auto but {state['path']} holds no calibrated threshold "
+            "(it is stored at the end of training): using 0.5"
         )
     return state.get("threshold", 0.5)

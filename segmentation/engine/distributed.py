@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from segmentation.config import UserError
-from segmentation.engine.device import resolve_device
+from segmentation.device import resolve_device
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import itertools
 import math
 import sys
@@ -27,32 +28,39 @@ from torch.utils.data import DataLoader
 
 from dataset import EpochSampler, TileDataset, build_datasets
 from model import build_model, center_crop, output_size
-from segmentation.config import ConfigError, UserError, config_to_yaml, resolve
+from segmentation.config import (
+    Config,
+    ConfigError,
+    OverfitSettings,
+    TrainSettings,
+    UNetSettings,
+    UserError,
+    config_to_yaml,
+)
 from segmentation.console import note
 from segmentation.data.augment import augment_on_device
-from segmentation.engine.device import resolve_device
+from segmentation.device import resolve_device
 from segmentation.engine.step import build_optimizer, train_step
+from segmentation.runs.figures import plot_losses, plot_lr_find
 from segmentation.runs.folders import new_run_folder
 
 # Keys that change the optimisation but not the data: trials differing only in these share one data set.
-OPTIMISATION_KEYS = {
-    "unet": ("norm", "upsample", "dropout"),
-    "train": (
-        "optim",
-        "lr",
-        "min_lr",
-        "weight_decay",
-        "momentum",
-        "scheduler_type",
-        "warmup_epochs",
-        "grad_clip",
-        "use_bitsandbytes",
-        "loss",
-        "batch_size",
-        "max_epochs",
-        "device",
-    ),
-}
+UNET_OPTIMISATION_KEYS = ("norm", "upsample", "dropout")
+TRAIN_OPTIMISATION_KEYS = (
+    "optim",
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "momentum",
+    "scheduler_type",
+    "warmup_epochs",
+    "grad_clip",
+    "use_bitsandbytes",
+    "loss",
+    "batch_size",
+    "max_epochs",
+    "device",
+)
 SMOOTHING = 0.98  # lr_find: weight of the past in the exponential moving average of the loss (fastai's)
 
 
@@ -61,7 +69,9 @@ SMOOTHING = 0.98  # lr_find: weight of the past in the exponential moving averag
 # ---------------------------------------------------------------------------------------------------
 
 
-def fixed_batch(train_set: TileDataset, config: dict) -> tuple[list[torch.Tensor], list[str]]:
+def fixed_batch(
+    train_set: TileDataset, unet: UNetSettings, train: TrainSettings
+) -> tuple[list[torch.Tensor], list[str]]:
     """The first ``train.batch_size`` tiles of the training order of epoch 0, unaugmented, and warnings.
 
     Returns ``[image (B, C, T, T) float32, label (B, T, T) int64, weight (B, T, T) float32]`` on the CPU;
@@ -69,43 +79,56 @@ def fixed_batch(train_set: TileDataset, config: dict) -> tuple[list[torch.Tensor
     classes are an error (the loss cannot use them); one class alone in the labelled output region is a
     warning: predicting that class everywhere fits it, so reaching the tolerance proves little.
     """
-    train, unet = config["train"], config["unet"]
-    if train["batch_size"] > len(train_set):
-        raise UserError(
-            f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image"
-        )
-    order = list(EpochSampler(len(train_set), train["seed"]))[: train["batch_size"]]
+    check_batch_fits(train.batch_size, len(train_set))
+    order = list(EpochSampler(len(train_set), train.seed))[: train.batch_size]
     batch = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in order))]
-    labelled = output_size(train["tile_size"], len(unet["input_channels"]), unet["padding"])
+    labelled = output_size(train.tile_size, unet.depth, unet.padding)
     classes = center_crop(batch[1], labelled, labelled).unique().tolist()
-    if classes[-1] >= unet["num_classes"]:
+    if classes[-1] >= unet.num_classes:
         raise UserError(
-            f"the batch holds label {classes[-1]} but unet.num_classes is {unet['num_classes']} (labels 0..{unet['num_classes'] - 1}): raise unet.num_classes or fix the masks"
+            f"the batch holds label {classes[-1]} but unet.num_classes is {unet.num_classes} "
+            f"(labels 0..{unet.num_classes - 1}): raise unet.num_classes or fix the masks"
         )
     if len(classes) == 1:
         return batch, [
-            f"only class {classes[0]} in the batch's labelled output: a model fits it by predicting that class everywhere; try another train.seed or a larger train.batch_size"
+            f"only class {classes[0]} in the batch's labelled output: a model fits it by predicting that class "
+            "everywhere; try another train.seed or a larger train.batch_size"
         ]
     return batch, []
 
 
-def fit_one_batch(config: dict, batch: list[torch.Tensor], device: torch.device, log_every: int = 0) -> dict:
+def check_batch_fits(batch_size: int, tiles: int) -> None:
+    """A UserError when ``train.batch_size`` is more than the training tiles of an epoch."""
+    if batch_size > tiles:
+        raise UserError(
+            f"train.batch_size={batch_size} is more than the {tiles} training tiles: "
+            "lower it or raise train.samples_per_image"
+        )
+
+
+def fit_one_batch(
+    unet: UNetSettings,
+    train: TrainSettings,
+    settings: OverfitSettings,
+    batch: list[torch.Tensor],
+    device: torch.device,
+    log_every: int = 0,
+) -> dict:
     """Train a fresh model on ``batch`` at the constant ``train.lr`` until its loss < tolerance.
 
     The weights start from ``torch.manual_seed(train.seed)``: runs of one architecture start alike.
     Returns ``losses`` (per step, before that step's update), ``steps`` (= len(losses)), ``final_loss``,
     ``reached``, ``diverged`` (a NaN or infinite loss, which stops at once) and ``seconds``.
     """
-    train, settings = config["train"], config["overfit_one_batch"]
-    torch.manual_seed(train["seed"])
-    model = build_model(config["unet"]).to(device)
+    torch.manual_seed(train.seed)
+    model = build_model(unet).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
     losses, start = [], time.perf_counter()
-    for step in range(1, settings["max_steps"] + 1):
-        loss = train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
+    for step in range(1, settings.max_steps + 1):
+        loss = train_step(model, optimizer, batch, train.loss, train.grad_clip, device).item()
         losses.append(loss)
-        stop = not math.isfinite(loss) or loss < settings["tolerance"]
+        stop = not math.isfinite(loss) or loss < settings.tolerance
         if log_every and (step == 1 or step % log_every == 0 or stop):
             print(f"step {step:5d}  loss {loss:.6g}", flush=True)
         if stop:
@@ -115,62 +138,59 @@ def fit_one_batch(config: dict, batch: list[torch.Tensor], device: torch.device,
         "losses": losses,
         "steps": len(losses),
         "final_loss": final,
-        "reached": final < settings["tolerance"],
+        "reached": final < settings.tolerance,
         "diverged": not math.isfinite(final),
         "seconds": time.perf_counter() - start,
     }
 
 
-def verdict(result: dict, config: dict) -> list[str]:
+def verdict(result: dict, train: TrainSettings, settings: OverfitSettings) -> list[str]:
     """The outcome of ``fit_one_batch`` in words: a verdict line, then ``hint:`` lines on what to change."""
-    train, settings = config["train"], config["overfit_one_batch"]
-    steps, tolerance, final = result["steps"], settings["tolerance"], result["final_loss"]
+    steps, tolerance, final = result["steps"], settings.tolerance, result["final_loss"]
     if result["reached"]:
         return [f"reached tolerance {tolerance:g} in {steps} steps ({result['seconds']:.1f} s)"]
-    lower = f"lower train.lr (now {train['lr']:g})" + (
-        "" if train["grad_clip"] else " or clip gradients (train.grad_clip)"
-    )
+    lower = f"lower train.lr (now {train.lr:g})" + ("" if train.grad_clip else " or clip gradients (train.grad_clip)")
     if result["diverged"]:
         return [f"diverged at step {steps}: the loss became {final}", f"hint: {lower}"]
     first, lowest, highest = result["losses"][0], min(result["losses"]), max(result["losses"])
     lines = [
-        f"did not reach tolerance {tolerance:g} after {steps} steps: final loss {final:.4g} (first {first:.4g}, lowest {lowest:.4g})"
+        f"did not reach tolerance {tolerance:g} after {steps} steps: final loss {final:.4g} "
+        f"(first {first:.4g}, lowest {lowest:.4g})"
     ]
     if final > 1.1 * first or highest > 1.5 * first:
         lines.append(f"hint: the loss rose (up to {highest:.4g}): {lower}")
     elif final > 2 * lowest:
         lines.append(f"hint: the loss oscillated (it ended at {final / lowest:.1f}x its lowest): {lower}")
     elif final > 0.9 * first:
-        lines.append(f"hint: the loss fell by less than 10 %: raise train.lr (now {train['lr']:g})")
+        lines.append(f"hint: the loss fell by less than 10 %: raise train.lr (now {train.lr:g})")
     else:
         lines.append(
-            f"hint: the loss is still falling: raise overfit_one_batch.max_steps (now {settings['max_steps']}) or train.lr, or loosen overfit_one_batch.tolerance"
+            f"hint: the loss is still falling: raise overfit_one_batch.max_steps (now {settings.max_steps}) "
+            "or train.lr, or loosen overfit_one_batch.tolerance"
         )
     return lines
 
 
-def overfit_batch(config: dict) -> dict:
+def overfit_batch(config: Config) -> dict:
     """``overfit_one_batch.overfit``: fit one fixed batch, print the loss and a verdict, plot ``loss.png``.
 
     Returns ``fit_one_batch``'s result with ``verdict`` (the printed lines) and ``run_log``.
     """
-    train, settings = config["train"], config["overfit_one_batch"]
-    device = resolve_device(train["device"])
-    batch, warnings = fixed_batch(build_datasets(config, note)["train"], config)
-    run_log = new_run_folder(config, "overfit")
+    unet, train, settings = config.unet, config.train, config.overfit_one_batch
+    device = resolve_device(train.device)
+    batch, warnings = fixed_batch(build_datasets(unet, train, note).train, unet, train)
+    run_log = new_run_folder(train, "overfit", config_to_yaml(config))
     print(
-        f"overfitting one fixed batch of {train['batch_size']} unaugmented {train['tile_size']} px tiles on {device}: {train['optim']} at constant lr {train['lr']:g}, "
-        f"until the loss < {settings['tolerance']:g} or {settings['max_steps']} steps; loss curve in {run_log / 'loss.png'}",
+        f"overfitting one fixed batch of {train.batch_size} unaugmented {train.tile_size} px tiles on {device}: "
+        f"{train.optim} at constant lr {train.lr:g}, until the loss < {settings.tolerance:g} or "
+        f"{settings.max_steps} steps; loss curve in {run_log / 'loss.png'}",
         flush=True,
     )
-    result = fit_one_batch(config, [tensor.to(device) for tensor in batch], device, settings["logging_steps"])
-    plot_losses(
-        {"loss": result["losses"]},
-        run_log / "loss.png",
-        f"one fixed batch: {train['optim']}, lr {train['lr']:g}",
-        settings["tolerance"],
-    )
-    lines = verdict(result, config)
+    on_device = [tensor.to(device) for tensor in batch]
+    result = fit_one_batch(unet, train, settings, on_device, device, settings.logging_steps)
+    title = f"one fixed batch: {train.optim}, lr {train.lr:g}"
+    plot_losses({"loss": result["losses"]}, run_log / "loss.png", title, settings.tolerance)
+    lines = verdict(result, train, settings)
     print(f"verdict: {lines[0]}", *lines[1:], *(f"note: {warning}" for warning in warnings), sep="\n")
     return {**result, "verdict": lines, "run_log": run_log}
 
@@ -192,23 +212,23 @@ def draw(choices: list | dict, rng: np.random.Generator) -> Any:
     if isinstance(choices, list):
         return copy.deepcopy(choices[rng.integers(len(choices))])
     ((kind, (low, high)),) = choices.items()
-    return (
-        math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "log_uniform" else float(rng.uniform(low, high))
-    )
+    if kind == "log_uniform":
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    return float(rng.uniform(low, high))
 
 
-def search_points(settings: dict) -> list[dict]:
+def search_points(settings: OverfitSettings) -> list[dict]:
     """The trials' values ``{section.key: value}`` from the ``overfit_one_batch`` settings: every
     combination of the grid, or ``trials`` draws from ``search_seed``."""
-    space = settings["search_space"]
-    if settings["search_method"] == "grid":
+    space = settings.search_space
+    if settings.search_method == "grid":
         axes = [
-            choices if isinstance(choices, list) else grid_values(choices, settings["grid_points"])
+            choices if isinstance(choices, list) else grid_values(choices, settings.grid_points)
             for choices in space.values()
         ]
         return [dict(zip(space, values)) for values in itertools.product(*axes)]
-    rng = np.random.default_rng(settings["search_seed"])
-    return [{name: draw(choices, rng) for name, choices in space.items()} for _ in range(settings["trials"])]
+    rng = np.random.default_rng(settings.search_seed)
+    return [{name: draw(choices, rng) for name, choices in space.items()} for _ in range(settings.trials)]
 
 
 def describe(values: dict) -> str:
@@ -218,40 +238,28 @@ def describe(values: dict) -> str:
     )
 
 
-def trial_configs(config: dict, points: list[dict]) -> list[dict]:
-    """A fresh copy of ``config`` per point with its values set, each validated as a whole before any
-    trial runs: a ConfigError names the first trial that does not work and why."""
+def trial_configs(config: Config, points: list[dict]) -> list[Config]:
+    """``config`` with each point's values set, each validated as a whole before any trial runs: a
+    ConfigError names the first trial that does not work and why."""
     configs = []
     for number, values in enumerate(points, 1):
-        trial = copy.deepcopy(config)
-        for name, value in values.items():
-            section, _, key = name.partition(".")
-            trial[section][key] = copy.deepcopy(value)
+        where = f"overfit_one_batch.search_space: trial {number} ({describe(values)})"
         try:
-            trial = resolve(trial)
-            output_size(trial["train"]["tile_size"], len(trial["unet"]["input_channels"]), trial["unet"]["padding"])
+            trial = config.with_values(values)
+            output_size(trial.train.tile_size, trial.unet.depth, trial.unet.padding)
         except ConfigError as error:
-            raise ConfigError(
-                [
-                    f"overfit_one_batch.search_space: trial {number} ({describe(values)}): {problem}"
-                    for problem in error.problems
-                ]
-            ) from None
+            raise ConfigError([f"{where}: {problem}" for problem in error.problems]) from None
         except ValueError as error:
-            raise ConfigError(
-                [f"overfit_one_batch.search_space: trial {number} ({describe(values)}): train.tile_size: {error}"]
-            ) from None
+            raise ConfigError([f"{where}: train.tile_size: {error}"]) from None
         configs.append(trial)
     return configs
 
 
-def data_key(config: dict) -> str:
-    """The part of the config that the training tiles depend on, as text."""
-    return config_to_yaml(
-        {
-            section: {key: value for key, value in config[section].items() if key not in OPTIMISATION_KEYS[section]}
-            for section in OPTIMISATION_KEYS
-        }
+def data_key(config: Config) -> tuple:
+    """What the training tiles depend on: the ``unet`` and ``train`` settings but for the optimisation's."""
+    return (
+        dataclasses.replace(config.unet, **dict.fromkeys(UNET_OPTIMISATION_KEYS)),
+        dataclasses.replace(config.train, **dict.fromkeys(TRAIN_OPTIMISATION_KEYS)),
     )
 
 
@@ -262,14 +270,15 @@ def ranking_key(result: dict) -> tuple:
     return (0, result["steps"]) if result["reached"] else (1, result["final_loss"])
 
 
-def with_modes_off(config: dict) -> dict:
-    """A copy of ``config`` that trains normally: overfit, hp_search, lr_find and full_train off."""
-    config = copy.deepcopy(config)
-    config["overfit_one_batch"].update(overfit=False, hp_search=False, lr_find=False, full_train=False)
-    return config
+def with_modes_off(config: Config) -> Config:
+    """``config`` training normally: overfit, hp_search, lr_find and full_train off."""
+    modes = dataclasses.replace(
+        config.overfit_one_batch, overfit=False, hp_search=False, lr_find=False, full_train=False
+    )
+    return dataclasses.replace(config, overfit_one_batch=modes)
 
 
-def hp_search(config: dict) -> dict:
+def hp_search(config: Config) -> dict:
     """``overfit_one_batch.hp_search``: overfit one batch per point of ``search_space`` and rank them.
 
     Writes ``trials.csv`` (ranked), ``trials.png`` and ``best_config.yaml`` (the best trial's config,
@@ -278,13 +287,15 @@ def hp_search(config: dict) -> dict:
     with ``full_train`` (unless interrupted or every trial diverged), ``full_train_config``: the best
     config, modes off, for training.py to train.
     """
-    settings = config["overfit_one_batch"]
+    settings = config.overfit_one_batch
     points = search_points(settings)
     configs = trial_configs(config, points)
-    device = resolve_device(config["train"]["device"])
-    run_log = new_run_folder(config, "hp_search")
+    device = resolve_device(config.train.device)
+    run_log = new_run_folder(config.train, "hp_search", config_to_yaml(config))
     print(
-        f"hp search: {len(configs)} trials ({settings['search_method']}) over {', '.join(settings['search_space'])}, each fitting one fixed batch from the same start until the loss < {settings['tolerance']:g} or {settings['max_steps']} steps; results in {run_log}",
+        f"hp search: {len(configs)} trials ({settings.search_method}) over {', '.join(settings.search_space)}, "
+        f"each fitting one fixed batch from the same start until the loss < {settings.tolerance:g} or "
+        f"{settings.max_steps} steps; results in {run_log}",
         flush=True,
     )
     train_sets, results, interrupted = {}, [], False
@@ -292,26 +303,24 @@ def hp_search(config: dict) -> dict:
         for number, (values, trial) in enumerate(zip(points, configs), 1):
             key = data_key(trial)
             if key not in train_sets:
-                train_sets[key] = build_datasets(trial, note)["train"]
-            batch, warnings = fixed_batch(train_sets[key], trial)
+                train_sets[key] = build_datasets(trial.unet, trial.train, note).train
+            batch, warnings = fixed_batch(train_sets[key], trial.unet, trial.train)
             for warning in warnings:
                 note(warning)
-            result = fit_one_batch(trial, [tensor.to(device) for tensor in batch], device)
+            on_device = [tensor.to(device) for tensor in batch]
+            result = fit_one_batch(trial.unet, trial.train, trial.overfit_one_batch, on_device, device)
             results.append({"trial": number, "values": values, "config": trial, **result})
-            print(f"trial {number}/{len(configs)}  {describe(values)}: {verdict(result, trial)[0]}", flush=True)
+            outcome = verdict(result, trial.train, trial.overfit_one_batch)[0]
+            print(f"trial {number}/{len(configs)}  {describe(values)}: {outcome}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print(f"\nstopped: keeping the {len(results)} finished trial(s)", file=sys.stderr)
     summary = {"results": sorted(results, key=ranking_key), "interrupted": interrupted, "run_log": run_log}
     if not results:
         return summary
-    rows = write_trials(run_log / "trials.csv", summary["results"], list(settings["search_space"]))
-    plot_losses(
-        {f"{r['trial']}: {describe(r['values'])}": r["losses"] for r in results},
-        run_log / "trials.png",
-        "hp search: loss on one fixed batch per trial",
-        settings["tolerance"],
-    )
+    rows = write_trials(run_log / "trials.csv", summary["results"], list(settings.search_space))
+    curves = {f"{r['trial']}: {describe(r['values'])}": r["losses"] for r in results}
+    plot_losses(curves, run_log / "trials.png", "hp search: loss on one fixed batch per trial", settings.tolerance)
     print_table(rows[:5])
     best = summary["results"][0]
     best_path = run_log / "best_config.yaml"
@@ -321,7 +330,7 @@ def hp_search(config: dict) -> dict:
     )
     if best["diverged"]:
         note("every trial diverged: lower the learning rates of search_space")
-    elif settings["full_train"] and not interrupted:
+    elif settings.full_train and not interrupted:
         summary["full_train_config"] = with_modes_off(best["config"])
     return summary
 
@@ -358,26 +367,6 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str, tolerance: float) -> None:
-    """Loss per step of each named curve (finite values; log y) and the tolerance, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(9, 5))
-    for label, losses in curves.items():
-        steps = [step for step, loss in enumerate(losses, 1) if math.isfinite(loss)]
-        axis.plot(steps, [losses[step - 1] for step in steps], label=label)
-    axis.axhline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:g}")
-    axis.set(xlabel="step", ylabel="loss on the batch", title=title, yscale="log")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Learning-rate range test (Smith 2017, "Cyclical learning rates"; as fastai's lr_find)
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +384,7 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, str]:
     return max(lrs[lowest] / 10, lrs[0]), "lr of the lowest smoothed loss / 10"
 
 
-def lr_find(config: dict) -> dict:
+def lr_find(config: Config) -> dict:
     """``overfit_one_batch.lr_find``: the learning-rate range test.
 
     A fresh model trains on augmented training batches, as in training, with the lr rising exponentially
@@ -404,22 +393,17 @@ def lr_find(config: dict) -> dict:
     Writes ``lr_find.png`` and prints the suggested lr. Returns ``lr``, ``rule``, ``lrs``, ``losses``,
     ``smoothed`` and ``run_log``.
     """
-    train, settings = config["train"], config["overfit_one_batch"]
-    device = resolve_device(train["device"])
-    train_set = build_datasets(config, note)["train"]
-    if train["batch_size"] > len(train_set):
-        raise UserError(
-            f"train.batch_size={train['batch_size']} is more than the {len(train_set)} training tiles: lower it or raise train.samples_per_image"
-        )
-    run_log = new_run_folder(config, "lr_find")
-    torch.manual_seed(train["seed"])
-    model = build_model(config["unet"]).to(device)
+    train, settings = config.train, config.overfit_one_batch
+    device = resolve_device(train.device)
+    train_set = build_datasets(config.unet, train, note).train
+    check_batch_fits(train.batch_size, len(train_set))
+    run_log = new_run_folder(train, "lr_find", config_to_yaml(config))
+    torch.manual_seed(train.seed)
+    model = build_model(config.unet).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
-    sampler = EpochSampler(len(train_set), train["seed"])
-    loader = DataLoader(
-        train_set, train["batch_size"], sampler=sampler, drop_last=True, num_workers=train["num_workers"]
-    )
+    sampler = EpochSampler(len(train_set), train.seed)
+    loader = DataLoader(train_set, train.batch_size, sampler=sampler, drop_last=True, num_workers=train.num_workers)
 
     def batches():
         for epoch in itertools.count():  # as many epochs as the steps need
@@ -427,25 +411,22 @@ def lr_find(config: dict) -> dict:
             yield from loader
 
     print(
-        f"lr range test: lr from {settings['lr_find_min']:g} to {settings['lr_find_max']:g} over at most {settings['lr_find_steps']} steps on {device}; plot in {run_log / 'lr_find.png'}",
+        f"lr range test: lr from {settings.lr_find_min:g} to {settings.lr_find_max:g} over at most "
+        f"{settings.lr_find_steps} steps on {device}; plot in {run_log / 'lr_find.png'}",
         flush=True,
     )
     lrs, losses, smoothed, average = [], [], [], 0.0
-    for step, (lr, batch) in enumerate(
-        zip(
-            np.geomspace(settings["lr_find_min"], settings["lr_find_max"], settings["lr_find_steps"]).tolist(),
-            batches(),
-        )
-    ):
+    schedule = np.geomspace(settings.lr_find_min, settings.lr_find_max, settings.lr_find_steps).tolist()
+    for step, (lr, batch) in enumerate(zip(schedule, batches())):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = augment_on_device(batch, config["augment"], train["seed"], step, device)
-        loss = train_step(model, optimizer, batch, train["loss"], train["grad_clip"], device).item()
+        batch = augment_on_device(batch, config.augment, train.seed, step, device)
+        loss = train_step(model, optimizer, batch, train.loss, train.grad_clip, device).item()
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         lrs.append(lr)
         losses.append(loss)
         smoothed.append(average / (1 - SMOOTHING ** (step + 1)))  # corrects the average's bias towards its start at 0
-        if (step + 1) % settings["logging_steps"] == 0:
+        if (step + 1) % settings.logging_steps == 0:
             print(f"step {step + 1:5d}  lr {lr:.3g}  loss {loss:.4g}  smoothed {smoothed[-1]:.4g}", flush=True)
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed):
             print(
@@ -457,31 +438,3 @@ def lr_find(config: dict) -> dict:
     plot_lr_find(lrs, losses, smoothed, lr, run_log / "lr_find.png")
     print(f"suggested lr {lr:.2g} ({rule}); train with: python training.py train.lr={lr:.2g}")
     return {"lr": lr, "rule": rule, "lrs": lrs, "losses": losses, "smoothed": smoothed, "run_log": run_log}
-
-
-def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, path: Path) -> None:
-    """Loss and smoothed loss against the learning rate (log x), the suggestion marked, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 5))
-    axis.plot(lrs, losses, alpha=0.3, label="loss")
-    axis.plot(lrs, smoothed, label="smoothed loss")
-    axis.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2g}")
-    finite = [value for value in smoothed if math.isfinite(value)]
-    lowest = min(value for value in losses + smoothed if math.isfinite(value))
-    # the raw loss of the last steps can be far off the scale of the rest
-    axis.set(
-        xscale="log",
-        xlabel="learning rate",
-        ylabel="training loss",
-        title="learning-rate range test",
-        ylim=(0.9 * lowest, 1.1 * max(finite)),
-    )
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -15,21 +15,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from losses import segmentation_loss
+from segmentation.config import TrainSettings
 from segmentation.console import first_line, note
 
 
-def build_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
     """``train.optim`` over the model's parameters; bitsandbytes' 8-bit variant when asked and usable."""
-    settings = {"lr": train["lr"], "weight_decay": train["weight_decay"]}
-    if train["optim"] == "sgd":
-        if train["use_bitsandbytes"]:
+    settings = {"lr": train.lr, "weight_decay": train.weight_decay}
+    if train.optim == "sgd":
+        if train.use_bitsandbytes:
             note("train.use_bitsandbytes applies to adam and adamw only: using torch's SGD")
-        return torch.optim.SGD(model.parameters(), momentum=train["momentum"], **settings)
-    if train["use_bitsandbytes"]:
-        optimizer_class = bitsandbytes_optimizer_class(train["optim"], device)
+        return torch.optim.SGD(model.parameters(), momentum=train.momentum, **settings)
+    if train.use_bitsandbytes:
+        optimizer_class = bitsandbytes_optimizer_class(train.optim, device)
         if optimizer_class is not None:
             return optimizer_class(model.parameters(), **settings)
-    optimizer_class = torch.optim.AdamW if train["optim"] == "adamw" else torch.optim.Adam
+    optimizer_class = torch.optim.AdamW if train.optim == "adamw" else torch.optim.Adam
     return optimizer_class(model.parameters(), **settings)
 
 
@@ -68,21 +69,26 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: dict, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of ``train`` (``lr_factor``), stepped once per optimisation step."""
-    total_steps = train["max_epochs"] * steps_per_epoch
-    warmup_steps = round(train["warmup_epochs"] * steps_per_epoch)
-    min_factor = train["min_lr"] / train["lr"]
+    total_steps = train.max_epochs * steps_per_epoch
+    warmup_steps = round(train.warmup_epochs * steps_per_epoch)
+    min_factor = train.min_lr / train.lr
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train["scheduler_type"], min_factor)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train.scheduler_type, min_factor)
     )
 
 
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """Move ``ema_model``'s weights and float buffers toward ``model``'s: ``ema = d * ema + (1 - d) * model``
     with ``d = min(decay, (1 + step) / (10 + step))``, so that the first steps (``step`` counts from 0)
-    do not keep the random start in the average. Integer buffers (BatchNorm's batch count) are copied."""
+    do not keep the random start in the average. Integer buffers (BatchNorm's batch count) are copied.
+
+    Not torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn: its decay is constant (no
+    warm-up), its first update copies the weights, it leaves BatchNorm's integer batch count behind, and
+    its state dict prefixes every key with ``module.`` and adds ``n_averaged``, so that best.pt would no
+    longer load into a plain UNet (test.py, the exports, checkpoints written before)."""
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for ema, weight in zip(ema_model.state_dict().values(), model.state_dict().values()):

@@ -28,7 +28,7 @@ from skimage import measure, segmentation
 from torch import Tensor, nn
 
 from model import UNet, output_size, valid_input_sizes
-from segmentation.config import UserError
+from segmentation.config import AugmentSettings, PredictSettings, UserError
 from segmentation.console import note
 from segmentation.data.preprocess import (
     mirrored_indices,
@@ -37,7 +37,7 @@ from segmentation.data.preprocess import (
     scaled_size,
     take_window,
 )
-from segmentation.engine.device import bf16_supported, out_of_memory_advice, release_cached_memory
+from segmentation.device import bf16_supported, memory_description, release_cached_memory
 from segmentation.metrics import image_scores, pool_scores
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
@@ -80,7 +80,7 @@ def predict_probabilities(
     tta : bool or sequence of (int, bool), optional
         Test-time augmentation: average the probabilities over transforms of each tile. True: the 8
         rotations and reflections; or the ``(quarter turns, left-right flip)`` pairs to use, such as
-        ``tta_transforms(config["augment"])``, the ones the model was trained to handle.
+        ``tta_transforms(augment)``, the ones the model was trained to handle.
     amp : bool, optional
         On CUDA, run the network under autocast in bfloat16 (float16 where the GPU lacks
         bfloat16). Softmax and blending are always float32; no autocast on other devices.
@@ -174,42 +174,107 @@ def predict_probabilities(
     return total[:, :height, :width]
 
 
-def predict_with_config(model: UNet, image: Tensor, config: dict, tta: bool = False) -> Tensor:
-    """``predict_probabilities`` with the settings of a config's ``predict`` section and its
-    ``train.image_scale``; ``tta`` forces test-time augmentation on, over the transforms that the
-    config's augmentation trained for (``tta_transforms``). With several ``predict.scales``, the
-    mean of the probabilities predicted at each multiple of ``train.image_scale``. When the device
-    runs out of memory, ``predict.batch_size`` is halved (down to 1, with a note) and the image
-    predicted again."""
-    predict = config["predict"]
-    transforms = tta_transforms(config["augment"]) if tta or predict["tta"] else False
-    tile_size = None if predict["tile_size"] in (None, "auto") else predict["tile_size"]
-    while True:
-        try:
-            # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
-            total = None
-            for factor in predict["scales"]:
-                probabilities = predict_probabilities(
-                    model,
-                    image,
-                    tile_size,
-                    predict["overlap"],
-                    predict["batch_size"],
-                    transforms,
-                    image_scale=config["train"]["image_scale"] * factor,
+class Predictor:
+    """A U-Net predicting whole images as a config's ``predict`` section says, and deciding their pixels' classes.
+
+    Parameters
+    ----------
+    model : UNet
+        The network, on its device.
+    settings : PredictSettings
+        The config's ``predict`` section: tiles, overlap, batch size, test-time scales, the watershed cut.
+    image_scale : float, optional
+        ``train.image_scale`` of the model: images are predicted at ``image_scale`` times each of
+        ``settings.scales``, and the probabilities averaged.
+    transforms : bool or sequence of (int, bool), optional
+        Test-time augmentation, as ``predict_probabilities`` takes it (``tta_transforms``).
+    threshold : float, optional
+        Two classes: class 1 where its probability >= this; default ``settings.threshold``, or 0.5
+        while that is ``auto`` and not yet calibrated.
+
+    The predictor keeps its own ``batch_size`` (from ``settings.batch_size``): when the device runs out
+    of memory it is halved, down to 1 with a note, and the image predicted again; the smaller batch
+    stays for the next images, and the settings stay as they were resolved.
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        settings: PredictSettings,
+        image_scale: float = 1.0,
+        transforms: bool | Sequence[tuple[int, bool]] = False,
+        threshold: float | None = None,
+    ):
+        self.model, self.settings, self.image_scale, self.transforms = model, settings, image_scale, transforms
+        self.batch_size = settings.batch_size
+        automatic = settings.threshold == "auto"
+        self.threshold = threshold if threshold is not None else 0.5 if automatic else settings.threshold
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: UNet,
+        predict: PredictSettings,
+        augment: AugmentSettings,
+        image_scale: float = 1.0,
+        tta: bool = False,
+        threshold: float | None = None,
+    ) -> Predictor:
+        """A predictor with test-time augmentation where ``predict.tta`` or ``tta`` asks for it, over the
+        transforms that the ``augment`` section trained the model for (``tta_transforms``)."""
+        transforms = tta_transforms(augment) if tta or predict.tta else False
+        return cls(model, predict, image_scale, transforms, threshold)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def probabilities(self, image: Tensor) -> Tensor:
+        """(K, H, W) float32 class probabilities on the CPU of a (C, H, W) normalised image (on any
+        device): ``predict_probabilities`` at each test-time scale, averaged."""
+        scales = self.settings.scales
+        tile_size = None if self.settings.tile_size in (None, "auto") else self.settings.tile_size
+        while True:
+            try:
+                # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
+                total = None
+                for factor in scales:
+                    probabilities = predict_probabilities(
+                        self.model,
+                        image,
+                        tile_size,
+                        self.settings.overlap,
+                        self.batch_size,
+                        self.transforms,
+                        image_scale=self.image_scale * factor,
+                    )
+                    total = probabilities if total is None else total.add_(probabilities)
+                return total.div_(len(scales))
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise UserError(self.memory_advice(tile_size)) from None
+                release_cached_memory(self.device)
+                self.batch_size //= 2
+                note(
+                    f"out of memory predicting on {self.device}: predict.batch_size is now {self.batch_size} "
+                    "(tiles per forward pass), retrying"
                 )
-                total = probabilities if total is None else total.add_(probabilities)
-            return total.div_(len(predict["scales"]))
-        except torch.OutOfMemoryError:
-            device = next(model.parameters()).device
-            if predict["batch_size"] == 1:
-                raise UserError(out_of_memory_advice(device, config, "predicting")) from None
-            release_cached_memory(device)
-            # the smaller batch stays for the rest of the run: the next image would run out of memory too
-            predict["batch_size"] //= 2
-            note(
-                f"out of memory predicting on {device}: predict.batch_size is now {predict['batch_size']} (tiles per forward pass), retrying"
-            )
+
+    def classes(self, probabilities: Tensor) -> Tensor:
+        """(H, W) int64 class indices of (K, H, W) probabilities, as ``predicted_classes`` decides them at
+        the predictor's threshold and with the settings' watershed cut."""
+        settings = self.settings
+        return predicted_classes(probabilities, self.threshold, settings.watershed_seeds, settings.watershed_min_seed)
+
+    def memory_advice(self, tile_size: int | None) -> str:
+        """The one line for running out of memory with a batch of one tile."""
+        requested = DEFAULT_TILE_SIZE[self.model.padding] if tile_size is None else tile_size
+        smaller = self.model.valid_input_size(max(requested // 2, 1))
+        return (
+            f"out of memory while predicting on {memory_description(self.device)} with predict.batch_size=1, "
+            f"predict.tile_size={self.settings.tile_size}: lower predict.tile_size (e.g. {smaller}), "
+            "or predict on the CPU with train.device=cpu"
+        )
 
 
 def predicted_classes(
@@ -363,16 +428,16 @@ def _axis_tiles(
     return side, starts(side)
 
 
-def tta_transforms(augment: dict) -> list[tuple[int, bool]]:
+def tta_transforms(augment: AugmentSettings) -> list[tuple[int, bool]]:
     """The ``(quarter turns, left-right flip)`` pairs of test-time augmentation that the training
     augmentation (a config's ``augment`` section) covered: all 8 with 90-degree turns (or rotations of
     90 degrees and more), the 4 flips and half turn with both flips, identity and the left-right flip
     with left-right flips only (upright scenes such as pedestrians), else the identity alone."""
-    if augment["rotate90"] or augment["rotation"] >= 90:
+    if augment.rotate90 or augment.rotation >= 90:
         return DIHEDRAL
-    if augment["flip"] and augment["vertical_flip"]:
+    if augment.flip and augment.vertical_flip:
         return [(0, False), (0, True), (2, False), (2, True)]  # (2, True) is the upside-down flip
-    if augment["flip"]:
+    if augment.flip:
         return [(0, False), (0, True)]
     return [(0, False)]
 

@@ -29,8 +29,7 @@ from segmentation.data.readers import (
 )
 from segmentation.inference.infer import (
     DEFAULT_TILE_SIZE,
-    predict_with_config,
-    predicted_classes,
+    Predictor,
     uniform_prediction_note,
 )
 
@@ -105,19 +104,15 @@ def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45)
 
 
 def predict_files(
-    model,
-    config: dict,
+    predictor: Predictor,
     inputs: list[Path],
     output: Path,
-    probabilities: bool,
-    overlay: bool,
-    tta: bool,
-    device: torch.device,
-    threshold: float = 0.5,
+    probabilities: bool = False,
+    overlay: bool = False,
     instances: bool = False,
 ) -> list[Path]:
-    """Write a mask (and optionally probabilities, object ids and overlays) for every input; returns
-    the masks.
+    """Write a mask (and optionally probabilities, object ids and overlays) for every input, as
+    ``predictor`` predicts and decides its pixels; returns the masks.
 
     A multi-page TIFF is read, predicted and written a page at a time, so memory follows one page,
     not the stack. Outputs are written under temporary names and renamed when complete: an
@@ -125,7 +120,7 @@ def predict_files(
     object ids, the 4-connected components of class 1 after the watershed cut of
     ``predict.watershed_seeds``.
     """
-    channels = config["unet"]["image_channels"]
+    channels = predictor.model.image_channels
     output.mkdir(parents=True, exist_ok=True)
     written, uniform, total = [], [], 0
     for path in inputs:
@@ -138,17 +133,7 @@ def predict_files(
                 )
             image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
             written.append(
-                predict_large_image(
-                    model,
-                    config,
-                    path,
-                    next(pages) if image is None else image,
-                    output,
-                    probabilities,
-                    tta,
-                    device,
-                    threshold,
-                )
+                predict_large_image(predictor, path, next(pages) if image is None else image, output, probabilities)
             )
             continue
         targets = {
@@ -172,14 +157,7 @@ def predict_files(
             }
             for index, image in enumerate(pages):
                 page = predict_page(
-                    model,
-                    image,
-                    config,
-                    tta,
-                    device,
-                    threshold,
-                    set(targets),
-                    f"{path.name}" + (f" page {index}" if stack else ""),
+                    predictor, image, set(targets), f"{path.name}" + (f" page {index}" if stack else "")
                 )
                 for key, writer in writers.items():
                     writer.write(page[key], photometric="minisblack", contiguous=True)
@@ -202,24 +180,13 @@ def predict_files(
     return written
 
 
-def predict_page(
-    model,
-    image: np.ndarray,
-    config: dict,
-    tta: bool,
-    device: torch.device,
-    threshold: float,
-    outputs: set[str],
-    name: str,
-) -> dict:
+def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], name: str) -> dict:
     """One image's ``classes`` (H, W) int64 and, as they are written, its ``mask``, its class-1
     ``probability`` (float32) and its object ids (``instances``, uint16) where ``outputs`` asks for
     them, and whether it is a single class everywhere (``uniform``)."""
-    channels = config["unet"]["image_channels"]
-    result = predict_with_config(model, torch.from_numpy(normalize_image(image, channels)).to(device), config, tta)
-    classes = predicted_classes(
-        result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]
-    ).numpy()
+    normalized = normalize_image(image, predictor.model.image_channels)
+    result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
+    classes = predictor.classes(result).numpy()
     page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}
     if "probability" in outputs:
         page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
@@ -260,15 +227,7 @@ def tiff_memmap(path: Path) -> np.ndarray | None:
 
 
 def predict_large_image(
-    model,
-    config: dict,
-    path: Path,
-    image: np.ndarray,
-    output: Path,
-    probabilities: bool,
-    tta: bool,
-    device: torch.device,
-    threshold: float,
+    predictor: Predictor, path: Path, image: np.ndarray, output: Path, probabilities: bool = False
 ) -> Path:
     """Predict one large image in bands of rows, each with enough rows of context above and below
     that its output rows see what they would see in one pass over the whole image, into memory-mapped
@@ -277,12 +236,13 @@ def predict_large_image(
     within the whole image, and since each tile sees zero padding at its edges the blended
     probabilities differ slightly (as between two tile sizes). The watershed cut of
     ``predict.watershed_seeds`` runs per band (with its context); no overlay is written."""
-    channels, depth, padding = config["unet"]["image_channels"], model.depth, model.padding
+    model = predictor.model
+    channels, depth, padding = model.image_channels, model.depth, model.padding
     axis = row_axis(image.shape)
     height, width = image.shape[axis], image.shape[axis + 1]
     period = 2**depth
     # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
-    tile_size = config["predict"]["tile_size"]
+    tile_size = predictor.settings.tile_size
     reach = (
         network_margin(depth, padding)
         if padding == 0
@@ -317,12 +277,9 @@ def predict_large_image(
             min(height, top + band_rows + context),
         )
         band = np.take(image, range(start, stop), axis=axis)
-        result = predict_with_config(
-            model, torch.from_numpy(normalize_image(band, channels, statistics)).to(device), config, tta
-        )
-        classes = predicted_classes(
-            result, threshold, config["predict"]["watershed_seeds"], config["predict"]["watershed_min_seed"]
-        ).numpy()
+        normalized = normalize_image(band, channels, statistics)
+        result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
+        classes = predictor.classes(result).numpy()
         masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
         if cells is not None:
             cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()

@@ -1,10 +1,11 @@
-"""Diagnostics of a trained model on annotated images: scores, masks, and figures of predictions, saliency, gradient norms and activations.
+"""Diagnostics of a trained model on annotated images: scores, masks, saliency, gradient norms and activations.
 
 ``diagnose`` writes, for each test (or validation) image, its mask and a figure of input, truth,
 prediction, probability, errors and weight map, and the saliency (the gradient of the loss with respect
 to the input); for the first image the per-layer gradient and weight norms and activation maps; and it
 prints the scores of the masks as written. The functions behind the figures are checked against
-finite differences and hand-computed gradients in the tests.
+finite differences and hand-computed gradients in the tests; the figures themselves are drawn by
+``segmentation.runs.figures``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ import tifffile
 import torch
 from torch import Tensor, nn
 
-from dataset import build_datasets
+from dataset import WholeImageDataset
 from losses import segmentation_loss
-from segmentation.config import UserError
 from segmentation.console import note
 from segmentation.data.preprocess import network_margin, pad_for_model
 from segmentation.data.readers import object_instances
-from segmentation.inference.infer import (
-    evaluating,
-    predict_with_config,
-    predicted_classes,
-    uniform_prediction_note,
-)
+from segmentation.inference.infer import Predictor, evaluating, uniform_prediction_note
 from segmentation.inference.predict import mask_image
 from segmentation.metrics import (
     image_scores,
@@ -38,56 +33,43 @@ from segmentation.metrics import (
     pool_scores,
     segmentation_scores,
 )
+from segmentation.runs.figures import (
+    save_activation_figure,
+    save_gradient_norm_figure,
+    save_prediction_figure,
+    save_saliency_figure,
+)
 
 
 def diagnose(
-    model,
-    config: dict,
-    device: torch.device,
+    predictor: Predictor,
+    dataset: WholeImageDataset,
+    split: str,
+    loss_kind: str,
     output: Path,
-    layers: list[str] | None,
-    tta: bool,
-    split: str | None = None,
-    threshold: float = 0.5,
+    layers: list[str] | None = None,
     instances: bool = False,
 ) -> dict[str, float]:
-    """Masks, figures and a printed table of scores for every image of ``split`` (``test``: the images
-    of ``train.test_images``; ``val``: the validation images; default: test when there are test images);
-    returns the overall scores. The scores are those of the masks written to ``output/masks``; with
-    two classes also the instance F1 at IoU 0.5 of the predicted objects against the true ones, and
-    with ``instances`` their ids as ``masks/<name>_instances.tif``."""
-    data = build_datasets(config, note)
-    split = split or ("test" if data["test"] is not None else "val")
-    if data[split] is None:
-        raise UserError(
-            "--split test: the config sets no train.test_images; use --split val, or train with train.test_images=[...]"
-        )
-    dataset = data[split]
-    predict, num_classes = config["predict"], config["unet"]["num_classes"]
+    """Masks, figures and a printed table of scores for every image of ``dataset`` (the ``test`` or
+    ``val`` images, as ``split`` names them), predicted and decided by ``predictor``; returns the
+    overall scores. The scores are those of the masks written to ``output/masks``; with two classes
+    also the instance F1 at IoU 0.5 of the predicted objects against the true ones, and with
+    ``instances`` their ids as ``masks/<name>_instances.tif``. ``loss_kind`` (``train.loss``) is the
+    loss whose gradients the saliency and gradient-norm figures show."""
+    num_classes = predictor.model.num_classes
     (output / "masks").mkdir(parents=True, exist_ok=True)
-    total, cell_scores, objects, uniform = (
-        torch.zeros(num_classes, num_classes, dtype=torch.int64),
-        [],
-        np.zeros(3, dtype=np.int64),
-        [],
-    )
-    print(
-        f"{len(dataset)} {'test' if split == 'test' else 'validation'} images"
-        + (f", class 1 at probability >= {threshold:.2f}" if num_classes == 2 else "")
-    )
+    total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    cell_scores, objects, uniform = [], np.zeros(3, dtype=np.int64), []
+    images = "test images" if split == "test" else "validation images"
+    threshold = f", class 1 at probability >= {predictor.threshold:.2f}" if num_classes == 2 else ""
+    print(f"{len(dataset)} {images}{threshold}")
     columns = score_columns(num_classes)
     print(table_line("image", None, columns))
     for index, (image, label, weight) in enumerate(dataset):
-        probabilities = predict_with_config(model, image.to(device), config, tta).cpu()
+        probabilities = predictor.probabilities(image.to(predictor.device)).cpu()
         name = dataset.names[index]
-        classes = predicted_classes(
-            probabilities, threshold, predict["watershed_seeds"], predict["watershed_min_seed"]
-        ).numpy()
-        mask_path = output / "masks" / f"{Path(name).stem}.png"
-        skimage.io.imsave(mask_path, mask_image(classes, num_classes), check_contrast=False)
-        # score the mask as written: the file is what a user would submit
-        written = skimage.io.imread(mask_path).astype(np.int64)
-        written = written // 255 if num_classes == 2 else written
+        classes = predictor.classes(probabilities).numpy()
+        written = write_mask(output / "masks" / f"{Path(name).stem}.png", classes, num_classes)
         confusion, cells = image_scores(torch.from_numpy(written), label, num_classes)
         total += confusion
         scores = {**segmentation_scores(confusion), **(cells or {})}
@@ -99,27 +81,16 @@ def diagnose(
             objects += matched
             scores["object_f1"] = instance_f1(*matched)
             if instances:
+                path = output / "masks" / f"{Path(name).stem}_instances.tif"
                 tifffile.imwrite(
-                    output / "masks" / f"{Path(name).stem}_instances.tif",
-                    found.astype(np.uint16 if found.max() < 2**16 else np.uint32),
-                    photometric="minisblack",
+                    path, found.astype(np.uint16 if found.max() < 2**16 else np.uint32), photometric="minisblack"
                 )
         if len(np.unique(written)) == 1:
             uniform.append(name)
         print(table_line(name, scores, columns))
+        figures = (output, split, index, name)
         save_image_figures(
-            model,
-            config,
-            device,
-            output,
-            split,
-            index,
-            name,
-            (image, label, weight),
-            classes,
-            probabilities,
-            scores,
-            layers,
+            predictor.model, loss_kind, figures, (image, label, weight), classes, probabilities, scores, layers
         )
     overall = pool_scores(total, cell_scores)
     if num_classes == 2:
@@ -127,15 +98,24 @@ def diagnose(
     print(table_line("all", overall, columns))
     if num_classes == 2:
         print(
-            f"(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; means over images. Object F1: "
-            f"{objects[0]} of {objects[1]} true and {objects[2]} predicted objects matched at IoU > 0.5)"
+            "(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; "
+            f"means over images. Object F1: {objects[0]} of {objects[1]} true and {objects[2]} predicted objects "
+            "matched at IoU > 0.5)"
         )
     if uniform:
-        note(uniform_prediction_note(uniform, len(dataset), f"{'test' if split == 'test' else 'validation'} images"))
+        note(uniform_prediction_note(uniform, len(dataset), images))
     print(
         f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png"
     )
     return overall
+
+
+def write_mask(path: Path, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Write the mask of (H, W) ``classes`` (``predict.mask_image``) and read it back as class indices:
+    scores are those of the file, which is what a user would submit."""
+    skimage.io.imsave(path, mask_image(classes, num_classes), check_contrast=False)
+    written = skimage.io.imread(path).astype(np.int64)
+    return written // 255 if num_classes == 2 else written
 
 
 def score_columns(num_classes: int) -> list[tuple[str, str, int]]:
@@ -177,87 +157,34 @@ def score_summary(names: Sequence[str], results: Sequence[dict], num_classes: in
 
 def save_image_figures(
     model,
-    config: dict,
-    device: torch.device,
-    output: Path,
-    split: str,
-    index: int,
-    name: str,
+    loss_kind: str,
+    where: tuple[Path, str, int, str],
     item: tuple,
     classes: np.ndarray,
     probabilities: Tensor,
     scores: dict,
     layers: list[str] | None,
 ) -> None:
-    """The figures of one image: prediction panels and saliency; for the first image also the
-    per-layer gradient and weight norms and the activation maps."""
+    """The figures of one image (``where``: output folder, split, index and name; ``item``: image,
+    label and weight map): prediction panels and saliency; for the first image also the per-layer
+    gradient and weight norms and the activation maps."""
+    output, split, index, name = where
     image, label, weight = item
     title = f"{name}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
-    save_prediction_figure(
-        output / f"{split}_{index:03d}.png",
-        image.numpy(),
-        label.numpy(),
-        classes,
-        probabilities.numpy(),
-        weight.numpy(),
-        title,
-    )
+    panels = (image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy())
+    save_prediction_figure(output / f"{split}_{index:03d}.png", *panels, title)
+    device = next(model.parameters()).device
     whole = whole_image_batch(model, image, label, weight, device)
-    saliency = input_saliency(model, *whole, config["train"]["loss"])
+    saliency = input_saliency(model, *whole, loss_kind)
     margin = network_margin(model.depth, model.padding)
     saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
-    save_saliency_figure(
-        output / f"saliency_{index:03d}.png", image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|"
-    )
+    path = output / f"saliency_{index:03d}.png"
+    save_saliency_figure(path, image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|")
     if index == 0:
-        norms = layer_gradient_norms(model, *whole, config["train"]["loss"])
+        norms = layer_gradient_norms(model, *whole, loss_kind)
         save_gradient_norm_figure(output / "gradient_norms.png", norms, title=f"per-layer norms on {name}")
-        save_activation_figure(
-            output / "activations.png", activation_maps(model, whole[0], layers), title=f"activations on {name}"
-        )
-
-
-def save_prediction_figure(
-    path: Path,
-    image: np.ndarray,
-    label: np.ndarray,
-    prediction: np.ndarray,
-    probability: np.ndarray,
-    weight: np.ndarray,
-    title: str,
-) -> None:
-    """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1) from the
-    (K, H, W) probabilities, errors, weights."""
-    from matplotlib.figure import Figure
-
-    errors = np.zeros(label.shape + (3,), dtype=np.float32)
-    errors[(prediction != label) & (label == 0)] = (1, 0.2, 0.2)  # predicted foreground on background: red
-    errors[(prediction != label) & (label != 0)] = (0.2, 0.4, 1)  # missed foreground: blue
-    panels = [
-        ("input", display_image(image), "gray"),
-        ("ground truth", label, "viridis"),
-        ("prediction", prediction, "viridis"),
-        ("P(class 1)", probability[1], "magma"),
-        ("errors (red: false 1, blue: missed 1)", errors, None),
-        ("weight map", weight, "inferno"),
-    ]
-    figure = Figure(figsize=(18, 3.6))
-    for index, (name, data, colormap) in enumerate(panels):
-        axis = figure.add_subplot(1, len(panels), index + 1)
-        shown = axis.imshow(data, cmap=colormap, interpolation="nearest")
-        if name in ("P(class 1)", "weight map"):
-            figure.colorbar(shown, ax=axis, fraction=0.046)
-        axis.set_title(name, fontsize=9)
-        axis.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-
-
-def display_image(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) normalised image -> (H, W) or (H, W, 3) in [0, 1] for imshow."""
-    shown = image[0] if image.shape[0] == 1 else np.moveaxis(image[:3], 0, -1)
-    return (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
+        maps = activation_maps(model, whole[0], layers)
+        save_activation_figure(output / "activations.png", maps, title=f"activations on {name}")
 
 
 def whole_image_batch(
@@ -360,59 +287,6 @@ def layer_gradient_norms(
     ]
 
 
-def save_gradient_norm_figure(path: str | Path, norms: Sequence[tuple[str, float, float]], title: str = "") -> None:
-    """Plot per-layer gradient norms, weight norms and their ratio on log scales; PNG.
-
-    Parameters
-    ----------
-    path : str or Path
-        Output PNG file.
-    norms : sequence of (name, gradient norm, weight norm)
-        As returned by ``layer_gradient_norms``, in network order.
-    title : str, optional
-        Figure title.
-
-    Notes
-    -----
-    Gradient norms that fall by orders of magnitude towards the input mean vanishing gradients; a
-    gradient/weight ratio far above about 1e-2 means one step of a typical learning rate would change
-    that layer a lot (exploding). Zero values cannot be drawn on a log scale: the lines skip them, and
-    parameters with an exactly zero gradient (dead layers) are shaded red.
-    """
-    from matplotlib.figure import Figure
-
-    names = [name for name, _, _ in norms]
-    gradient = np.array([value for _, value, _ in norms], dtype=np.float64)
-    weight = np.array([value for _, _, value in norms], dtype=np.float64)
-    positions = np.arange(len(names))
-    both = (gradient > 0) & (weight > 0)
-    ratio = gradient[both] / weight[both]
-
-    figure = Figure(figsize=(max(8.0, 0.16 * len(names) + 2.0), 7.5))
-    norm_axis, ratio_axis = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    # Each line joins only its positive values, which a log axis can show; zero-initialised biases
-    # would otherwise break the weight line into isolated points.
-    norm_axis.plot(positions[gradient > 0], gradient[gradient > 0], "o-", markersize=3, label="gradient norm")
-    norm_axis.plot(positions[weight > 0], weight[weight > 0], "s-", markersize=3, label="weight norm")
-    ratio_axis.plot(positions[both], ratio, "d-", markersize=3, color="tab:green", label="gradient / weight")
-    for axis in (norm_axis, ratio_axis):
-        for index in np.flatnonzero(gradient == 0):
-            axis.axvspan(index - 0.5, index + 0.5, color="tab:red", alpha=0.25, linewidth=0)
-        axis.set_yscale("log")
-        axis.grid(True, which="major", alpha=0.3)
-        axis.legend(fontsize=8, loc="best")
-    norm_axis.set_ylabel("L2 norm")
-    ratio_axis.set_ylabel("ratio")
-    ratio_axis.set_xticks(positions)
-    ratio_axis.set_xticklabels(names, rotation=90, fontsize=6)
-    ratio_axis.set_xlim(-0.5, len(names) - 0.5)
-    if np.any(gradient == 0):
-        norm_axis.set_title("red: zero gradient", fontsize=8, loc="right", color="tab:red")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
 def _default_activation_layers(model: nn.Module) -> list[str]:
     """The outputs of ``inc``, every ``downs.i``, ``bottleneck`` and every ``ups.i`` of a UNet, in network order."""
     return [
@@ -490,101 +364,3 @@ def activation_maps(
             "(containers such as nn.ModuleList are never called themselves; name their items, e.g. 'downs.0')"
         )
     return {name: recorded[name] for name in layers}
-
-
-def _display_range(array: np.ndarray) -> np.ndarray:
-    """Scale ``array`` linearly to [0, 1] by its minimum and maximum (a constant array gives zeros)."""
-    low, high = float(array.min()), float(array.max())
-    return (array - low) / max(high - low, 1e-12)
-
-
-def save_activation_figure(path: str | Path, activations: dict[str, Tensor], title: str = "") -> None:
-    """Grid of feature maps: one row per layer, one column per channel; PNG.
-
-    Parameters
-    ----------
-    path : str or Path
-        Output PNG file.
-    activations : dict of str to Tensor
-        As returned by ``activation_maps``: layer name to maps of shape (channels, h, w).
-    title : str, optional
-        Figure title.
-
-    Notes
-    -----
-    Each map is scaled to its own minimum and maximum, so the grey levels compare pixels within one
-    map, not between maps. The row label gives the layer's name and the shape of its maps.
-    """
-    from matplotlib.figure import Figure
-
-    rows = len(activations)
-    columns = max((maps.shape[0] for maps in activations.values()), default=1)
-    figure = Figure(figsize=(1.5 * columns + 1.2, 1.5 * rows + 0.6))
-    axes = np.asarray(figure.subplots(rows, columns, squeeze=False))
-    for row, (name, maps) in enumerate(activations.items()):
-        data = maps.float().numpy()
-        for column in range(columns):
-            axis = axes[row, column]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if column < data.shape[0]:
-                axis.imshow(_display_range(data[column]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                axis.set_axis_off()
-            if row == 0:
-                axis.set_title(f"channel {column}", fontsize=8)
-        axes[row, 0].set_ylabel(f"{name}\n{data.shape[0]}x{data.shape[1]}x{data.shape[2]}", fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-
-
-def save_saliency_figure(
-    path: str | Path, image: np.ndarray | Tensor, saliency: np.ndarray | Tensor, title: str = ""
-) -> None:
-    """Input, saliency map and the saliency overlaid on the input, side by side; PNG.
-
-    Parameters
-    ----------
-    path : str or Path
-        Output PNG file.
-    image : ndarray or Tensor, shape (C, H, W), float
-        The network input. Three channels are shown as RGB, any other count as the channel mean.
-    saliency : ndarray or Tensor, shape (H, W), float
-        As returned by ``input_saliency``.
-    title : str, optional
-        Figure title.
-
-    Notes
-    -----
-    The colour scale of the saliency ends at its 99th percentile: a few very salient pixels would
-    otherwise leave the rest of the map black.
-    """
-    from matplotlib.figure import Figure
-
-    image = image.detach().cpu().float().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=np.float32)
-    saliency = (
-        saliency.detach().cpu().float().numpy()
-        if isinstance(saliency, Tensor)
-        else np.asarray(saliency, dtype=np.float32)
-    )
-    shown = _display_range(np.moveaxis(image, 0, -1) if image.shape[0] == 3 else image.mean(axis=0))
-    top = float(np.percentile(saliency, 99))
-    scaled = np.clip(saliency / top, 0.0, 1.0) if top > 0 else np.zeros_like(saliency)
-
-    figure = Figure(figsize=(13, 4.4))
-    axes = figure.subplots(1, 3)
-    axes[0].imshow(shown, cmap="gray", interpolation="nearest")
-    axes[0].set_title("input", fontsize=9)
-    heat = axes[1].imshow(saliency, cmap="magma", vmin=0, vmax=top if top > 0 else None, interpolation="nearest")
-    figure.colorbar(heat, ax=axes[1], fraction=0.046, label="|d loss / d input|")
-    axes[1].set_title("saliency (max over channels)", fontsize=9)
-    axes[2].imshow(shown, cmap="gray", interpolation="nearest")
-    # Opacity follows the saliency so that unimportant regions show the plain input.
-    axes[2].imshow(scaled, cmap="magma", vmin=0, vmax=1, alpha=scaled, interpolation="nearest")
-    axes[2].set_title("overlay", fontsize=9)
-    for axis in axes:
-        axis.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)

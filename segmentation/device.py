@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from segmentation.config import UserError
+from segmentation.config import TrainSettings, UserError
 from segmentation.console import note
 
 
@@ -83,22 +83,16 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
-def out_of_memory_advice(device: torch.device, config: dict, doing: str) -> str:
-    """One line for running out of memory while ``doing`` (``training``, ``predicting``): the numbers
-    that matter and what to lower or switch on."""
-    train = config["train"]
-    switches = ["train.activation_checkpointing=true"] if not train["activation_checkpointing"] else []
-    if train["precision"] == "fp32" and bf16_supported(device) and device.type == "cuda":
+def out_of_memory_advice(device: torch.device, train: TrainSettings) -> str:
+    """One line for running out of memory while training: the numbers that matter and what to lower or
+    switch on."""
+    switches = ["train.activation_checkpointing=true"] if not train.activation_checkpointing else []
+    if train.precision == "fp32" and bf16_supported(device) and device.type == "cuda":
         switches.append("train.precision=bf16")
-    if doing == "predicting":
-        return (
-            f"out of memory while predicting on {memory_description(device)} with predict.batch_size=1, predict.tile_size={config['predict']['tile_size']}: "
-            f"lower predict.tile_size (e.g. {config['train']['tile_size']}), or predict on the CPU with train.device=cpu"
-        )
     return (
-        f"out of memory while {doing} on {memory_description(device)} at train.batch_size={train['batch_size']}, train.tile_size={train['tile_size']}, "
-        f"train.precision={train['precision']}: lower train.batch_size or train.tile_size"
-        + (f", or set {' or '.join(switches)}" if switches else "")
+        f"out of memory while training on {memory_description(device)} at train.batch_size={train.batch_size}, "
+        f"train.tile_size={train.tile_size}, train.precision={train.precision}: lower train.batch_size or "
+        "train.tile_size" + (f", or set {' or '.join(switches)}" if switches else "")
     )
 
 
