@@ -21,8 +21,8 @@ Prints numbers and asserts nothing. Three tables by default:
 
 FLOPs are those of one forward pass as torch.utils.flop_counter counts them (2 x the multiply-adds of
 the convolutions and matrix products; ReLUs, norms and pooling are left out); a training step counts
-as 3 x forward (the backward pass is about twice the forward). MFU divides the achieved TFLOP/s by the card's dense peak for the
-precision (``--peak-tflops`` to give it; fp32 counts TF32 tensor cores, which PyTorch uses for
+as 3 x forward (the backward pass is about twice the forward). MFU divides the achieved TFLOP/s by the
+card's dense peak for the precision (``--peak-tflops`` to give it; fp32 counts TF32 tensor cores, which PyTorch uses for
 convolutions by default). Each model runs in a process of its own, so that the peak memory (CUDA:
 ``max_memory_allocated``; CPU: growth of the resident set while building and training the model)
 is its own.
@@ -103,7 +103,10 @@ def command_line() -> argparse.ArgumentParser:
         "--nuclei-experiment",
         type=int,
         metavar="EPOCHS",
-        help="instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; object F1 on held-out images",
+        help=(
+            "instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; "
+            "object F1 on held-out images"
+        ),
     )
     parser.add_argument(
         "--predict-stack",
@@ -139,8 +142,10 @@ def main() -> None:
     if args.infer_size:
         result = in_child(time_inference, args)
         print(
-            f"\ninference, tiled predictor ({'bf16' if device.type == 'cuda' else 'fp32'}): one {args.infer_size}x{args.infer_size} image in "
-            f"{result['seconds']:.2f} s = {1 / result['seconds']:.2f} images/s, {result['tiles']:.0f} tiles of {args.infer_tile} px = {result['tiles'] / result['seconds']:.1f} tiles/s"
+            f"\ninference, tiled predictor ({'bf16' if device.type == 'cuda' else 'fp32'}): one "
+            f"{args.infer_size}x{args.infer_size} image in "
+            f"{result['seconds']:.2f} s = {1 / result['seconds']:.2f} images/s, {result['tiles']:.0f} tiles of "
+            f"{args.infer_tile} px = {result['tiles'] / result['seconds']:.1f} tiles/s"
         )
     if args.workers:
         step_seconds = results["ours"]["seconds"] if "ours" in results else next(iter(results.values()))["seconds"]

@@ -19,9 +19,9 @@ Without ``--input``, for each test image (``train.test_images``; else each valid
 with ``--split``) it writes the mask to ``masks/`` and scores it, and saves a figure with input,
 ground truth, prediction, probability, errors and weight map, the saliency (gradient of the loss
 with respect to the input), and for the first image a plot of per-layer gradient and weight norms
-and the activation maps of chosen layers; it prints the scores, as training computed them. Given several checkpoints (the folds of
-``train.fold=all``), it does so for each on the test images of its own config, then prints one row per
-run and the mean and standard deviation of every score.
+and the activation maps of chosen layers; it prints the scores, as training computed them. Given
+several checkpoints (the folds of ``train.fold=all``), it does so for each on the test images of its own
+config, then prints one row per run and the mean and standard deviation of every score.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def command_line() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         nargs="+",
-        help="checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of train.fold=all): each scored on its own test images, then the mean and standard deviation",
+        help=(
+            "checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of "
+            "train.fold=all): each scored on its own test images, then the mean and standard deviation"
+        ),
     )
     parser.add_argument("--config", type=Path, help="config to use instead of the one stored in the checkpoint")
     parser.add_argument("--input", type=Path, help="image file, folder of images, or multi-page TIFF to segment")
@@ -70,7 +73,10 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument(
         "--instances",
         action="store_true",
-        help="also write uint16 TIFFs of object ids (the connected components of class 1 after predict.watershed_seeds' cut)",
+        help=(
+            "also write uint16 TIFFs of object ids (the connected components of class 1 after "
+            "predict.watershed_seeds' cut)"
+        ),
     )
     parser.add_argument(
         "--tta",
@@ -80,7 +86,10 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split",
         choices=("test", "val"),
-        help="diagnostics on the test images (train.test_images) or the validation images (default: test when there are any)",
+        help=(
+            "diagnostics on the test images (train.test_images) or the validation images (default: test when "
+            "there are any)"
+        ),
     )
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
     parser.add_argument(
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(checkpoints) > 1:
             if args.input or args.export:
                 raise UserError(
-                    "--checkpoint: several checkpoints are scored each on its own held-out images; --input and --export take one"
+                    "--checkpoint: several checkpoints are scored each on its own held-out images; --input and "
+                    "--export take one"
                 )
             summarize_runs(checkpoints, args)
             return 0
@@ -191,7 +201,8 @@ def summarize_runs(checkpoints: list[Path], args: argparse.Namespace) -> None:
         num_classes.add(config.unet.num_classes)
     if len(num_classes) > 1:
         raise UserError(
-            f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary compares runs of one task"
+            f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary "
+            "compares runs of one task"
         )
     print("\n" + score_summary(names, results, num_classes.pop()))
 

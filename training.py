@@ -561,7 +561,8 @@ def train_every_fold(config: Config) -> int:
         summary = train(dataclasses.replace(config, train=fold_train))
         if summary["interrupted"]:
             print(
-                f"continue the folds with: python training.py ... train.fold=all train.run_name={base} train.resume=auto"
+                f"continue the folds with: python training.py ... train.fold=all train.run_name={base} "
+                "train.resume=auto"
             )
             return 130
         best_checkpoints.append(summary["run_weights"] / "best.pt")
@@ -573,7 +574,9 @@ def train_every_fold(config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train a U-Net from a YAML config.",
-        epilog="overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]",
+        epilog=(
+            "overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]"
+        ),
     )
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help="YAML config (default: config.yaml beside this script)"

@@ -1,4 +1,7 @@
-"""The compute device: ``train.device`` resolved to one that exists, its settings for speed (CUDA's; whether a CPU has bfloat16), and advice when its memory runs out."""
+"""The compute device: ``train.device`` resolved to one that exists, its speed settings, out-of-memory advice.
+
+CUDA gets cuDNN's autotuning and TF32; a CPU is asked whether it computes bfloat16 natively.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(
-                f"train.device is {name!r} but PyTorch sees no CUDA GPU here (a CPU-only build or no driver); use train.device=auto or cpu"
+                f"train.device is {name!r} but PyTorch sees no CUDA GPU here (a CPU-only build or no driver); use "
+                "train.device=auto or cpu"
             )
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise UserError(
-                f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+                f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError(
@@ -37,7 +42,9 @@ def prepare_device(device: torch.device, precision: str = "fp32") -> None:
     when it is bf16 on a CPU that would emulate it."""
     if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
         note(
-            "train.precision=bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX) is slower than fp32: use train.precision=fp32 (an fp32 step takes about twice as long as a native bf16 one: lower train.max_epochs for the same time)"
+            "train.precision=bf16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX) is slower than "
+            "fp32: use train.precision=fp32 (an fp32 step takes about twice as long as a native bf16 one: lower "
+            "train.max_epochs for the same time)"
         )
     if device.type != "cuda":
         return
@@ -45,7 +52,8 @@ def prepare_device(device: torch.device, precision: str = "fp32") -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError(
-            f"train.precision=bf16 needs a GPU with bfloat16 (Ampere or newer); {torch.cuda.get_device_name(device)} has none: use train.precision=fp16"
+            "train.precision=bf16 needs a GPU with bfloat16 (Ampere or newer); "
+            f"{torch.cuda.get_device_name(device)} has none: use train.precision=fp16"
         )
 
 

@@ -259,7 +259,10 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatc
     monkeypatch.setattr(cache.np, "save", disk_full)
     with pytest.raises(
         UserError,
-        match=r"^train.cache_dir: cannot write .*img\d.png-.* \(No space left on device\): free some space or set train.cache_dir to another folder$",
+        match=(
+            r"^train.cache_dir: cannot write .*img\d.png-.* \(No space left on device\): free some space or set "
+            r"train.cache_dir to another folder$"
+        ),
     ):
         datasets_of(folder_config(tmp_path / "data", tmp_path / "cache"))
     assert not list((tmp_path / "cache").iterdir())  # no half entry

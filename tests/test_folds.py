@@ -154,7 +154,10 @@ def test_resuming_on_another_fold_is_refused(image_folder):
     check_resume(last, config)  # the same fold resumes
     with pytest.raises(
         UserError,
-        match=r"trained on another split \(train.fold: checkpoint 0, config 1\): resuming would mix its test images into training",
+        match=(
+            r"trained on another split \(train.fold: checkpoint 0, config 1\): resuming would mix its test "
+            r"images into training"
+        ),
     ):
         check_resume(last, folder_config(image_folder, "train.folds=3", "train.fold=1", "train.max_epochs=1"))
     # a checkpoint of a version without the fold keys resumes as one without folds

@@ -71,7 +71,10 @@ def test_sparse_values_are_mapped_by_mask_values_and_others_are_named(tmp_path):
     assert np.array_equal(sample.label, CLASSES)
     with pytest.raises(
         UserError,
-        match=r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): train.mask_values: \[0, 128, 255\] maps them",
+        match=(
+            r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): "
+            r"train.mask_values: \[0, 128, 255\] maps them"
+        ),
     ):
         read_only(tmp_path, "unet.num_classes=3")
     write_pair(tmp_path, "a", np.array([0, 128, 64], dtype=np.uint8)[CLASSES])
@@ -91,7 +94,10 @@ def test_rgb_colour_masks_are_mapped_by_mask_colors(tmp_path):
     assert np.array_equal(sample.label, CLASSES)
     with pytest.raises(
         UserError,
-        match=r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set train.mask_colors",
+        match=(
+            r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set "
+            r"train.mask_colors"
+        ),
     ):
         read_only(tmp_path, "unet.num_classes=3")
     with pytest.raises(

@@ -43,8 +43,8 @@ def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoints(tmp_pat
     message = str(caught.value)
     assert "\n" not in message and message.startswith("out of memory while training on cpu (")
     assert (
-        "GiB of RAM) at train.batch_size=2, train.tile_size=60, train.precision=fp32: lower train.batch_size or train.tile_size, or set train.activation_checkpointing=true"
-        in message
+        "GiB of RAM) at train.batch_size=2, train.tile_size=60, train.precision=fp32: lower train.batch_size or "
+        "train.tile_size, or set train.activation_checkpointing=true" in message
     )
     assert message.endswith("the checkpoints saved so far are intact (continue with train.resume=auto)")
     assert {name: (first["run_weights"] / name).read_bytes() for name in saved} == saved
@@ -107,7 +107,10 @@ def test_prediction_halves_its_batch_until_it_fits(tmp_path, monkeypatch, capsys
     run_out_of_memory(monkeypatch, above_batch=0)
     with pytest.raises(
         UserError,
-        match=r"^out of memory while predicting on cpu \(.*\) with predict.batch_size=1, predict.tile_size=60: lower predict.tile_size",
+        match=(
+            r"^out of memory while predicting on cpu \(.*\) with predict.batch_size=1, predict.tile_size=60: "
+            r"lower predict.tile_size"
+        ),
     ):
         predict.predict_files(predictor, inputs, tmp_path / "again")
 
@@ -117,7 +120,10 @@ def test_a_nan_loss_under_fp16_names_fp16_and_suggests_bf16(tmp_path, monkeypatc
     monkeypatch.setattr(step, "segmentation_loss", lambda *args: original(*args) * float("nan"))
     with pytest.raises(
         UserError,
-        match=r"training loss became nan .*: train.precision=fp16 overflows float16's range \(up to 65504\): use train.precision=bf16, or lower train.lr",
+        match=(
+            r"training loss became nan .*: train.precision=fp16 overflows float16's range \(up to 65504\): use "
+            r"train.precision=bf16, or lower train.lr"
+        ),
     ):
         training.train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=1"))
     with pytest.raises(

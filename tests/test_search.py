@@ -128,7 +128,8 @@ def test_grid_takes_every_combination_and_spaced_range_points(tmp_path):
         tmp_path,
         "overfit_one_batch.search_method=grid",
         "overfit_one_batch.grid_points=4",
-        "overfit_one_batch.search_space={train.optim: [adam, adamw, sgd], train.lr: {log_uniform: [1e-4, 1e-1]}, unet.dropout: {uniform: [0, 0.3]}}",
+        "overfit_one_batch.search_space={train.optim: [adam, adamw, sgd], train.lr: {log_uniform: [1e-4, 1e-1]}, "
+        "unet.dropout: {uniform: [0, 0.3]}}",
     )
     points = search.search_points(config.overfit_one_batch)
     assert len(points) == 3 * 4 * 4
@@ -276,7 +277,8 @@ def test_cli_modes(tmp_path):
     )
     assert both.returncode == 2
     assert both.stderr.strip().splitlines() == [
-        "config error: overfit_one_batch: overfit and hp_search are true together; set at most one of overfit, hp_search, lr_find"
+        "config error: overfit_one_batch: overfit and hp_search are true together; set at most one of overfit, "
+        "hp_search, lr_find"
     ]
     failed = subprocess.run(
         [

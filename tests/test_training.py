@@ -292,7 +292,8 @@ def test_test_script_errors_are_one_line(tmp_path):
     )
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
-        f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python training.py) or pass --checkpoint PATH"
+        f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python "
+        "training.py) or pass --checkpoint PATH"
     ]
     summary = train(tiny_config(tmp_path, "train.max_epochs=1"))
     config_path = tmp_path / "other.yaml"

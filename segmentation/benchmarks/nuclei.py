@@ -1,4 +1,4 @@
-"""The nuclei experiment: touching synthetic nuclei trained from instance-id masks and from 0/255 masks, scored by object F1.
+"""The nuclei experiment: touching synthetic nuclei trained from instance-id and from 0/255 masks, scored by object F1.
 
 ``bench.py --nuclei-experiment EPOCHS`` prints the table; each run is ``python training.py`` in a
 subprocess, scored in a fresh process (``speed.in_child``).
@@ -46,7 +46,8 @@ def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
                 root / "binary" / "masks" / f"{index:02d}.png", ((ids > 0) * 255).astype(np.uint8), check_contrast=False
             )
         print(
-            f"\ntouching nuclei: 30 images of 256 px, trained on 21, validated on 3, scored on 6 (24-29) against the true ids; {epochs} epochs of the shipped config"
+            "\ntouching nuclei: 30 images of 256 px, trained on 21, validated on 3, scored on 6 (24-29) against "
+            f"the true ids; {epochs} epochs of the shipped config"
         )
         print(f"{'masks':>18} {'seed':>5} {'object F1':>10} {'Dice':>8} {'minutes':>8}")
         for kind, label in (("ids", "instance ids"), ("binary", "0/255")):
@@ -93,7 +94,7 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
         model, config.predict, config.augment, config.train.image_scale, False, threshold
     )
     matched, overlap, total = np.zeros(3, dtype=np.int64), 0, 0
-    for (image, label, _), ids in zip(test, truth):
+    for (image, _, _), ids in zip(test, truth):
         classes = predictor.classes(predictor.probabilities(image.to(device))).numpy()
         matched += instance_matches(ids, object_instances(classes))
         overlap, total = (

@@ -33,10 +33,12 @@ def data_scale_table(counts: list[int]) -> None:
         write_scale_folders(root, counts)
         step = in_child(time_shipped_step)
         print(
-            f"\ndata at scale: folders of 512x512 px images, config.yaml's tiles and batch; one epoch through the loader; the shipped model's step takes {step['seconds'] * 1000:.0f} ms"
+            "\ndata at scale: folders of 512x512 px images, config.yaml's tiles and batch; one epoch through the "
+            f"loader; the shipped model's step takes {step['seconds'] * 1000:.0f} ms"
         )
         print(
-            f"{'images':>7} {'path':>16} {'start s/image':>14} {'peak RSS GB':>12} {'RAM B/px':>9} {'disk B/px':>10} {'ms/batch':>9} {'x faster than step':>19}"
+            f"{'images':>7} {'path':>16} {'start s/image':>14} {'peak RSS GB':>12} {'RAM B/px':>9} "
+            f"{'disk B/px':>10} {'ms/batch':>9} {'x faster than step':>19}"
         )
         for count in counts:
             for kind, cache_dir in (
@@ -49,7 +51,8 @@ def data_scale_table(counts: list[int]) -> None:
                     sum(path.stat().st_size for path in cache_dir.rglob("*.npy")) / result["pixels"] if cache_dir else 0
                 )
                 print(
-                    f"{count:>7} {kind:>16} {result['startup'] / count:>14.4f} {result['peak_rss'] / 1e9:>12.2f} {(result['peak_rss'] - result['baseline_rss']) / result['pixels']:>9.1f} "
+                    f"{count:>7} {kind:>16} {result['startup'] / count:>14.4f} {result['peak_rss'] / 1e9:>12.2f} "
+                    f"{(result['peak_rss'] - result['baseline_rss']) / result['pixels']:>9.1f} "
                     f"{disk:>10.1f} {result['per_batch'] * 1000:>9.1f} {step['seconds'] / result['per_batch']:>19.1f}"
                 )
     finally:
@@ -186,7 +189,8 @@ def in_memory_tiles(unet: UNetSettings, train: TrainSettings) -> torch.utils.dat
 
 def predict_stack_table(gigabytes: float) -> None:
     """``--predict-stack``: peak memory of ``test.py --input`` on a multi-page TIFF of this many GB
-    (8-bit pages of 2048x2048 px, as an EM stack) with a small U-Net (widths 4-8, so that it runs in minutes on a CPU)."""
+    (8-bit pages of 2048x2048 px, as an EM stack) with a small U-Net (widths 4-8, so that it runs in
+    minutes on a CPU)."""
     import tempfile
 
     import tifffile
@@ -227,7 +231,8 @@ def predict_stack_table(gigabytes: float) -> None:
         )
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         print(
-            f"\ntest.py --input on a {(root / 'stack.tif').stat().st_size / 2**30:.2f} GiB TIFF of {pages} pages of 2048x2048 px (masks and probabilities): "
+            f"\ntest.py --input on a {(root / 'stack.tif').stat().st_size / 2**30:.2f} GiB TIFF of {pages} pages "
+            "of 2048x2048 px (masks and probabilities): "
             f"peak RSS {peak / 2**30:.2f} GiB, {time.perf_counter() - start:.0f} s"
         )
     finally:

@@ -266,9 +266,10 @@ def print_training_table(results: dict, args: argparse.Namespace, device: torch.
     device_name = next(iter(results.values()))["device"]
     peak = args.peak_tflops or (peak_tflops(device_name, args.precision) if device.type == "cuda" else None)
     print(
-        f"{device_name}, torch {torch.__version__}; training at {args.size}x{args.size} px, batch {args.batch}, widths {args.widths}, norm {args.norm}, "
-        f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; mean of {args.steps} steps after {args.warmup}"
-        + (f"; MFU against {peak} TFLOP/s" if peak else "")
+        f"{device_name}, torch {torch.__version__}; training at {args.size}x{args.size} px, batch {args.batch}, "
+        f"widths {args.widths}, norm {args.norm}, "
+        f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
+        f"mean of {args.steps} steps after {args.warmup}" + (f"; MFU against {peak} TFLOP/s" if peak else "")
     )
     names = {
         "ours": "this repo (step.train_step)",
@@ -276,7 +277,8 @@ def print_training_table(results: dict, args: argparse.Namespace, device: torch.
         "monai": "MONAI BasicUNet, same widths",
     }
     print(
-        f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs bare':>8}"
+        f"{'':34} {'ms/step':>9} {'img/s':>8} {'peak MiB':>9} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'vs bare':>8}"
     )
     for case, result in results.items():
         tflops = 3 * result["flops"] * args.batch / result["seconds"] / 1e12
@@ -285,6 +287,7 @@ def print_training_table(results: dict, args: argparse.Namespace, device: torch.
         )
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
         print(
-            f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} {result['peak_bytes'] / 2**20:>9.0f} "
+            f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} "
+            f"{result['peak_bytes'] / 2**20:>9.0f} "
             f"{result['flops'] / 1e9:>10.1f} {tflops:>8.3f} {mfu:>6} {versus:>8}"
         )

@@ -38,6 +38,7 @@ share and waits for the others'.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -49,7 +50,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -292,7 +292,8 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
         )
     except OSError as error:  # a full disk, a folder without write permission
         raise UserError(
-            f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set train.cache_dir to another folder"
+            f"train.cache_dir: cannot write {folder} ({error.strerror or error}): free some space or set "
+            "train.cache_dir to another folder"
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""A data set's fingerprint before training: images and pairs, sizes, channels, bit depths, how the masks read, class fractions, and the config lines to use.
+"""A data set's fingerprint before training: its images, sizes, channels, masks, classes and the config lines to use.
 
     python dataset.py check PATH [--sample 200]
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from segmentation.config import UserError, load_config
 from model import output_size
+from segmentation.config import UserError, load_config
 from segmentation.data.readers import (
     FileSample,
+    MaskSettings,
     label_from_mask,
     listed,
-    MaskSettings,
     match_by_stem,
     read_isbi2012,
     read_mask,
@@ -71,7 +71,8 @@ def detect_layout(root: Path) -> str:
     if not root.is_dir():
         raise UserError(f"{root}: folder not found")
     raise UserError(
-        f"{root}: no known layout: expected images/ + masks/ (your data), train-volume.tif + train-labels.tif (ISBI 2012) or PNGImages/ + PedMasks/ (Penn-Fudan)"
+        f"{root}: no known layout: expected images/ + masks/ (your data), train-volume.tif + train-labels.tif "
+        "(ISBI 2012) or PNGImages/ + PedMasks/ (Penn-Fudan)"
     )
 
 
@@ -252,10 +253,12 @@ def describe(
     heights, widths = [shape[0] for shape, _ in headers], [shape[1] for shape, _ in headers]
     lines = [
         f"{root}: {layout} layout, {len(samples)} images with masks",
-        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}"
+        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height "
+        f"x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}"
         if headers
         else "sizes: none readable",
-        f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel types: {', '.join(f'{count} {dtype}' for dtype, count in depths.most_common())}",
+        f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel "
+        f"types: {', '.join(f'{count} {dtype}' for dtype, count in depths.most_common())}",
         f"masks (read {len(masks)} of {len(samples)}): "
         + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()),
     ]
@@ -266,7 +269,8 @@ def describe(
         lines.append(f"mask values: {listed(values, 12)}")
     if suggestion["values"].get("train.mask_type") == "classes" and layout == "folder":
         lines.append(
-            "masks hold a few small integers: read as class indices; if each value is an object instead, use train.mask_type: instances and unet.num_classes: 2"
+            "masks hold a few small integers: read as class indices; if each value is an object instead, use "
+            "train.mask_type: instances and unet.num_classes: 2"
         )
     tile, labelled = suggestion["tile"]
     lines.append(f"tiles: train.tile_size auto gives {tile} px ({labelled} px labelled output) for the default U-Net")

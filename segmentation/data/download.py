@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import re
@@ -119,7 +120,8 @@ def download(url: str, destination: Path, show_progress: bool = True, timeout: f
                             EOFError,
                         ) as error:  # reset, timeout, IncompleteRead
                             raise UserError(
-                                f"could not download {url}: connection lost after {received} bytes ({_describe_network_error(error)}); {by_hand}"
+                                f"could not download {url}: connection lost after {received} bytes "
+                                f"({_describe_network_error(error)}); {by_hand}"
                             ) from None
                         if not chunk:
                             break
@@ -141,10 +143,8 @@ def download(url: str, destination: Path, show_progress: bool = True, timeout: f
         complete = True
     finally:
         if not complete:
-            try:
+            with contextlib.suppress(OSError):
                 part.unlink()
-            except OSError:
-                pass
     return destination
 
 
@@ -218,7 +218,8 @@ def safe_extract_zip(archive: Path, target: Path, max_total_bytes: int = DEFAULT
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
         raise UserError(
-            f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or incomplete download?): {REDOWNLOAD}"
+            f"{archive}: not a valid zip archive ({_one_line(error) or type(error).__name__}; corrupt or "
+            f"incomplete download?): {REDOWNLOAD}"
         ) from None
     with zf:
         plan = _extraction_plan(zf, archive, target, max_total_bytes)
@@ -252,7 +253,8 @@ def _extraction_plan(
                 problem = "is a file, but other members lie inside it"
         if problem is not None:
             raise UserError(
-                f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; nothing was extracted)"
+                f"{archive}: refusing to extract the member {info.filename!r}: it {problem} (unsafe archive; "
+                "nothing was extracted)"
             )
         seen[key] = info.is_dir()
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
@@ -261,7 +263,8 @@ def _extraction_plan(
         plan.append((info, target.joinpath(*parts)))
     if total > max_total_bytes:
         raise UserError(
-            f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of {max_total_bytes:,} bytes (zip bomb?)"
+            f"{archive}: refusing to extract: its members total {total:,} bytes uncompressed, over the limit of "
+            f"{max_total_bytes:,} bytes (zip bomb?)"
         )
     try:
         bad = zf.testzip()
@@ -286,7 +289,8 @@ def _unchanged_members(
         if info.is_dir():
             if destination.exists() and not destination.is_dir():
                 raise UserError(
-                    f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that file away and run again"
+                    f"{archive}: the folder {info.filename!r} would replace the file {destination}: move that "
+                    "file away and run again"
                 )
             continue
         for parent in destination.parents:
@@ -294,11 +298,13 @@ def _unchanged_members(
                 break
             if parent.exists() and not parent.is_dir():
                 raise UserError(
-                    f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move that file away and run again"
+                    f"{archive}: the member {info.filename!r} needs the folder {parent}, which is a file: move "
+                    "that file away and run again"
                 )
         if destination.is_dir():
             raise UserError(
-                f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that folder away and run again"
+                f"{archive}: the member {info.filename!r} would replace the folder {destination}: move that "
+                "folder away and run again"
             )
         if destination.exists() or destination.is_symlink():
             try:
@@ -307,7 +313,8 @@ def _unchanged_members(
                 raise UserError(f"cannot read {destination}: {_one_line(error)}") from None
             if not same:
                 raise UserError(
-                    f"{destination} already exists with other content than {info.filename!r} in {archive}: move it away (or delete it) and run again"
+                    f"{destination} already exists with other content than {info.filename!r} in {archive}: move "
+                    "it away (or delete it) and run again"
                 )
             skip.add(info.filename)
     return skip

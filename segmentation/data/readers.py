@@ -101,7 +101,8 @@ def read_image(path: Path, page: int | None = None) -> np.ndarray:
         return skimage.io.imread(path)
     except Exception as error:  # the readers raise many types for broken files
         raise UserError(
-            f"{path}: cannot read this image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            f"{path}: cannot read this image ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
         ) from None
 
 
@@ -185,7 +186,8 @@ def label_from_mask(
         if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
             raise UserError(
                 f"{name}: mask is a colour image with the colours {listed(colours_of(mask))}: set "
-                "train.mask_colors: [[r, g, b], ...] (class i = colour i), or save masks with one channel of class indices"
+                "train.mask_colors: [[r, g, b], ...] (class i = colour i), or save masks with one channel of "
+                "class indices"
             )
         mask = mask[..., 0]
     elif mask.ndim != 2:
@@ -288,7 +290,8 @@ def tiff_pages(path: Path) -> list[tuple[int, ...]]:
             return [page.shape for page in tiff.pages]
     except Exception as error:  # tifffile raises many types for broken files
         raise UserError(
-            f"{path}: cannot read this TIFF ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            f"{path}: cannot read this TIFF ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
         ) from None
 
 
@@ -311,7 +314,8 @@ def read_isbi2012(root: Path) -> list[FileSample]:
         image_pages, label_pages = tiff_pages(volume), tiff_pages(labels)
         if image_pages != label_pages:
             raise UserError(
-                f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s {len(image_pages)} of {image_pages[0]}"
+                f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s "
+                f"{len(image_pages)} of {image_pages[0]}"
             )
         return [
             FileSample(f"{volume.name} slice {index}", volume, labels, "classes", page=index)
@@ -321,7 +325,8 @@ def read_isbi2012(root: Path) -> list[FileSample]:
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
             return read_folder_pairs(folder / "images", folder / "labels", "classes")
     raise UserError(
-        f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see python dataset.py download isbi2012)"
+        f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see "
+        "python dataset.py download isbi2012)"
     )
 
 
@@ -341,5 +346,6 @@ def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | Non
             root / "valid_images", root / "valid_masks", "instances"
         )
     raise UserError(
-        f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, valid_images/, valid_masks/ (python dataset.py download pennfudan)"
+        f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, "
+        "valid_images/, valid_masks/ (python dataset.py download pennfudan)"
     )

@@ -31,13 +31,15 @@ def process_group(device_name: str):
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(
-                f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) are visible: lower --nproc_per_node"
+                f"torchrun started process {local_rank} on this node but only {torch.cuda.device_count()} GPU(s) "
+                "are visible: lower --nproc_per_node"
             )
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever train.device names
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(
-            f"distributed training runs on CUDA GPUs (NCCL) or on CPUs (gloo), not on {device}: set train.device=auto or cpu"
+            f"distributed training runs on CUDA GPUs (NCCL) or on CPUs (gloo), not on {device}: set "
+            "train.device=auto or cpu"
         )
     joined = not dist.is_initialized()
     if joined:

@@ -326,7 +326,8 @@ def hp_search(config: Config) -> dict:
     best_path = run_log / "best_config.yaml"
     best_path.write_text(config_to_yaml(with_modes_off(best["config"])))
     print(
-        f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config {best_path}"
+        f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config "
+        f"{best_path}"
     )
     if best["diverged"]:
         note("every trial diverged: lower the learning rates of search_space")
@@ -430,7 +431,8 @@ def lr_find(config: Config) -> dict:
             print(f"step {step + 1:5d}  lr {lr:.3g}  loss {loss:.4g}  smoothed {smoothed[-1]:.4g}", flush=True)
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed):
             print(
-                f"stopped at step {step + 1} (lr {lr:.3g}): the smoothed loss {smoothed[-1]:.4g} is above 4x its lowest",
+                f"stopped at step {step + 1} (lr {lr:.3g}): the smoothed loss {smoothed[-1]:.4g} is above 4x its "
+                "lowest",
                 flush=True,
             )
             break

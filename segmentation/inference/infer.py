@@ -41,6 +41,7 @@ from segmentation.device import bf16_supported, memory_description, release_cach
 from segmentation.metrics import image_scores, pool_scores
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
+CANDIDATE_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # what predict.threshold: auto tries
 DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
 
 
@@ -299,8 +300,10 @@ def uniform_prediction_note(names: list[str], total: int, where: str) -> str:
     ``total`` in ``where``), naming the likely causes and what to check."""
     which = f"all {total}" if len(names) == total else f"{len(names)} of {total} (e.g. {names[0]})"
     return (
-        f"{which} {where} are predicted as a single class everywhere: check how the masks were read (python dataset.py check DATA; "
-        "train.mask_type, mask_values, mask_colors), the class balance (train.class_weights: balanced), and predict.threshold; early in training it can pass"
+        f"{which} {where} are predicted as a single class everywhere: check how the masks were read (python "
+        "dataset.py check DATA; "
+        "train.mask_type, mask_values, mask_colors), the class balance (train.class_weights: balanced), and "
+        "predict.threshold; early in training it can pass"
     )
 
 
@@ -336,7 +339,7 @@ def calibrate_threshold(
     metric: str,
     watershed_seeds: float | None = None,
     min_seed_area: int = 0,
-    thresholds: np.ndarray = np.round(np.arange(0.05, 0.951, 0.05), 2),
+    thresholds: np.ndarray = CANDIDATE_THRESHOLDS,
 ) -> tuple[float, list[dict[str, float]]]:
     """The threshold on the class-1 probability that gives the best ``metric`` on the given images.
 

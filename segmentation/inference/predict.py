@@ -129,7 +129,8 @@ def predict_files(
         if not stack and plane_pixels(shapes[0]) > BAND_PIXELS:
             if instances:
                 note(
-                    f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)"
+                    f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted "
+                    "in bands)"
                 )
             image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
             written.append(
