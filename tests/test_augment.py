@@ -1,5 +1,5 @@
-"""Tests for the batched torch augmentation: geometry against torch.flip/rot90, slicing, scipy and a
-hand-written bicubic reference; intensity against numpy/scipy; randomness, probability and figure."""
+"""segmentation.data.augment: geometry against torch.flip/rot90, slicing, scipy and a hand-written bicubic
+reference; intensity against numpy/scipy; settings, randomness and probability."""
 
 import math
 

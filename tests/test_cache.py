@@ -1,5 +1,5 @@
-"""The preprocessing cache: entries equal a direct computation, are rebuilt exactly when their
-source, settings or files change, survive interruptions, and never write into the data folder."""
+"""segmentation.data.cache: entries equal a direct computation, are rebuilt exactly when their source, settings
+or files change, survive interruptions, and never write into the data folder."""
 
 import os
 import stat
@@ -16,7 +16,7 @@ from skimage import measure
 from dataset import build_datasets, list_samples
 from segmentation.config import UserError, load_config
 from segmentation.data import cache
-from segmentation.data.cache import PreprocessingSettings, prepare_images, read_entry
+from segmentation.data.cache import PreprocessingSettings, prepare_images, read_entry, write_entry
 from segmentation.data.preprocess import (
     mirror_pad,
     normalize_image,
@@ -26,7 +26,7 @@ from segmentation.data.preprocess import (
 )
 from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import class_balance_weights, weight_map
-from tests.helpers import datasets_of
+from tests.helpers import datasets_of, two_discs
 from training import train
 
 
@@ -225,6 +225,7 @@ def test_many_images_are_built_in_worker_processes_with_the_same_result(tmp_path
             assert (array_a is None and array_b is None) or np.array_equal(array_a, array_b)
 
 
+@pytest.mark.slow
 def test_a_read_only_data_folder_trains_and_is_left_as_it_was(tmp_path):
     data = tmp_path / "data"
     make_folder(data)
@@ -328,3 +329,11 @@ def test_a_process_that_starts_after_the_others_built_their_share_builds_the_res
     first.join(timeout=60)
     assert not late.is_alive() and not first.is_alive(), "a process waits for an image nobody builds"
     assert [entry.folder for entry in results[0]] == [entry.folder for entry in results[1]]
+
+
+def test_entries_written_from_arrays_keep_instances(tmp_path):
+    ids = two_discs(gap=0)
+    entry = write_entry(
+        tmp_path / "e", "e", np.zeros((1, 32, 48), np.float32), (ids > 0).astype(np.uint8), None, 1, 2, ids, "instances"
+    )
+    assert entry.has_instances and entry.mask_read_as == "instances" and np.array_equal(entry.instances(), ids)

@@ -1,10 +1,9 @@
-"""Config loading, overrides and validation."""
+"""segmentation.config: loading, overrides, validation, the typed settings, and the shipped configs."""
 
 import dataclasses
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,45 +12,13 @@ from segmentation.config import (
     SCHEMA,
     ConfigError,
     TrainSettings,
+    UserError,
     default_config,
     load_config,
     parse_overrides,
     resolve,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# The configuration block of the seed repository's README, verbatim (device overridden below).
-SEED_README_CONFIG = """
-unet:
-  input_channels: [64, 128, 256, 512]
-  # input_shape: [570, 282, 138, 66, 30, 54, 102, 198, 390]
-  input_shape: [320, 160, 80, 40, 20]
-  num_classes: 2
-  image_channels: 3
-  dropout: 0.1
-  use_ln: True
-  padding: 1
-
-train:
-  data: 'data'
-  batch_size: 8
-  scheduler_type: 'warmup-cosine'
-  max_epochs: 50
-  warmup_epochs: 4
-  use_bitsandbytes: True
-  optim: 'adamw'
-  lr: 1e-5
-  device: 'cuda'
-  save_path: 'weights'
-  eval_epoch: 1
-  log_epoch: 1
-  save_epoch: 3
-  log_path: 'logs'
-  early_stopping: 50
-  w_0: 1.1
-  dataset_name: "pedestrian"
-"""
+from tests.helpers import ROOT, SEED_README_CONFIG, datasets_of, folder_config
 
 
 def problems_of(user: dict) -> list[str]:
@@ -178,6 +145,7 @@ def test_a_config_stored_before_the_typed_settings_still_resolves():
     assert resolve(stored, notices).to_dict() == expected and notices == []
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_fails_in_one_line():
     result = subprocess.run(
         [sys.executable, "training.py", "train.max_epochs=1", "unet.foo=1"],
@@ -189,3 +157,77 @@ def test_cli_unknown_key_fails_in_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unet.foo" in lines[0] and "unknown key" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["isbi2012", "isbi2012_cpu", "pennfudan", "pennfudan_cpu"])
+def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
+    config = load_config(ROOT / "configs" / f"{name}.yaml", [], [])
+    train = config.train
+    test_images = train.test_images
+    assert test_images and not set(test_images) & set(train.val_images or [])
+    if name.startswith("isbi2012"):
+        assert test_images == (24, 25, 26, 27, 28, 29) and train.val_images == (21, 22, 23)
+        assert config.unet.padding == 0 and config.unet.image_channels == 1 and config.augment.elastic_std > 0
+        assert (
+            train.w_0 > 0 or name == "isbi2012_cpu"
+        )  # the paper's set-up has border weights; the CPU recipe measured better without
+    else:
+        assert config.unet.padding == 1 and config.unet.image_channels == 3
+
+
+@pytest.mark.parametrize("data_set", ["isbi2012", "pennfudan"])
+def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
+    recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
+    baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
+    # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
+    assert baseline.train.loss == "ce" and baseline.train.class_weights == "none" and baseline.train.w_0 == 0
+    assert (
+        baseline.predict.threshold == 0.5
+        and baseline.predict.watershed_seeds is None
+        and baseline.predict.tta is False
+        and baseline.predict.scales == (1.0,)
+    )
+    assert baseline.augment.elastic_std == 0 and baseline.augment.scale == 0 and baseline.augment.brightness == 0
+    assert baseline.train.ema == 0 and baseline.train.optim == "adam"  # the optimizer's own weights
+    # the same network, data, split and budget as the recipe
+    assert baseline.unet == recipe.unet
+    for key in (
+        "dataset_name",
+        "data",
+        "test_images",
+        "val_images",
+        "val_fraction",
+        "fold_order",
+        "image_scale",
+        "tile_size",
+        "samples_per_image",
+        "batch_size",
+        "max_epochs",
+        "precision",
+        "channels_last",
+        "lr",
+        "seed",
+        "split_seed",
+        "best_metric",
+    ):
+        assert getattr(baseline.train, key) == getattr(recipe.train, key), key
+
+
+def test_contradictory_fold_settings_are_one_line_each(image_folder):
+    with pytest.raises(
+        UserError,
+        match=r"train.test_images: train.folds chooses the test images of each fold; set train.test_images=null",
+    ):
+        folder_config(image_folder, "train.folds=3", "train.test_images=[1]")
+    with pytest.raises(UserError, match=r"train.val_images: train.folds chooses"):
+        folder_config(image_folder, "train.folds=3", "train.val_images=[1]")
+    with pytest.raises(UserError, match=r"train.fold: 3 is not among the 3 folds \(0..2, or all\)"):
+        folder_config(image_folder, "train.folds=3", "train.fold=3")
+    with pytest.raises(UserError, match=r"train.fold: 1 needs train.folds"):
+        folder_config(image_folder, "train.fold=1")
+    with pytest.raises(UserError, match=r"train.fold: expected an integer or all, got 'every'"):
+        folder_config(image_folder, "train.folds=3", "train.fold=every")
+    with pytest.raises(UserError, match=r"train.resume: with train.fold=all .* use train.resume=auto"):
+        folder_config(image_folder, "train.folds=3", "train.fold=all", "train.resume=weights/x/last.pt")
+    with pytest.raises(UserError, match=r"train.folds: 7 folds need at least 7 images, found 6"):
+        datasets_of(folder_config(image_folder, "train.folds=7"), lambda message: None)

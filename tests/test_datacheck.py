@@ -13,9 +13,7 @@ from dataset import list_samples
 from segmentation.config import load_config
 from segmentation.data.datacheck import check_data, check_main
 from segmentation.data.readers import MaskSettings
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from tests.helpers import ROOT, SHARED
 
 
 def folder(root: Path, masks: list[np.ndarray], rgb: bool = False, suffix: str = ".png") -> Path:
@@ -120,6 +118,7 @@ def test_large_photos_get_an_image_scale_and_a_rare_class_balanced_weights(tmp_p
     assert "sizes: 1 different, 1200-1200 x 1600-1600 px" in "\n".join(report["lines"])
 
 
+@pytest.mark.slow
 def test_the_command_line_and_a_missing_folder(tmp_path):
     result = subprocess.run(
         [sys.executable, "dataset.py", "check", str(tmp_path / "nowhere")],

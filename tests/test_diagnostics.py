@@ -1,51 +1,18 @@
-"""Diagnostics against independent references: finite differences, gradients and submodule outputs
-computed by hand, onnxruntime against PyTorch."""
-
-import sys
+"""segmentation.runs.diagnostics against independent references: finite differences, gradients and
+submodule outputs computed by hand."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from losses import segmentation_loss
-from model import UNet, center_crop
-from segmentation.config import UserError
-from segmentation.inference.export import check_onnx, export_onnx
+from model import center_crop
 from segmentation.runs.diagnostics import (
     activation_maps,
     input_saliency,
     layer_gradient_norms,
-    save_activation_figure,
-    save_gradient_norm_figure,
-    save_saliency_figure,
 )
-
-SIZE = 60  # a valid input of a depth-2, padding-0 U-Net; its output is 20x20
-
-
-def tiny_unet(image_channels=1, padding=0, seed=0, norm="batch", upsample="transpose"):
-    """A depth-2 U-Net; BatchNorm's running statistics are not the identity, so eval mode matters."""
-    torch.manual_seed(seed)
-    model = UNet(image_channels, 2, (4, 8), padding=padding, norm=norm, upsample=upsample)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def sample(image_channels=1, size=SIZE, seed=1, dtype=torch.float32):
-    """(image (1, C, H, W), label (1, H, W) int64, weight (1, H, W)) drawn from a fixed generator."""
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.rand(1, image_channels, size, size, generator=generator, dtype=dtype)
-    label = torch.randint(0, 2, (1, size, size), generator=generator)
-    weight = 0.5 + torch.rand(1, size, size, generator=generator, dtype=dtype)
-    return image, label, weight
-
-
-def modes(model):
-    return [module.training for module in model.modules()]
+from tests.helpers import TILE, modes, sample, tiny_unet
 
 
 def assert_no_grads(model):
@@ -70,11 +37,11 @@ def test_saliency_equals_finite_differences_max_over_channels():
 
     saliency = input_saliency(model, image, label, weight)
 
-    assert saliency.shape == (SIZE, SIZE)
+    assert saliency.shape == (TILE, TILE)
     assert modes(model) == before
     assert_no_grads(model)
     top = torch.topk(saliency.flatten(), 3).indices
-    pixels = [divmod(int(index), SIZE) for index in top] + [(0, 0), (30, 30), (12, 47), (59, 3)]
+    pixels = [divmod(int(index), TILE) for index in top] + [(0, 0), (30, 30), (12, 47), (59, 3)]
     step = 1e-6
     with torch.no_grad():
         model.eval()
@@ -93,8 +60,8 @@ def test_saliency_equals_finite_differences_max_over_channels():
 def test_saliency_accepts_labels_of_the_output_size():
     model = tiny_unet()
     image, label, weight = sample()
-    margin = (SIZE - model.output_size(SIZE)) // 2
-    inner = (slice(None), slice(margin, SIZE - margin), slice(margin, SIZE - margin))
+    margin = (TILE - model.output_size(TILE)) // 2
+    inner = (slice(None), slice(margin, TILE - margin), slice(margin, TILE - margin))
     whole = input_saliency(model, image, label, weight)
     cropped = input_saliency(model, image, label[inner], weight[inner])
     assert torch.allclose(whole, cropped)
@@ -180,68 +147,6 @@ def test_activation_maps_reject_unknown_layers_and_remove_hooks_on_error():
         activation_maps(model, image, layers=["downs"])
     model.train()
     with pytest.raises(ValueError, match="input height 61"):
-        activation_maps(model, torch.rand(1, 1, 61, SIZE))
+        activation_maps(model, torch.rand(1, 1, 61, TILE))
     assert all(len(module._forward_hooks) == 0 for module in model.modules())
     assert modes(model) == [True] * len(modes(model))
-
-
-def assert_png(path):
-    assert path.stat().st_size > 1000
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_figures_are_written(tmp_path):
-    model = tiny_unet()
-    image, label, weight = sample()
-    norms = layer_gradient_norms(model, image, label, weight)
-    norms[1] = (norms[1][0], 0.0, norms[1][2])  # a dead layer must not break the log scale
-    save_gradient_norm_figure(tmp_path / "norms.png", norms, title="gradients")
-    save_activation_figure(tmp_path / "maps.png", activation_maps(model, image, channels=4), title="maps")
-    saliency = input_saliency(model, image, label, weight)
-    save_saliency_figure(tmp_path / "saliency.png", image[0], saliency, title="saliency")
-    save_saliency_figure(tmp_path / "saliency_numpy.png", image[0].numpy(), saliency.numpy())
-    for name in ("norms", "maps", "saliency", "saliency_numpy"):
-        assert_png(tmp_path / f"{name}.png")
-
-
-@pytest.mark.parametrize(
-    ("padding", "norm", "upsample", "export_size", "check_shape"),
-    [
-        (0, "batch", "transpose", 60, (2, 1, 84, 68)),
-        (1, "batch", "transpose", 32, (2, 1, 48, 80)),
-        (0, "layer", "bilinear", 60, (2, 1, 68, 84)),
-    ],
-)
-def test_onnx_export_has_dynamic_sizes(tmp_path, padding, norm, upsample, export_size, check_shape):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    model = tiny_unet(padding=padding, norm=norm, upsample=upsample)
-    model.train()
-    layer_types = [type(module) for module in model.modules()]
-    path = tmp_path / "unet.onnx"
-    export_onnx(model, path, image_channels=1, sample_size=export_size)
-    assert modes(model) == [True] * len(modes(model))
-    assert [type(module) for module in model.modules()] == layer_types  # the export traced a copy
-    generator = torch.Generator().manual_seed(2)
-    for shape in ((1, 1, export_size, export_size), check_shape):
-        difference = check_onnx(model, path, torch.rand(shape, generator=generator))
-        assert difference < 1e-4, shape
-    assert modes(model) == [True] * len(modes(model))
-
-
-def test_onnx_export_rejects_an_invalid_sample_size(tmp_path):
-    pytest.importorskip("onnx")
-    with pytest.raises(ValueError, match="input size 61 .* nearest valid sizes are 60 and 64"):
-        export_onnx(tiny_unet(), tmp_path / "unet.onnx", image_channels=1, sample_size=61)
-
-
-def test_onnx_missing_packages_give_one_line_errors(tmp_path, monkeypatch):
-    model = tiny_unet()
-    # A None entry in sys.modules makes `import onnx` raise ImportError.
-    monkeypatch.setitem(sys.modules, "onnx", None)
-    with pytest.raises(UserError) as error:
-        export_onnx(model, tmp_path / "unet.onnx", image_channels=1, sample_size=SIZE)
-    assert str(error.value) == "ONNX export needs the onnx package: pip install onnx onnxruntime"
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(UserError, match=r"^ONNX check needs the onnxruntime package: pip install onnx onnxruntime$"):
-        check_onnx(model, tmp_path / "unet.onnx", torch.rand(1, 1, SIZE, SIZE))

@@ -1,4 +1,5 @@
-"""DistributedDataParallel under torchrun: 2 CPU processes with the gloo backend."""
+"""segmentation.engine.distributed: DistributedDataParallel under torchrun, 2 CPU processes with gloo, and one
+process (NCCL on a GPU)."""
 
 import csv
 import os
@@ -13,10 +14,7 @@ from dataset import build_datasets
 from model import build_model
 from segmentation.config import load_config
 from segmentation.engine.validation import evaluate
-from tests.helpers import predictor_of
-from tests.test_training import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import NEEDS_CUDA, ROOT, TINY, predictor_of
 
 
 def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -44,6 +42,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path):
     overrides = [
         *TINY,
@@ -90,3 +89,54 @@ def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path
     assert not (tmp_path / "rank1").exists()
     with (tmp_path / "logs" / "ddp" / "metrics.csv").open() as file:
         assert [row["step"] for row in csv.DictReader(file)] == ["2", "4", "6"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_a_one_process_torchrun_run_saves_and_resumes(tmp_path, device):
+    """torchrun with one process joins a process group (NCCL on CUDA, gloo on the CPU), trains, saves,
+    and resumes from its checkpoint."""
+    overrides = [
+        "unet.input_channels=[4, 8]",
+        "train.synthetic_images=6",
+        "train.synthetic_size=64",
+        "train.val_fraction=0.34",
+        "train.tile_size=60",
+        "train.samples_per_image=2",
+        "train.batch_size=2",
+        f"train.device={device}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        "train.run_name=one",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(
+        [*command, *overrides, "train.max_epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        cwd=ROOT,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run(
+        [*command, *overrides[:-1], "train.max_epochs=2", "train.resume=auto"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        cwd=ROOT,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "at epoch 2, batch 0" in resumed.stdout
+    assert torch.load(tmp_path / "weights" / "one" / "last.pt", weights_only=True)["progress"]["epoch"] == 2

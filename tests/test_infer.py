@@ -1,13 +1,22 @@
-"""Tests for infer.py: tiled whole-image inference against one pass over the whole mirrored image."""
+"""segmentation.inference.infer: tiled whole-image inference against one pass over the whole mirrored image,
+test-time augmentation and scales, the predictor's own batch size, the watershed cut and the calibrated
+threshold."""
 
 import numpy as np
 import pytest
+import skimage.io
 import torch
+from skimage import measure
+from skimage.metrics import adapted_rand_error
 from torch import nn
 
-from model import UNet
+from model import UNet, build_model
+from segmentation.config import UserError, load_config
 from segmentation.data.preprocess import pad_for_model
-from segmentation.inference.infer import predict_probabilities
+from segmentation.engine.step import train_step
+from segmentation.inference import predict
+from segmentation.inference.infer import Predictor, calibrate_threshold, predict_probabilities, separate_cells
+from tests.helpers import CUDA_SIZE, learnable_batch, run_out_of_memory, small_unet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -325,3 +334,127 @@ def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale(
     for wrong in ("predict.scales=[]", "predict.scales=[0.0, 1.0]", "predict.scales=1.0"):
         with pytest.raises(ConfigError, match="predict.scales"):
             load_config(None, [wrong])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiled_bf16_inference_gives_the_fp32_masks():
+    device = torch.device("cuda")
+    model, batch = small_unet(device), learnable_batch(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):  # a trained model: its probabilities are not all near 0.5
+        train_step(model, optimizer, batch, "ce", 1.0, device)
+    image = learnable_batch(device, count=1, size=300, seed=1)[0][0]
+    masks = [predict_probabilities(model, image, tile_size=CUDA_SIZE, amp=amp).argmax(0) for amp in (True, False)]
+    overlap = (masks[0] & masks[1]).sum().item()
+    dice = 2 * overlap / (masks[0].sum().item() + masks[1].sum().item())
+    assert dice >= 0.999, dice
+
+
+def write_images(folder, count: int = 2) -> list:
+    folder.mkdir()
+    for index in range(count):
+        skimage.io.imsave(
+            folder / f"{index}.png",
+            (np.random.default_rng(index).random((70, 70)) * 255).astype(np.uint8),
+            check_contrast=False,
+        )
+    return sorted(folder.iterdir())
+
+
+def test_prediction_halves_its_batch_until_it_fits(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    config = load_config(
+        None, ["unet.input_channels=[4, 8]", "train.device=cpu", "predict.tile_size=60", "predict.batch_size=4"]
+    )
+    model = build_model(config.unet).eval()
+    inputs = write_images(tmp_path / "images")
+    reference = load_config(None, ["unet.input_channels=[4, 8]", "predict.tile_size=60", "predict.batch_size=1"])
+    predict.predict_files(Predictor(model, reference.predict), inputs, tmp_path / "reference", probabilities=True)
+    sizes = run_out_of_memory(monkeypatch, above_batch=1)
+    predictor = Predictor(model, config.predict)
+    predict.predict_files(predictor, inputs, tmp_path / "out", probabilities=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert notes == [
+        "note: out of memory predicting on cpu: predict.batch_size is now 2 (tiles per forward pass), retrying",
+        "note: out of memory predicting on cpu: predict.batch_size is now 1 (tiles per forward pass), retrying",
+    ]
+    # the predictor keeps its smaller batch for the second image; the settings stay as resolved
+    assert predictor.batch_size == 1 and max(sizes[-10:]) == 1 and config.predict.batch_size == 4
+    for name in ("0_probability.tif", "1_probability.tif"):
+        assert np.array_equal(
+            skimage.io.imread(tmp_path / "out" / name), skimage.io.imread(tmp_path / "reference" / name)
+        )
+    run_out_of_memory(monkeypatch, above_batch=0)
+    with pytest.raises(
+        UserError,
+        match=(
+            r"^out of memory while predicting on cpu \(.*\) with predict.batch_size=1, predict.tile_size=60: "
+            r"lower predict.tile_size"
+        ),
+    ):
+        predict.predict_files(predictor, inputs, tmp_path / "again")
+
+
+def test_calibrate_threshold_against_a_hand_computation():
+    generator = np.random.default_rng(0)
+    probability = generator.random((2, 40, 40))
+    labels = [(p >= 0.3).astype(np.int64) for p in probability]  # a perfect prediction at threshold 0.3
+    threshold, table = calibrate_threshold(list(probability), labels, "pixel_error")
+    assert threshold == pytest.approx(0.3)
+    for row in table:
+        wrong = sum(np.count_nonzero((p >= row["threshold"]) != (label == 1)) for p, label in zip(probability, labels))
+        assert row["pixel_error"] == pytest.approx(wrong / probability.size)
+        expected = np.mean(
+            [
+                adapted_rand_error(
+                    measure.label(label == 1, connectivity=1),
+                    measure.label(p >= row["threshold"], connectivity=1),
+                    ignore_labels=(0,),
+                )[0]
+                for p, label in zip(probability, labels)
+            ]
+        )
+        assert row["rand_error"] == pytest.approx(expected)
+    assert table[[row["threshold"] for row in table].index(0.3)]["rand_error"] == pytest.approx(0.0)
+    assert calibrate_threshold(list(probability), labels, "dice")[0] == pytest.approx(0.3)
+
+
+def test_separate_cells_cuts_a_thin_bridge_and_keeps_unseeded_cells():
+    # two cells (probability peaks) joined by a 2-px bridge where the membrane has a gap, and a third,
+    # faint cell with no seed
+    y, x = np.mgrid[0:40, 0:60]
+    probability = np.maximum(
+        np.exp(-((y - 20) ** 2 + (x - 15) ** 2) / 60), np.exp(-((y - 20) ** 2 + (x - 40) ** 2) / 60)
+    )
+    cells = probability >= 0.3
+    cells[19:21, 15:41] = True
+    probability[19:21, 15:41] = np.maximum(probability[19:21, 15:41], 0.35)
+    cells[2:6, 52:58] = True  # the faint cell
+    probability[2:6, 52:58] = 0.4
+    assert measure.label(cells, connectivity=1).max() == 2
+    separated = separate_cells(cells, probability, seed_threshold=0.9)
+    assert not np.any(separated & ~cells)
+    components = measure.label(separated, connectivity=1)
+    assert components.max() == 3
+    assert components[20, 15] != components[20, 40]
+    assert np.count_nonzero(cells & ~separated) <= 2 * 40  # a 1-px line, no more
+    assert np.array_equal(separated[2:6, 52:58], cells[2:6, 52:58])
+
+
+def test_separate_cells_ignores_seeds_smaller_than_min_seed_area():
+    # one cell: a large sure centre, and a 3x3 island of high probability behind a dip (an organelle);
+    # a second cell whose only sure pixels are a 2x2 island
+    probability = np.full((30, 60), 0.8)
+    probability[:, 28:32] = 0.0  # a membrane between the two cells
+    probability[5:20, 3:18] = 0.99  # 225 px seed
+    probability[20:25, 19:26] = 0.7  # the dip around the island
+    probability[21:24, 21:24] = 0.99  # 9 px island
+    probability[10:12, 40:42] = 0.99  # 4 px, the second cell's only seed
+    cells = probability >= 0.5
+    assert measure.label(cells, connectivity=1).max() == 2
+    split = separate_cells(cells, probability, seed_threshold=0.95)
+    assert measure.label(split, connectivity=1).max() == 3  # every island seeds its own piece
+    whole = separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=10)
+    assert np.array_equal(whole, cells)  # the island floods from the big seed; the seedless cell stays whole
+    assert np.array_equal(separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=9), split)

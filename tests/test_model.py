@@ -2,16 +2,12 @@
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import (  # noqa: E402
+from model import (
     NORMS,
     UPSAMPLE_MODES,
     ChannelLayerNorm,
@@ -19,6 +15,7 @@ from model import (  # noqa: E402
     Down,
     UNet,
     Up,
+    build_model,
     center_crop,
     count_parameters,
     make_norm,
@@ -26,6 +23,7 @@ from model import (  # noqa: E402
     output_size,
     valid_input_sizes,
 )
+from segmentation.config import resolve
 
 TINY = (4, 8)
 
@@ -287,13 +285,6 @@ def test_depth_one_and_non_doubling_widths():
     assert model(torch.randn(1, 3, 92, 100)).shape == (1, 2, 4, 12)
 
 
-def test_constructor_stores_arguments():
-    model = UNet(3, 5, [4, 8, 16], padding=1, norm="group", dropout=0.25, upsample="bilinear")
-    assert (model.image_channels, model.num_classes, model.input_channels) == (3, 5, (4, 8, 16))
-    assert (model.depth, model.padding, model.norm) == (3, 1, "group")
-    assert (model.dropout, model.upsample) == (0.25, "bilinear")
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -424,3 +415,29 @@ def test_eval_mode_is_deterministic():
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+def test_build_model_builds_the_network_that_the_unet_section_describes():
+    unet = resolve(
+        {
+            "unet": {
+                "input_channels": [4, 8, 16],
+                "image_channels": 3,
+                "num_classes": 5,
+                "padding": 1,
+                "norm": "group",
+                "upsample": "bilinear",
+                "dropout": 0.25,
+            },
+            "train": {"dataset_name": "folder"},  # the synthetic images have 2 or 3 classes
+        }
+    ).unet
+    torch.manual_seed(0)
+    built = build_model(unet)
+    torch.manual_seed(0)
+    expected = UNet(3, 5, (4, 8, 16), padding=1, norm="group", dropout=0.25, upsample="bilinear")
+    assert {name: tensor.shape for name, tensor in built.state_dict().items()} == {
+        name: tensor.shape for name, tensor in expected.state_dict().items()
+    }
+    assert all(torch.equal(tensor, expected.state_dict()[name]) for name, tensor in built.state_dict().items())
+    assert isinstance(built.encoder_dropout, torch.nn.Dropout) and built.encoder_dropout.p == 0.25

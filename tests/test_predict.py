@@ -1,7 +1,6 @@
-"""test.py as a user runs it: masks for new images checked with scikit-image against what training
-logged, TIFF stacks, probabilities, overlays, diagnostics figures, ONNX export and one-line errors."""
+"""segmentation.inference.predict: segmenting files: TIFF stacks a page at a time, probabilities, overlays, large
+images in bands, BigTIFF, and a note for predictions of a single class."""
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -10,82 +9,14 @@ import skimage.io
 import test_script
 import tifffile
 import torch
-from skimage import measure
-from skimage.metrics import adapted_rand_error
 
 from model import build_model
 from segmentation.config import load_config
-from segmentation.data.synthetic import synthetic_em_set
 from segmentation.inference import predict
 from segmentation.inference.infer import Predictor
-from training import train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny U-Net trained for 2 epochs on synthetic EM images saved as files (0/255 masks),
-    validated on a separate folder of 3 images."""
-    root = tmp_path_factory.mktemp("predict")
-    for part, seed, count in (("train", 0, 4), ("val", 1, 3)):
-        for index, (image, label, _) in enumerate(synthetic_em_set(count, 80, seed)):
-            (root / part / "images").mkdir(parents=True, exist_ok=True)
-            (root / part / "masks").mkdir(parents=True, exist_ok=True)
-            skimage.io.imsave(
-                root / part / "images" / f"slice{index:02d}.png", (image * 255).astype(np.uint8), check_contrast=False
-            )
-            skimage.io.imsave(root / part / "masks" / f"slice{index:02d}.png", label * 255, check_contrast=False)
-    config = load_config(
-        None,
-        [
-            "unet.input_channels=[4, 8]",
-            "train.tile_size=60",
-            "train.batch_size=2",
-            "train.max_epochs=2",
-            "train.device=cpu",
-            "train.dataset_name=folder",
-            f"train.data={root / 'train'}",
-            f"train.val_data={root / 'val'}",
-            "predict.tile_size=100",
-            f"train.save_path={root / 'weights'}",
-            f"train.log_path={root / 'logs'}",
-        ],
-    )
-    summary = train(config)
-    return root, summary
-
-
-def logged_row(summary: dict, epoch: int) -> dict:
-    with (summary["run_log"] / "metrics.csv").open() as file:
-        return next(row for row in csv.DictReader(file) if int(row["epoch"]) == epoch)
-
-
-def test_written_masks_reproduce_the_logged_scores(trained, tmp_path):
-    root, summary = trained
-    best = summary["run_weights"] / "best.pt"
-    assert (
-        test_script.main(
-            ["--checkpoint", str(best), "--input", str(root / "val" / "images"), "--output", str(tmp_path)]
-        )
-        == 0
-    )
-    wrong = total = 0
-    rand_errors = []
-    for mask_path in sorted((root / "val" / "masks").glob("*.png")):
-        truth = skimage.io.imread(mask_path)
-        written = skimage.io.imread(tmp_path / mask_path.name)
-        assert written.shape == truth.shape and written.dtype == np.uint8 and set(np.unique(written)) <= {0, 255}
-        wrong += np.count_nonzero(written != truth)
-        total += truth.size
-        rand_errors.append(
-            adapted_rand_error(
-                measure.label(truth == 255, connectivity=1), measure.label(written == 255, connectivity=1)
-            )[0]
-        )
-    row = logged_row(summary, torch.load(best, weights_only=True)["progress"]["best_epoch"])
-    assert wrong / total == pytest.approx(float(row["val_pixel_error"]), abs=1e-9)
-    assert np.mean(rand_errors) == pytest.approx(float(row["val_rand_error"]), abs=1e-9)
-
-
+@pytest.mark.slow
 def test_stack_probabilities_and_overlays(trained, tmp_path):
     root, summary = trained
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
@@ -123,6 +54,7 @@ def test_stack_probabilities_and_overlays(trained, tmp_path):
     assert overlay.shape == (80, 80, 3)
 
 
+@pytest.mark.slow
 def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(trained, tmp_path, monkeypatch):
     root, summary = trained
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
@@ -182,62 +114,6 @@ def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(train
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
 
 
-def test_diagnostics_figures(trained, tmp_path, capsys):
-    _, summary = trained
-    assert test_script.main(["--checkpoint", str(summary["run_weights"] / "best.pt"), "--output", str(tmp_path)]) == 0
-    names = {path.name for path in tmp_path.glob("*.png")}
-    assert {"val_000.png", "val_002.png", "saliency_000.png", "gradient_norms.png", "activations.png"} <= names
-    table = capsys.readouterr().out
-    assert "Rand error" in table and table.count("slice0") == 3
-
-
-def test_onnx_export(trained, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    _, summary = trained
-    assert (
-        test_script.main(
-            ["--checkpoint", str(summary["run_weights"] / "best.pt"), "--export", str(tmp_path / "unet.onnx")]
-        )
-        == 0
-    )
-    assert (tmp_path / "unet.onnx").stat().st_size > 1000
-    difference = float(capsys.readouterr().out.split("differ by at most ")[1].split()[0])
-    assert difference < 1e-4
-
-
-def test_errors_are_one_line(trained, tmp_path, capsys):
-    root, summary = trained
-    best = str(summary["run_weights"] / "best.pt")
-    (tmp_path / "broken.png").write_bytes(b"no image")
-    cases = [
-        (["--input", str(tmp_path / "missing.png")], "no such file or folder"),
-        (["--input", str(tmp_path / "broken.png")], "broken.png: cannot read this image"),
-        (
-            ["--input", str(root / "val" / "images"), "--output", str(root / "val" / "images")],
-            "would overwrite its input",
-        ),
-    ]
-    tifffile.imwrite(
-        tmp_path / "two.tif", np.zeros((20, 20, 2), np.uint8), photometric="minisblack", planarconfig="contig"
-    )
-    cases.append(
-        (
-            ["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "o")],
-            "an image of 2 channels; the model takes 1",
-        )
-    )
-    (tmp_path / "a_file").write_text("in the way")
-    cases.append(
-        (["--input", str(root / "val" / "images"), "--output", str(tmp_path / "a_file")], "File exists")
-    )  # an OSError, one line too
-    for arguments, message in cases:
-        capsys.readouterr()
-        assert test_script.main(["--checkpoint", best, *arguments]) == 1
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (arguments, lines)
-    assert (root / "val" / "images" / "slice00.png").stat().st_size > 0  # the input is still there
-
-
 @pytest.mark.parametrize("padding", [0, 1])
 def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypatch, padding):
     torch.manual_seed(0)
@@ -269,6 +145,7 @@ def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypat
         assert not list(banded.glob(".*"))
 
 
+@pytest.mark.slow
 def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatch):
     root, summary = trained
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
@@ -310,60 +187,6 @@ def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatc
         with tifffile.TiffFile(tmp_path / "big" / name) as big:
             assert big.is_bigtiff
         assert np.array_equal(tifffile.imread(tmp_path / "big" / name), tifffile.imread(tmp_path / "classic" / name))
-
-
-def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, int]:
-    """Matched objects at IoU > 0.5, by the full IoU matrix: ``(matched, true, predicted)``."""
-    true_ids, predicted_ids = [i for i in np.unique(truth) if i], [j for j in np.unique(predicted) if j]
-    matched = sum(
-        1
-        for i in true_ids
-        for j in predicted_ids
-        if np.count_nonzero((truth == i) & (predicted == j)) / np.count_nonzero((truth == i) | (predicted == j)) > 0.5
-    )
-    return matched, len(true_ids), len(predicted_ids)
-
-
-def test_instance_output_and_object_f1(trained, tmp_path, capsys):
-    root, summary = trained
-    best = str(summary["run_weights"] / "best.pt")
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(root / "val" / "images"),
-                "--output",
-                str(tmp_path / "files"),
-                "--instances",
-            ]
-        )
-        == 0
-    )
-    for mask_path in sorted((tmp_path / "files").glob("slice??.png")):
-        ids = tifffile.imread(tmp_path / "files" / f"{mask_path.stem}_instances.tif")
-        expected = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
-        assert ids.dtype == np.uint16 and ids.max() == expected.max() and np.array_equal(ids > 0, expected > 0)
-        assert (
-            len(np.unique(np.stack([ids.ravel(), expected.ravel()]), axis=1)[0]) == expected.max() + 1
-        )  # the same partition
-    capsys.readouterr()
-    assert test_script.main(["--checkpoint", best, "--output", str(tmp_path / "diagnostics"), "--instances"]) == 0
-    table = capsys.readouterr().out
-    totals = np.zeros(3, int)
-    for mask_path in sorted((root / "val" / "masks").glob("*.png")):
-        truth = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
-        written = skimage.io.imread(tmp_path / "diagnostics" / "masks" / mask_path.name)
-        predicted = measure.label(written == 255, connectivity=1)
-        assert np.array_equal(
-            tifffile.imread(tmp_path / "diagnostics" / "masks" / f"{mask_path.stem}_instances.tif") > 0, predicted > 0
-        )
-        totals += brute_force_f1(truth, predicted)
-    f1 = 2 * totals[0] / (totals[1] + totals[2])
-    line = next(line for line in table.splitlines() if line.strip().startswith("all"))
-    assert float(line.split()[-1]) == pytest.approx(f1, abs=1e-4)
-    assert f"{totals[0]} of {totals[1]} true and {totals[2]} predicted objects matched" in table
 
 
 def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):

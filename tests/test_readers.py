@@ -1,52 +1,25 @@
-"""Reading the data sets (ISBI 2012, Penn-Fudan, a user's folder), their errors, and training tiles."""
+"""segmentation.data.readers: the data sets' layouts (ISBI 2012, Penn-Fudan, a user's folder) and masks as
+labelling tools write them (palettes, sparse values, colours, 0/1 and 0/255, floats, instance ids), with
+one-line errors."""
 
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import skimage.io
 import tifffile
-import torch
 from skimage import measure
 
-from dataset import TileDataset, build_datasets, list_samples
-from segmentation.config import UserError, load_config
-from segmentation.data.cache import write_entry
-from segmentation.data.preprocess import network_margin, pad_for_model
+from dataset import list_samples
+from segmentation.config import ConfigError, UserError, load_config
 from segmentation.data.readers import MaskSettings, read_isbi2012, read_pennfudan
-from tests.helpers import datasets_of
-from tests.test_masks import separated
-from training import train
+from segmentation.data.weight_maps import border_weights
+from tests.helpers import SHARED, blobs_mask, datasets_of, make_rgb_folder, plain_folder_config, two_discs, write_image
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+CLASSES = np.array([[0, 0, 1, 1], [2, 2, 1, 0], [0, 2, 2, 1]], dtype=np.uint8)  # a 3-class mask
+
 TWO_CLASSES = MaskSettings()  # how masks are read by default
-
-
-def write(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".tif":
-        tifffile.imwrite(path, array, photometric="minisblack")
-    else:
-        skimage.io.imsave(path, array, check_contrast=False)
-
-
-def blobs_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A mask with a few rectangles of ids 1..3 (instance ids)."""
-    mask = np.zeros((height, width), np.uint8)
-    for instance in (1, 2, 3):
-        top, left = rng.integers(0, height - 8), rng.integers(0, width - 8)
-        mask[top : top + 8, left : left + 8] = instance
-    return mask
-
-
-def make_folder(root: Path, count: int = 4, size: tuple[int, int] = (40, 48), rgb: bool = True) -> None:
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        mask = (blobs_mask(rng, *size) > 0).astype(np.uint8) * 255
-        image = rng.integers(0, 255, size + ((3,) if rgb else ()), dtype=np.uint8)
-        write(root / "images" / f"img{index}.png", image)
-        write(root / "masks" / f"img{index}.png", mask)
 
 
 def read_samples(config: dict) -> tuple[list, list | None]:
@@ -62,13 +35,9 @@ def read_all(samples: list) -> list:
     return [sample.read(TWO_CLASSES) for sample in samples]
 
 
-def folder_config(root: Path, *overrides: str) -> dict:
-    return load_config(None, ["train.dataset_name=folder", f"train.data={root}", *overrides])
-
-
 def test_folder_of_rgb_images_with_0_255_masks(tmp_path):
-    make_folder(tmp_path)
-    samples, val = read_samples(folder_config(tmp_path))
+    make_rgb_folder(tmp_path)
+    samples, val = read_samples(plain_folder_config(tmp_path))
     assert val is None and [s.name for s in samples] == [f"img{i}.png" for i in range(4)]
     mask = skimage.io.imread(tmp_path / "masks" / "img0.png")
     assert np.array_equal(samples[0].label, (mask == 255).astype(np.uint8))
@@ -81,16 +50,16 @@ def test_folder_of_rgb_images_with_0_255_masks(tmp_path):
     [
         (lambda root: (root / "masks" / "img1.png").unlink(), "img1.png: no mask named img1"),
         (
-            lambda root: write(root / "masks" / "img2.png", np.zeros((10, 10), np.uint8)),
+            lambda root: write_image(root / "masks" / "img2.png", np.zeros((10, 10), np.uint8)),
             "img2.png: mask is 10x10 px but its image img2.png is 48x40",
         ),
         (
-            lambda root: write(root / "masks" / "img3.png", np.full((40, 48), 3, np.uint8)),
+            lambda root: write_image(root / "masks" / "img3.png", np.full((40, 48), 3, np.uint8)),
             "img3.png: mask value 3 is not a class of unet.num_classes=2",
         ),
         (lambda root: (root / "images" / "img0.png").write_bytes(b"not a png"), "img0.png: cannot read this image"),
         (
-            lambda root: write(
+            lambda root: write_image(
                 root / "masks" / "img0.png",
                 np.stack(
                     [np.zeros((40, 48), np.uint8), np.full((40, 48), 255, np.uint8), np.zeros((40, 48), np.uint8)], -1
@@ -101,10 +70,10 @@ def test_folder_of_rgb_images_with_0_255_masks(tmp_path):
     ],
 )
 def test_folder_errors_name_the_file(tmp_path, damage, message):
-    make_folder(tmp_path)
+    make_rgb_folder(tmp_path)
     damage(tmp_path)
     with pytest.raises(UserError) as caught:
-        read_samples(folder_config(tmp_path, "train.mask_type=classes"))  # auto would read the 3s as an object id
+        read_samples(plain_folder_config(tmp_path, "train.mask_type=classes"))  # auto would read the 3s as an object id
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -112,22 +81,22 @@ def test_empty_or_missing_folders(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     with pytest.raises(UserError, match="no images"):
-        read_samples(folder_config(tmp_path))
+        read_samples(plain_folder_config(tmp_path))
     with pytest.raises(UserError, match="train.data: .* not found"):
-        read_samples(folder_config(tmp_path / "nowhere"))
+        read_samples(plain_folder_config(tmp_path / "nowhere"))
 
 
 def test_index_masks_give_classes(tmp_path):
-    make_folder(tmp_path)
+    make_rgb_folder(tmp_path)
     for index in range(4):
-        write(tmp_path / "masks" / f"img{index}.png", np.tile(np.arange(3, dtype=np.uint8), (40, 16)))
-    samples, _ = read_samples(folder_config(tmp_path, "unet.num_classes=3"))
+        write_image(tmp_path / "masks" / f"img{index}.png", np.tile(np.arange(3, dtype=np.uint8), (40, 16)))
+    samples, _ = read_samples(plain_folder_config(tmp_path, "unet.num_classes=3"))
     assert np.array_equal(samples[0].label, np.tile(np.arange(3), (40, 16)))
     # the same 0/255-free index masks are out of range for two classes read as classes
     with pytest.raises(UserError, match="mask value 2 is not a class of unet.num_classes=2"):
-        read_samples(folder_config(tmp_path, "train.mask_type=classes"))
+        read_samples(plain_folder_config(tmp_path, "train.mask_type=classes"))
     # and for two classes auto reads them as object ids
-    samples, _ = read_samples(folder_config(tmp_path))
+    samples, _ = read_samples(plain_folder_config(tmp_path))
     # ids 1 and 2 touch: the pixels of the larger id along the contact become a separating line of class 0
     assert samples[0].mask_read_as == "instances" and np.array_equal(
         samples[0].label, np.tile(np.array([0, 1, 0]), (40, 16))
@@ -138,8 +107,8 @@ def test_isbi_stacks_keep_the_polarity(tmp_path):
     rng = np.random.default_rng(1)
     volume = rng.integers(0, 255, (3, 32, 32), dtype=np.uint8)
     labels = np.where(rng.random((3, 32, 32)) < 0.7, 255, 0).astype(np.uint8)
-    write(tmp_path / "train-volume.tif", volume)
-    write(tmp_path / "train-labels.tif", labels)
+    write_image(tmp_path / "train-volume.tif", volume)
+    write_image(tmp_path / "train-labels.tif", labels)
     samples = read_all(read_isbi2012(tmp_path))
     assert len(samples) == 3 and np.array_equal(samples[2].image, volume[2])
     assert np.array_equal(samples[1].label, (labels[1] == 255).astype(np.uint8))  # 255 = cell interior = class 1
@@ -154,11 +123,11 @@ def test_pennfudan_both_layouts(tmp_path):
     for index in range(3):
         image = rng.integers(0, 255, (30 + index, 40, 3), dtype=np.uint8)
         mask = blobs_mask(rng, 30 + index, 40)
-        write(tmp_path / "official" / "PNGImages" / f"FudanPed{index:05d}.png", image)
-        write(tmp_path / "official" / "PedMasks" / f"FudanPed{index:05d}_mask.png", mask)
+        write_image(tmp_path / "official" / "PNGImages" / f"FudanPed{index:05d}.png", image)
+        write_image(tmp_path / "official" / "PedMasks" / f"FudanPed{index:05d}_mask.png", mask)
         part = "train" if index < 2 else "valid"
-        write(tmp_path / "mirror" / f"{part}_images" / f"FudanPed{index:05d}.png", image)
-        write(tmp_path / "mirror" / f"{part}_masks" / f"FudanPed{index:05d}_mask.png", mask)
+        write_image(tmp_path / "mirror" / f"{part}_images" / f"FudanPed{index:05d}.png", image)
+        write_image(tmp_path / "mirror" / f"{part}_masks" / f"FudanPed{index:05d}_mask.png", mask)
     samples, val = read_pennfudan(tmp_path / "official")
     samples = read_all(samples)
     mask = skimage.io.imread(tmp_path / "official" / "PedMasks" / "FudanPed00001_mask.png")
@@ -170,86 +139,6 @@ def test_pennfudan_both_layouts(tmp_path):
     assert [s.name for s in samples] == ["FudanPed00000.png", "FudanPed00001.png"] and [s.name for s in val] == [
         "FudanPed00002.png"
     ]
-
-
-def test_tiles_cover_the_image_at_the_right_place(tmp_path):
-    height, width, tile, out = 50, 37, 60, 20
-    coordinates = np.arange(height * width, dtype=np.float32).reshape(height, width)
-    label = (np.arange(height * width).reshape(height, width) % 2).astype(np.int64)
-    # coordinates up to 1850 are exact in the cache's float16; with class weights 0 the weight map is the border term
-    entry = write_entry(tmp_path / "coordinates", "coordinates", coordinates[None], label, coordinates, 1, 2)
-    dataset = TileDataset([entry], np.zeros(2), tile, out, samples_per_image=16, seed=0)
-    margin = (tile - out) // 2
-    seen = set()
-    for key in range(16):
-        image_tile, label_tile, weight_tile = dataset[key]
-        assert image_tile.shape == (1, tile, tile) and label_tile.shape == weight_tile.shape == (tile, tile)
-        centre = image_tile[0, margin : margin + out, margin : margin + out].numpy()
-        top, left = divmod(int(centre[0, 0]), width)  # the output tile lies inside the image
-        assert np.array_equal(centre, coordinates[top : top + out, left : left + out])
-        assert np.array_equal(
-            label_tile[margin : margin + out, margin : margin + out].numpy(), label[top : top + out, left : left + out]
-        )
-        assert torch.equal(weight_tile, image_tile[0])
-        seen.add((top, left))
-    assert len(seen) > 8
-    # the key carries the epoch: another epoch gives other tiles, the same key the same tile
-    assert torch.equal(dataset[3][0], dataset[3][0]) and not torch.equal(dataset[3][0], dataset[3 + len(dataset)][0])
-
-
-def test_images_smaller_than_the_tile_are_mirrored(tmp_path):
-    image = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
-    entry = write_entry(tmp_path / "small", "small", image, np.ones((3, 4), np.uint8), None, 1, 2)
-    dataset = TileDataset([entry], None, 8, 8, 1, 0)
-    tile = dataset[0][0][0].numpy()
-    assert np.array_equal(tile, np.pad(image[0], ((0, 5), (0, 4)), mode="reflect"))
-
-
-def test_whole_images_are_padded_so_that_the_output_covers_them():
-    image = np.random.default_rng(0).random((1, 45, 70)).astype(np.float32)
-    padded = pad_for_model(image, depth=4, padding=0)
-    margin = network_margin(4, 0)
-    assert margin == 92
-    assert np.array_equal(padded[:, margin : margin + 45, margin : margin + 70], image)
-    assert (padded.shape[1] - 184) >= 45 and (padded.shape[1] - 184 - 4) % 16 == 0
-    assert pad_for_model(image, 4, 1).shape == (1, 48, 80)
-
-
-def test_explicit_validation_images(tmp_path):
-    config = load_config(
-        None,
-        [
-            "train.synthetic_images=5",
-            "train.synthetic_size=64",
-            "train.val_images=[1, 3]",
-            "unet.input_channels=[4, 8]",
-            "train.tile_size=60",
-        ],
-    )
-    data = build_datasets(config.unet, config.train)
-    assert len(data.val) == 2 and data.val.names == ["synthetic 1", "synthetic 3"] and len(data.train) == 3 * 4
-    with pytest.raises(UserError, match=r"train.val_images: \[7\] not among the 5 images"):
-        datasets_of(load_config(None, ["train.synthetic_images=5", "train.val_images=[7]"]))
-
-
-def test_training_on_a_folder_of_rgb_images_with_0_255_masks(tmp_path):
-    make_folder(tmp_path / "data", count=5, size=(64, 72))
-    summary = train(
-        folder_config(
-            tmp_path / "data",
-            "unet.input_channels=[4, 8]",
-            "unet.image_channels=3",
-            "unet.padding=1",
-            "train.tile_size=32",
-            "train.batch_size=2",
-            "train.max_epochs=2",
-            "train.device=cpu",
-            "train.val_fraction=0.2",
-            f"train.save_path={tmp_path / 'w'}",
-            f"train.log_path={tmp_path / 'l'}",
-        )
-    )
-    assert (summary["run_weights"] / "best.pt").exists() and 0 <= summary["scores"]["val_pixel_error"] <= 1
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
@@ -271,83 +160,190 @@ def test_real_pennfudan():
     assert samples[0].instances.max() >= 1
 
 
-@pytest.mark.parametrize("name", ["isbi2012", "isbi2012_cpu", "pennfudan", "pennfudan_cpu"])
-def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
-    config = load_config(ROOT / "configs" / f"{name}.yaml", [], [])
-    train = config.train
-    test_images = train.test_images
-    assert test_images and not set(test_images) & set(train.val_images or [])
-    if name.startswith("isbi2012"):
-        assert test_images == (24, 25, 26, 27, 28, 29) and train.val_images == (21, 22, 23)
-        assert config.unet.padding == 0 and config.unet.image_channels == 1 and config.augment.elastic_std > 0
-        assert (
-            train.w_0 > 0 or name == "isbi2012_cpu"
-        )  # the paper's set-up has border weights; the CPU recipe measured better without
-    else:
-        assert config.unet.padding == 1 and config.unet.image_channels == 3
-
-
-@pytest.mark.parametrize("data_set", ["isbi2012", "pennfudan"])
-def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
-    recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
-    baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
-    # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
-    assert baseline.train.loss == "ce" and baseline.train.class_weights == "none" and baseline.train.w_0 == 0
-    assert (
-        baseline.predict.threshold == 0.5
-        and baseline.predict.watershed_seeds is None
-        and baseline.predict.tta is False
-        and baseline.predict.scales == (1.0,)
+def config_for(root: Path, *overrides: str) -> dict:
+    return load_config(
+        None,
+        [
+            "train.dataset_name=folder",
+            f"train.data={root}",
+            "unet.input_channels=[4, 8]",
+            "train.tile_size=60",
+            *overrides,
+        ],
     )
-    assert baseline.augment.elastic_std == 0 and baseline.augment.scale == 0 and baseline.augment.brightness == 0
-    assert baseline.train.ema == 0 and baseline.train.optim == "adam"  # the optimizer's own weights
-    # the same network, data, split and budget as the recipe
-    assert baseline.unet == recipe.unet
-    for key in (
-        "dataset_name",
-        "data",
-        "test_images",
-        "val_images",
-        "val_fraction",
-        "fold_order",
-        "image_scale",
-        "tile_size",
-        "samples_per_image",
-        "batch_size",
-        "max_epochs",
-        "precision",
-        "channels_last",
-        "lr",
-        "seed",
-        "split_seed",
-        "best_metric",
-    ):
-        assert getattr(baseline.train, key) == getattr(recipe.train, key), key
 
 
-@pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
-def test_isbi_contiguous_folds_hold_out_six_neighbouring_slices():
-    overrides = [
-        f"train.data={SHARED / 'isbi2012'}",
-        "train.val_images=null",
-        "train.test_images=null",
-        "train.folds=5",
-        "train.fold=1",
+def read_only(root: Path, *overrides: str) -> list:
+    """The folder's samples, read as the config says."""
+    config = config_for(root, *overrides)
+    return [
+        sample.read(MaskSettings.from_settings(config.unet.num_classes, config.train))
+        for sample in list_samples(config.train, config.unet.num_classes)[0]
     ]
-    data = datasets_of(load_config(ROOT / "configs" / "isbi2012_cpu.yaml", overrides, []), lambda message: None)
-    truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
-    assert len(data.test) == 6 and len(data.val) == 2 and len(data.train) == 22 * 4
-    for index, slice_index in enumerate(range(6, 12)):
-        assert np.array_equal(data.test[index][1].numpy(), truth[slice_index] == 255)
 
 
-@pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
-def test_isbi_cpu_config_trains_on_slices_0_to_20_and_tests_on_24_to_29():
-    config = load_config(ROOT / "configs" / "isbi2012_cpu.yaml", [f"train.data={SHARED / 'isbi2012'}"], [])
-    data = build_datasets(config.unet, config.train, lambda message: None)
-    assert len(data.train) == 21 * config.train.samples_per_image
-    truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
-    for images, slices in ((data.val, [21, 22, 23]), (data.test, [24, 25, 26, 27, 28, 29])):
-        assert len(images) == len(slices)
-        for index, slice_index in enumerate(slices):
-            assert np.array_equal(images[index][1].numpy(), truth[slice_index] == 255)
+def write_pair(root: Path, stem: str, mask, image=None, mask_name: str | None = None) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    shape = np.asarray(mask if not isinstance(mask, PIL.Image.Image) else np.array(mask)).shape[:2]
+    image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8) if image is None else image
+    skimage.io.imsave(root / "images" / f"{stem}.png", image, check_contrast=False)
+    target = root / "masks" / (mask_name or f"{stem}.png")
+    if isinstance(mask, PIL.Image.Image):
+        mask.save(target)
+    elif target.suffix == ".tif":
+        tifffile.imwrite(target, mask, photometric="minisblack")
+    else:
+        skimage.io.imsave(target, mask, check_contrast=False)
+
+
+def test_a_palette_png_is_read_as_its_indices_not_its_colours(tmp_path):
+    palette = PIL.Image.fromarray(CLASSES, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 128, 255] + [0] * 759)  # class 1 red, class 2 blue
+    write_pair(tmp_path, "a", palette)
+    assert skimage.io.imread(tmp_path / "masks" / "a.png").ndim == 3  # what a plain reader sees: colours
+    (sample,) = read_only(tmp_path, "unet.num_classes=3")
+    assert np.array_equal(sample.label, CLASSES)
+
+
+def test_sparse_values_are_mapped_by_mask_values_and_others_are_named(tmp_path):
+    write_pair(tmp_path, "a", np.array([0, 128, 255], dtype=np.uint8)[CLASSES])
+    (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
+    assert np.array_equal(sample.label, CLASSES)
+    with pytest.raises(
+        UserError,
+        match=(
+            r"a.png: mask value 128 is not a class of unet.num_classes=3 \(values found: 0, 128, 255; .*\): "
+            r"train.mask_values: \[0, 128, 255\] maps them"
+        ),
+    ):
+        read_only(tmp_path, "unet.num_classes=3")
+    write_pair(tmp_path, "a", np.array([0, 128, 64], dtype=np.uint8)[CLASSES])
+    with pytest.raises(
+        UserError,
+        match=r"a.png: mask value 64 is not in train.mask_values \(found: 0, 64, 128\): add it to train.mask_values",
+    ):
+        read_only(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 128, 255]")
+    with pytest.raises(ConfigError, match="train.mask_values: 2 given but unet.num_classes is 3"):
+        config_for(tmp_path, "unet.num_classes=3", "train.mask_values=[0, 255]")
+
+
+def test_rgb_colour_masks_are_mapped_by_mask_colors(tmp_path):
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], dtype=np.uint8)
+    write_pair(tmp_path, "a", colours[CLASSES])
+    (sample,) = read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 255, 0]]")
+    assert np.array_equal(sample.label, CLASSES)
+    with pytest.raises(
+        UserError,
+        match=(
+            r"a.png: mask is a colour image with the colours \[0, 0, 0\], \[0, 255, 0\], \[255, 0, 0\]: set "
+            r"train.mask_colors"
+        ),
+    ):
+        read_only(tmp_path, "unet.num_classes=3")
+    with pytest.raises(
+        UserError, match=r"a.png: mask colour \[0, 255, 0\] is not in train.mask_colors .*add it to train.mask_colors"
+    ):
+        read_only(tmp_path, "unet.num_classes=3", "train.mask_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]]")
+
+
+@pytest.mark.parametrize("mask", [CLASSES.clip(0, 1), CLASSES.clip(0, 1) * 255, CLASSES.clip(0, 1).astype(np.float32)])
+def test_binary_masks_as_0_1_0_255_and_float(tmp_path, mask):
+    write_pair(tmp_path, "a", mask, mask_name="a.tif" if mask.dtype == np.float32 else "a.png")
+    (sample,) = read_only(tmp_path)
+    assert np.array_equal(sample.label, CLASSES.clip(0, 1)) and sample.mask_read_as == "classes"
+
+
+def separated(ids: np.ndarray) -> np.ndarray:
+    """The ids with a 1 px line between touching objects removed, computed by hand: a pixel whose
+    4-neighbour belongs to another object with a smaller id (the image border is background)."""
+    padded = np.pad(ids, 1)
+    neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+    line = np.any([(other > 0) & (other < ids) for other in neighbours], axis=0) & (ids > 0)
+    return np.where(line, 0, ids)
+
+
+def test_instance_id_masks_give_objects_and_the_paper_weights_in_the_gap(tmp_path):
+    ids = two_discs(gap=1)
+    assert ids[16, 23] == 0 and ids[16, 22] == 1000 and ids[16, 24] == 2000  # the gap: column 23
+    write_pair(tmp_path, "a", ids, mask_name="a.tif")
+    (sample,) = read_only(tmp_path)
+    assert (
+        sample.mask_read_as == "instances"
+        and np.array_equal(sample.label, ids > 0)
+        and np.array_equal(sample.instances, ids)
+    )
+    notes = []
+    data = datasets_of(
+        config_for(tmp_path, "train.val_data=" + str(tmp_path), "train.w_0=10", "train.sigma=5"), notes.append
+    )
+    assert any(
+        note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") and "a.png" in note
+        for note in notes
+    )
+    border = np.asarray(data.train.images[0].arrays()[2], dtype=np.float64)
+    # by hand: in the gap both discs are 1 px away, so the border term is w_0 * exp(-(1 + 1)^2 / (2 * 5^2))
+    assert border[16, 23] == pytest.approx(10 * np.exp(-4 / 50), rel=1e-3)
+    assert border.max() == pytest.approx(border[16, 23], rel=1e-3)  # it peaks in the gap
+    assert border[0, 0] < 0.1 and border[ids > 0].max() == 0  # far from both discs, and on the objects
+
+
+def test_touching_objects_stay_apart_as_instance_ids_and_merge_as_a_0_255_mask(tmp_path):
+    ids = two_discs(gap=-3)
+    assert ids[16, 19] == 1000 and ids[16, 20] == 2000  # in contact
+    write_pair(tmp_path / "ids", "a", ids, mask_name="a.tif")
+    write_pair(tmp_path / "binary", "a", (ids > 0).astype(np.uint8) * 255)
+    (as_ids,), (as_binary,) = read_only(tmp_path / "ids"), read_only(tmp_path / "binary")
+    line = (ids > 0) & (separated(ids) == 0)
+    assert (
+        line.sum() >= 8
+        and np.array_equal(as_ids.instances, separated(ids))
+        and np.array_equal(as_ids.label, separated(ids) > 0)
+    )
+    assert np.array_equal(as_binary.label, ids > 0)
+    assert (
+        len(np.unique(as_ids.instances[as_ids.label > 0])) == 2 and as_binary.instances.max() == 1
+    )  # one merged object
+    separating = border_weights(as_ids.label, as_ids.instances, 10, 5)
+    # on the line both objects are 1 px away: the paper's weight w_0 exp(-(1 + 1)^2 / (2 sigma^2)), its highest
+    assert (
+        separating[line].max() == pytest.approx(10 * np.exp(-4 / 50), rel=1e-9)
+        and separating.max() == separating[line].max()
+    )
+    assert border_weights(as_binary.label, as_binary.instances, 10, 5) is None  # no second object, no border term
+
+
+def test_mask_type_classes_and_instances_override_auto(tmp_path):
+    write_pair(tmp_path, "a", two_discs(gap=-3), mask_name="a.tif")
+    with pytest.raises(UserError, match="mask value 1000 is not a class of unet.num_classes=2"):
+        read_only(tmp_path, "train.mask_type=classes")
+    write_pair(tmp_path / "binary", "a", CLASSES.clip(0, 1))
+    (sample,) = read_only(tmp_path / "binary", "train.mask_type=instances")
+    assert sample.mask_read_as == "instances" and np.array_equal(sample.instances, separated(CLASSES.clip(0, 1)))
+    with pytest.raises(ConfigError, match="train.mask_type: instances .* unet.num_classes is 3"):
+        config_for(tmp_path, "train.mask_type=instances", "unet.num_classes=3")
+
+
+def test_pairing_edge_cases_and_image_kinds(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = (rng.random((20, 24)) > 0.5).astype(np.uint8) * 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("1", "10", "2", "a.b.c"):
+        skimage.io.imsave(tmp_path / "masks" / f"{stem}_mask.png", mask, check_contrast=False)
+    skimage.io.imsave(
+        tmp_path / "images" / "1.jpg", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), check_contrast=False
+    )  # RGB JPEG
+    tifffile.imwrite(tmp_path / "images" / "10.tif", rng.integers(0, 65535, (20, 24), dtype=np.uint16))  # 16-bit TIFF
+    skimage.io.imsave(
+        tmp_path / "images" / "2.png", rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), check_contrast=False
+    )  # RGBA
+    skimage.io.imsave(
+        tmp_path / "images" / "a.b.c.png", rng.integers(0, 255, (20, 24), dtype=np.uint8), check_contrast=False
+    )  # gray
+    (tmp_path / "images" / ".hidden.png").write_bytes(b"editor backup, not an image")
+    samples = read_only(tmp_path, "unet.image_channels=3")
+    assert [sample.name for sample in samples] == ["1.jpg", "10.tif", "2.png", "a.b.c.png"]
+    assert all(np.array_equal(sample.label, mask // 255) for sample in samples)
+    data = datasets_of(config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None)
+    assert data.val[0][0].shape == (3, 20, 24) and len(data.train.images) == 3

@@ -1,4 +1,4 @@
-"""overfit_one_batch: overfitting one batch, the hyperparameter search, the learning-rate range test."""
+"""segmentation.engine.search: overfitting one batch, the hyperparameter search, the learning-rate range test."""
 
 import csv
 import math
@@ -16,8 +16,7 @@ from dataset import EpochSampler, build_datasets
 from segmentation.config import ConfigError, UserError, load_config
 from segmentation.data.cache import write_entry
 from segmentation.engine import search
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def read_trials(run_log: Path) -> list[dict]:
@@ -255,6 +254,7 @@ def test_suggest_lr_picks_the_steepest_descent_before_the_minimum():
     assert search.suggest_lr(lrs[:3], [1.0, 2.0, 3.0]) == (lrs[0], "lr of the lowest smoothed loss / 10")
 
 
+@pytest.mark.slow
 def test_cli_modes(tmp_path):
     paths = [
         f"train.save_path={tmp_path / 'weights'}",

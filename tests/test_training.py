@@ -1,9 +1,11 @@
-"""The training loop: outputs, reproducibility, exact resume, interruption, NaN, errors."""
+"""training.py: outputs, reproducibility, exact resume, interruption, NaN, out of memory, precision, folds and
+one-line errors."""
 
 import csv
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -12,46 +14,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.io
+import test_script
 import torch
 
 import training
-from dataset import build_datasets
 from model import build_model
 from segmentation.config import UserError, load_config, resolve
-from segmentation.device import resolve_device
+from segmentation.data.synthetic import SyntheticSample, synthetic_em
 from segmentation.engine import step
-from segmentation.engine.step import build_optimizer, lr_factor
 from segmentation.engine.validation import evaluate
-from tests.helpers import datasets_of, predictor_of
-from tests.test_config import SEED_README_CONFIG
+from tests.helpers import (
+    ROOT,
+    SEED_README_CONFIG,
+    SLICES,
+    TINY,
+    datasets_of,
+    make_rgb_folder,
+    plain_folder_config,
+    predictor_of,
+    read_rows,
+    run_out_of_memory,
+    tiny_config,
+)
 from training import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny U-Net (widths 4, 8; depth 2 with valid convolutions: 60 px in, 20 px out) on small synthetic
-# images: 4 training images x 2 tiles = 4 steps of 2 tiles per epoch, 2 validation images.
-TINY = [
-    "unet.input_channels=[4, 8]",
-    "unet.padding=0",
-    "train.synthetic_images=6",
-    "train.synthetic_size=64",
-    "train.val_fraction=0.34",
-    "train.tile_size=60",
-    "train.samples_per_image=2",
-    "train.batch_size=2",
-    "train.warmup_epochs=0.5",
-    "train.device=cpu",
-]
-
-
-def tiny_config(tmp_path: Path, *overrides: str) -> dict:
-    paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"]
-    return load_config(None, TINY + paths + list(overrides))
-
-
-def read_rows(run_log: Path) -> list[dict]:
-    with (run_log / "metrics.csv").open() as file:
-        return list(csv.DictReader(file))
 
 
 def final_weights(summary: dict) -> dict:
@@ -64,16 +49,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_lr_schedules_by_hand():
-    assert lr_factor(0, 100, 10, "warmup-cosine") == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, "warmup-cosine") == pytest.approx(1.0)
-    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)  # half-way: (1 + cos(pi/2)) / 2
-    assert lr_factor(100, 100, 10, "cosine", min_factor=0.1) == pytest.approx(0.1)
-    assert lr_factor(50, 100, 0, "poly") == pytest.approx(0.5**0.9)
-    assert lr_factor(70, 100, 0, "constant") == 1.0
-
-
+@pytest.mark.slow
 def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     config = tiny_config(tmp_path, "train.max_epochs=2")
     summary = train(config)
@@ -94,6 +70,7 @@ def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     assert not list(run_weights.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_weights(tmp_path):
     first = train(tiny_config(tmp_path / "a", "train.max_epochs=1"))
     second = train(tiny_config(tmp_path / "b", "train.max_epochs=1"))
@@ -103,6 +80,7 @@ def test_same_seed_same_losses_and_weights(tmp_path):
     assert read_rows(first["run_log"])[0]["train_loss"] != read_rows(other["run_log"])[0]["train_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
 def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, ema):
     baseline = train(tiny_config(tmp_path / "baseline", "train.max_epochs=3", ema))
@@ -134,6 +112,7 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monke
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_auto(tmp_path):
     overrides = TINY + [
         f"train.save_path={tmp_path / 'weights'}",
@@ -175,6 +154,7 @@ def test_sigkill_mid_run_then_resume_auto(tmp_path):
     assert epochs == list(range(1, saved_epoch + 3))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
     first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=nan"))
     best = (first["run_weights"] / "best.pt").read_bytes()
@@ -185,6 +165,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
     assert (first["run_weights"] / "best.pt").read_bytes() == best
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_names_the_keys(tmp_path):
     first = train(tiny_config(tmp_path, "train.max_epochs=1"))
     with pytest.raises(UserError, match=r"unet\.input_channels: checkpoint \[4, 8\], config \[4, 8, 16\]"):
@@ -198,6 +179,7 @@ def test_resume_with_another_architecture_names_the_keys(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_runs_never_overwrite_each_other(tmp_path):
     first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
     second = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
@@ -205,6 +187,7 @@ def test_runs_never_overwrite_each_other(tmp_path):
     assert (first["run_weights"] / "last.pt").exists() and (second["run_weights"] / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch):
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
     monkeypatch.setattr(
@@ -216,57 +199,7 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch)
     assert summary["epoch"] == 4 and summary["best_epoch"] == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_gpu_is_a_clear_error():
-    with pytest.raises(UserError, match="no CUDA GPU"):
-        resolve_device("cuda")
-    assert resolve_device("auto") == torch.device("cpu")
-
-
-def test_bitsandbytes_falls_back_to_torch_with_a_notice(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    model = torch.nn.Linear(2, 2)
-    train_config = load_config(None, ["train.use_bitsandbytes=true", "train.optim=adamw"]).train
-    optimizer = build_optimizer(model, train_config, torch.device("cpu"))
-    assert type(optimizer) is torch.optim.AdamW
-    assert "bitsandbytes' 8-bit adamw does not work on cpu" in capsys.readouterr().err
-
-
-def test_test_script_reproduces_the_validation_scores_and_writes_figures(tmp_path):
-    summary = train(tiny_config(tmp_path, "train.max_epochs=2"))
-    best = summary["run_weights"] / "best.pt"
-    best_epoch = torch.load(best, weights_only=True)["progress"]["best_epoch"]
-    logged = next(row for row in read_rows(summary["run_log"]) if int(row["epoch"]) == best_epoch)
-    output = tmp_path / "figures"
-    result = subprocess.run(
-        [sys.executable, "test.py", "--checkpoint", str(best), "--output", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    overall = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["all"]).split()
-    assert float(overall[1]) == pytest.approx(float(logged["val_pixel_error"]), abs=1e-4)
-    assert float(overall[2]) == pytest.approx(float(logged["val_dice"]), abs=1e-4)
-    figures = sorted(output.glob("val_*.png"))
-    assert len(figures) == 2 and all(path.read_bytes()[:4] == b"\x89PNG" for path in figures)
-
-
-def test_update_ema_by_hand():
-    torch.manual_seed(0)
-    model, average = (torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)) for _ in range(2))
-    model[1].num_batches_tracked.fill_(7)
-    before = {key: value.clone() for key, value in average.state_dict().items()}
-    step.update_ema(average, model, decay=0.9, step=0)  # the warm-up: d = min(0.9, 1 / 10) = 0.1
-    assert torch.allclose(average[0].weight, 0.1 * before["0.weight"] + 0.9 * model[0].weight)
-    before = {key: value.clone() for key, value in average.state_dict().items()}
-    step.update_ema(average, model, decay=0.9, step=1000)  # d = min(0.9, 1001 / 1010) = 0.9
-    for key in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
-        assert torch.allclose(average.state_dict()[key], 0.9 * before[key] + 0.1 * model.state_dict()[key]), key
-    assert average[1].num_batches_tracked.item() == 7  # copied, not averaged
-
-
+@pytest.mark.slow
 def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
     summary = train(tiny_config(tmp_path, "train.max_epochs=2", "train.ema=0.5"))
     last = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
@@ -282,47 +215,7 @@ def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
     assert scores["model"] == pytest.approx(float(logged["val_loss"]), rel=1e-6)
 
 
-def test_test_script_errors_are_one_line(tmp_path):
-    missing = subprocess.run(
-        [sys.executable, "test.py", f"train.save_path={tmp_path / 'nothing'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [
-        f"error: no checkpoint found: looked for {tmp_path / 'nothing'}/*/best.pt; train first (python "
-        "training.py) or pass --checkpoint PATH"
-    ]
-    summary = train(tiny_config(tmp_path, "train.max_epochs=1"))
-    config_path = tmp_path / "other.yaml"
-    config_path.write_text("unet:\n  input_channels: [4, 8, 16]\n  norm: layer\n")
-    other = subprocess.run(
-        [
-            sys.executable,
-            "test.py",
-            "--checkpoint",
-            str(summary["run_weights"] / "best.pt"),
-            "--config",
-            str(config_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert other.returncode == 1
-    lines = [
-        line for line in other.stderr.strip().splitlines() if not line.startswith("note: train.tile_size auto")
-    ]  # other.yaml's tile is auto
-    assert (
-        len(lines) == 1
-        and "unet.input_channels" in lines[0]
-        and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]
-    )
-
-
+@pytest.mark.slow
 def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
     """The seed repo's README config, unchanged but for the device, the data path, the network's
     size and the length: padding 1 and its input_shape[0] (320) give the tile, pedestrians the data."""
@@ -359,6 +252,7 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
     assert config.train.tile_size == 320 and "tiles of 320 px" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeypatch, capsys):
     original = training.evaluate
     monkeypatch.setattr(
@@ -369,11 +263,292 @@ def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeyp
     assert len(notes) == 1 and notes[0].startswith("note: epoch 1: all 2 validation images")
 
 
-def test_evaluate_counts_the_images_predicted_as_one_class(tmp_path):
-    config = tiny_config(tmp_path)
-    data = build_datasets(config.unet, config.train, lambda message: None)
-    model = build_model(config.unet)
-    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] in (0, 1, 2)
-    with torch.no_grad():
-        model.outc.bias.copy_(torch.tensor([-50.0, 50.0]))  # class 1 everywhere
-    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] == len(data.val) == 2
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_with_bf16_channels_last_and_pinned_memory(tmp_path):
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    summary = train(
+        tiny_config(
+            tmp_path,
+            "train.device=cuda",
+            f"train.precision={precision}",
+            "train.channels_last=true",
+            "train.num_workers=2",
+            "train.max_epochs=2",
+        )
+    )
+    assert summary["epoch"] == 2 and next(summary["model"].parameters()).is_cuda
+    assert all(torch.isfinite(parameter).all() for parameter in summary["model"].parameters())
+
+
+@pytest.mark.slow
+def test_a_bf16_run_with_accumulation_and_checkpointing_trains_on_cpu(tmp_path):
+    config = tiny_config(
+        tmp_path,
+        "train.precision=bf16",
+        "train.activation_checkpointing=true",
+        "train.grad_accum_steps=2",
+        "train.batch_size=1",
+        "train.max_epochs=6",
+        "train.lr=3e-3",
+    )
+    summary = train(config)
+    rows = read_rows(summary["run_log"])
+    assert len(rows) == 6 and all(row["step"] == str(4 * (i + 1)) for i, row in enumerate(rows))
+    assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_loss"]) < 0.9 * float(rows[0]["val_loss"])
+    state = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
+    assert state["model"]["inc.double_conv.0.weight"].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_fp16_run_saves_and_restores_its_loss_scale(tmp_path):
+    summary = train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=1", "train.run_name=fp16"))
+    scale = torch.load(summary["run_weights"] / "last.pt", weights_only=True)["scaler"]["scale"]
+    assert scale > 0
+    resumed = train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=2", "train.resume=auto"))
+    assert resumed["run_weights"] == summary["run_weights"] and resumed["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_failing_torch_compile_falls_back_to_eager_with_a_notice(tmp_path, monkeypatch, capsys):
+    class FailingCompiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *inputs):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore details")
+
+    monkeypatch.setattr(training.torch, "compile", FailingCompiled)
+    summary = train(tiny_config(tmp_path, "train.compile=true", "train.max_epochs=2"))
+    assert not summary["interrupted"] and summary["epoch"] == 2
+    assert (
+        capsys.readouterr().err.count(
+            "note: torch.compile failed (InductorError: no working C++ compiler found): training without it"
+        )
+        == 1
+    )
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
+    first = training.train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=oom"))
+    saved = {name: (first["run_weights"] / name).read_bytes() for name in ("last.pt", "best.pt")}
+    run_out_of_memory(monkeypatch)
+    with pytest.raises(UserError) as caught:
+        training.train(tiny_config(tmp_path, "train.max_epochs=2", "train.resume=auto"))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("out of memory while training on cpu (")
+    assert (
+        "GiB of RAM) at train.batch_size=2, train.tile_size=60, train.precision=fp32: lower train.batch_size or "
+        "train.tile_size, or set train.activation_checkpointing=true" in message
+    )
+    assert message.endswith("the checkpoints saved so far are intact (continue with train.resume=auto)")
+    assert {name: (first["run_weights"] / name).read_bytes() for name in saved} == saved
+    capsys.readouterr()
+    overrides = [
+        "unet.input_channels=[4, 8]",
+        "train.synthetic_images=6",
+        "train.synthetic_size=64",
+        "train.tile_size=60",
+        "train.batch_size=2",
+        "train.device=cpu",
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        "train.max_epochs=2",
+    ]
+    assert training.main(overrides) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: out of memory while training on cpu")
+        and "Traceback" not in err
+    )
+
+
+@pytest.mark.slow
+def test_a_nan_loss_under_fp16_names_fp16_and_suggests_bf16(tmp_path, monkeypatch):
+    original = step.segmentation_loss
+    monkeypatch.setattr(step, "segmentation_loss", lambda *args: original(*args) * float("nan"))
+    with pytest.raises(
+        UserError,
+        match=(
+            r"training loss became nan .*: train.precision=fp16 overflows float16's range \(up to 65504\): use "
+            r"train.precision=bf16, or lower train.lr"
+        ),
+    ):
+        training.train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=1"))
+    with pytest.raises(
+        UserError, match=r"training loss became nan .*: lower train.lr \(now 0.001\) or set train.grad_clip"
+    ):
+        training.train(tiny_config(tmp_path / "fp32", "train.max_epochs=1"))
+
+
+def every_fold_arguments(image_folder: Path) -> list[str]:
+    """training.py overrides for train.fold=all over 3 folds of the test images, with a tiny model."""
+    return [
+        "train.dataset_name=folder",
+        f"train.data={image_folder}",
+        "unet.input_channels=[4, 8]",
+        "train.tile_size=60",
+        "train.batch_size=2",
+        "train.samples_per_image=2",
+        "train.device=cpu",
+        "predict.tile_size=100",
+        f"train.save_path={image_folder / 'weights'}",
+        f"train.log_path={image_folder / 'logs'}",
+        "train.folds=3",
+        "train.fold=all",
+        "train.val_fraction=0.25",
+        "train.warmup_epochs=0",
+    ]
+
+
+@pytest.mark.slow
+def test_every_fold_trains_resumes_and_test_py_summarizes_them(image_folder, capsys):
+    arguments = every_fold_arguments(image_folder)
+    assert training.main([*arguments, "train.max_epochs=1", "train.run_name=cv"]) == 0
+    printed = capsys.readouterr().out
+    best = [image_folder / "weights" / f"cv-fold{fold}" / "best.pt" for fold in range(3)]
+    assert printed.splitlines()[-1] == "python test.py --checkpoint " + " ".join(map(str, best))
+    test_names = {}
+    for fold, path in enumerate(best):
+        state = torch.load(path, weights_only=True)
+        assert state["config"]["train"]["fold"] == fold and state["progress"]["epoch"] == 1
+        test_names[fold] = datasets_of(resolve(state["config"])).test.names
+    assert sorted(sum(test_names.values(), [])) == SLICES
+
+    # resume=auto continues the newest series: each fold from its last.pt, in its own folder
+    assert training.main([*arguments, "train.max_epochs=2", "train.resume=auto"]) == 0
+    assert sorted(path.name for path in (image_folder / "weights").iterdir()) == ["cv-fold0", "cv-fold1", "cv-fold2"]
+    assert [torch.load(path.with_name("last.pt"), weights_only=True)["progress"]["epoch"] for path in best] == [2, 2, 2]
+    capsys.readouterr()
+    assert training.main([*arguments, "train.max_epochs=2", "train.resume=auto"]) == 0
+    assert capsys.readouterr().err.count("has finished its 2 epochs; skipping it") == 3
+
+    # test.py scores each fold on its own test images, then the mean and sample standard deviation;
+    # an override after the checkpoints is an override, not a path
+    assert (
+        test_script.main(
+            ["--checkpoint", *map(str, best), "train.device=cpu", "--output", str(image_folder / "scores")]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    per_fold = [
+        [float(value) for value in line.split()[1:]] for line in printed.splitlines() if line.split()[:1] == ["all"]
+    ]
+    rows = {
+        line.split()[0]: [float(value) for value in line.split()[1:]]
+        for line in printed.splitlines()
+        if line.split()[:1] and line.split()[0] in ("cv-fold0", "cv-fold1", "cv-fold2", "mean", "std")
+    }
+    assert len(per_fold) == 3 and [rows[f"cv-fold{fold}"] for fold in range(3)] == per_fold
+    for column in range(len(per_fold[0])):
+        values = [row[column] for row in per_fold]
+        assert rows["mean"][column] == pytest.approx(statistics.mean(values), abs=1.1e-4)  # both rounded to 4 decimals
+        assert rows["std"][column] == pytest.approx(statistics.stdev(values), abs=2e-4)
+    for fold in range(3):  # each fold's masks are those of its own test images
+        assert (
+            sorted(path.name for path in (image_folder / "scores" / f"cv-fold{fold}" / "masks").glob("*.png"))
+            == test_names[fold]
+        )
+    capsys.readouterr()
+    assert test_script.main(["--checkpoint", *map(str, best), "--input", str(image_folder / "images")]) == 1
+    assert "--input and --export take one" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_fold_skips_folds_that_early_stopping_ended(image_folder, capsys, monkeypatch):
+    # a validation loss that never improves: each fold stops after epoch 2 of 4 (patience 1)
+    monkeypatch.setattr(
+        training, "evaluate", lambda *args: {"val_loss": 1.0, "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8}
+    )
+    arguments = [
+        *every_fold_arguments(image_folder),
+        "train.max_epochs=4",
+        "train.early_stopping=1",
+        "train.best_metric=val_loss",
+        "train.run_name=es",
+    ]
+    assert training.main(arguments) == 0
+    last = [image_folder / "weights" / f"es-fold{fold}" / "last.pt" for fold in range(3)]
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [2, 2, 2]
+    capsys.readouterr()
+    assert training.main([*arguments, "train.resume=auto"]) == 0
+    assert capsys.readouterr().err.count("ended by early stopping; skipping it") == 3
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [2, 2, 2]
+    # without early stopping now, the same runs continue to max_epochs
+    assert (
+        training.main(
+            [
+                *every_fold_arguments(image_folder),
+                "train.max_epochs=4",
+                "train.best_metric=val_loss",
+                "train.run_name=es",
+                "train.resume=auto",
+            ]
+        )
+        == 0
+    )
+    assert [torch.load(path, weights_only=True)["progress"]["epoch"] for path in last] == [4, 4, 4]
+
+
+@pytest.mark.slow
+def test_three_synthetic_classes_are_trained_predicted_and_scored_per_class(tmp_path, capsys):
+    image, label, _ = synthetic_em(96, np.random.default_rng(0), classes=3)
+    assert set(np.unique(label)) == {0, 1, 2} and 0.01 < np.mean(label == 2) < 0.1  # organelles: a rare third class
+    summary = train(
+        tiny_config(
+            tmp_path, "unet.num_classes=3", "train.max_epochs=2", "train.synthetic_size=96", "train.samples_per_image=4"
+        )
+    )
+    with (summary["run_log"] / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert all(0 <= float(rows[-1][f"val_dice_{c}"]) <= 1 for c in range(3))
+    assert (summary["run_log"] / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = str(summary["run_weights"] / "best.pt")
+    capsys.readouterr()
+    assert test_script.main(["--checkpoint", best, "--output", str(tmp_path / "diagnostics")]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.strip().startswith("image"))
+    assert (
+        header.split()[-6:] == ["Dice", "0", "Dice", "1", "Dice", "2"] and header.count("Dice") == 4
+    )  # foreground mean, then each class
+    counts = np.zeros((3, 3), dtype=np.int64)  # true class x predicted class, counted from the written files
+    for mask_path in sorted((tmp_path / "diagnostics" / "masks").glob("*.png")):
+        written = skimage.io.imread(mask_path)
+        assert written.dtype == np.uint8 and set(np.unique(written)) <= {0, 1, 2}  # class indices, not 0/255
+        index = int(mask_path.stem.split()[-1])
+        truth = SyntheticSample(mask_path.stem, 0, index, 96, 3).read({}).label
+        np.add.at(counts, (truth.ravel(), written.ravel()), 1)
+    line = next(line for line in table.splitlines() if line.strip().startswith("all")).split()
+    for c in range(3):
+        dice = (
+            2 * counts[c, c] / (counts[c].sum() + counts[:, c].sum()) if counts[c].sum() + counts[:, c].sum() else 1.0
+        )
+        assert float(line[-3 + c]) == pytest.approx(dice, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_of_rgb_images_with_0_255_masks(tmp_path):
+    make_rgb_folder(tmp_path / "data", count=5, size=(64, 72))
+    summary = train(
+        plain_folder_config(
+            tmp_path / "data",
+            "unet.input_channels=[4, 8]",
+            "unet.image_channels=3",
+            "unet.padding=1",
+            "train.tile_size=32",
+            "train.batch_size=2",
+            "train.max_epochs=2",
+            "train.device=cpu",
+            "train.val_fraction=0.2",
+            f"train.save_path={tmp_path / 'w'}",
+            f"train.log_path={tmp_path / 'l'}",
+        )
+    )
+    assert (summary["run_weights"] / "best.pt").exists() and 0 <= summary["scores"]["val_pixel_error"] <= 1

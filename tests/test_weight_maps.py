@@ -1,18 +1,14 @@
-"""The paper's weight map against brute force and full distance transforms; class balance by hand."""
+"""segmentation.data.weight_maps: the paper's weight map against brute force and full distance transforms;
+class balance by hand."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from segmentation.data.synthetic import synthetic_em
 from segmentation.data.weight_maps import class_balance_weights, weight_map
-from segmentation.runs.figures import save_samples_figure
 
 # ------------------------------------------------------------------ weight_map
 
@@ -37,18 +33,6 @@ def full_edt_weight_map(label, instances, w_0, sigma):
     distances = np.stack([ndimage.distance_transform_edt(instances != i) for i in ids])
     d1, d2 = np.sort(distances, axis=0)[:2]
     return 1.0 + np.where(label == 0, w_0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2)), 0.0)
-
-
-@pytest.fixture
-def tiny_cells():
-    instances = np.zeros((28, 32), dtype=np.int32)
-    instances[2:10, 3:12] = 4  # ids need not be consecutive
-    instances[2:10, 14:20] = 9
-    instances[13:25, 4:9] = 2
-    rows, cols = np.indices(instances.shape)
-    instances[(rows - 18) ** 2 + (cols - 21) ** 2 <= 25] = 5
-    label = (instances > 0).astype(np.uint8)
-    return label, instances
 
 
 def test_weight_map_matches_brute_force(tiny_cells):
@@ -121,19 +105,3 @@ def test_class_balance_weights_rejects_out_of_range_labels():
 
 
 # --------------------------------------------------------------------- figure
-
-
-def test_samples_figure_of_one_weight_map_writes_png(tmp_path, tiny_cells):
-    label, instances = tiny_cells
-    image = np.random.default_rng(0).random(label.shape).astype(np.float32)
-    path = tmp_path / "weights.png"
-    arrays = (image[None], label.astype(np.int64), weight_map(label, instances))
-    save_samples_figure(path, *(torch.from_numpy(array)[None] for array in arrays), title="tiny")
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
-
-
-def test_importing_dataset_does_not_import_matplotlib():
-    root = Path(__file__).resolve().parents[1]
-    code = "import sys, dataset; sys.exit('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -1,87 +1,12 @@
-"""Losses against torch.nn.functional and hand computations; metrics against hand-counted cases."""
-
-import math
+"""segmentation.metrics: confusion-matrix scores, the ISBI measures and object F1, against hand counts and
+scikit-image."""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from skimage import measure
 
-from losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from segmentation.metrics import confusion_matrix, instance_f1, instance_matches, segmentation_scores
-
-
-def random_case(seed=0, classes=3, size=6):
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, classes, size, size, generator=generator)
-    target = torch.randint(0, classes, (2, size, size), generator=generator)
-    return logits, target
-
-
-def test_unweighted_equals_torch_cross_entropy():
-    logits, target = random_case()
-    assert torch.allclose(weighted_cross_entropy(logits, target), F.cross_entropy(logits, target), atol=1e-6)
-
-
-def test_class_weights_equal_torch_weighted_cross_entropy():
-    logits, target = random_case(1)
-    class_weights = torch.tensor([0.2, 1.0, 3.0])
-    expected = F.cross_entropy(logits, target, weight=class_weights)
-    assert torch.allclose(weighted_cross_entropy(logits, target, class_weights=class_weights), expected, atol=1e-6)
-
-
-def test_weight_map_by_hand():
-    # two pixels, two classes: logits (0, 0) and (2, 0); targets 0 and 1; weights 1 and 3
-    logits = torch.tensor([[[[0.0, 2.0]], [[0.0, 0.0]]]])  # (1, 2, 1, 2)
-    target = torch.tensor([[[0, 1]]])
-    weight = torch.tensor([[[1.0, 3.0]]])
-    loss_a = math.log(2)  # -log(1/2)
-    loss_b = -math.log(1 / (1 + math.exp(2)))  # -log softmax(2, 0)[1]
-    expected = (1 * loss_a + 3 * loss_b) / 4
-    assert weighted_cross_entropy(logits, target, weight).item() == pytest.approx(expected, rel=1e-6)
-    # a constant weight map changes nothing (weighted mean)
-    assert weighted_cross_entropy(logits, target, torch.full_like(weight, 7.0)).item() == pytest.approx(
-        (loss_a + loss_b) / 2, rel=1e-6
-    )
-
-
-def test_target_and_weights_are_cropped_to_the_output():
-    logits, _ = random_case(2, classes=2, size=4)
-    generator = torch.Generator().manual_seed(3)
-    big_target = torch.randint(0, 2, (2, 10, 10), generator=generator)
-    big_weight = torch.rand(2, 10, 10, generator=generator)
-    centre = (slice(None), slice(3, 7), slice(3, 7))
-    expected = (F.cross_entropy(logits, big_target[centre], reduction="none") * big_weight[centre]).sum() / big_weight[
-        centre
-    ].sum()
-    assert torch.allclose(weighted_cross_entropy(logits, big_target, big_weight), expected, atol=1e-6)
-
-
-def test_soft_dice_by_hand():
-    # probabilities of class 1 exactly 0.8 where target is 1 (2 px), 0.2 elsewhere (2 px)
-    p = 0.8
-    logit = math.log(p / (1 - p))
-    logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[logit, logit], [-logit, -logit]]]])
-    target = torch.tensor([[[1, 1], [0, 0]]])
-    intersection = 2 * p
-    total = (2 * p + 2 * (1 - p)) + 2
-    expected = 1 - (2 * intersection + 1) / (total + 1)
-    assert soft_dice_loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
-    perfect = torch.stack([20 * (target == 0).float(), 20 * (target == 1).float()], dim=1)
-    assert soft_dice_loss(perfect, target).item() < 1e-6
-
-
-def test_combined_loss_and_gradient():
-    logits, target = random_case(4, classes=2)
-    logits.requires_grad_(True)
-    loss = segmentation_loss("ce+dice", logits, target)
-    expected = F.cross_entropy(logits, target) + soft_dice_loss(logits, target)
-    assert torch.allclose(loss, expected)
-    loss.backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="unknown loss"):
-        segmentation_loss("focal", logits, target)
 
 
 def test_confusion_and_scores_by_hand():
