@@ -517,13 +517,13 @@ def run_config(config: Config) -> int:
     """Train as ``config`` says, or run the check of ``segmentation.engine.search`` that
     ``overfit_one_batch`` switches on (with ``full_train``, the search's best config is then trained);
     returns the exit code."""
-    mode = config.overfit_one_batch.mode
-    if mode == "lr_find":
-        search.lr_find(config)
+    settings, text = config.overfit_one_batch, config_to_yaml(config)
+    if settings.mode == "lr_find":
+        search.lr_find(config.unet, config.train, config.augment, settings, text)
         return 0
-    if mode == "overfit":
-        return 0 if search.overfit_batch(config)["reached"] else 1
-    if mode == "hp_search":
+    if settings.mode == "overfit":
+        return 0 if search.overfit_batch(config.unet, config.train, settings, text)["reached"] else 1
+    if settings.mode == "hp_search":
         summary = search.hp_search(config)
         if "full_train_config" not in summary:
             return 130 if summary["interrupted"] else 0

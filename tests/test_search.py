@@ -13,7 +13,7 @@ from test_training import TINY, tiny_config
 
 import training
 from dataset import EpochSampler, build_datasets
-from segmentation.config import ConfigError, UserError, load_config
+from segmentation.config import ConfigError, UserError, config_to_yaml, load_config
 from segmentation.data.cache import write_entry
 from segmentation.engine import search
 from tests.helpers import ROOT
@@ -28,11 +28,22 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def overfit(config) -> dict:
+    """``overfit_one_batch.overfit`` as training.py runs it."""
+    return search.overfit_batch(config.unet, config.train, config.overfit_one_batch, config_to_yaml(config))
+
+
+def find_lr(config) -> dict:
+    """``overfit_one_batch.lr_find`` as training.py runs it."""
+    settings = config.overfit_one_batch
+    return search.lr_find(config.unet, config.train, config.augment, settings, config_to_yaml(config))
+
+
 def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monkeypatch, capsys):
     calls = []
     original_step = search.train_step
     monkeypatch.setattr(search, "train_step", lambda *args: calls.append(1) or original_step(*args))
-    result = search.overfit_batch(
+    result = overfit(
         tiny_config(tmp_path, "train.lr=0.01", "overfit_one_batch.tolerance=0.1", "overfit_one_batch.max_steps=200")
     )
     assert result["reached"] and not result["diverged"]
@@ -44,16 +55,14 @@ def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monk
 
 
 def test_absurd_lr_fails_with_the_lower_lr_hint(tmp_path):
-    result = search.overfit_batch(
-        tiny_config(tmp_path, "train.lr=10", "train.grad_clip=0", "overfit_one_batch.max_steps=60")
-    )
+    result = overfit(tiny_config(tmp_path, "train.lr=10", "train.grad_clip=0", "overfit_one_batch.max_steps=60"))
     assert not result["reached"]
     assert result["verdict"][0].startswith(("diverged at step", "did not reach"))
     assert any(line.startswith("hint:") and "lower train.lr (now 10)" in line for line in result["verdict"])
 
 
 def test_tiny_lr_fails_with_the_raise_lr_hint(tmp_path):
-    result = search.overfit_batch(tiny_config(tmp_path, "train.lr=1e-9", "overfit_one_batch.max_steps=20"))
+    result = overfit(tiny_config(tmp_path, "train.lr=1e-9", "overfit_one_batch.max_steps=20"))
     assert not result["reached"] and not result["diverged"] and result["steps"] == 20
     assert result["verdict"][0].startswith("did not reach tolerance")
     assert any("raise train.lr" in line for line in result["verdict"][1:])
@@ -231,7 +240,7 @@ def test_ctrl_c_in_trial_2_still_writes_trial_1(tmp_path, monkeypatch):
 
 
 def test_lr_find_plots_and_suggests_an_lr_in_range(tmp_path):
-    result = search.lr_find(
+    result = find_lr(
         tiny_config(
             tmp_path,
             "overfit_one_batch.lr_find_steps=40",

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from dataset import EpochSampler, TileDataset, build_datasets
 from model import build_model, center_crop, output_size
 from segmentation.config import (
+    AugmentSettings,
     Config,
     ConfigError,
     OverfitSettings,
@@ -171,15 +172,15 @@ def verdict(result: dict, train: TrainSettings, settings: OverfitSettings) -> li
     return lines
 
 
-def overfit_batch(config: Config) -> dict:
-    """``overfit_one_batch.overfit``: fit one fixed batch, print the loss and a verdict, plot ``loss.png``.
+def overfit_batch(unet: UNetSettings, train: TrainSettings, settings: OverfitSettings, config_text: str) -> dict:
+    """``overfit_one_batch.overfit``: fit one fixed batch, print the loss and a verdict, plot ``loss.png``
+    into a new run folder, which keeps ``config_text`` (the run's settings as YAML).
 
     Returns ``fit_one_batch``'s result with ``verdict`` (the printed lines) and ``run_log``.
     """
-    unet, train, settings = config.unet, config.train, config.overfit_one_batch
     device = resolve_device(train.device)
     batch, warnings = fixed_batch(build_datasets(unet, train, note).train, unet, train)
-    run_log = new_run_folder(train, "overfit", config_to_yaml(config))
+    run_log = new_run_folder(train, "overfit", config_text)
     print(
         f"overfitting one fixed batch of {train.batch_size} unaugmented {train.tile_size} px tiles on {device}: "
         f"{train.optim} at constant lr {train.lr:g}, until the loss < {settings.tolerance:g} or "
@@ -255,11 +256,11 @@ def trial_configs(config: Config, points: list[dict]) -> list[Config]:
     return configs
 
 
-def data_key(config: Config) -> tuple:
+def data_key(unet: UNetSettings, train: TrainSettings) -> tuple:
     """What the training tiles depend on: the ``unet`` and ``train`` settings but for the optimisation's."""
     return (
-        dataclasses.replace(config.unet, **dict.fromkeys(UNET_OPTIMISATION_KEYS)),
-        dataclasses.replace(config.train, **dict.fromkeys(TRAIN_OPTIMISATION_KEYS)),
+        dataclasses.replace(unet, **dict.fromkeys(UNET_OPTIMISATION_KEYS)),
+        dataclasses.replace(train, **dict.fromkeys(TRAIN_OPTIMISATION_KEYS)),
     )
 
 
@@ -268,14 +269,6 @@ def ranking_key(result: dict) -> tuple:
     if result["diverged"]:
         return (2, 0.0)
     return (0, result["steps"]) if result["reached"] else (1, result["final_loss"])
-
-
-def with_modes_off(config: Config) -> Config:
-    """``config`` training normally: overfit, hp_search, lr_find and full_train off."""
-    modes = dataclasses.replace(
-        config.overfit_one_batch, overfit=False, hp_search=False, lr_find=False, full_train=False
-    )
-    return dataclasses.replace(config, overfit_one_batch=modes)
 
 
 def hp_search(config: Config) -> dict:
@@ -301,7 +294,7 @@ def hp_search(config: Config) -> dict:
     train_sets, results, interrupted = {}, [], False
     try:
         for number, (values, trial) in enumerate(zip(points, configs), 1):
-            key = data_key(trial)
+            key = data_key(trial.unet, trial.train)
             if key not in train_sets:
                 train_sets[key] = build_datasets(trial.unet, trial.train, note).train
             batch, warnings = fixed_batch(train_sets[key], trial.unet, trial.train)
@@ -324,7 +317,9 @@ def hp_search(config: Config) -> dict:
     print_table(rows[:5])
     best = summary["results"][0]
     best_path = run_log / "best_config.yaml"
-    best_path.write_text(config_to_yaml(with_modes_off(best["config"])))
+    modes_off = {f"overfit_one_batch.{mode}": False for mode in ("overfit", "hp_search", "lr_find", "full_train")}
+    trainable = best["config"].with_values(modes_off)
+    best_path.write_text(config_to_yaml(trainable))
     print(
         f"best: trial {best['trial']} ({describe(best['values'])}); train it with: python training.py --config "
         f"{best_path}"
@@ -332,7 +327,7 @@ def hp_search(config: Config) -> dict:
     if best["diverged"]:
         note("every trial diverged: lower the learning rates of search_space")
     elif settings.full_train and not interrupted:
-        summary["full_train_config"] = with_modes_off(best["config"])
+        summary["full_train_config"] = trainable
     return summary
 
 
@@ -385,22 +380,23 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, str]:
     return max(lrs[lowest] / 10, lrs[0]), "lr of the lowest smoothed loss / 10"
 
 
-def lr_find(config: Config) -> dict:
+def lr_find(
+    unet: UNetSettings, train: TrainSettings, augment: AugmentSettings, settings: OverfitSettings, config_text: str
+) -> dict:
     """``overfit_one_batch.lr_find``: the learning-rate range test.
 
     A fresh model trains on augmented training batches, as in training, with the lr rising exponentially
     per step from ``lr_find_min`` to ``lr_find_max`` over ``lr_find_steps`` steps; the exponentially
     smoothed loss is recorded, and the test stops early once it exceeds 4x its minimum or is not finite.
-    Writes ``lr_find.png`` and prints the suggested lr. Returns ``lr``, ``rule``, ``lrs``, ``losses``,
-    ``smoothed`` and ``run_log``.
+    Writes ``lr_find.png`` to a new run folder, which keeps ``config_text`` (the run's settings as YAML),
+    and prints the suggested lr. Returns ``lr``, ``rule``, ``lrs``, ``losses``, ``smoothed`` and ``run_log``.
     """
-    train, settings = config.train, config.overfit_one_batch
     device = resolve_device(train.device)
-    train_set = build_datasets(config.unet, train, note).train
+    train_set = build_datasets(unet, train, note).train
     check_batch_fits(train.batch_size, len(train_set))
-    run_log = new_run_folder(train, "lr_find", config_to_yaml(config))
+    run_log = new_run_folder(train, "lr_find", config_text)
     torch.manual_seed(train.seed)
-    model = build_model(config.unet).to(device)
+    model = build_model(unet).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
     sampler = EpochSampler(len(train_set), train.seed)
@@ -421,7 +417,7 @@ def lr_find(config: Config) -> dict:
     for step, (lr, batch) in enumerate(zip(schedule, batches())):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = augment_on_device(batch, config.augment, train.seed, step, device)
+        batch = augment_on_device(batch, augment, train.seed, step, device)
         loss = train_step(model, optimizer, batch, train.loss, train.grad_clip, device).item()
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         lrs.append(lr)
