@@ -85,25 +85,33 @@ CUDA_SIZE = 92  # a valid input of a depth-2, padding-0 U-Net: 52 px output
 SLICES = [f"slice{index:02d}.png" for index in range(6)]  # the files of the image_folder fixture (conftest.py)
 
 
+def folder_overrides(root: Path) -> list[str]:
+    """A tiny U-Net (widths 4, 8; 60 px tiles) on the folder ``root`` (images/ + masks/), its runs written
+    under ``root``, as ``section.key=value`` overrides."""
+    return [
+        "unet.input_channels=[4, 8]",
+        "train.tile_size=60",
+        "train.batch_size=2",
+        "train.samples_per_image=2",
+        "train.device=cpu",
+        "predict.tile_size=100",
+        "train.dataset_name=folder",
+        f"train.data={root}",
+        f"train.save_path={root / 'weights'}",
+        f"train.log_path={root / 'logs'}",
+    ]
+
+
 def folder_config(root: Path, *overrides: str) -> Config:
-    """A tiny U-Net (widths 4, 8; 60 px tiles) on the folder ``root`` (images/ + masks/), its runs
-    written under ``root``."""
-    return load_config(
-        None,
-        [
-            "unet.input_channels=[4, 8]",
-            "train.tile_size=60",
-            "train.batch_size=2",
-            "train.samples_per_image=2",
-            "train.device=cpu",
-            "predict.tile_size=100",
-            "train.dataset_name=folder",
-            f"train.data={root}",
-            f"train.save_path={root / 'weights'}",
-            f"train.log_path={root / 'logs'}",
-            *overrides,
-        ],
-    )
+    """The config of ``folder_overrides(root)`` and ``overrides``."""
+    return load_config(None, [*folder_overrides(root), *overrides])
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two state dicts hold the same tensors, bit for bit."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def plain_folder_config(root: Path, *overrides: str) -> Config:

@@ -14,7 +14,7 @@ from dataset import build_datasets
 from model import build_model
 from segmentation.config import load_config
 from segmentation.engine.validation import evaluate
-from tests.helpers import NEEDS_CUDA, ROOT, TINY, predictor_of
+from tests.helpers import NEEDS_CUDA, ROOT, TINY, assert_same_weights, predictor_of
 
 
 def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -34,12 +34,6 @@ def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow
@@ -97,13 +91,7 @@ def test_a_one_process_torchrun_run_saves_and_resumes(tmp_path, device):
     """torchrun with one process joins a process group (NCCL on CUDA, gloo on the CPU), trains, saves,
     and resumes from its checkpoint."""
     overrides = [
-        "unet.input_channels=[4, 8]",
-        "train.synthetic_images=6",
-        "train.synthetic_size=64",
-        "train.val_fraction=0.34",
-        "train.tile_size=60",
-        "train.samples_per_image=2",
-        "train.batch_size=2",
+        *TINY,
         f"train.device={device}",
         f"train.cache_dir={tmp_path / 'cache'}",
         f"train.save_path={tmp_path / 'weights'}",

@@ -28,7 +28,9 @@ from tests.helpers import (
     SEED_README_CONFIG,
     SLICES,
     TINY,
+    assert_same_weights,
     datasets_of,
+    folder_overrides,
     make_rgb_folder,
     plain_folder_config,
     predictor_of,
@@ -41,12 +43,6 @@ from training import train
 
 def final_weights(summary: dict) -> dict:
     return torch.load(summary["run_weights"] / "last.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow
@@ -390,16 +386,7 @@ def test_a_nan_loss_under_fp16_names_fp16_and_suggests_bf16(tmp_path, monkeypatc
 def every_fold_arguments(image_folder: Path) -> list[str]:
     """training.py overrides for train.fold=all over 3 folds of the test images, with a tiny model."""
     return [
-        "train.dataset_name=folder",
-        f"train.data={image_folder}",
-        "unet.input_channels=[4, 8]",
-        "train.tile_size=60",
-        "train.batch_size=2",
-        "train.samples_per_image=2",
-        "train.device=cpu",
-        "predict.tile_size=100",
-        f"train.save_path={image_folder / 'weights'}",
-        f"train.log_path={image_folder / 'logs'}",
+        *folder_overrides(image_folder),
         "train.folds=3",
         "train.fold=all",
         "train.val_fraction=0.25",
