@@ -20,13 +20,10 @@ run folders and figures from ``segmentation.runs``, the processes from ``segment
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +50,7 @@ from segmentation.engine.checkpoint import (
     training_state,
 )
 from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
+from segmentation.engine.signals import stop_requests
 from segmentation.engine.step import build_optimizer, build_scheduler, train_step, update_ema
 from segmentation.engine.validation import calibrate, calibration_metric, evaluate, store_threshold
 from segmentation.inference.infer import Predictor, uniform_prediction_note
@@ -486,31 +484,6 @@ def finish(run: Run) -> None:
         f"calibrated predict.threshold on {len(run.data.val)} validation images: {threshold:.2f} "
         f"({score} {at[threshold][score]:.4f}; at 0.50: {at[0.5][score]:.4f}), stored in {best}"
     )
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """Within the block, Ctrl-C or SIGTERM (as cluster schedulers send) only sets a flag (a non-empty list),
-    so that the loop can stop after a whole step and save a consistent ``last.pt``; a second Ctrl-C
-    stops at once, without saving."""
-    requested: list[int] = []
-
-    def request(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-        message = "stopping after this step and saving last.pt (Ctrl-C again to stop at once, without saving)"
-        tqdm.write(message, file=sys.stderr)
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield requested
-        return
-    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def run_config(config: Config) -> int:

@@ -4,7 +4,10 @@
 - ``console``: notes and one-line errors on the terminal.
 - ``metrics``: pixel, cell and object scores.
 - ``data``: reading images and masks, generating synthetic ones, preprocessing, the cache, augmentation.
-- ``engine``: the training step, checkpoints, validation, devices, processes, the one-batch checks.
+- ``engine``: the training step, checkpoints, validation, processes, stop requests, the one-batch checks.
+- ``device``: the compute device, its speed settings and out-of-memory advice.
+- ``benchmarks``: what bench.py measures.
+- ``options``: checking one config value against its option.
 - ``inference``: whole-image prediction by tiles, segmenting files, export.
 - ``runs``: run folders, metrics.csv, figures and the diagnostics of test.py.
 

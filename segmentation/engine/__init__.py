@@ -1,1 +1,1 @@
-"""The training engine: the step, checkpoints, validation, devices, processes, and the one-batch checks."""
+"""The training engine: the step, checkpoints, validation, processes, stop requests and the one-batch checks."""
