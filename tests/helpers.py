@@ -224,3 +224,13 @@ def sample(image_channels=1, size=TILE, seed=1, dtype=torch.float32):
 def modes(model) -> list[bool]:
     """The train/eval flag of every module, to check that a function restores them."""
     return [module.training for module in model.modules()]
+
+
+def segment(checkpoint, images, output, *options: str) -> int:
+    """``python test.py --checkpoint CHECKPOINT --input IMAGES --output OUTPUT [options]``, run in this process
+    (conftest.py makes test.py importable as ``test_script``); returns its exit code."""
+    import test_script
+
+    return test_script.main(
+        ["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(output), *options]
+    )

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.io
-import test_script
 import tifffile
 import torch
 
@@ -14,6 +13,7 @@ from model import build_model
 from segmentation.config import load_config
 from segmentation.inference import predict
 from segmentation.inference.infer import Predictor
+from tests.helpers import segment
 
 
 @pytest.mark.slow
@@ -22,33 +22,14 @@ def test_stack_probabilities_and_overlays(trained, tmp_path):
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
     best = str(summary["run_weights"] / "best.pt")
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(tmp_path / "stack.tif"),
-                "--output",
-                str(tmp_path / "out"),
-                "--probabilities",
-                "--overlay",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "out"), "--probabilities", "--overlay") == 0
     masks = tifffile.imread(tmp_path / "out" / "stack.tif")
     probability = tifffile.imread(tmp_path / "out" / "stack_probability.tif")
     assert masks.shape == probability.shape == (3, 80, 80) and probability.dtype == np.float32
     assert np.array_equal(masks, np.where(probability >= 0.5, 255, 0))
     assert probability.min() >= 0 and probability.max() <= 1
     # each page equals the mask written for the same slice as a PNG
-    assert (
-        test_script.main(
-            ["--checkpoint", best, "--input", str(root / "val" / "images"), "--output", str(tmp_path / "png")]
-        )
-        == 0
-    )
+    assert segment(best, str(root / "val" / "images"), str(tmp_path / "png")) == 0
     assert np.array_equal(masks[1], skimage.io.imread(tmp_path / "png" / "slice01.png"))
     overlay = skimage.io.imread(tmp_path / "out" / "stack_002_overlay.png")
     assert overlay.shape == (80, 80, 3)
@@ -71,36 +52,10 @@ def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(train
         lambda path, *args, **kwargs: whole_reads.append(Path(path).name) or original_imread(path, *args, **kwargs),
     )
     best = str(summary["run_weights"] / "best.pt")
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(tmp_path / "stack.tif"),
-                "--output",
-                str(tmp_path / "out"),
-                "--probabilities",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "out"), "--probabilities") == 0
     assert "stack.tif" not in whole_reads  # never read whole: page by page
     monkeypatch.setattr(tifffile, "imread", original_imread)
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(tmp_path / "pages"),
-                "--output",
-                str(tmp_path / "single"),
-                "--probabilities",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(tmp_path / "pages"), str(tmp_path / "single"), "--probabilities") == 0
     masks, probabilities = (
         tifffile.imread(tmp_path / "out" / "stack.tif"),
         tifffile.imread(tmp_path / "out" / "stack_probability.tif"),
@@ -151,38 +106,12 @@ def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatc
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
     best = str(summary["run_weights"] / "best.pt")
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(tmp_path / "stack.tif"),
-                "--output",
-                str(tmp_path / "classic"),
-                "--probabilities",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "classic"), "--probabilities") == 0
     assert not predict.needs_bigtiff(2 * 2**30) and predict.needs_bigtiff(4 * 2**30)  # classic TIFF offsets are 32 bits
     monkeypatch.setattr(
         predict, "needs_bigtiff", lambda data_bytes: True
     )  # as for a stack whose probabilities pass 4 GiB
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(tmp_path / "stack.tif"),
-                "--output",
-                str(tmp_path / "big"),
-                "--probabilities",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "big"), "--probabilities") == 0
     for name in ("stack.tif", "stack_probability.tif"):
         with tifffile.TiffFile(tmp_path / "big" / name) as big:
             assert big.is_bigtiff

@@ -16,6 +16,7 @@ from skimage.metrics import adapted_rand_error
 from tests.helpers import (
     ROOT,
     logged_row,
+    segment,
     tiny_config,
 )
 from training import train
@@ -40,7 +41,7 @@ def test_test_py_reproduces_the_logged_scores_from_the_masks_it_writes(trained, 
     assert {"val_000.png", "val_002.png", "saliency_000.png", "gradient_norms.png", "activations.png"} <= names
     assert "Rand error" in table and table.count("slice0") == 3
     images = str(root / "val" / "images")
-    assert test_script.main(["--checkpoint", str(best), "--input", images, "--output", str(tmp_path / "files")]) == 0
+    assert segment(str(best), images, str(tmp_path / "files")) == 0
     wrong = total = 0
     rand_errors = []
     for mask_path in sorted((root / "val" / "masks").glob("*.png")):
@@ -121,20 +122,7 @@ def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, 
 def test_instance_output_and_object_f1(trained, tmp_path, capsys):
     root, summary = trained
     best = str(summary["run_weights"] / "best.pt")
-    assert (
-        test_script.main(
-            [
-                "--checkpoint",
-                best,
-                "--input",
-                str(root / "val" / "images"),
-                "--output",
-                str(tmp_path / "files"),
-                "--instances",
-            ]
-        )
-        == 0
-    )
+    assert segment(best, str(root / "val" / "images"), str(tmp_path / "files"), "--instances") == 0
     for mask_path in sorted((tmp_path / "files").glob("slice??.png")):
         ids = tifffile.imread(tmp_path / "files" / f"{mask_path.stem}_instances.tif")
         expected = measure.label(skimage.io.imread(mask_path) == 255, connectivity=1)
