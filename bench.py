@@ -7,6 +7,7 @@
     python bench.py --data-scale 30,240,960      # data at scale: in memory (as before the cache) vs the cache
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
     python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
+    python bench.py --fine-tune-experiment 20 --data ISBI_FOLDER [--source CKPT]   # 3 ISBI slices: init_from vs scratch
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -41,6 +42,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from segmentation.benchmarks.fine_tune import fine_tune_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
 from segmentation.benchmarks.speed import data_path_table, in_child, print_training_table, time_inference, time_training
@@ -109,6 +111,16 @@ def command_line() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--fine-tune-experiment",
+        type=int,
+        metavar="EPOCHS",
+        help="instead: 3 ISBI 2012 slices (--data) trained from scratch and from a model of the synthetic images "
+        "(train.init_from), seeds 0-2; scores on 6 held-out slices",
+    )
+    parser.add_argument(
+        "--source", type=Path, help="--fine-tune-experiment: the checkpoint to start from (default: trained first)"
+    )
+    parser.add_argument(
         "--predict-stack",
         type=float,
         metavar="GB",
@@ -127,7 +139,13 @@ def main() -> None:
         predict_stack_table(args.predict_stack)
     if args.nuclei_experiment:
         nuclei_experiment(args.nuclei_experiment, [0, 1])
-    if args.data_scale or args.predict_stack or args.nuclei_experiment:
+    if args.fine_tune_experiment:
+        if not args.data:
+            parser.error(
+                "--fine-tune-experiment needs --data, the ISBI 2012 folder (train-volume.tif, train-labels.tif)"
+            )
+        fine_tune_experiment(args.data, args.fine_tune_experiment, [0, 1, 2], args.source)
+    if args.data_scale or args.predict_stack or args.nuclei_experiment or args.fine_tune_experiment:
         return
 
     device = resolve_device(args.device)

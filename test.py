@@ -2,7 +2,8 @@
 
     python test.py --input FILE|DIR|STACK.tif --output DIR [--probabilities] [--instances] [--overlay] [--tta]
     python test.py [--split test|val] [--show] [--layers inc]  # masks, scores and diagnostics on held-out images
-    python test.py --export model.onnx                          # ONNX with dynamic height and width
+    python test.py --export model.zip                           # bioimage.io package (deepImageJ, QuPath, napari)
+    python test.py --export model.pt | model.onnx               # TorchScript or ONNX alone, any valid size
     python test.py --checkpoint weights/RUN-fold*/best.pt       # each fold's scores, then mean and std
 
 Common options: ``--checkpoint PATH`` (default: the newest ``best.pt`` under ``train.save_path``),
@@ -38,8 +39,9 @@ from segmentation.config import Config, UserError
 from segmentation.console import note, report_error
 from segmentation.device import memory_description
 from segmentation.engine.checkpoint import decision_threshold, load_model
-from segmentation.inference.export import check_onnx, export_onnx
+from segmentation.inference.export import check_onnx, export_onnx, export_torchscript
 from segmentation.inference.infer import Predictor
+from segmentation.inference.package import export_package
 from segmentation.inference.predict import input_images, predict_files
 from segmentation.runs.diagnostics import diagnose, score_summary
 
@@ -93,7 +95,11 @@ def command_line() -> argparse.ArgumentParser:
     )
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
     parser.add_argument(
-        "--export", type=Path, metavar="MODEL.onnx", help="export the model to ONNX and check it against PyTorch"
+        "--export",
+        type=Path,
+        metavar="MODEL.zip|.pt|.onnx",
+        help="export the model: a bioimage.io package (.zip: TorchScript, state dict, ONNX, test tensors, README), "
+        "TorchScript (.pt) or ONNX (.onnx), each checked against PyTorch",
     )
     parser.add_argument("--show", action="store_true", help="also show the diagnostic figures on screen")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -119,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         model, config, state, device = load_model(checkpoints[0], args.config, args.overrides)
         print(f"{state['path']} (epoch {state['progress']['epoch']}) on {device}")
         if args.export:
-            channels, side = config.unet.image_channels, config.train.tile_size
-            export_onnx(model, args.export, channels, sample_size=side)
-            difference = check_onnx(model, args.export, torch.randn(1, channels, side, side))
-            print(f"wrote {args.export}; onnxruntime and PyTorch differ by at most {difference:.2e}")
+            export(model, config, state, args.export)
             return 0
         if args.input:
             predictor = make_predictor(model, config, state, args.tta)
@@ -149,6 +152,35 @@ def main(argv: list[str] | None = None) -> int:
             plt.axis("off")
         plt.show()
     return 0
+
+
+def export(model, config: Config, state: dict, path: Path) -> None:
+    """``--export``: a bioimage.io package (``.zip``, its test tensors from the first validation image),
+    TorchScript (``.pt``) or ONNX (``.onnx``), each checked against PyTorch."""
+    channels, side = config.unet.image_channels, config.train.tile_size
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        image = build_datasets(config.unet, config.train, note).val[0][0].numpy()
+        progress = state["progress"]
+        validation = {
+            "data": f"{config.train.dataset_name} ({config.train.data})",
+            "checkpoint": f"{state['path']}, epoch {progress['epoch']} of run {progress.get('run_name')}",
+            f"best validation {config.train.best_metric}": (
+                f"{progress.get('best_value')}, epoch {progress.get('best_epoch')}"
+            ),
+        }
+        summary = export_package(model, path, config.unet, config.train, image, validation)
+        differences = ", ".join(f"{name} {value:.2e}" for name, value in summary["differences"].items())
+        print(f"wrote {path}: {', '.join(summary['files'])}; largest differences from PyTorch: {differences}")
+    elif suffix == ".pt":
+        difference = export_torchscript(model, path, channels, side)
+        print(f"wrote {path} (TorchScript); it and PyTorch differ by at most {difference:.2e}")
+    elif suffix == ".onnx":
+        export_onnx(model, path, channels, sample_size=side)
+        difference = check_onnx(model, path, torch.randn(1, channels, side, side))
+        print(f"wrote {path}; onnxruntime and PyTorch differ by at most {difference:.2e}")
+    else:
+        raise UserError(f"--export {path}: write MODEL.zip (bioimage.io package), MODEL.pt (TorchScript) or MODEL.onnx")
 
 
 def make_predictor(model, config: Config, state: dict, tta: bool) -> Predictor:

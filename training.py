@@ -20,6 +20,7 @@ run folders and figures from ``segmentation.runs``, the processes from ``segment
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from dataset import DataSets, EpochSampler, build_datasets
 from model import build_model, count_parameters
-from segmentation.config import DEFAULT_CONFIG, HIGHER_IS_BETTER, Config, UserError, config_to_yaml, load_config
+from segmentation.config import DEFAULT_CONFIG, Config, UserError, config_to_yaml, load_config
 from segmentation.console import first_line, note, report_error
 from segmentation.data.augment import augment_on_device
 from segmentation.device import bf16_supported, out_of_memory_advice, prepare_device
@@ -43,8 +44,10 @@ from segmentation.engine import search
 from segmentation.engine.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
+    load_initial_weights,
     newest_fold_series,
     read_checkpoint,
+    read_initial_weights,
     restore,
     save_checkpoint,
     training_state,
@@ -52,12 +55,21 @@ from segmentation.engine.checkpoint import (
 from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
 from segmentation.engine.signals import stop_requests
 from segmentation.engine.step import build_optimizer, build_scheduler, train_step, update_ema
-from segmentation.engine.validation import calibrate, calibration_metric, evaluate, store_threshold
+from segmentation.engine.validation import calibrate, calibration_metric, evaluate, improved, store_threshold
 from segmentation.inference.infer import Predictor, uniform_prediction_note
-from segmentation.runs.figures import plot_curves, save_samples_figure
-from segmentation.runs.folders import new_run_name, read_metrics, run_base_name, start_run_folders, write_metrics
+from segmentation.runs.figures import plot_curves, save_check_figures
+from segmentation.runs.folders import (
+    epoch_line,
+    new_run_name,
+    read_metrics,
+    run_base_name,
+    start_run_folders,
+    write_metrics,
+)
+from segmentation.runs.tensorboard import open_writer, require_tensorboard, write_epoch, write_settings
 
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
+TENSORBOARD_IMAGES = 3  # validation images shown with truth and prediction in TensorBoard at each validation
 
 
 @dataclass
@@ -90,6 +102,7 @@ class Run:
     run_log: Path
     run_weights: Path
     rows: list[dict]
+    writer: object | None = None  # train.tensorboard's SummaryWriter, in process 0
     compiling: bool = False  # until the first step of a torch.compile'd model has run
     warned_uniform: bool = False  # the note on predictions of a single class is given once
 
@@ -139,7 +152,7 @@ def train_process(config: Config, rank: int, world_size: int, device: torch.devi
     max_epochs, patience = settings.max_epochs, settings.early_stopping
     scores: dict = {}
     run.model.train()
-    with stop_requests() as stop_requested:
+    with stop_requests() as stop_requested, run.writer or contextlib.nullcontext():
         for epoch in range(run.progress["epoch"], max_epochs):
             # train: one pass over the tiles; a stop request ends it after a whole step, last.pt saved
             row = train_epoch(run, epoch, stop_requested)
@@ -147,9 +160,10 @@ def train_process(config: Config, rank: int, world_size: int, device: torch.devi
                 return run.summary(True, scores)
             # validate: whole images, predicted as test.py predicts them; a better score saves best.pt
             last_epoch = epoch + 1 == max_epochs
-            stop = False
+            stop, examples = False, []
             if (epoch + 1) % settings.eval_epoch == 0 or last_epoch:
                 scores = validate(run, epoch)
+                examples = scores.pop("examples", [])
                 row.update(scores)
                 stop = patience > 0 and epoch + 1 - run.progress["best_epoch"] >= patience
             run.progress["stopped_early"] = stop  # in last.pt: train.fold=all skips such a run as finished
@@ -161,6 +175,8 @@ def train_process(config: Config, rank: int, world_size: int, device: torch.devi
                 if (epoch + 1) % settings.log_epoch == 0 or due:
                     write_metrics(run.run_log / "metrics.csv", run.rows)
                     plot_curves(run.rows, run.run_log / "curves.png")
+                if run.writer is not None:
+                    write_epoch(run.writer, row, examples)
             # save
             if run.main_process and ((epoch + 1) % settings.save_epoch == 0 or due):
                 save_checkpoint(run.run_weights / "last.pt", run.state())
@@ -186,18 +202,19 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
     settings = config.train
     resume_path = from_rank_zero(find_resume_checkpoint(settings.resume, Path(settings.save_path)), world_size)
     checkpoint = load_checkpoint(resume_path, config.unet, settings) if resume_path else None
+    # train.init_from applies to a new run; read and checked before anything is written
+    initial = (
+        read_initial_weights(Path(settings.init_from), config.unet) if settings.init_from and not checkpoint else None
+    )
+    if settings.tensorboard:
+        require_tensorboard()  # a missing package stops the run before anything is written
     prepare_device(device, settings.precision)
 
     torch.manual_seed(settings.seed)
     data = build_datasets(config.unet, settings, note, rank, world_size)
     batch_tiles = settings.batch_size * settings.grad_accum_steps
-    steps_per_epoch = len(data.train) // (batch_tiles * world_size)
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps "
-            f"x {world_size} processes) but an epoch has {len(data.train)}: lower them or raise train.samples_per_image"
-        )
-    model, ema_model = build_models(config, device)
+    steps_per_epoch = count_steps(len(data.train), batch_tiles, world_size)
+    model, ema_model = build_models(config, device, initial)
     optimizer = build_optimizer(model, settings, device)
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
@@ -211,10 +228,11 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         Path(settings.log_path) / progress["run_name"],
         Path(settings.save_path) / progress["run_name"],
     )
-    if rank == 0:
-        start_run_folders(run_log, run_weights, config_to_yaml(config), progress["epoch"] if checkpoint else None)
-        if not checkpoint:
-            save_check_figures(run_log, data, config, device)
+    writer = (
+        start_logs(config, run_log, run_weights, progress, data, device, resumed=checkpoint is not None)
+        if rank == 0
+        else None
+    )
 
     # DDP all-reduces the gradients during the backward pass; validation and checkpoints use the bare model
     step_model = model
@@ -255,36 +273,62 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         run_weights=run_weights,
         rows=read_metrics(run_log / "metrics.csv", progress["epoch"]),
         compiling=settings.compile,
+        writer=writer,
     )
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
     return run
 
 
-def build_models(config: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The network as ``unet`` describes it, laid out and checkpointed as ``train`` says, and its moving
-    average under ``train.ema`` (None without)."""
-    model = build_model(config.unet).to(device)
+def start_logs(
+    config: Config,
+    run_log: Path,
+    run_weights: Path,
+    progress: dict,
+    data: DataSets,
+    device: torch.device,
+    resumed: bool,
+):
+    """In process 0: the run's folders and its settings in them; for a new run the figures to check by eye;
+    with ``train.tensorboard`` the event writer (the settings as hparams for a new run). Returns the
+    writer, or None."""
+    start_run_folders(run_log, run_weights, config_to_yaml(config), progress["epoch"] if resumed else None)
+    writer = open_writer(run_log, progress["epoch"]) if config.train.tensorboard else None
+    if not resumed:
+        save_check_figures(run_log, data.example, data.train, config.augment, config.train.seed, device)
+        if writer is not None:
+            write_settings(writer, config.to_dict())
+    return writer
+
+
+def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:
+    """Optimisation steps per epoch of ``tiles`` tiles, ``batch_tiles`` per step in each of ``world_size``
+    processes; a UserError when an epoch has fewer tiles than one step needs."""
+    steps = tiles // (batch_tiles * world_size)
+    if steps == 0:
+        raise UserError(
+            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps "
+            f"x {world_size} processes) but an epoch has {tiles}: lower them or raise train.samples_per_image"
+        )
+    return steps
+
+
+def build_models(
+    config: Config, device: torch.device, initial: dict | None = None
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The network as ``unet`` describes it, started from the ``initial`` checkpoint's weights where there is
+    one (``train.init_from``), laid out and checkpointed as ``train`` says, and its moving average under
+    ``train.ema`` (None without)."""
+    model = build_model(config.unet)
+    if initial is not None:
+        note(load_initial_weights(model, initial, Path(config.train.init_from)))
+    model = model.to(device)
     model.activation_checkpointing = config.train.activation_checkpointing
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # a copy, not a new model: the same initial weights, and no draw from the seeded random stream
     ema_model = copy.deepcopy(model).requires_grad_(False) if config.train.ema > 0 else None
     return model, ema_model
-
-
-def save_check_figures(run_log: Path, data: DataSets, config: Config, device: torch.device) -> None:
-    """The figures of a new run to check by eye before trusting the training: the first training image
-    with its weight map, and a few training tiles as the augmentation turns them."""
-    title = "first training image and its weight map"
-    save_samples_figure(
-        run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in data.example), title=title
-    )
-    tiles = [data.train[i] for i in range(min(4, len(data.train)))]
-    examples = [torch.stack(tensors) for tensors in zip(*tiles)]
-    augmented = augment_on_device(examples, config.augment, config.train.seed, -1, device)
-    title = "augmented training tiles (the loss uses the centre of label and weight)"
-    save_samples_figure(run_log / "augmented_samples.png", *augmented, title=title)
 
 
 def print_start(run: Run, resumed_from: Path | None) -> None:
@@ -346,7 +390,7 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
                     bar.close()
                     save_interrupted_epoch(run, epoch)
                     return None
-    share_run_buffers(run)
+    share_buffers([run.model, run.ema_model], run.world_size)
     seconds = time.perf_counter() - epoch_start
     row = {
         "epoch": epoch + 1,
@@ -362,7 +406,7 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
 
 def save_interrupted_epoch(run: Run, epoch: int) -> None:
     """After a stop request inside an epoch: last.pt at the current step, and metrics.csv as it is."""
-    share_run_buffers(run)
+    share_buffers([run.model, run.ema_model], run.world_size)
     if run.main_process:
         save_checkpoint(run.run_weights / "last.pt", run.state())
         write_metrics(run.run_log / "metrics.csv", run.rows)
@@ -371,13 +415,6 @@ def save_interrupted_epoch(run: Run, epoch: int) -> None:
             f"\nstopped: saved {run.run_weights / 'last.pt'} ({where}); continue with train.resume=auto",
             file=sys.stderr,
         )
-
-
-def share_run_buffers(run: Run) -> None:
-    """``share_buffers`` for the model and its moving average."""
-    for model in (run.model, run.ema_model):
-        if model is not None:
-            share_buffers(model, run.world_size)
 
 
 def take_step(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -431,7 +468,8 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
 
 def validate(run: Run, epoch: int) -> dict[str, float]:
     """``validation.evaluate`` on the validation images; saves best.pt when ``train.best_metric`` improved."""
-    scores = evaluate(run.predictor, run.data.val, run.config.train.loss, run.rank, run.world_size)
+    keep = TENSORBOARD_IMAGES if run.writer is not None else 0
+    scores = evaluate(run.predictor, run.data.val, run.config.train.loss, run.rank, run.world_size, keep)
     if not math.isfinite(scores["val_loss"]):
         raise UserError(
             f"the validation loss became {scores['val_loss']} in epoch {epoch + 1}: lower train.lr; "
@@ -448,22 +486,6 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
         if run.main_process:
             save_checkpoint(run.run_weights / "best.pt", run.state())
     return scores
-
-
-def improved(value: float, best: float | None, metric: str) -> bool:
-    """Whether ``value`` of ``train.best_metric`` beats ``best`` (None: nothing to beat yet)."""
-    if best is None:
-        return True
-    return value > best if metric in HIGHER_IS_BETTER else value < best
-
-
-def epoch_line(row: dict, max_epochs: int) -> str:
-    """The line printed after each epoch: training loss, the main validation scores, seconds."""
-    keys = ("val_loss", "val_pixel_error", "val_dice", "val_rand_error")
-    scores = "".join(f"  {key} {row[key]:.4f}" for key in keys if key in row)
-    return (
-        f"epoch {row['epoch']}/{max_epochs}  train_loss {row['train_loss']:.4f}{scores}  {row['epoch_seconds']:.1f} s"
-    )
 
 
 def finish(run: Run) -> None:

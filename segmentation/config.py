@@ -192,10 +192,12 @@ class TrainSettings:
     run_name: str | None = setting(None, "str", "name of the run folder", nullable=True)
     eval_epoch: int = setting(1, "int", "validate every this many epochs", minimum=1)
     log_epoch: int = setting(1, "int", "write metrics.csv and curves.png every this many epochs", minimum=1)
+    tensorboard: bool = setting(False, "bool", "also write TensorBoard events to the run's log folder")
     save_epoch: int = setting(1, "int", "save last.pt every this many epochs", minimum=1)
     best_metric: str = setting("val_dice", "str", "what picks best.pt and drives early stopping", choices=BEST_METRICS)
     early_stopping: int = setting(0, "int", "stop after this many epochs without a better best_metric", minimum=0)
     resume: str | None = setting(None, "str", "auto, or a checkpoint path", nullable=True)
+    init_from: str | None = setting(None, "str", "start from this checkpoint's weights, all else fresh", nullable=True)
 
     @property
     def effective_split_seed(self) -> int:
@@ -550,12 +552,12 @@ def split_differences(saved: dict, current: TrainSettings) -> list[str]:
     return differences
 
 
-def architecture_differences(saved: dict, current: UNetSettings) -> list[str]:
-    """The ``unet.*`` keys that change the weights' shapes or meaning, where a checkpoint's stored config
-    ``saved`` (plain data) and ``current`` differ."""
+def architecture_differences(saved: dict, current: UNetSettings, keys: Sequence[str] = ARCHITECTURE_KEYS) -> list[str]:
+    """The ``unet.*`` keys among ``keys`` (default: all that change the weights' shapes or meaning) where a
+    checkpoint's stored config ``saved`` (plain data) and ``current`` differ."""
     now = plain(dataclasses.asdict(current))
     return [
         f"unet.{key}: checkpoint {saved['unet'].get(key)!r}, config {now[key]!r}"
-        for key in ARCHITECTURE_KEYS
+        for key in keys
         if saved["unet"].get(key) != now[key]
     ]

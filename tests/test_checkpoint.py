@@ -1,12 +1,23 @@
 """segmentation.engine.checkpoint: a run resumes only on the split and architecture it trained on; checkpoints of
 earlier versions load, resume and predict."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import training
-from segmentation.config import UserError
-from segmentation.engine.checkpoint import load_checkpoint, load_model
+from model import UNet
+from segmentation.config import UserError, load_config
+from segmentation.engine.checkpoint import (
+    FIRST_CONVOLUTION,
+    load_checkpoint,
+    load_initial_weights,
+    load_model,
+    read_initial_weights,
+)
 from tests.helpers import folder_config, tiny_config
 from training import train
 
@@ -72,3 +83,91 @@ def test_a_checkpoint_of_an_earlier_version_loads_resumes_and_predicts(tmp_path)
     assert all(torch.equal(tensor, state["model"][name]) for name, tensor in model.state_dict().items())
     resumed = train(tiny_config(tmp_path, "train.max_epochs=2", f"train.resume={last}"))
     assert resumed["run_weights"] == summary["run_weights"] and resumed["epoch"] == 2
+
+
+def saved_state(model: UNet, widths=(4, 8), classes=2, channels=1) -> dict:
+    """What a checkpoint of ``model`` holds that train.init_from reads: weights, settings, progress."""
+    settings = load_config(None, [f"unet.input_channels={list(widths)}", f"unet.image_channels={channels}"])
+    config = settings.with_values({"unet.num_classes": classes, "train.dataset_name": "folder"}).to_dict()
+    return {"model": model.state_dict(), "config": config, "progress": {"epoch": 7}}
+
+
+def test_init_from_loads_every_matching_tensor_adapts_the_first_convolution_and_leaves_the_output_layer_new():
+    torch.manual_seed(0)
+    gray = UNet(1, 2, (4, 8), norm="batch")
+    torch.manual_seed(1)
+    rgb = UNet(3, 3, (4, 8), norm="batch")
+    fresh_output = {name: tensor.clone() for name, tensor in rgb.state_dict().items() if name.startswith("outc.")}
+    message = load_initial_weights(rgb, saved_state(gray), Path("gray.pt"))
+    assert message.startswith("train.init_from: 64 of 66 tensors from gray.pt (epoch 7)")
+    assert "first convolution adapted from 1 to 3 image channel(s)" in message and "starting fresh: outc" in message
+    for name, tensor in rgb.state_dict().items():
+        if name.startswith("outc."):
+            assert torch.equal(tensor, fresh_output[name]), name  # another number of classes: its own start
+        elif name != FIRST_CONVOLUTION:
+            assert torch.equal(tensor, gray.state_dict()[name]), name
+    # an RGB image whose channels are equal gets the gray model's response from the adapted convolution
+    image = torch.rand(1, 1, 12, 12)
+    gray_response = F.conv2d(image, gray.state_dict()[FIRST_CONVOLUTION])
+    rgb_response = F.conv2d(image.repeat(1, 3, 1, 1), rgb.state_dict()[FIRST_CONVOLUTION])
+    torch.testing.assert_close(rgb_response, gray_response)
+    back = UNet(1, 2, (4, 8), norm="batch")
+    load_initial_weights(back, saved_state(rgb, classes=3, channels=3), Path("rgb.pt"))  # and RGB to gray: the sum
+    expected = rgb.state_dict()[FIRST_CONVOLUTION].sum(dim=1, keepdim=True)
+    torch.testing.assert_close(back.state_dict()[FIRST_CONVOLUTION], expected)
+
+
+def test_init_from_refuses_another_network_and_unreadable_files_in_one_line(tmp_path):
+    torch.save(saved_state(UNet(1, 2, (4, 8), norm="batch")), tmp_path / "small.pt")
+    deeper = load_config(None, ["unet.input_channels=[4, 8, 16]", "unet.norm=layer"]).unet
+    with pytest.raises(UserError) as caught:
+        read_initial_weights(tmp_path / "small.pt", deeper)
+    assert str(caught.value) == (
+        f"train.init_from: {tmp_path / 'small.pt'} holds another network (unet.input_channels: checkpoint [4, 8], "
+        "config [4, 8, 16]; unet.norm: checkpoint 'batch', config 'layer'): a run can start from a checkpoint of "
+        "other unet.num_classes or unet.image_channels only; set these keys as in the checkpoint"
+    )
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    torch.save({"model": CodeOnLoad(), "config": {}, "progress": {}}, tmp_path / "code.pt")
+    expected = {
+        "missing.pt": "checkpoint not found",
+        "text.pt": "not a checkpoint file",
+        "code.pt": "holds objects that loading would have to import and run",
+    }
+    unet = load_config(None, ["unet.input_channels=[4, 8]"]).unet
+    for name, reason in expected.items():
+        with pytest.raises(UserError, match=f"^train.init_from: {tmp_path / name}: {reason}") as caught:
+            read_initial_weights(tmp_path / name, unet)
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "ran").exists()  # the pickle's code never ran
+
+
+class CodeOnLoad:
+    """An object whose unpickling would run a command (``touch ran``), as a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (os.system, ("touch ran",))
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_another_runs_weights_with_everything_else_fresh(tmp_path, capsys):
+    first = train(tiny_config(tmp_path, "train.max_epochs=2", "train.run_name=source"))
+    source = first["run_weights"] / "best.pt"
+    capsys.readouterr()
+    second = train(
+        tiny_config(
+            tmp_path, "train.max_epochs=1", "train.run_name=target", "unet.num_classes=3", f"train.init_from={source}"
+        )
+    )
+    notes = [line for line in capsys.readouterr().err.splitlines() if "train.init_from" in line]
+    assert (
+        len(notes) == 1 and notes[0].startswith("note: train.init_from: 64 of 66 tensors from") and "outc" in notes[0]
+    )
+    assert second["run_weights"].name == "target" and second["epoch"] == 1 and second["step"] == 4  # a fresh count
+    last = torch.load(second["run_weights"] / "last.pt", weights_only=True)
+    assert last["config"]["train"]["init_from"] == str(source)
+    steps = {entry["step"].item() for entry in last["optimizer"]["state"].values()}
+    assert steps == {4.0}  # Adam's moments started with this run, not the source's 8 steps
+    with pytest.raises(UserError, match="^train.init_from: .*missing.pt: checkpoint not found$"):
+        train(tiny_config(tmp_path / "elsewhere", "train.init_from=missing.pt"))
+    assert not (tmp_path / "elsewhere").exists()  # nothing written

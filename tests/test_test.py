@@ -13,6 +13,8 @@ import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error
 
+from model import build_model
+from segmentation.config import resolve
 from tests.helpers import (
     ROOT,
     logged_row,
@@ -58,18 +60,27 @@ def test_test_py_reproduces_the_logged_scores_from_the_masks_it_writes(trained, 
 
 
 @pytest.mark.slow
-def test_onnx_export(trained, tmp_path, capsys):
+def test_export_writes_onnx_and_torchscript_and_refuses_other_files(trained, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     _, summary = trained
-    assert (
-        test_script.main(
-            ["--checkpoint", str(summary["run_weights"] / "best.pt"), "--export", str(tmp_path / "unet.onnx")]
-        )
-        == 0
+    best = str(summary["run_weights"] / "best.pt")
+    for name in ("unet.onnx", "unet.pt"):
+        assert test_script.main(["--checkpoint", best, "--export", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).stat().st_size > 1000
+        difference = float(capsys.readouterr().out.split("differ by at most ")[1].split()[0])
+        assert difference < 1e-4
+    model = torch.jit.load(str(tmp_path / "unet.pt"))  # TorchScript as QuPath loads it, at a size not traced
+    state = torch.load(best, weights_only=True)
+    reference = build_model(resolve(state["config"]).unet)
+    reference.load_state_dict(state["model"])
+    image = torch.randn(1, 1, 124, 140)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), reference.eval()(image))
+    assert test_script.main(["--checkpoint", best, "--export", str(tmp_path / "unet.h5")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --export {tmp_path / 'unet.h5'}: write MODEL.zip (bioimage.io package), MODEL.pt (TorchScript) "
+        "or MODEL.onnx"
     )
-    assert (tmp_path / "unet.onnx").stat().st_size > 1000
-    difference = float(capsys.readouterr().out.split("differ by at most ")[1].split()[0])
-    assert difference < 1e-4
 
 
 @pytest.mark.slow

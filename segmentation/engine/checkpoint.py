@@ -15,6 +15,7 @@ import torch
 
 from model import UNet, build_model
 from segmentation.config import (
+    ARCHITECTURE_KEYS,
     DEFAULT_CONFIG,
     Config,
     PredictSettings,
@@ -45,10 +46,21 @@ def read_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as error:
-        raise UserError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
+        raise UserError(f"{path}: {unreadable_reason(error)}") from None
     if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
         raise UserError(f"{path}: not a checkpoint written by this project's training.py")
     return state
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: a pickle that would import and
+    call code (never run), or a file that is no checkpoint at all."""
+    message = str(error)
+    if "GLOBAL" in message or "Unsupported global" in message:
+        return "holds objects that loading would have to import and run (refused: a checkpoint is data, never code)"
+    if "Weights only load failed" in message or "zip" in message.lower() or "pickle" in type(error).__module__:
+        return "not a checkpoint file (neither a torch.save archive nor a pickle of tensors and plain data)"
+    return f"not a readable checkpoint ({first_line(error)})"
 
 
 def check_architecture(state: dict, unet: UNetSettings, path: Path) -> None:
@@ -73,6 +85,53 @@ def load_checkpoint(path: Path, unet: UNetSettings, train: TrainSettings) -> dic
             "into training; set these keys as in the checkpoint, or start a new run"
         )
     return state
+
+
+ADAPTABLE_KEYS = ("num_classes", "image_channels")  # train.init_from starts a new output layer, adapts the first
+FIRST_CONVOLUTION = "inc.double_conv.0.weight"  # (widths[0], image_channels, 3, 3)
+
+
+def read_initial_weights(path: Path, unet: UNetSettings) -> dict:
+    """``read_checkpoint`` of ``train.init_from``, checked to be a network that the ``unet`` settings can
+    start from: the same widths, padding, norm and upsampling (other classes and image channels are
+    adapted by ``load_initial_weights``); a UserError names the keys that differ."""
+    try:
+        state = read_checkpoint(path)
+    except UserError as error:
+        raise UserError(f"train.init_from: {error}") from None
+    fixed = [key for key in ARCHITECTURE_KEYS if key not in ADAPTABLE_KEYS]
+    differences = architecture_differences(state["config"], unet, fixed)
+    if differences:
+        raise UserError(
+            f"train.init_from: {path} holds another network ({'; '.join(differences)}): a run can start from a "
+            "checkpoint of other unet.num_classes or unet.image_channels only; set these keys as in the checkpoint"
+        )
+    return state
+
+
+def load_initial_weights(model: torch.nn.Module, state: dict, path: Path) -> str:
+    """Start ``model`` from the weights of a checkpoint (``read_initial_weights``): every tensor of the same
+    name and shape is loaded; the first convolution is adapted to another number of image channels (each
+    new input channel gets the mean of the old ones' summed weights, so that an image whose channels
+    are equal gives the same response); tensors of another shape (the output layer for other classes)
+    keep the model's own initialisation. Returns the note that says what was loaded and what starts fresh."""
+    own = model.state_dict()
+    weights = dict(state["model"])
+    adapted = ""
+    old = weights.get(FIRST_CONVOLUTION)
+    new = own[FIRST_CONVOLUTION]
+    if old is not None and old.shape != new.shape and old.shape[0] == new.shape[0]:
+        weights[FIRST_CONVOLUTION] = (old.sum(dim=1, keepdim=True) / new.shape[1]).expand_as(new).clone()
+        adapted = f"; the first convolution adapted from {old.shape[1]} to {new.shape[1]} image channel(s)"
+    loaded = {name: tensor for name, tensor in weights.items() if name in own and own[name].shape == tensor.shape}
+    model.load_state_dict({**own, **loaded})
+    fresh = sorted({name.rsplit(".", 1)[0] for name in own if name not in loaded})
+    fresh_part = f"; starting fresh: {', '.join(fresh)}" if fresh else ""
+    epoch = state["progress"].get("epoch", "?")
+    return (
+        f"train.init_from: {len(loaded)} of {len(own)} tensors from {path} (epoch {epoch}){adapted}{fresh_part}; "
+        "optimizer, schedule, epochs and run folder start fresh"
+    )
 
 
 def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:

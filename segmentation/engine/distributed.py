@@ -79,9 +79,11 @@ def gather_from_processes(value, world_size: int) -> list:
     return shards
 
 
-def share_buffers(model: torch.nn.Module, world_size: int) -> None:
-    """Give every process process 0's buffers (BatchNorm's running statistics, which each process
-    updates from its own batches), so that all of them evaluate and end with the same model."""
+def share_buffers(models: list[torch.nn.Module | None], world_size: int) -> None:
+    """Give every process process 0's buffers of ``models`` (BatchNorm's running statistics, which each
+    process updates from its own batches; None entries are skipped), so that all of them evaluate and
+    end with the same models."""
     if world_size > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        for model in models:
+            for buffer in model.buffers() if model is not None else ():
+                dist.broadcast(buffer, src=0)

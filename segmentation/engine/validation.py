@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 
 from losses import segmentation_loss
+from segmentation.config import HIGHER_IS_BETTER
 from segmentation.engine.checkpoint import read_checkpoint, save_checkpoint
 from segmentation.engine.distributed import gather_from_processes
 from segmentation.inference.infer import Predictor, calibrate_threshold
 from segmentation.metrics import image_scores, pool_scores
 
 
-def evaluate(predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+def evaluate(
+    predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world_size: int = 1, keep: int = 0
+) -> dict[str, float]:
     """Loss and scores on whole validation images, predicted tile by tile exactly as test.py does.
 
     ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
@@ -25,10 +28,12 @@ def evaluate(predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world
     Pixels' classes are decided by ``predictor.classes`` (at ``predict.threshold``, 0.5 while it is
     ``auto``, not yet calibrated). ``loss_kind`` is ``train.loss``. ``uniform_images`` counts the images
     predicted as a single class everywhere (not a column of metrics.csv). With several processes each
-    predicts every ``world_size``-th image and all of them get the scores of all images.
+    predicts every ``world_size``-th image and all of them get the scores of all images. With ``keep``,
+    ``examples`` holds (name, image (C, H, W), label (H, W), classes (H, W)) of this process's first
+    ``keep`` images, for pictures of the predictions.
     """
     num_classes = predictor.model.num_classes
-    losses, cell_scores, uniform = [], [], 0
+    losses, cell_scores, uniform, examples = [], [], 0, []
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for index in range(rank, len(dataset), world_size):
         image, label, weight = dataset[index]
@@ -38,6 +43,8 @@ def evaluate(predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world
         losses.append(segmentation_loss(loss_kind, log_probabilities, label[None], weight[None]).item())
         classes = predictor.classes(probabilities)
         uniform += int(classes.min() == classes.max())
+        if len(examples) < keep:
+            examples.append((dataset.names[index], image.numpy(), label.numpy(), classes.numpy()))
         image_confusion, cells = image_scores(classes, label, num_classes)
         confusion += image_confusion
         if cells:
@@ -49,7 +56,8 @@ def evaluate(predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world
         cell_scores = [scores for shard in shards for scores in shard[2]]
         uniform = sum(shard[3] for shard in shards)
     scores = {f"val_{key}": value for key, value in pool_scores(confusion, cell_scores).items()}
-    return {"val_loss": sum(losses) / len(losses), **scores, "uniform_images": uniform}
+    result = {"val_loss": sum(losses) / len(losses), **scores, "uniform_images": uniform}
+    return {**result, "examples": examples} if keep else result
 
 
 def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[dict[str, float]]]:
@@ -77,3 +85,10 @@ def calibration_metric(best_metric: str) -> str:
     """The score that ``predict.threshold: auto`` optimises for ``train.best_metric``: the metric itself,
     pixel error for ``val_loss``."""
     return best_metric.removeprefix("val_").replace("loss", "pixel_error")
+
+
+def improved(value: float, best: float | None, metric: str) -> bool:
+    """Whether ``value`` of ``train.best_metric`` beats ``best`` (None: nothing to beat yet)."""
+    if best is None:
+        return True
+    return value > best if metric in HIGHER_IS_BETTER else value < best

@@ -126,3 +126,24 @@ def check_onnx(model: nn.Module, path: str | Path, sample: Tensor) -> float:
     if actual.shape != expected.shape:
         raise RuntimeError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
     return float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
+
+
+def export_torchscript(model: nn.Module, path: str | Path, image_channels: int, sample_size: int) -> float:
+    """Write ``model`` as TorchScript (traced in eval mode, as QuPath and deepImageJ load it) and return the
+    largest absolute difference of its logits from PyTorch's on a random input of the next valid size
+    up: the trace records the crops' and upsamplings' shape arithmetic, so it runs at every valid size
+    (the size checks of ``UNet.forward`` become constants, as in ``export_onnx``: feed it valid sizes)."""
+    model.output_size(sample_size)  # a clear error for an invalid size, before tracing
+    parameter = next(model.parameters())
+    sample = torch.zeros(1, image_channels, sample_size, sample_size, dtype=parameter.dtype, device=parameter.device)
+    with evaluating(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # torch 2.13 calls TorchScript deprecated; QuPath and deepImageJ load TorchScript, not torch.export
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        traced = torch.jit.trace(model, (sample,), check_trace=False)
+        traced.save(str(path))
+        other = model.valid_input_size(sample_size + 2**model.depth)  # another size than the traced one
+        check = torch.randn(1, image_channels, other, other, generator=torch.Generator().manual_seed(0))
+        check = check.to(parameter.device, parameter.dtype)
+        loaded = torch.jit.load(str(path), map_location=parameter.device)
+        return float((loaded(check) - model(check)).abs().max())

@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from segmentation.config import AugmentSettings
+from segmentation.data.augment import augment_on_device
 from segmentation.runs.folders import per_class_columns
 
 
@@ -74,6 +77,21 @@ def save_samples_figure(
     if title:
         figure.suptitle(title)
     figure.savefig(path, dpi=100)
+
+
+def save_check_figures(
+    run_log: Path, example: tuple, tiles, augment: AugmentSettings, seed: int, device: torch.device
+) -> None:
+    """The figures of a new run to check by eye before trusting the training: ``weight_map.png``, the first
+    training image with its label and weight map (``example``: (C, H, W), (H, W), (H, W) arrays), and
+    ``augmented_samples.png``, the first few training ``tiles`` as the augmentation turns them."""
+    title = "first training image and its weight map"
+    save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in example), title=title)
+    first = [tiles[i] for i in range(min(4, len(tiles)))]
+    batch = [torch.stack(tensors) for tensors in zip(*first)]
+    augmented = augment_on_device(batch, augment, seed, -1, device)
+    title = "augmented training tiles (the loss uses the centre of label and weight)"
+    save_samples_figure(run_log / "augmented_samples.png", *augmented, title=title)
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

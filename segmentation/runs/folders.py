@@ -88,3 +88,12 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(temporary, path)
+
+
+def epoch_line(row: dict, max_epochs: int) -> str:
+    """The line printed after each epoch: training loss, the main validation scores, seconds."""
+    keys = ("val_loss", "val_pixel_error", "val_dice", "val_rand_error")
+    scores = "".join(f"  {key} {row[key]:.4f}" for key in keys if key in row)
+    return (
+        f"epoch {row['epoch']}/{max_epochs}  train_loss {row['train_loss']:.4f}{scores}  {row['epoch_seconds']:.1f} s"
+    )

@@ -1,0 +1,287 @@
+"""bioimage.io model packages: a trained U-Net for deepImageJ (Fiji), QuPath, ilastik and napari, as one zip file.
+
+The package follows the bioimage.io model description 0.5 (``rdf.yaml``) and holds everything locally
+(no address a tool would have to reach): TorchScript weights (what QuPath and deepImageJ run), the
+PyTorch state dict with ``model.py`` as its architecture, ONNX weights where the ``onnx`` package is
+installed and the export matches PyTorch, a test input and output from a validation image, a cover,
+a README with a ``# Validation`` section, the paper as citation and the license. The input takes every
+size the U-Net accepts (a minimum and a step); the output is the input's size less the context the
+valid convolutions use (padding 0) or the same (padding 1). Preprocessing is the project's
+normalisation (zero mean, unit variance over the image), postprocessing a softmax over the classes, so
+that the output is each class's probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import getpass
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import skimage.io
+import skimage.transform
+import tifffile
+import torch
+import yaml
+
+from model import UNet, valid_input_sizes
+from segmentation.config import TrainSettings, UNetSettings, UserError, plain
+from segmentation.data.preprocess import mirrored_indices, network_margin, take_window
+from segmentation.inference.export import export_onnx, export_torchscript
+from segmentation.inference.infer import evaluating
+
+FORMAT_VERSION = "0.5.4"  # bioimage.io model description read by bioimageio.spec 0.5 and the tools built on it
+TOLERANCE = 1e-3  # what bioimageio test allows between each weight format's output and the test output
+PAPER = {
+    "text": "Ronneberger, Fischer & Brox. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+    "MICCAI 2015.",
+    "doi": "10.1007/978-3-319-24574-4_28",
+}
+CLASS_NAMES = {
+    "isbi2012": ["membrane", "cell"],
+    "synthetic": ["membrane", "cell", "organelle"],
+    "pennfudan": ["background", "person"],
+}
+
+
+def class_names(dataset_name: str, num_classes: int) -> list[str]:
+    """The output channels' names: the classes of the known data sets, else ``background``, ``class_1``, ..."""
+    known = CLASS_NAMES.get(dataset_name, [])
+    return (
+        known[:num_classes]
+        if len(known) >= num_classes
+        else ["background", *(f"class_{c}" for c in range(1, num_classes))]
+    )
+
+
+def test_input(image: np.ndarray, depth: int, padding: int, largest: int = 256) -> np.ndarray:
+    """(1, C, S, S) float32: a square window of a validation image (C, H, W) at the valid input size S
+    nearest below ``min(H, W, largest)`` (above where no valid size is that small: mirrored beyond the
+    image, as the predictor does)."""
+    below, above = valid_input_sizes(min(*image.shape[-2:], largest), depth, padding)
+    side = below or above
+    rows, cols = (mirrored_indices(0, side, length) for length in image.shape[-2:])
+    return take_window(np.asarray(image, dtype=np.float32), rows, cols)[None].astype(np.float32)
+
+
+def test_output(model: UNet, image: np.ndarray) -> np.ndarray:
+    """(1, K, h, w) float32 class probabilities of ``model`` on ``image`` after the package's preprocessing
+    (zero mean, unit variance over the image, as bioimage.io computes it) and softmax."""
+    normalised = (image - image.mean()) / (image.std() + 1e-6)
+    parameter = next(model.parameters())
+    with evaluating(model), torch.no_grad():
+        logits = model(torch.from_numpy(normalised.astype(np.float32)).to(parameter.device, parameter.dtype))
+    return logits.float().softmax(1).cpu().numpy()
+
+
+def cover(image: np.ndarray, probabilities: np.ndarray, path: Path) -> None:
+    """A 2:1 PNG, each half 256 x 256 px: the part of the test input that the output covers (all of it for
+    padding 1, less the context margin for padding 0), and its most probable class."""
+    shown = image[0, 0] if image.shape[1] == 1 else image[0, :3].mean(axis=0)
+    margin = (shown.shape[-1] - probabilities.shape[-1]) // 2
+    shown = shown[margin : shown.shape[0] - margin, margin : shown.shape[1] - margin]
+    shown = (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
+    classes = probabilities[0].argmax(0) / max(probabilities.shape[1] - 1, 1)
+    panels = [skimage.transform.resize(panel, (256, 256), order=0) for panel in (shown, classes)]
+    skimage.io.imsave(path, (255 * np.concatenate(panels, axis=1)).astype(np.uint8), check_contrast=False)
+
+
+def readme(unet: UNetSettings, train: TrainSettings, names: list[str], validation: dict) -> str:
+    """The package's documentation: what the model is, how to run it, and a ``# Validation`` section."""
+    scores = "\n".join(f"- {key}: {value}" for key, value in validation.items())
+    return f"""# U-Net for {train.dataset_name}
+
+A U-Net (Ronneberger et al. 2015) of widths {list(unet.input_channels)}, {"valid" if unet.padding == 0 else "same-size"}
+convolutions, {unet.norm} normalisation, trained for semantic segmentation into {len(names)} classes
+({", ".join(names)}) of {unet.image_channels}-channel images scaled by {train.image_scale}.
+
+Input: one image of {unet.image_channels} channel(s), normalised to zero mean and unit variance over the image
+(the package's preprocessing does it). Output: each class's probability (softmax over the channels).
+
+# Validation
+
+{scores}
+
+The test output was computed from the test input (a window of a validation image) by the PyTorch model;
+each weight format reproduces it within a tolerance of {TOLERANCE}. Open the package in deepImageJ (Fiji:
+DeepImageJ Install Model, from a local zip), QuPath (the Pixel classification / deep learning extension:
+drag the zip or its TorchScript weights) or napari (the bioimageio or napari-bioimageio plugin).
+"""
+
+
+def description(
+    unet: UNetSettings,
+    train: TrainSettings,
+    names: list[str],
+    files: dict[str, Path],
+    onnx_opset: int | None,
+    author: str,
+) -> dict:
+    """The ``rdf.yaml`` contents (bioimage.io model description 0.5) for the package's ``files``."""
+    depth, padding = unet.depth, unet.padding
+    smallest = valid_input_sizes(1, depth, padding)[1]
+    offset = -2 * network_margin(depth, padding)
+    channels = (
+        ["gray"]
+        if unet.image_channels == 1
+        else ["red", "green", "blue", *(f"channel_{c}" for c in range(3, unet.image_channels))][: unet.image_channels]
+    )
+    space = [{"type": "space", "id": axis, "size": {"min": smallest, "step": 2**depth}} for axis in ("y", "x")]
+    output_space = [
+        {"type": "space", "id": axis, "size": {"tensor_id": "image", "axis_id": axis, "offset": offset}}
+        for axis in ("y", "x")
+    ]
+
+    def file(name: str) -> dict:
+        return {"source": files[name].name, "sha256": sha256(files[name])}
+
+    torch_version = torch.__version__.split("+")[0]
+    weights = {
+        "pytorch_state_dict": {
+            **file("state_dict"),
+            "architecture": {**file("architecture"), "callable": "UNet", "kwargs": plain(dataclasses.asdict(unet))},
+            "pytorch_version": torch_version,
+        },
+        "torchscript": {**file("torchscript"), "parent": "pytorch_state_dict", "pytorch_version": torch_version},
+    }
+    if onnx_opset is not None:
+        weights["onnx"] = {**file("onnx"), "parent": "pytorch_state_dict", "opset_version": onnx_opset}
+    return {
+        "type": "model",
+        "format_version": FORMAT_VERSION,
+        "name": f"U-Net {train.dataset_name} {len(names)} classes",
+        "description": f"U-Net (Ronneberger et al. 2015) segmenting {train.dataset_name} images: {', '.join(names)}.",
+        "authors": [{"name": author}],
+        "cite": [PAPER],
+        "license": "MIT",
+        "tags": ["unet", "segmentation", "pytorch", "2d", train.dataset_name],
+        "documentation": files["readme"].name,
+        "covers": [files["cover"].name],
+        "timestamp": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "inputs": [
+            {
+                "id": "image",
+                "description": f"{unet.image_channels}-channel image",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": channels}, *space],
+                "test_tensor": file("test_input"),
+                "sample_tensor": file("sample_input"),
+                "data": {"type": "float32"},
+                "preprocessing": [
+                    {"id": "zero_mean_unit_variance", "kwargs": {"axes": ["channel", "y", "x"], "eps": 1e-6}}
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "probabilities",
+                "description": "each class's probability",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": names}, *output_space],
+                "test_tensor": file("test_output"),
+                "sample_tensor": file("sample_output"),
+                "data": {"type": "float32", "range": [0.0, 1.0]},
+                "postprocessing": [{"id": "softmax", "kwargs": {"axis": "channel"}}],
+            }
+        ],
+        "weights": weights,
+        "config": {
+            "bioimageio": {
+                "reproducibility_tolerance": [{"relative_tolerance": TOLERANCE, "absolute_tolerance": TOLERANCE}]
+            }
+        },
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_package(
+    model: UNet,
+    path: Path,
+    unet: UNetSettings,
+    train: TrainSettings,
+    image: np.ndarray,
+    validation: dict,
+    author: str | None = None,
+) -> dict:
+    """Write the bioimage.io package of ``model`` (trained with ``unet`` and ``train``) to ``path`` (a
+    ``.zip``, written whole or not at all), its test tensors from ``image`` (C, H, W), a validation image,
+    and ``validation`` (what its README's ``# Validation`` says). Returns the files packed and the
+    largest differences of the TorchScript and ONNX outputs from PyTorch's."""
+    names = class_names(train.dataset_name, unet.num_classes)
+    folder = Path(tempfile.mkdtemp(prefix="unet-package-"))
+    try:
+        files = {
+            "torchscript": folder / "weights_torchscript.pt",
+            "state_dict": folder / "weights_state_dict.pt",
+            "architecture": folder / "model.py",
+            "onnx": folder / "weights.onnx",
+            "test_input": folder / "test_input.npy",
+            "test_output": folder / "test_output.npy",
+            "sample_input": folder / "sample_input.tif",
+            "sample_output": folder / "sample_output.tif",
+            "cover": folder / "cover.png",
+            "readme": folder / "README.md",
+        }
+        sample = test_input(image, unet.depth, unet.padding)
+        expected = test_output(model, sample)
+        np.save(files["test_input"], sample)
+        np.save(files["test_output"], expected)
+        tifffile.imwrite(files["sample_input"], sample[0], photometric="minisblack")  # for a person to look at
+        tifffile.imwrite(files["sample_output"], expected[0], photometric="minisblack")
+        cover(sample, expected, files["cover"])
+        torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, files["state_dict"])
+        shutil.copyfile(Path(__file__).resolve().parents[2] / "model.py", files["architecture"])
+        differences = {
+            "torchscript": export_torchscript(model, files["torchscript"], unet.image_channels, sample.shape[-1])
+        }
+        onnx_opset = onnx_weights(model, files["onnx"], unet.image_channels, sample, differences)
+        if onnx_opset is None:
+            del files["onnx"]
+        files["readme"].write_text(readme(unet, train, names, validation))
+        rdf = description(unet, train, names, files, onnx_opset, author or getpass.getuser())
+        (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+        write_zip(path, [folder / "rdf.yaml", *files.values()])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"files": ["rdf.yaml", *(file.name for file in files.values())], "differences": differences}
+
+
+def onnx_weights(model: UNet, path: Path, channels: int, sample: np.ndarray, differences: dict) -> int | None:
+    """ONNX weights where the ``onnx`` and ``onnxruntime`` packages are installed and the export's logits
+    match PyTorch's within the tolerance; returns the opset, or None (the package then goes without)."""
+    from segmentation.inference.export import check_onnx
+
+    opset = 17
+    try:
+        export_onnx(model, path, channels, sample.shape[-1], opset)
+        differences["onnx"] = check_onnx(model, path, torch.from_numpy(sample))
+    except UserError:  # onnx or onnxruntime missing
+        return None
+    return opset if differences["onnx"] <= TOLERANCE else None
+
+
+def write_zip(path: Path, files: list[Path]) -> None:
+    """A zip of ``files`` (flat), written under a temporary name and renamed: whole or not at all."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for file in files:
+                archive.write(file, file.name)
+        os.replace(partial, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise UserError(f"--export {path}: cannot write the package ({error.strerror or error})") from None
