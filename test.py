@@ -28,6 +28,7 @@ config, then prints one row per run and the mean and standard deviation of every
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -159,6 +160,8 @@ def export(model, config: Config, state: dict, path: Path) -> None:
     TorchScript (``.pt``) or ONNX (``.onnx``), each checked against PyTorch."""
     channels, side = config.unet.image_channels, config.train.tile_size
     suffix = path.suffix.lower()
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"--export {path}: cannot write to {path.parent} (not a writable folder)")
     if suffix == ".zip":
         image = build_datasets(config.unet, config.train, note).val[0][0].numpy()
         progress = state["progress"]

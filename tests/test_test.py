@@ -76,6 +76,11 @@ def test_export_writes_onnx_and_torchscript_and_refuses_other_files(trained, tmp
     image = torch.randn(1, 1, 124, 140)
     with torch.no_grad():
         torch.testing.assert_close(model(image), reference.eval()(image))
+    for name in ("unet.pt", "unet.onnx", "unet.zip"):
+        assert test_script.main(["--checkpoint", best, "--export", str(tmp_path / "missing" / name)]) == 1
+        error = capsys.readouterr().err.strip().splitlines()
+        destination, folder = tmp_path / "missing" / name, tmp_path / "missing"
+        assert error == [f"error: --export {destination}: cannot write to {folder} (not a writable folder)"]
     assert test_script.main(["--checkpoint", best, "--export", str(tmp_path / "unet.h5")]) == 1
     assert capsys.readouterr().err.strip() == (
         f"error: --export {tmp_path / 'unet.h5'}: write MODEL.zip (bioimage.io package), MODEL.pt (TorchScript) "
