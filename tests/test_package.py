@@ -5,6 +5,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -132,3 +133,9 @@ def test_bioimageio_core_passes_the_package_of_a_trained_model(trained, tmp_path
     for weight_format in ("onnx", "pytorch_state_dict", "torchscript"):
         assert f"Reproduce test outputs from test inputs ({weight_format})" in checks
         assert sum(name.startswith(f"Run {weight_format} inference for inputs") for name in checks) == 6
+
+
+def test_without_the_onnx_package_the_package_goes_without_onnx_weights(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import now raises ImportError
+    _, rdf, folder = packaged(tmp_path, 0, 1, 2)
+    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript"} and not (folder / "weights.onnx").exists()
