@@ -11,6 +11,7 @@ so memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from model import output_size
 from segmentation.config import TrainSettings, UNetSettings, UserError
 from segmentation.data.cache import PreparedImage, PreprocessingSettings, prepare_images
 from segmentation.data.preprocess import mirrored_indices, take_window
-from segmentation.data.readers import read_folder_pairs, read_isbi2012, read_pennfudan
+from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
 from segmentation.data.weight_maps import add_class_weights, balanced_class_weights
 
@@ -265,6 +266,8 @@ def build_datasets(
     settings = PreprocessingSettings.from_settings(unet, train)
     every = [sample for part in parts for sample in part]
     prepared = prepare_images(every, scales, settings, train.cache_dir, note, rank, world_size)
+    if train.mask_type == "auto" and train.mask_values is None:
+        prepared = one_mask_reading(every, prepared, scales, settings, train.cache_dir, note, rank, world_size)
     train_images, val_images = prepared[: len(parts[0])], prepared[len(parts[0]) : len(parts[0]) + len(parts[1])]
     test_images = prepared[len(parts[0]) + len(parts[1]) :]
     channels = sorted({image.source_channels for image in train_images + val_images})
@@ -301,6 +304,53 @@ def data_summary(
         f"training images {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px, "
         f"{'/'.join(map(str, channels))} channel(s), class fractions {fractions}"
     )
+
+
+def one_mask_reading(
+    samples: Sequence,
+    prepared: list[PreparedImage],
+    scales: Sequence[float],
+    settings: PreprocessingSettings,
+    cache_dir: str,
+    note: Callable[[str], None],
+    rank: int,
+    world_size: int,
+) -> list[PreparedImage]:
+    """``train.mask_type: auto`` reads each mask by its values; a data set is read one way. Where some
+    masks hold object ids, masks of 0/1 are single objects: they are read (and cached) as ids too.
+    Masks that read as classes otherwise (0/255, class indices) beside object ids are almost always a
+    labelling error: a UserError names the odd masks, the values found in each, and the key to set."""
+    ids = [index for index, entry in enumerate(prepared) if entry.mask_read_as == "instances"]
+    classes = [index for index, entry in enumerate(prepared) if entry.mask_read_as == "classes"]
+    single = [index for index in classes if set(prepared[index].mask_values) <= {0, 1}]
+    mixed = [index for index in classes if index not in single]
+    if ids and mixed:
+        groups = [(ids, "hold object ids"), (mixed, "hold class values")]
+        (odd, odd_kind), (usual, usual_kind) = sorted(groups, key=lambda group: len(group[0]))
+
+        def described(index: int) -> str:
+            return f"{prepared[index].name}: {shown_values(prepared[index].mask_values)}"
+
+        named = "; ".join(described(index) for index in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        raise UserError(
+            f"train.mask_type auto: {len(odd)} of {len(prepared)} masks {odd_kind} ({named}) where {len(usual)} "
+            f"{usual_kind} (e.g. {described(usual[0])}): a data set is read one way; fix the odd masks, or set "
+            "train.mask_type: classes (values are classes) or instances (values are object ids)"
+        )
+    if not ids or not single:
+        return prepared
+    again = [dataclasses.replace(samples[index], mask_kind="instances") for index in single]
+    rebuilt = prepare_images(again, [scales[index] for index in single], settings, cache_dir, note, rank, world_size)
+    settled = list(prepared)
+    for index, entry in zip(single, rebuilt):
+        settled[index] = entry
+    return settled
+
+
+def shown_values(values: Sequence[float]) -> str:
+    """A mask's first distinct values as text (``readers.LISTED_VALUES`` of them say there are more)."""
+    shown = ", ".join(f"{value:g}" for value in values[: LISTED_VALUES - 1])
+    return shown + (", ..." if len(values) >= LISTED_VALUES else "")
 
 
 def mask_decision(prepared: Sequence[PreparedImage]) -> str:

@@ -313,6 +313,39 @@ def test_touching_objects_stay_apart_as_instance_ids_and_merge_as_a_0_255_mask(t
     assert border_weights(as_binary.label, as_binary.instances, 10, 5) is None  # no second object, no border term
 
 
+def test_a_data_set_whose_masks_read_two_ways_stops_in_one_line_naming_the_odd_file(tmp_path):
+    binary = (blobs_mask(np.random.default_rng(3), 40, 48) > 0).astype(np.uint8) * 255
+    corrupted = binary.copy()
+    corrupted[5:15, 5:15] = 7  # a labelling slip: without the check this mask alone reads as object ids
+    for index in range(6):
+        write_pair(tmp_path, f"m{index}", corrupted if index == 4 else binary)
+    with pytest.raises(UserError) as raised:
+        datasets_of(config_for(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("train.mask_type auto: 1 of 6 masks hold object ids (m4.png: 0, 7, 255)")
+    assert "train.mask_type: classes" in message and "m0.png: 0, 255" in message
+    # with the key set, the same folder trains: 7 is then a class index, named as such
+    with pytest.raises(UserError, match="m4.png: mask value 7 is not a class"):
+        datasets_of(config_for(tmp_path, "train.mask_type=classes"))
+
+
+def test_single_object_0_1_masks_beside_object_ids_read_as_instances(tmp_path):
+    ids = two_discs(gap=4)
+    single = (ids == 1000).astype(np.uint8)  # one object: 0/1, which alone would read as classes
+    single[2:4, 2:4] = 1  # and a speck apart from it: components would make it two objects, ids keep it one
+    write_pair(tmp_path, "a", ids, mask_name="a.tif")
+    write_pair(tmp_path, "b", single)
+    notes = []
+    data = datasets_of(config_for(tmp_path), notes.append)
+    every = data.train.images + data.val.images
+    assert len(every) == 2 and all(image.mask_read_as == "instances" for image in every)
+    assert any(note.startswith("train.mask_type auto: read 2 of 2 masks as one id per object") for note in notes)
+    (b,) = [image for image in every if image.name == "b.png"]
+    assert np.array_equal(np.unique(b.instances()), [0, 1])  # one object, as the mask says; not 2 components
+    assert b.arrays()[2] is None  # a single object has no second one: no border term
+
+
 def test_mask_type_classes_and_instances_override_auto(tmp_path):
     write_pair(tmp_path, "a", two_discs(gap=-3), mask_name="a.tif")
     with pytest.raises(UserError, match="mask value 1000 is not a class of unet.num_classes=2"):

@@ -73,8 +73,9 @@ POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the othe
 class PreparedImage:
     """One image's cache entry: ``shape`` (H, W) of its arrays, ``source_channels`` of the image file,
     ``class_counts`` (pixels of each class), ``has_border`` (False: the border term is 0 everywhere),
-    ``mask_read_as`` (``classes``, ``instances`` or ``generated``) and ``has_instances`` (the object
-    ids are stored: entries at the image's own size, which validation and test images use)."""
+    ``mask_read_as`` (``classes``, ``instances`` or ``generated``), ``has_instances`` (the object
+    ids are stored: entries at the image's own size, which validation and test images use) and
+    ``mask_values`` (``readers.Sample.mask_values``)."""
 
     folder: Path
     name: str
@@ -84,6 +85,7 @@ class PreparedImage:
     has_border: bool
     mask_read_as: str = "classes"
     has_instances: bool = False
+    mask_values: tuple[float, ...] = ()
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(image (C, H, W) float16, label (H, W) uint8, border (H, W) float16 or None)``, memory-mapped
@@ -217,6 +219,7 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             meta["has_border"],
             meta["mask_read_as"],
             bool(meta["instances_dtype"]),
+            tuple(meta.get("mask_values", ())),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {first_line(error)}"
@@ -289,6 +292,7 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
             settings.masks.num_classes,
             instances if scale == 1 else None,
             data.mask_read_as,
+            data.mask_values,
         )
     except OSError as error:  # a full disk, a folder without write permission
         raise UserError(
@@ -307,6 +311,7 @@ def write_entry(
     num_classes: int,
     instances: np.ndarray | None = None,
     mask_read_as: str = "classes",
+    mask_values: tuple[float, ...] = (),
 ) -> PreparedImage:
     """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` and
     ``instances`` (H, W) or None) into a temporary folder, then rename it to ``folder``: it appears
@@ -321,6 +326,7 @@ def write_entry(
         "has_border": border is not None,
         "instances_dtype": None if instances is None else ("uint16" if instances.max(initial=0) < 2**16 else "uint32"),
         "mask_read_as": mask_read_as,
+        "mask_values": list(mask_values),
     }
     try:
         temporary.mkdir()

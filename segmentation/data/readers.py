@@ -19,6 +19,7 @@ from skimage import measure
 
 from segmentation.config import TrainSettings, UserError
 
+LISTED_VALUES = 9  # distinct values of a mask kept to name in messages (the 9th says there are more)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -26,14 +27,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 class Sample:
     """One annotated image as read from disk: ``image`` (H, W) or (H, W, C) of the file's dtype,
     ``label`` (H, W) uint8 class indices, ``instances`` (H, W) int32 object ids (0 = none) for the
-    weight map, ``name`` (file or slice) for messages, and ``mask_read_as``: how its mask was read
-    (``classes`` or ``instances``; ``generated`` for synthetic images)."""
+    weight map, ``name`` (file or slice) for messages, ``mask_read_as``: how its mask was read
+    (``classes`` or ``instances``; ``generated`` for synthetic images), and, where ``train.mask_type:
+    auto`` decided that per mask, ``mask_values``: its first distinct values (at most ``LISTED_VALUES``),
+    so that the data set can be checked to read one way (``dataset.one_mask_reading``)."""
 
     image: np.ndarray
     label: np.ndarray
     instances: np.ndarray
     name: str
     mask_read_as: str = "classes"
+    mask_values: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ class FileSample:
             )
         kind = settings.mask_type if settings.mask_type != "auto" else self.mask_kind
         label, instances, read_as = label_from_mask(mask, settings, where, kind)
-        return Sample(image, label, instances, self.name, read_as)
+        decided = kind == "auto" and settings.mask_values is None and mask.ndim == 2
+        values = tuple(np.unique(mask)[:LISTED_VALUES].tolist()) if decided else ()
+        return Sample(image, label, instances, self.name, read_as, values)
 
 
 def read_image(path: Path, page: int | None = None) -> np.ndarray:
