@@ -394,3 +394,15 @@ if __name__ == "__main__":
     from segmentation.data.download import download_main
 
     sys.exit(download_main(sys.argv[1:]))
+
+
+def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:
+    """Optimisation steps per epoch of ``tiles`` tiles, ``batch_tiles`` per step in each of ``world_size``
+    processes; a UserError when an epoch has fewer tiles than one step needs."""
+    steps = tiles // (batch_tiles * world_size)
+    if steps == 0:
+        raise UserError(
+            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps "
+            f"x {world_size} processes) but an epoch has {tiles}: lower them or raise train.samples_per_image"
+        )
+    return steps

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DataSets, EpochSampler, build_datasets
+from dataset import DataSets, EpochSampler, build_datasets, count_steps
 from model import build_model, count_parameters
 from segmentation.config import DEFAULT_CONFIG, Config, UserError, config_to_yaml, load_config
 from segmentation.console import first_line, note, report_error
@@ -43,6 +43,7 @@ from segmentation.device import bf16_supported, out_of_memory_advice, prepare_de
 from segmentation.engine import search
 from segmentation.engine.checkpoint import (
     find_resume_checkpoint,
+    finished,
     load_checkpoint,
     load_initial_weights,
     newest_fold_series,
@@ -53,8 +54,9 @@ from segmentation.engine.checkpoint import (
     training_state,
 )
 from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
+from segmentation.engine.restarts import continued_after_restart, lost_process, publish_run
 from segmentation.engine.signals import stop_requests
-from segmentation.engine.step import build_optimizer, build_scheduler, train_step, update_ema
+from segmentation.engine.step import build_optimizer, build_scheduler, loss_cure, train_step, update_ema
 from segmentation.engine.validation import calibrate, calibration_metric, evaluate, improved, store_threshold
 from segmentation.inference.infer import Predictor, uniform_prediction_note
 from segmentation.runs.figures import plot_curves, save_check_figures
@@ -105,6 +107,7 @@ class Run:
     writer: object | None = None  # train.tensorboard's SummaryWriter, in process 0
     compiling: bool = False  # until the first step of a torch.compile'd model has run
     warned_uniform: bool = False  # the note on predictions of a single class is given once
+    last_saved: float = dataclasses.field(default_factory=time.monotonic)  # when last.pt was written
 
     @property
     def main_process(self) -> bool:
@@ -119,6 +122,18 @@ class Run:
         settings = self.config.to_dict()
         parts = (self.model, self.optimizer, self.scheduler, self.scaler, settings, self.progress, self.device)
         return training_state(*parts, self.ema_model)
+
+    def save_last(self) -> None:
+        """metrics.csv, then last.pt at the current step (process 0): a run killed after this resumes
+        here with every row."""
+        write_metrics(self.run_log / "metrics.csv", self.rows)
+        save_checkpoint(self.run_weights / "last.pt", self.state())
+        self.last_saved = time.monotonic()
+
+    def save_due(self) -> bool:
+        """Whether ``train.save_minutes`` have passed since last.pt was written."""
+        minutes = self.config.train.save_minutes
+        return minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes
 
     def summary(self, interrupted: bool, scores: dict) -> dict:
         """What ``train`` returns: the trained model, run folders, progress (epoch, step, best value of
@@ -142,6 +157,11 @@ def train(config: Config) -> dict:
         except torch.OutOfMemoryError:
             intact = "; the checkpoints saved so far are intact (continue with train.resume=auto)"
             raise UserError(out_of_memory_advice(device, config.train) + intact) from None
+        except RuntimeError as error:  # gloo and NCCL report a process that is gone as a RuntimeError
+            lost = lost_process(error, rank, world_size)
+            if lost is None:
+                raise
+            raise lost from None
 
 
 def train_process(config: Config, rank: int, world_size: int, device: torch.device) -> dict:
@@ -178,8 +198,8 @@ def train_process(config: Config, rank: int, world_size: int, device: torch.devi
                 if run.writer is not None:
                     write_epoch(run.writer, row, examples)
             # save
-            if run.main_process and ((epoch + 1) % settings.save_epoch == 0 or due):
-                save_checkpoint(run.run_weights / "last.pt", run.state())
+            if run.main_process and ((epoch + 1) % settings.save_epoch == 0 or due or run.save_due()):
+                run.save_last()
             if stop_requested and world_size == 1:
                 saved = f"saved {run.run_weights / 'last.pt'} after epoch {epoch + 1}"
                 print(f"stopped: {saved}; continue with train.resume=auto", file=sys.stderr)
@@ -234,12 +254,6 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         else None
     )
 
-    # DDP all-reduces the gradients during the backward pass; validation and checkpoints use the bare model
-    step_model = model
-    if world_size > 1:
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        step_model = torch.compile(step_model)
     predict_model = model if ema_model is None else ema_model
     predictor = Predictor.from_settings(predict_model, config.predict, config.augment, settings.image_scale)
     sampler = EpochSampler(len(data.train), settings.seed, rank, world_size)
@@ -260,7 +274,7 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         data=data,
         model=model,
         ema_model=ema_model,
-        step_model=step_model,
+        step_model=stepping_model(model, settings.compile, world_size, device),
         predictor=predictor,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -277,7 +291,18 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
     )
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
+        if not checkpoint:
+            run.save_last()  # from its first step a run has a last.pt: a kill resumes it, not an older run
+        publish_run(run_weights)
     return run
+
+
+def stepping_model(model: torch.nn.Module, compile: bool, world_size: int, device: torch.device) -> torch.nn.Module:
+    """The model that takes the steps: wrapped by DistributedDataParallel (which all-reduces the gradients
+    during the backward pass) in several processes, and by torch.compile under ``train.compile``."""
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 
 def start_logs(
@@ -299,18 +324,6 @@ def start_logs(
         if writer is not None:
             write_settings(writer, config.to_dict())
     return writer
-
-
-def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:
-    """Optimisation steps per epoch of ``tiles`` tiles, ``batch_tiles`` per step in each of ``world_size``
-    processes; a UserError when an epoch has fewer tiles than one step needs."""
-    steps = tiles // (batch_tiles * world_size)
-    if steps == 0:
-        raise UserError(
-            f"an optimisation step needs {batch_tiles * world_size} tiles (train.batch_size x train.grad_accum_steps "
-            f"x {world_size} processes) but an epoch has {tiles}: lower them or raise train.samples_per_image"
-        )
-    return steps
 
 
 def build_models(
@@ -390,6 +403,9 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
                     bar.close()
                     save_interrupted_epoch(run, epoch)
                     return None
+                # process 0's weights and buffers are those every process resumes with (DDP broadcasts them)
+                if run.main_process and progress["batch"] < run.steps_per_epoch and run.save_due():
+                    run.save_last()
     share_buffers([run.model, run.ema_model], run.world_size)
     seconds = time.perf_counter() - epoch_start
     row = {
@@ -408,8 +424,7 @@ def save_interrupted_epoch(run: Run, epoch: int) -> None:
     """After a stop request inside an epoch: last.pt at the current step, and metrics.csv as it is."""
     share_buffers([run.model, run.ema_model], run.world_size)
     if run.main_process:
-        save_checkpoint(run.run_weights / "last.pt", run.state())
-        write_metrics(run.run_log / "metrics.csv", run.rows)
+        run.save_last()
         where = f"epoch {epoch + 1}, batch {run.progress['batch']}"
         print(
             f"\nstopped: saved {run.run_weights / 'last.pt'} ({where}); continue with train.resume=auto",
@@ -421,23 +436,16 @@ def take_step(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
     """``step.train_step`` with the run's model; returns the loss on the device. If the first step of a
     compiled model fails, training goes on without torch.compile, with a notice."""
     settings = run.config.train
-    options = {
-        "loss_kind": settings.loss,
-        "grad_clip": settings.grad_clip,
-        "device": run.device,
-        "precision": settings.precision,
-        "scaler": run.scaler,
-        "accum_steps": settings.grad_accum_steps,
-        "channels_last": settings.channels_last,
-    }
+    arguments = (run.optimizer, batch, settings.loss, settings.grad_clip, run.device, settings.precision, run.scaler)
+    options = {"accum_steps": settings.grad_accum_steps, "channels_last": settings.channels_last}
     try:
-        loss = train_step(run.step_model, run.optimizer, batch, **options)
+        loss = train_step(run.step_model, *arguments, **options)
     except Exception as error:  # compiling needs a C++ compiler (Triton on GPUs) and can fail in many ways
         if not run.compiling:
             raise
         note(f"torch.compile failed ({first_line(error)}): training without it")
         run.step_model = run.step_model._orig_mod
-        loss = train_step(run.step_model, run.optimizer, batch, **options)
+        loss = train_step(run.step_model, *arguments, **options)
     run.compiling = False
     return loss
 
@@ -450,18 +458,11 @@ def read_loss(run: Run, loss_sum: torch.Tensor, stop_requested: bool, epoch: int
     loss_total, stop_votes = sum_over_processes(torch.stack((loss_sum, votes)), run.world_size).tolist()
     run.progress["loss_sum"] = loss_total / run.world_size
     if not math.isfinite(run.progress["loss_sum"]):
-        settings = run.config.train
-        if settings.precision == "fp16":
-            precision = "bf16" if bf16_supported(run.device) else "fp32"
-            cure = (
-                "train.precision=fp16 overflows float16's range (up to 65504): "
-                f"use train.precision={precision}, or lower train.lr (now {settings.lr})"
-            )
-        else:
-            cure = f"lower train.lr (now {settings.lr}) or set train.grad_clip"
+        where = f"in epoch {epoch + 1} (step {run.progress['step']})"
+        cure = loss_cure(run.config.train, bf16_supported(run.device))
         raise UserError(
-            f"the training loss became {run.progress['loss_sum']} in epoch {epoch + 1} (step {run.progress['step']}): "
-            f"{cure}; the checkpoints in {run.run_weights} were left as they were"
+            f"the training loss became {run.progress['loss_sum']} {where}: {cure}; the checkpoints in "
+            f"{run.run_weights} were left as they were"
         )
     return stop_votes
 
@@ -512,6 +513,10 @@ def run_config(config: Config) -> int:
     """Train as ``config`` says, or run the check of ``segmentation.engine.search`` that
     ``overfit_one_batch`` switches on (with ``full_train``, the search's best config is then trained);
     returns the exit code."""
+    train_settings, restarted = continued_after_restart(config.train)
+    if restarted:
+        note(restarted)
+        config = dataclasses.replace(config, train=train_settings)
     settings, text = config.overfit_one_batch, config_to_yaml(config)
     if settings.mode == "lr_find":
         search.lr_find(config.unet, config.train, config.augment, settings, text)
@@ -541,12 +546,7 @@ def train_every_fold(config: Config) -> int:
         fold_train = dataclasses.replace(settings, fold=fold, run_name=base, resume=None)
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
-            progress = read_checkpoint(last)["progress"]
-            ended = None
-            if progress["epoch"] >= settings.max_epochs:
-                ended = f"has finished its {settings.max_epochs} epochs"
-            elif progress.get("stopped_early") and settings.early_stopping > 0:
-                ended = "ended by early stopping"
+            ended = finished(read_checkpoint(last)["progress"], settings.max_epochs, settings.early_stopping)
             if ended:
                 note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))

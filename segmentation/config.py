@@ -194,6 +194,9 @@ class TrainSettings:
     log_epoch: int = setting(1, "int", "write metrics.csv and curves.png every this many epochs", minimum=1)
     tensorboard: bool = setting(False, "bool", "also write TensorBoard events to the run's log folder")
     save_epoch: int = setting(1, "int", "save last.pt every this many epochs", minimum=1)
+    save_minutes: float = setting(
+        30.0, "float", "also save last.pt inside an epoch once this many minutes passed (0: off)", minimum=0.0
+    )
     best_metric: str = setting("val_dice", "str", "what picks best.pt and drives early stopping", choices=BEST_METRICS)
     early_stopping: int = setting(0, "int", "stop after this many epochs without a better best_metric", minimum=0)
     resume: str | None = setting(None, "str", "auto, or a checkpoint path", nullable=True)

@@ -34,9 +34,9 @@ def first_line(error: BaseException) -> str:
 def report_error(error: UserError | OSError) -> int:
     """Print a UserError on stderr, one ``config error:`` or ``error:`` line per line of its message,
     or an OSError (a full disk, a file that cannot be written) as one line with its file (process 0
-    alone); returns the exit code: 2 for a config error, 1 otherwise."""
+    alone, but for an error that says ``every_process``); returns the exit code: 2 for a config error, 1 otherwise."""
     prefix = "config error" if isinstance(error, ConfigError) else "error"
     lines = str(error).splitlines() if isinstance(error, UserError) else [first_line(error)]
-    for line in lines if is_main_process() else ():
+    for line in lines if is_main_process() or getattr(error, "every_process", False) else ():
         print(f"{prefix}: {line}", file=sys.stderr)
     return 2 if isinstance(error, ConfigError) else 1

@@ -22,6 +22,7 @@ from model import build_model
 from segmentation.config import UserError, load_config, resolve
 from segmentation.data.synthetic import SyntheticSample, synthetic_em
 from segmentation.engine import step
+from segmentation.engine.checkpoint import find_resume_checkpoint
 from segmentation.engine.validation import evaluate
 from tests.helpers import (
     ROOT,
@@ -148,6 +149,67 @@ def test_sigkill_mid_run_then_resume_auto(tmp_path):
     assert f"resuming {last}" in resumed.stdout
     epochs = [int(row["epoch"]) for row in read_rows(tmp_path / "logs" / "killed")]
     assert epochs == list(range(1, saved_epoch + 3))
+
+
+def test_a_new_run_has_a_last_pt_from_its_first_step_which_resume_auto_finds(tmp_path):
+    older = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=older"))
+    fresh = training.set_up(tiny_config(tmp_path, "train.run_name=fresh"), 0, 1, torch.device("cpu"))
+    saved = torch.load(fresh.run_weights / "last.pt", weights_only=True)
+    assert (saved["progress"]["step"], saved["progress"]["run_name"]) == (0, "fresh")
+    # killed now, train.resume=auto continues this run, not the older one
+    assert find_resume_checkpoint("auto", tmp_path / "weights") == fresh.run_weights / "last.pt" != older["run_weights"]
+
+
+def saved_inside_an_epoch(last: Path) -> bool:
+    """Whether ``last`` holds a step inside the second epoch or a later one."""
+    if not last.exists():
+        return False
+    progress = torch.load(last, weights_only=True)["progress"]
+    return progress["epoch"] >= 1 and progress["batch"] > 0
+
+
+@pytest.mark.slow
+def test_a_kill_between_two_time_based_saves_resumes_at_the_saved_step(tmp_path):
+    overrides = [
+        *[override for override in TINY if not override.startswith("train.samples_per_image")],
+        "train.samples_per_image=16",  # 64 tiles, 32 steps of 2 per epoch: checks (every 10 steps) inside epochs
+        f"train.save_path={tmp_path / 'weights'}",
+        f"train.log_path={tmp_path / 'logs'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        "train.max_epochs=6",
+    ]
+    timed = [*overrides, "train.run_name=timed", "train.save_minutes=0.0001"]  # 6 ms: a save at every check
+    process = subprocess.Popen(
+        [sys.executable, "training.py", *timed], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = tmp_path / "weights" / "timed" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not saved_inside_an_epoch(last):
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(last, weights_only=True)["progress"]
+    assert (
+        0 < saved["batch"] < 32 and saved["batch"] % 10 == 0 and saved["step"] == 32 * saved["epoch"] + saved["batch"]
+    )
+    resumed = subprocess.run(
+        [sys.executable, "training.py", *timed, "train.resume=auto"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {last} at epoch {saved['epoch'] + 1}, batch {saved['batch']}" in resumed.stdout
+    assert [int(row["epoch"]) for row in read_rows(tmp_path / "logs" / "timed")] == [1, 2, 3, 4, 5, 6]
+    plain = subprocess.run(
+        [sys.executable, "training.py", *overrides, "train.run_name=plain", "train.save_minutes=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    resumed_weights, plain_weights = (
+        torch.load(tmp_path / "weights" / run / "last.pt", weights_only=True)["model"] for run in ("timed", "plain")
+    )
+    assert_same_weights(resumed_weights, plain_weights)
 
 
 @pytest.mark.slow

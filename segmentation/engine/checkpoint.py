@@ -150,6 +150,16 @@ def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
     return path
 
 
+def finished(progress: dict, max_epochs: int, early_stopping: int) -> str | None:
+    """Why a run whose checkpoint holds ``progress`` has ended (all ``max_epochs`` epochs, or early stopping
+    under ``early_stopping`` > 0), or None when it has epochs to go."""
+    if progress["epoch"] >= max_epochs:
+        return f"has finished its {max_epochs} epochs"
+    if progress.get("stopped_early") and early_stopping > 0:
+        return "ended by early stopping"
+    return None
+
+
 def newest_fold_series(save_path: Path) -> str | None:
     """The base name of the newest cross-validation series under ``save_path`` (runs named
     ``<base>-fold<i>`` with a ``last.pt``), or None."""

@@ -7,13 +7,18 @@ the gradients all-reduced by DistributedDataParallel. With one process every hel
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
 
 from segmentation.config import UserError
 from segmentation.device import resolve_device
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # as torch.distributed's default for a collective
 
 
 @contextlib.contextmanager
@@ -43,7 +48,14 @@ def process_group(device_name: str):
         )
     joined = not dist.is_initialized()
     if joined:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = agent_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(
+                backend, store=group_store(store, rank, world_size), rank=rank, world_size=world_size
+            )
     try:
         yield rank, world_size, device
         if joined:
@@ -52,6 +64,48 @@ def process_group(device_name: str):
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def agent_store(timeout: datetime.timedelta = GROUP_TIMEOUT) -> dist.Store | None:
+    """The key-value store of torchrun's agent (``MASTER_ADDR:MASTER_PORT``), which outlives the groups of
+    processes that the agent starts and restarts, and is new for each launch; None outside torchrun, or
+    where the agent keeps none for its processes (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+
+
+def group_store(
+    store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta = GROUP_TIMEOUT
+) -> dist.Store:
+    """torchrun's agent ``store`` under a prefix that only this group of processes knows.
+
+    torchrun's agent keeps one store for all the worker groups it starts, and PyTorch (2.13) lets a
+    restarted group read the addresses that the group before it left there: gloo then connects to a dead
+    process and fails, NCCL can take a stale id (pytorch/pytorch#135712, #167288). torchrun's restart count
+    would make a prefix, but agents on different machines count differently. So process 0 makes a fresh
+    token and hands it to each process that asks with a fresh nonce of its own: stale nonces (the processes
+    of earlier groups are dead by the time a group starts) get answers nobody reads."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"unet-group/ask/{rank}", nonce)
+        store.wait([f"unet-group/answer/{nonce}"], timeout)
+        token = store.get(f"unet-group/answer/{nonce}").decode()
+        store.set(f"unet-group/{token}/joined/{rank}", "1")
+        return dist.PrefixStore(f"unet-group/{token}/", store)
+    token, joined = uuid.uuid4().hex, set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while len(joined) < world_size - 1:
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(1, world_size)) - joined)
+            raise UserError(f"processes {missing} of {world_size} did not join within {timeout}: see their output")
+        for other in set(range(1, world_size)) - joined:
+            if store.check([f"unet-group/{token}/joined/{other}"]):
+                joined.add(other)
+            elif store.check([f"unet-group/ask/{other}"]):
+                store.set(f"unet-group/answer/{store.get(f'unet-group/ask/{other}').decode()}", token)
+        time.sleep(0.01)
+    return dist.PrefixStore(f"unet-group/{token}/", store)
 
 
 def from_rank_zero(value, world_size: int):

@@ -154,3 +154,14 @@ def train_step(
     else:
         optimizer.step()
     return total
+
+
+def loss_cure(train: TrainSettings, bf16: bool) -> str:
+    """What to change when the training loss is no longer finite: under ``train.precision: fp16`` the
+    precision (``bf16`` where the device has it), else the learning rate or gradient clipping."""
+    if train.precision == "fp16":
+        return (
+            "train.precision=fp16 overflows float16's range (up to 65504): "
+            f"use train.precision={'bf16' if bf16 else 'fp32'}, or lower train.lr (now {train.lr})"
+        )
+    return f"lower train.lr (now {train.lr}) or set train.grad_clip"
