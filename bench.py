@@ -8,6 +8,7 @@
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
     python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
     python bench.py --fine-tune-experiment 20 --data ISBI_FOLDER [--source CKPT]   # 3 ISBI slices: init_from vs scratch
+    python bench.py --restart-cost 3             # a torchrun worker killed: seconds to the restarted group's step
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from segmentation.benchmarks.fine_tune import fine_tune_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
+from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
 from segmentation.benchmarks.speed import data_path_table, in_child, print_training_table, time_inference, time_training
 from segmentation.device import resolve_device
@@ -121,6 +123,12 @@ def command_line() -> argparse.ArgumentParser:
         "--source", type=Path, help="--fine-tune-experiment: the checkpoint to start from (default: trained first)"
     )
     parser.add_argument(
+        "--restart-cost",
+        type=int,
+        metavar="TRIES",
+        help="instead: seconds from a killed torchrun worker (2 CPU processes) to the restarted group's first step",
+    )
+    parser.add_argument(
         "--predict-stack",
         type=float,
         metavar="GB",
@@ -145,7 +153,15 @@ def main() -> None:
                 "--fine-tune-experiment needs --data, the ISBI 2012 folder (train-volume.tif, train-labels.tif)"
             )
         fine_tune_experiment(args.data, args.fine_tune_experiment, [0, 1, 2], args.source)
-    if args.data_scale or args.predict_stack or args.nuclei_experiment or args.fine_tune_experiment:
+    if args.restart_cost:
+        restart_cost_table(args.restart_cost)
+    if (
+        args.data_scale
+        or args.predict_stack
+        or args.nuclei_experiment
+        or args.fine_tune_experiment
+        or args.restart_cost
+    ):
         return
 
     device = resolve_device(args.device)
