@@ -8,6 +8,7 @@
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
     python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
     python bench.py --fine-tune-experiment 20 --data ISBI_FOLDER [--source CKPT]   # 3 ISBI slices: init_from vs scratch
+    python bench.py --instance-experiment nuclei=40,isbi=20,pennfudan=60 --data ISBI --pennfudan PF   # ids vs 0/255
     python bench.py --restart-cost 3             # a torchrun worker killed: seconds to the restarted group's step
 
 Prints numbers and asserts nothing. Three tables by default:
@@ -44,6 +45,7 @@ import sys
 from pathlib import Path
 
 from segmentation.benchmarks.fine_tune import fine_tune_experiment
+from segmentation.benchmarks.instances import instance_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
 from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
@@ -103,6 +105,24 @@ def command_line() -> argparse.ArgumentParser:
         "--data-scale",
         help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)",
     )
+    add_experiment_arguments(parser)
+    parser.add_argument(
+        "--restart-cost",
+        type=int,
+        metavar="TRIES",
+        help="instead: seconds from a killed torchrun worker (2 CPU processes) to the restarted group's first step",
+    )
+    parser.add_argument(
+        "--predict-stack",
+        type=float,
+        metavar="GB",
+        help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2",
+    )
+    return parser
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiments that train models to compare (each "instead" of the speed tables)."""
     parser.add_argument(
         "--nuclei-experiment",
         type=int,
@@ -123,18 +143,12 @@ def command_line() -> argparse.ArgumentParser:
         "--source", type=Path, help="--fine-tune-experiment: the checkpoint to start from (default: trained first)"
     )
     parser.add_argument(
-        "--restart-cost",
-        type=int,
-        metavar="TRIES",
-        help="instead: seconds from a killed torchrun worker (2 CPU processes) to the restarted group's first step",
+        "--instance-experiment",
+        metavar="SET=EPOCHS,...",
+        help="instead: id masks against 0/255 masks, with and without the boundary class, seeds 0 and 1, on "
+        "nuclei (generated), isbi (--data) and pennfudan (--pennfudan), e.g. nuclei=40,isbi=20,pennfudan=80",
     )
-    parser.add_argument(
-        "--predict-stack",
-        type=float,
-        metavar="GB",
-        help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2",
-    )
-    return parser
+    parser.add_argument("--pennfudan", type=Path, help="--instance-experiment: the PennFudanPed folder")
 
 
 def main() -> None:
@@ -155,13 +169,11 @@ def main() -> None:
         fine_tune_experiment(args.data, args.fine_tune_experiment, [0, 1, 2], args.source)
     if args.restart_cost:
         restart_cost_table(args.restart_cost)
-    if (
-        args.data_scale
-        or args.predict_stack
-        or args.nuclei_experiment
-        or args.fine_tune_experiment
-        or args.restart_cost
-    ):
+    if args.instance_experiment:
+        sets = {name: int(epochs) for name, epochs in (item.split("=") for item in args.instance_experiment.split(","))}
+        instance_experiment(sets, [0, 1], args.data, args.pennfudan)
+    experiments = (args.nuclei_experiment, args.fine_tune_experiment, args.restart_cost, args.instance_experiment)
+    if args.data_scale or args.predict_stack or any(experiments):
         return
 
     device = resolve_device(args.device)

@@ -27,6 +27,7 @@ from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
 from segmentation.data.weight_maps import add_class_weights, balanced_class_weights
+from segmentation.inference.objects import learnt_min_object_size
 
 
 class TileDataset(Dataset):
@@ -45,6 +46,8 @@ class TileDataset(Dataset):
         For padding 0 the input tile reaches ``margin = (tile_size - output_size) / 2`` px beyond the
         labelled output tile on every side, mirrored where it leaves the image.
     samples_per_image : tiles per image per epoch.
+    label_classes : the classes the network learns (``UNet.out_channels``): 2 folds the object borders that
+        entries of object ids mark (``cache.BOUNDARY``) into their objects, 3 keeps them a class.
 
     Each item is ``(image (C, T, T) float32, label (T, T) int64, weight (T, T) float32)``, T =
     ``tile_size``: labels and weights cover the whole input tile (mirrored like the image), so that
@@ -60,8 +63,9 @@ class TileDataset(Dataset):
         output_size: int,
         samples_per_image: int,
         seed: int,
+        label_classes: int = 2,
     ):
-        self.images, self.class_weights = list(images), class_weights
+        self.images, self.class_weights, self.label_classes = list(images), class_weights, label_classes
         self.margin = (tile_size - output_size) // 2
         self.tile_size, self.output_size, self.samples_per_image, self.seed = (
             tile_size,
@@ -85,7 +89,7 @@ class TileDataset(Dataset):
         rows = mirrored_indices(top - self.margin, self.tile_size, height)
         cols = mirrored_indices(left - self.margin, self.tile_size, width)
         image, label, border = prepared.arrays()
-        label_tile = take_window(label, rows, cols)
+        label_tile = folded(take_window(label, rows, cols), prepared, self.label_classes)
         border_tile = None if border is None else take_window(border, rows, cols)
         return (
             torch.from_numpy(take_window(image, rows, cols).astype(np.float32)),
@@ -99,10 +103,11 @@ class WholeImageDataset(Dataset):
     ``(image (C, H, W) float32, label (H, W) int64, weight (H, W) float32)``.
 
     Images of any size; ``infer.predict_probabilities`` mirrors and tiles them as the network needs.
+    Labels are folded to ``label_classes`` as in ``TileDataset``.
     """
 
-    def __init__(self, images: Sequence[PreparedImage], class_weights: np.ndarray | None):
-        self.images, self.class_weights = list(images), class_weights
+    def __init__(self, images: Sequence[PreparedImage], class_weights: np.ndarray | None, label_classes: int = 2):
+        self.images, self.class_weights, self.label_classes = list(images), class_weights, label_classes
         self.names = [prepared.name for prepared in self.images]
 
     def __len__(self) -> int:
@@ -110,13 +115,21 @@ class WholeImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, label, border = self.images[index].arrays()
-        label = np.array(label)
+        label = folded(np.asarray(label), self.images[index], self.label_classes)
         weight = add_class_weights(label, None if border is None else np.array(border), self.class_weights)
         return (
             torch.from_numpy(np.array(image, dtype=np.float32)),
             torch.from_numpy(label.astype(np.int64)),
             torch.from_numpy(weight),
         )
+
+
+def folded(label: np.ndarray, prepared: PreparedImage, label_classes: int) -> np.ndarray:
+    """``label`` of an entry with the objects' borders (``cache.BOUNDARY``) folded into the objects for a
+    network of two classes; other labels as they are (a copy: memory-mapped arrays stay unwritten)."""
+    if prepared.has_boundary and label_classes == 2:
+        return np.minimum(label, 1)
+    return np.array(label)
 
 
 class EpochSampler(Sampler):
@@ -237,13 +250,24 @@ class DataSets:
     """What training needs from the data (``build_datasets``): ``train`` tiles, whole ``val`` and ``test``
     images (``test`` None without test images), the ``class_weights`` ((K,) float32 or None) and an
     ``example``: the normalised image (C, H, W), label (H, W) and weight map (H, W) of the first
-    training image, for the weight-map figure."""
+    training image, for the weight-map figure. ``instance_data``: every training mask was read as object
+    ids; ``boundary_class``: ``unet.boundary_class`` as the data decides ``auto`` (for object ids of two
+    classes); ``object_areas``: (N,) pixels of the training images' whole objects (``cache.whole_object_areas``)."""
 
     train: TileDataset
     val: WholeImageDataset
     test: WholeImageDataset | None
     class_weights: np.ndarray | None
     example: tuple[np.ndarray, np.ndarray, np.ndarray]
+    instance_data: bool = False
+    boundary_class: bool = False
+    object_areas: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def object_record(self) -> dict:
+        """What checkpoints keep of the training objects for the predictor (``objects.object_rules``'s
+        ``instance_data`` and ``learnt_size``): whether the masks held object ids, and the size below which
+        ``predict.min_object_size: auto`` removes a predicted object."""
+        return {"instance_data": self.instance_data, "learnt_size": learnt_min_object_size(self.object_areas)}
 
 
 def build_datasets(
@@ -277,26 +301,58 @@ def build_datasets(
     mapped = train.mask_values is not None or train.mask_colors is not None
     if train.mask_type == "auto" and not mapped and (train.dataset_name == "folder" or train.val_data):
         note(mask_decision(prepared))
-    note(data_summary(train_images, val_images, test_images))
-    class_weights = configured_class_weights(train.class_weights, train_images, unet.num_classes)
-    train_set = TileDataset(train_images, class_weights, train.tile_size, out_size, train.samples_per_image, train.seed)
-    example = tuple(tensor.numpy() for tensor in WholeImageDataset(train_images[:1], class_weights)[0])
+    instance_data = all(image.mask_read_as == "instances" for image in train_images)
+    boundary = resolved_boundary_class(unet, instance_data, prepared)
+    classes = unet.num_classes + boundary
+    note(data_summary(train_images, val_images, test_images, classes))
+    class_weights = configured_class_weights(train.class_weights, train_images, classes)
+    tiles = TileDataset(
+        train_images, class_weights, train.tile_size, out_size, train.samples_per_image, train.seed, classes
+    )
+    example = tuple(tensor.numpy() for tensor in WholeImageDataset(train_images[:1], class_weights, classes)[0])
     return DataSets(
-        train_set,
-        WholeImageDataset(val_images, class_weights),
-        WholeImageDataset(test_images, class_weights) if test_images else None,
+        tiles,
+        WholeImageDataset(val_images, class_weights, classes),
+        WholeImageDataset(test_images, class_weights, classes) if test_images else None,
         class_weights,
         example,
+        instance_data,
+        boundary,
+        np.array([area for image in train_images for area in image.object_areas], dtype=np.int64),
     )
 
 
+def decided_unet(unet: UNetSettings, tiles: TileDataset) -> UNetSettings:
+    """``unet`` with ``boundary_class: auto`` decided as the training tiles' labels have it
+    (``resolved_boundary_class``)."""
+    return dataclasses.replace(unet, boundary_class=tiles.label_classes > unet.num_classes)
+
+
+def resolved_boundary_class(unet: UNetSettings, instance_data: bool, prepared: Sequence[PreparedImage]) -> bool:
+    """``unet.boundary_class``, ``auto`` decided: the object borders are a class of their own where the
+    training masks hold object ids of two classes. ``true`` on masks read as classes is a UserError: their
+    objects' borders are not known."""
+    if unet.boundary_class == "auto":
+        return instance_data and unet.num_classes == 2
+    if unet.boundary_class and not instance_data:
+        named = next(image.name for image in prepared if image.mask_read_as != "instances")
+        raise UserError(
+            f"unet.boundary_class: true learns the borders of objects from masks of object ids, but the masks "
+            f"were read as classes (e.g. {named}): set train.mask_type: instances, or unet.boundary_class: false"
+        )
+    return bool(unet.boundary_class)
+
+
 def data_summary(
-    train_images: Sequence[PreparedImage], val_images: Sequence[PreparedImage], test_images: Sequence[PreparedImage]
+    train_images: Sequence[PreparedImage],
+    val_images: Sequence[PreparedImage],
+    test_images: Sequence[PreparedImage],
+    classes: int = 2,
 ) -> str:
     """One line on the data a run trains on (``python dataset.py check`` says more): counts, sizes,
-    channels and the class fractions of the training images."""
+    channels and the class fractions of the training images, over the ``classes`` the network learns."""
     heights, widths = [image.shape[0] for image in train_images], [image.shape[1] for image in train_images]
-    counts = np.sum([image.class_counts for image in train_images], axis=0)
+    counts = class_totals(train_images, classes)
     channels = sorted({image.source_channels for image in train_images})
     fractions = ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
     return (
@@ -375,25 +431,22 @@ def configured_class_weights(setting, train_images: Sequence[PreparedImage], num
     """``train.class_weights``: ``balanced`` (from the pixel counts of the training images), ``none``
     (None) or the given list, as (K,) float32."""
     if setting == "balanced":
-        counts = np.zeros(num_classes, dtype=np.int64)
-        for image in train_images:
-            counts += np.asarray(image.class_counts, dtype=np.int64)
-        return balanced_class_weights(counts)
+        return balanced_class_weights(class_totals(train_images, num_classes))
     if setting == "none":
         return None
-    return np.asarray(setting, dtype=np.float32)
+    weights = list(setting)
+    # one weight per user class with the boundary class on: the border weighs as its object
+    return np.asarray(weights + weights[-1:] * (num_classes - len(weights)), dtype=np.float32)
 
 
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["check"]:
-        from segmentation.data.datacheck import check_main
-
-        sys.exit(check_main(sys.argv[1:]))
-    from segmentation.data.download import download_main
-
-    sys.exit(download_main(sys.argv[1:]))
+def class_totals(images: Sequence[PreparedImage], classes: int) -> np.ndarray:
+    """(classes,) int64 pixel counts of ``images``, their labels folded as the datasets fold them."""
+    totals = np.zeros(classes, dtype=np.int64)
+    for image in images:
+        counts = np.asarray(image.class_counts, dtype=np.int64)
+        totals[: classes - 1] += counts[: classes - 1]
+        totals[classes - 1] += counts[classes - 1 :].sum()
+    return totals
 
 
 def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:
@@ -406,3 +459,15 @@ def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:
             f"x {world_size} processes) but an epoch has {tiles}: lower them or raise train.samples_per_image"
         )
     return steps
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["check"]:
+        from segmentation.data.datacheck import check_main
+
+        sys.exit(check_main(sys.argv[1:]))
+    from segmentation.data.download import download_main
+
+    sys.exit(download_main(sys.argv[1:]))

@@ -349,6 +349,11 @@ class UNet(nn.Module):
     upsample : {"transpose", "bilinear"}, optional
         "transpose": the paper's 2x2 up-convolution; "bilinear": bilinear
         upsampling followed by a 1x1 convolution.
+    boundary_class : bool, optional
+        Two classes of objects: one more output, the border of the objects,
+        as the paper's three-class baseline of the cell tracking data and most
+        2018 Data Science Bowl entries learnt it (``out_channels`` =
+        ``num_classes`` + 1; ``num_classes`` stays the user's classes).
 
     Notes
     -----
@@ -365,6 +370,7 @@ class UNet(nn.Module):
         norm: str = "none",
         dropout: float = 0.0,
         upsample: str = "transpose",
+        boundary_class: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(input_channels)
@@ -390,6 +396,8 @@ class UNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(boundary_class, bool) or (boundary_class and num_classes != 2):
+            raise ValueError(f"boundary_class must be False, or True with num_classes=2, got {boundary_class!r}")
 
         self.image_channels = image_channels
         self.num_classes = num_classes
@@ -399,6 +407,8 @@ class UNet(nn.Module):
         self.norm = norm
         self.dropout = dropout
         self.upsample = upsample
+        self.boundary_class = boundary_class
+        self.out_channels = num_classes + int(boundary_class)
 
         self.inc = DoubleConv(image_channels, widths[0], padding, norm)
         self.downs = nn.ModuleList(Down(c_in, c_out, padding, norm) for c_in, c_out in zip(widths[:-1], widths[1:]))
@@ -410,7 +420,7 @@ class UNet(nn.Module):
             Up(c_deep, c_skip, padding, norm, upsample, skip_channels=c_skip)
             for c_deep, c_skip in zip(reversed(deeper), reversed(widths))
         )
-        self.outc = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        self.outc = nn.Conv2d(widths[0], self.out_channels, kernel_size=1)
         # The paper (and its Caffe model) drops out the deepest encoder
         # features, which feed both the last skip and the bottleneck, and the
         # bottleneck output.
@@ -441,8 +451,9 @@ class UNet(nn.Module):
         Returns
         -------
         torch.Tensor
-            Logits of shape (B, num_classes, output_size(H), output_size(W)),
-            same dtype as ``x``.
+            Logits of shape (B, out_channels, output_size(H), output_size(W)),
+            same dtype as ``x`` (``out_channels``: ``num_classes``, and the
+            boundary after them with ``boundary_class``).
         """
         if x.ndim != 4 or x.shape[1] != self.image_channels:
             raise ValueError(f"expected a (B, {self.image_channels}, H, W) batch, got shape {tuple(x.shape)}")
@@ -462,10 +473,16 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
-def build_model(unet) -> UNet:
+def build_model(unet, boundary_class: bool | None = None) -> UNet:
     """The U-Net of a config's ``unet`` section (``segmentation.config.UNetSettings``, whose fields are
-    this class's constructor arguments)."""
-    return UNet(**dataclasses.asdict(unet))
+    this class's constructor arguments). ``unet.boundary_class: auto`` is decided by the masks: pass
+    ``boundary_class`` as ``dataset.build_datasets`` (or a checkpoint's config) decided it; without it,
+    ``auto`` builds the network without the boundary class."""
+    settings = dataclasses.asdict(unet)
+    if boundary_class is not None:
+        settings["boundary_class"] = boundary_class
+    settings["boundary_class"] = settings["boundary_class"] is True
+    return UNet(**settings)
 
 
 def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

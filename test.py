@@ -13,8 +13,9 @@ such as ``train.device=cpu`` or ``predict.tile_size=572``.
 With ``--input``, each image gets a mask of the same name in ``--output``: for two classes a 0/255 PNG
 (255 = class 1; for ISBI 2012 this is the challenge's label convention), for more classes a PNG of
 class indices; a multi-page TIFF gives a multi-page TIFF. ``--probabilities`` adds float32 TIFFs of the
-class-1 probability, ``--instances`` uint16 TIFFs of object ids (connected components of class 1),
-``--overlay`` colour overlays on the input.
+class-1 probability, ``--instances`` uint16 TIFFs of object ids (grown from the insides where the model
+has the border class, else the connected components of class 1; cleaned by ``predict.min_object_size``
+and ``fill_holes``), ``--overlay`` colour overlays on the input.
 
 Without ``--input``, for each test image (``train.test_images``; else each validation image, or choose
 with ``--split``) it writes the mask to ``masks/`` and scores it, and saves a figure with input,
@@ -39,7 +40,7 @@ from dataset import build_datasets
 from segmentation.config import Config, UserError
 from segmentation.console import note, report_error
 from segmentation.device import memory_description
-from segmentation.engine.checkpoint import decision_threshold, load_model
+from segmentation.engine.checkpoint import decided_object_rules, decision_threshold, load_model
 from segmentation.inference.export import check_onnx, export_onnx, export_torchscript
 from segmentation.inference.infer import Predictor
 from segmentation.inference.package import export_package
@@ -77,8 +78,9 @@ def command_line() -> argparse.ArgumentParser:
         "--instances",
         action="store_true",
         help=(
-            "also write uint16 TIFFs of object ids (the connected components of class 1 after "
-            "predict.watershed_seeds' cut)"
+            "also write uint16 TIFFs of object ids (grown from the object insides where the model has the "
+            "border class, else the connected components of class 1 after predict.watershed_seeds' cut; "
+            "cleaned by predict.min_object_size and fill_holes)"
         ),
     )
     parser.add_argument(
@@ -187,10 +189,13 @@ def export(model, config: Config, state: dict, path: Path) -> None:
 
 
 def make_predictor(model, config: Config, state: dict, tta: bool) -> Predictor:
-    """The predictor of a checkpoint: its config's ``predict`` settings, ``--tta``, and the threshold of
-    ``predict.threshold`` (calibrated and stored in the checkpoint for ``auto``)."""
-    threshold = decision_threshold(config.predict, state)
-    return Predictor.from_settings(model, config.predict, config.augment, config.train.image_scale, tta, threshold)
+    """The predictor of a checkpoint: its config's ``predict`` settings, ``--tta``, the threshold of
+    ``predict.threshold`` (calibrated and stored in the checkpoint for ``auto``) and the object rules
+    (``predict.min_object_size``, ``fill_holes``; ``auto`` as the checkpoint's run recorded its objects)."""
+    threshold, rules = decision_threshold(config.predict, state), decided_object_rules(config.predict, state)
+    return Predictor.from_settings(
+        model, config.predict, config.augment, config.train.image_scale, tta, threshold, rules
+    )
 
 
 def score_checkpoint(

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DataSets, EpochSampler, build_datasets, count_steps
+from dataset import DataSets, EpochSampler, build_datasets, count_steps, decided_unet
 from model import build_model, count_parameters
 from segmentation.config import DEFAULT_CONFIG, Config, UserError, config_to_yaml, load_config
 from segmentation.console import first_line, note, report_error
@@ -42,6 +42,7 @@ from segmentation.data.augment import augment_on_device
 from segmentation.device import bf16_supported, out_of_memory_advice, prepare_device
 from segmentation.engine import search
 from segmentation.engine.checkpoint import (
+    check_architecture,
     find_resume_checkpoint,
     finished,
     load_checkpoint,
@@ -57,8 +58,9 @@ from segmentation.engine.distributed import from_rank_zero, process_group, share
 from segmentation.engine.restarts import continued_after_restart, lost_process, publish_run
 from segmentation.engine.signals import stop_requests
 from segmentation.engine.step import build_optimizer, build_scheduler, loss_cure, train_step, update_ema
-from segmentation.engine.validation import calibrate, calibration_metric, evaluate, improved, store_threshold
+from segmentation.engine.validation import calibrate_checkpoint, evaluate, improved
 from segmentation.inference.infer import Predictor, uniform_prediction_note
+from segmentation.inference.objects import object_rules
 from segmentation.runs.figures import plot_curves, save_check_figures
 from segmentation.runs.folders import (
     epoch_line,
@@ -107,6 +109,7 @@ class Run:
     writer: object | None = None  # train.tensorboard's SummaryWriter, in process 0
     compiling: bool = False  # until the first step of a torch.compile'd model has run
     warned_uniform: bool = False  # the note on predictions of a single class is given once
+    objects: dict = dataclasses.field(default_factory=dict)  # DataSets.object_record(): id masks? learnt object size
     last_saved: float = dataclasses.field(default_factory=time.monotonic)  # when last.pt was written
 
     @property
@@ -121,7 +124,7 @@ class Run:
         """The run as it stands, as a checkpoint."""
         settings = self.config.to_dict()
         parts = (self.model, self.optimizer, self.scheduler, self.scaler, settings, self.progress, self.device)
-        return training_state(*parts, self.ema_model)
+        return {**training_state(*parts, self.ema_model), "objects": self.objects}
 
     def save_last(self) -> None:
         """metrics.csv, then last.pt at the current step (process 0): a run killed after this resumes
@@ -232,6 +235,9 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
 
     torch.manual_seed(settings.seed)
     data = build_datasets(config.unet, settings, note, rank, world_size)
+    config = dataclasses.replace(config, unet=decided_unet(config.unet, data.train))
+    if checkpoint:  # unet.boundary_class: auto, now decided by the masks, must be the checkpoint's
+        check_architecture(checkpoint, config.unet, resume_path)
     batch_tiles = settings.batch_size * settings.grad_accum_steps
     steps_per_epoch = count_steps(len(data.train), batch_tiles, world_size)
     model, ema_model = build_models(config, device, initial)
@@ -244,18 +250,17 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         name = from_rank_zero(new_run_name(settings) if rank == 0 else None, world_size)
         progress = {"epoch": 0, "batch": 0, "step": 0, "best_value": None, "best_epoch": -1, "loss_sum": 0.0}
         progress["run_name"] = name
-    run_log, run_weights = (
-        Path(settings.log_path) / progress["run_name"],
-        Path(settings.save_path) / progress["run_name"],
-    )
+    name = progress["run_name"]
+    run_log, run_weights = Path(settings.log_path) / name, Path(settings.save_path) / name
     writer = (
-        start_logs(config, run_log, run_weights, progress, data, device, resumed=checkpoint is not None)
-        if rank == 0
-        else None
+        start_logs(config, run_log, run_weights, progress, data, device, checkpoint is not None) if rank == 0 else None
     )
-
     predict_model = model if ema_model is None else ema_model
-    predictor = Predictor.from_settings(predict_model, config.predict, config.augment, settings.image_scale)
+    objects = data.object_record()
+    rules = object_rules(config.predict.min_object_size, config.predict.fill_holes, **objects)
+    predictor = Predictor.from_settings(
+        predict_model, config.predict, config.augment, settings.image_scale, rules=rules
+    )
     sampler = EpochSampler(len(data.train), settings.seed, rank, world_size)
     loader = DataLoader(
         data.train,
@@ -288,6 +293,7 @@ def set_up(config: Config, rank: int, world_size: int, device: torch.device) -> 
         rows=read_metrics(run_log / "metrics.csv", progress["epoch"]),
         compiling=settings.compile,
         writer=writer,
+        objects=objects,
     )
     if rank == 0:
         print_start(run, resume_path if checkpoint else None)
@@ -499,14 +505,7 @@ def finish(run: Run) -> None:
     model = build_model(config.unet).to(run.device)
     model.load_state_dict(read_checkpoint(best)["model"])
     predictor = Predictor.from_settings(model, config.predict, config.augment, config.train.image_scale)
-    score = calibration_metric(metric)
-    threshold, table = calibrate(predictor, run.data.val, score)
-    store_threshold(best, threshold, table)
-    at = {row["threshold"]: row for row in table}
-    print(
-        f"calibrated predict.threshold on {len(run.data.val)} validation images: {threshold:.2f} "
-        f"({score} {at[threshold][score]:.4f}; at 0.50: {at[0.5][score]:.4f}), stored in {best}"
-    )
+    print(calibrate_checkpoint(best, predictor, run.data.val, metric))
 
 
 def run_config(config: Config) -> int:

@@ -103,6 +103,9 @@ class UNetSettings:
     dropout: float = setting(
         0.0, "float", "dropout at the end of the contracting path (paper: 0.5)", minimum=0.0, maximum=0.99
     )
+    boundary_class: bool | str = setting(
+        "auto", "bool_or_auto", "two classes: also learn object borders as a class; auto: for object-id masks"
+    )
 
     @property
     def depth(self) -> int:
@@ -228,6 +231,10 @@ class PredictSettings:
         None, "float", "two classes: seeds of the watershed cut", above=0.0, maximum=0.999, nullable=True
     )
     watershed_min_seed: int = setting(0, "int", "with watershed_seeds: smallest seed in pixels", minimum=0)
+    min_object_size: int | str = setting(
+        "auto", "int_or_auto", "two classes: objects below this many pixels are removed; auto: learnt", minimum=0
+    )
+    fill_holes: bool | str = setting("auto", "bool_or_auto", "two classes: fill holes in objects; auto: for ids")
 
 
 @dataclass(frozen=True)
@@ -317,7 +324,7 @@ LEGACY = {  # keys of the seed repository, read and translated by resolve
     }
 }
 SPLIT_KEYS = ("dataset_name", "folds", "fold", "fold_order", "test_images", "val_images", "val_fraction", "val_data")
-ARCHITECTURE_KEYS = ("input_channels", "image_channels", "num_classes", "padding", "norm", "upsample")
+ARCHITECTURE_KEYS = ("input_channels", "image_channels", "num_classes", "padding", "norm", "upsample", "boundary_class")
 
 
 def default_config() -> dict:
@@ -446,9 +453,12 @@ def _cross_key_problems(config: dict) -> list[str]:
     problems = []
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train["device"]):
         problems.append(f"train.device: {train['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    if isinstance(train["class_weights"], list) and len(train["class_weights"]) != classes:
+    boundary = unet["boundary_class"] is True
+    if isinstance(train["class_weights"], list) and len(train["class_weights"]) not in (classes, classes + boundary):
         given = len(train["class_weights"])
         problems.append(f"train.class_weights: {given} weights given but unet.num_classes is {classes}")
+    if boundary and classes != 2:
+        problems.append(f"unet.boundary_class: true learns the borders of objects of two classes, not of {classes}")
     for key in ("mask_values", "mask_colors"):
         if train[key] is not None and len(train[key]) != classes:
             problems.append(f"train.{key}: {len(train[key])} given but unet.num_classes is {classes}: one per class")
@@ -555,12 +565,19 @@ def split_differences(saved: dict, current: TrainSettings) -> list[str]:
     return differences
 
 
+def stored_boundary_class(saved: dict) -> bool:
+    """Whether the network of a checkpoint's stored config ``saved`` (plain data) has the boundary class
+    (``unet.boundary_class`` as its run decided it; checkpoints from before the key have none)."""
+    return saved["unet"].get("boundary_class", False) is True
+
+
 def architecture_differences(saved: dict, current: UNetSettings, keys: Sequence[str] = ARCHITECTURE_KEYS) -> list[str]:
     """The ``unet.*`` keys among ``keys`` (default: all that change the weights' shapes or meaning) where a
     checkpoint's stored config ``saved`` (plain data) and ``current`` differ."""
     now = plain(dataclasses.asdict(current))
+    stored = {"boundary_class": False, **saved["unet"]}  # checkpoints from before the key had none
     return [
-        f"unet.{key}: checkpoint {saved['unet'].get(key)!r}, config {now[key]!r}"
+        f"unet.{key}: checkpoint {stored.get(key)!r}, config {now[key]!r}"
         for key in keys
-        if saved["unet"].get(key) != now[key]
+        if stored.get(key) != now[key] and not (key == "boundary_class" and now[key] == "auto")
     ]

@@ -100,30 +100,59 @@ def image_scores(
     return confusion, cells
 
 
-def instance_matches(true_ids: np.ndarray, predicted_ids: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
-    """``(matched, true objects, predicted objects)`` of two (H, W) integer id images (0 = no object).
+def object_matching(true_ids: np.ndarray, predicted_ids: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """``[matched, true objects, predicted objects, summed IoU of the matched pairs]`` (float64) of two
+    (H, W) integer id images (0 = no object); sum several images' to pool them, as stardist's
+    ``matching_dataset(by_image=False)`` does, and read them with ``matching_scores``.
 
     A true and a predicted object match when their intersection over union exceeds ``threshold``;
     from 0.5 on an object can match at most one other (two overlaps above half its union cannot
     both fit), so counting the pairs above the threshold is the optimal matching.
     """
+    if threshold < 0.5:
+        raise ValueError(
+            f"object_matching counts pairs, which is the optimal matching from IoU 0.5 on, not {threshold}"
+        )
     true_ids, predicted_ids = np.asarray(true_ids).ravel(), np.asarray(predicted_ids).ravel()
     true_labels, true_areas = np.unique(true_ids[true_ids > 0], return_counts=True)
     predicted_labels, predicted_areas = np.unique(predicted_ids[predicted_ids > 0], return_counts=True)
+    counts = np.array([0.0, len(true_labels), len(predicted_labels), 0.0])
     both = (true_ids > 0) & (predicted_ids > 0)
     if not both.any():
-        return 0, len(true_labels), len(predicted_labels)
+        return counts
     pairs, intersections = np.unique(np.stack([true_ids[both], predicted_ids[both]]), axis=1, return_counts=True)
     unions = (
         true_areas[np.searchsorted(true_labels, pairs[0])]
         + predicted_areas[np.searchsorted(predicted_labels, pairs[1])]
         - intersections
     )
-    return int(np.count_nonzero(intersections / unions > threshold)), len(true_labels), len(predicted_labels)
+    overlaps = intersections / unions
+    matched = overlaps > threshold
+    counts[0], counts[3] = np.count_nonzero(matched), overlaps[matched].sum()
+    return counts
 
 
-def instance_f1(matched: int, true_objects: int, predicted_objects: int) -> float:
-    """F1 of the object matching: ``2 TP / (2 TP + FP + FN)`` = ``2 matched / (true + predicted)``;
-    1.0 when there is no object on either side."""
-    total = true_objects + predicted_objects
-    return 2 * matched / total if total else 1.0
+def matching_scores(counts: np.ndarray) -> dict[str, float]:
+    """stardist's matching fields from ``object_matching`` counts: ``tp``, ``fp``, ``fn``, ``precision``
+    TP/(TP+FP), ``recall`` TP/(TP+FN), ``accuracy`` TP/(TP+FP+FN) (the Data Science Bowl's), ``f1``
+    2TP/(2TP+FP+FN), ``mean_matched_score`` (mean IoU of the matched pairs), ``mean_true_score`` (summed
+    matched IoU / true objects) and ``panoptic_quality`` (summed matched IoU / (TP + FP/2 + FN/2)). With no
+    object on either side every ratio is 1; a ratio with nothing to count is 0, as in stardist."""
+    tp, true_objects, predicted_objects, iou_sum = (float(value) for value in counts)
+    fp, fn = predicted_objects - tp, true_objects - tp
+
+    def ratio(numerator: float, denominator: float) -> float:
+        return numerator / denominator if denominator > 0 else float(true_objects + predicted_objects == 0)
+
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "accuracy": ratio(tp, tp + fp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "mean_matched_score": ratio(iou_sum, tp),
+        "mean_true_score": ratio(iou_sum, true_objects),
+        "panoptic_quality": ratio(iou_sum, tp + fp / 2 + fn / 2),
+    }

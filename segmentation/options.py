@@ -26,6 +26,7 @@ KINDS = (
     "colour_list",  # distinct [r, g, b]
     "int_or_auto",
     "int_or_all",
+    "bool_or_auto",
 )
 SEARCH_RANGES = ("log_uniform", "uniform")
 
@@ -94,6 +95,10 @@ def _converted(name: str, kind: str, value: Any) -> Any:
         return [(_as_int if kind == "int_list" else _as_float)(name, item) for item in value]
     if kind == "threshold":
         return value if value == "auto" else _as_float(name, value)
+    if kind == "bool_or_auto":
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true, false or auto, got {value!r}")
+        return value
     if kind in ("int_or_auto", "int_or_all"):
         word = kind.removeprefix("int_or_")
         if value == word:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dataset import DataSets, build_datasets
 from model import UNet
 from segmentation.config import Config, load_config
+from segmentation.data.synthetic import clumped_nuclei
 from segmentation.inference.infer import Predictor
 
 # tests of the CUDA paths: marked cuda (python -m pytest -m cuda runs them) and skipped without a GPU
@@ -198,6 +199,20 @@ def make_rgb_folder(root: Path, count: int = 4, size: tuple[int, int] = (40, 48)
         image = rng.integers(0, 255, size + ((3,) if rgb else ()), dtype=np.uint8)
         write_image(root / "images" / f"img{index}.png", image)
         write_image(root / "masks" / f"img{index}.png", mask)
+
+
+def make_id_folder(root: Path, count: int = 6, size: int = 96, seed: int = 4) -> list[np.ndarray]:
+    """``root/images`` of generated clumped nuclei (``synthetic.clumped_nuclei``, 8-bit) and ``root/masks`` of
+    their object ids (uint16 TIFF); returns the ids."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    every = []
+    for index, child in enumerate(np.random.SeedSequence(seed).spawn(count)):
+        image, ids = clumped_nuclei(size, np.random.default_rng(child))
+        write_image(root / "images" / f"n{index}.png", (image * 255).astype(np.uint8))
+        tifffile.imwrite(root / "masks" / f"n{index}.tif", ids, photometric="minisblack")
+        every.append(ids)
+    return every
 
 
 def tiny_unet(image_channels=1, padding=0, seed=0, norm="batch", upsample="transpose"):

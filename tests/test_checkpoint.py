@@ -9,15 +9,17 @@ import torch
 import torch.nn.functional as F
 
 import training
-from model import UNet
-from segmentation.config import UserError, load_config
+from model import UNet, build_model
+from segmentation.config import UserError, architecture_differences, load_config
 from segmentation.engine.checkpoint import (
     FIRST_CONVOLUTION,
+    decided_object_rules,
     load_checkpoint,
     load_initial_weights,
     load_model,
     read_initial_weights,
 )
+from segmentation.inference.objects import ObjectRules
 from tests.helpers import folder_config, tiny_config
 from training import train
 
@@ -171,3 +173,39 @@ def test_a_run_starts_from_another_runs_weights_with_everything_else_fresh(tmp_p
     with pytest.raises(UserError, match="^train.init_from: .*missing.pt: checkpoint not found$"):
         train(tiny_config(tmp_path / "elsewhere", "train.init_from=missing.pt"))
     assert not (tmp_path / "elsewhere").exists()  # nothing written
+
+
+def test_a_checkpoint_rebuilds_its_boundary_class_and_object_rules(tmp_path):
+    config = tiny_config(tmp_path, "unet.boundary_class=true")
+    model = build_model(config.unet)
+    state = {"model": model.state_dict(), "config": config.to_dict(), "progress": {"epoch": 1}}
+    state["objects"] = {"instance_data": True, "learnt_size": 14}
+    torch.save(state, tmp_path / "best.pt")
+    loaded, loaded_config, loaded_state, _ = load_model(tmp_path / "best.pt", None, [])
+    assert loaded.out_channels == 3 and loaded_config.unet.boundary_class is True
+    assert decided_object_rules(loaded_config.predict, loaded_state) == ObjectRules(14, True)
+    assert decided_object_rules(loaded_config.predict, {}) == ObjectRules()  # before the record: nothing cleaned
+    # a checkpoint from before unet.boundary_class has none, whatever the config says now
+    old = tiny_config(tmp_path).to_dict()
+    del old["unet"]["boundary_class"]
+    torch.save(
+        {"model": build_model(tiny_config(tmp_path).unet).state_dict(), "config": old, "progress": {}},
+        tmp_path / "old.pt",
+    )
+    assert load_model(tmp_path / "old.pt", None, [])[0].out_channels == 2
+    assert (
+        architecture_differences(old, load_config(None, ["unet.boundary_class=false"]).unet, ["boundary_class"]) == []
+    )
+    assert architecture_differences(config.to_dict(), tiny_config(tmp_path).unet) == []  # auto matches either
+
+
+def test_init_from_a_two_class_model_starts_a_new_output_layer_for_the_border_class():
+    torch.manual_seed(0)
+    plain = UNet(1, 2, (4, 8), norm="batch")
+    bordered = UNet(1, 2, (4, 8), norm="batch", boundary_class=True)
+    message = load_initial_weights(bordered, saved_state(plain), Path("plain.pt"))
+    assert message.startswith("train.init_from: 64 of 66 tensors from plain.pt") and "starting fresh: outc" in message
+    assert bordered.state_dict()["outc.weight"].shape[0] == 3
+    for name, tensor in bordered.state_dict().items():
+        if not name.startswith("outc."):
+            assert torch.equal(tensor, plain.state_dict()[name]), name

@@ -231,3 +231,14 @@ def test_contradictory_fold_settings_are_one_line_each(image_folder):
         folder_config(image_folder, "train.folds=3", "train.fold=all", "train.resume=weights/x/last.pt")
     with pytest.raises(UserError, match=r"train.folds: 7 folds need at least 7 images, found 6"):
         datasets_of(folder_config(image_folder, "train.folds=7"), lambda message: None)
+
+
+def test_the_boundary_class_is_for_two_classes_and_takes_a_weight_of_its_own():
+    with pytest.raises(ConfigError, match="unet.boundary_class: true learns the borders of objects of two classes"):
+        load_config(None, ["unet.boundary_class=true", "unet.num_classes=3"])
+    with pytest.raises(ConfigError, match="unet.boundary_class: expected true, false or auto"):
+        load_config(None, ["unet.boundary_class=sometimes"])
+    config = load_config(None, ["unet.boundary_class=true", "train.class_weights=[1, 2, 4]"])
+    assert config.train.class_weights == (1.0, 2.0, 4.0)
+    with pytest.raises(ConfigError, match="train.class_weights: 3 weights given but unet.num_classes is 2"):
+        load_config(None, ["train.class_weights=[1, 2, 4]"])

@@ -9,12 +9,22 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from skimage import measure, segmentation
 
 from dataset import EpochSampler, TileDataset, build_datasets, fold_indices
 from segmentation.config import UserError, load_config
 from segmentation.data.cache import write_entry
 from segmentation.data.preprocess import network_margin, pad_for_model
-from tests.helpers import ROOT, SHARED, SLICES, datasets_of, folder_config
+from tests.helpers import (
+    ROOT,
+    SHARED,
+    SLICES,
+    datasets_of,
+    folder_config,
+    make_id_folder,
+    make_rgb_folder,
+    plain_folder_config,
+)
 
 
 def test_tiles_cover_the_image_at_the_right_place(tmp_path):
@@ -201,3 +211,40 @@ def test_importing_dataset_does_not_import_matplotlib():
     root = Path(__file__).resolve().parents[1]
     code = "import sys, dataset; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
+    make_id_folder(tmp_path)
+    config = folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]")
+    data = datasets_of(config)
+    assert data.instance_data and data.boundary_class and len(data.class_weights) == 3
+    # a test image's entry (at its own size): the border pixels of each object, as scikit-image finds
+    # them on the stored ids (touching objects already parted by a 1 px line), are class 2
+    entry = data.test.images[0]
+    ids = entry.instances()
+    expected = np.where(segmentation.find_boundaries(ids, mode="inner") & (ids > 0), 2, (ids > 0).astype(np.uint8))
+    assert np.array_equal(np.asarray(entry.arrays()[1]), expected) and (expected == 2).sum() > 100
+    assert sorted({int(v) for _, label, _ in (data.train[i] for i in range(8)) for v in label.unique()}) == [0, 1, 2]
+    # the whole objects' areas, as regionprops measures those away from the image border
+    areas = sorted(
+        r.area
+        for r in measure.regionprops(ids)
+        if r.bbox[0] > 0 and r.bbox[1] > 0 and r.bbox[2] < ids.shape[0] and r.bbox[3] < ids.shape[1]
+    )
+    assert sorted(entry.object_areas) == areas and len(areas) > 5
+
+    two = datasets_of(
+        folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]", "unet.boundary_class=false")
+    )
+    assert not two.boundary_class and len(two.class_weights) == 2
+    _, folded, _ = two.test[0]
+    assert np.array_equal(folded.numpy(), (expected > 0).astype(np.int64))  # the border is its object's again
+
+
+def test_class_masks_keep_two_classes_and_cannot_learn_borders(tmp_path):
+    make_rgb_folder(tmp_path, rgb=False)
+    data = datasets_of(plain_folder_config(tmp_path))
+    assert not data.instance_data and not data.boundary_class and len(data.class_weights) == 2
+    assert data.object_record()["instance_data"] is False
+    with pytest.raises(UserError, match="unet.boundary_class: true learns the borders of objects from masks of ob"):
+        datasets_of(plain_folder_config(tmp_path, "unet.boundary_class=true"))

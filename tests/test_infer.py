@@ -15,7 +15,14 @@ from segmentation.config import UserError, load_config
 from segmentation.data.preprocess import pad_for_model
 from segmentation.engine.step import train_step
 from segmentation.inference import predict
-from segmentation.inference.infer import Predictor, calibrate_threshold, predict_probabilities, separate_cells
+from segmentation.inference.infer import (
+    Predictor,
+    calibrate_threshold,
+    predict_probabilities,
+    predicted_classes,
+    separate_cells,
+)
+from segmentation.inference.objects import ObjectRules
 from tests.helpers import CUDA_SIZE, learnable_batch, run_out_of_memory, small_unet
 
 
@@ -458,3 +465,37 @@ def test_separate_cells_ignores_seeds_smaller_than_min_seed_area():
     whole = separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=10)
     assert np.array_equal(whole, cells)  # the island floods from the big seed; the seedless cell stays whole
     assert np.array_equal(separate_cells(cells, probability, seed_threshold=0.95, min_seed_area=9), split)
+
+
+def predictor_for(boundary_class: bool, rules: ObjectRules, *overrides: str) -> Predictor:
+    model = UNet(input_channels=(4, 8), padding=1, boundary_class=boundary_class)
+    return Predictor(model, load_config(None, list(overrides)).predict, rules=rules)
+
+
+def test_class_masks_are_decided_as_before_and_the_border_joins_its_object():
+    rng = np.random.default_rng(0)
+    two = torch.from_numpy(rng.random((1, 40, 50)).astype(np.float32))
+    probabilities = torch.cat([1 - two, two])
+    plain = predictor_for(False, ObjectRules(), "predict.watershed_seeds=0.9")
+    assert not plain.decides_by_objects
+    expected = predicted_classes(probabilities, 0.5, 0.9, 0)
+    assert torch.equal(plain.classes(probabilities), expected)  # the ISBI path: unchanged
+    assert np.array_equal(plain.objects(probabilities), measure.label(expected.numpy(), connectivity=1))
+    three = torch.from_numpy(rng.dirichlet([1, 1, 1], size=(40, 50)).transpose(2, 0, 1).astype(np.float32))
+    bordered = predictor_for(True, ObjectRules())
+    folded = bordered.class_probabilities(three)
+    assert torch.allclose(folded, torch.stack([three[0], three[1] + three[2]]))
+    assert torch.equal(bordered.classes(three), torch.from_numpy(bordered.objects(three) > 0).long())
+    assert torch.equal(bordered.classes(three), (folded[1] >= 0.5).long())  # every foreground pixel is in an object
+
+
+def test_active_rules_clean_the_mask_and_the_objects_alike():
+    probability = np.zeros((30, 40), np.float32)
+    probability[5:15, 5:15] = 0.9  # 100 px object with a 4 px hole
+    probability[9:11, 9:11] = 0.1
+    probability[25:27, 30:32] = 0.9  # a 4 px speck
+    probabilities = torch.from_numpy(np.stack([1 - probability, probability]))
+    cleaning = predictor_for(False, ObjectRules(min_size=10, fill_holes=True))
+    objects = cleaning.objects(probabilities)
+    assert np.unique(objects).tolist() == [0, 1] and np.count_nonzero(objects) == 100
+    assert torch.equal(cleaning.classes(probabilities), torch.from_numpy(objects > 0).long())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage import measure
 
-from segmentation.metrics import confusion_matrix, instance_f1, instance_matches, segmentation_scores
+from segmentation.metrics import confusion_matrix, matching_scores, object_matching, segmentation_scores
 
 
 def test_confusion_and_scores_by_hand():
@@ -73,7 +73,7 @@ def ndimage_smooth(noise):
     return (smooth - smooth.min()) / (smooth.max() - smooth.min())
 
 
-def test_instance_f1_by_hand():
+def test_object_matching_by_hand():
     truth = np.zeros((10, 12), int)
     predicted = np.zeros((10, 12), int)
     truth[0:4, 0:4] = 7  # 16 px
@@ -81,8 +81,45 @@ def test_instance_f1_by_hand():
     truth[6:10, 6:10] = 9  # 16 px
     predicted[6:8, 6:10] = 4  # 8 px inside it: IoU 8 / 16 = 0.5, not above 0.5: no match
     predicted[0:2, 9:12] = 5  # nothing true there: a false positive
-    assert instance_matches(truth, predicted) == (1, 2, 3)
-    assert instance_f1(1, 2, 3) == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))  # 2 TP / (2 TP + FP + FN) = 0.4
-    assert instance_matches(truth, truth * 2) == (2, 2, 2) and instance_f1(2, 2, 2) == 1.0  # ids need not agree
-    assert instance_matches(truth, predicted, threshold=0.4) == (2, 2, 3)
-    assert instance_f1(0, 0, 0) == 1.0 and instance_f1(0, 3, 0) == 0.0
+    counts = object_matching(truth, predicted)
+    assert counts.tolist() == [1, 2, 3, 0.75]
+    scores = matching_scores(counts)
+    expected = {"tp": 1, "fp": 2, "fn": 1, "precision": 1 / 3, "recall": 1 / 2, "accuracy": 1 / 4, "f1": 2 / 5}
+    expected.update(mean_matched_score=0.75, mean_true_score=0.75 / 2, panoptic_quality=0.75 / (1 + 2 / 2 + 1 / 2))
+    assert scores == pytest.approx(expected)
+    assert matching_scores(object_matching(truth, truth * 2))["f1"] == 1.0  # ids need not agree
+    assert matching_scores(object_matching(truth * 0, truth * 0))["f1"] == 1.0  # nothing to find, nothing found
+    assert matching_scores(object_matching(truth, truth * 0))["f1"] == 0.0
+    with pytest.raises(ValueError, match="optimal matching from IoU 0.5"):
+        object_matching(truth, predicted, threshold=0.4)
+
+
+def blob_ids(rng: np.random.Generator, level: float, shift: int = 0) -> np.ndarray:
+    """Object ids of a smooth random field above ``level``, shifted by ``shift`` px: objects of many sizes
+    that merge, split and move between two levels."""
+    field = ndimage_smooth(rng.random((96, 96)))
+    return measure.label(np.roll(field, shift, axis=1) > level, connectivity=1)
+
+
+def test_matching_agrees_with_stardist_per_image_and_over_images():
+    matching = pytest.importorskip("stardist.matching")
+    rng = np.random.default_rng(3)
+    pairs = []
+    for index in range(6):
+        seed = rng.integers(1 << 30)
+        truth = blob_ids(np.random.default_rng(seed), 0.6)
+        predicted = blob_ids(np.random.default_rng(seed), 0.55 + 0.02 * index, shift=index % 3)
+        predicted[rng.random(predicted.shape) > 0.995] = predicted.max() + 1  # specks
+        pairs.append((truth, measure.label(predicted, connectivity=1)))
+    fields = ("tp", "fp", "fn", "precision", "recall", "accuracy", "f1", "mean_matched_score", "panoptic_quality")
+    fields += ("mean_true_score",)
+    # stardist counts IoU = 0.5 as a match, the Data Science Bowl (and this code) only IoU > 0.5
+    strictly_above_half = 0.5 + 1e-6  # above float32 0.5, in which stardist compares
+    for truth, predicted in pairs:
+        theirs = matching.matching(truth, predicted, thresh=strictly_above_half)._asdict()
+        ours = matching_scores(object_matching(truth, predicted))
+        assert theirs["tp"] > 0 and theirs["fp"] > 0 and theirs["fn"] > 0, "the case should have all three"
+        assert {key: ours[key] for key in fields} == pytest.approx({key: theirs[key] for key in fields})
+    theirs = matching.matching_dataset(*zip(*pairs), thresh=strictly_above_half, by_image=False, show_progress=False)
+    ours = matching_scores(sum(object_matching(truth, predicted) for truth, predicted in pairs))
+    assert {key: ours[key] for key in fields} == pytest.approx({key: getattr(theirs, key) for key in fields})

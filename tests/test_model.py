@@ -441,3 +441,15 @@ def test_build_model_builds_the_network_that_the_unet_section_describes():
     }
     assert all(torch.equal(tensor, expected.state_dict()[name]) for name, tensor in built.state_dict().items())
     assert isinstance(built.encoder_dropout, torch.nn.Dropout) and built.encoder_dropout.p == 0.25
+
+
+def test_the_boundary_class_is_one_more_output_after_the_classes():
+    model = UNet(image_channels=1, num_classes=2, input_channels=TINY, padding=1, boundary_class=True)
+    assert (model.num_classes, model.out_channels) == (2, 3)
+    assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="boundary_class must be False, or True with num_classes=2"):
+        UNet(num_classes=3, input_channels=TINY, boundary_class=True)
+    plain = resolve({"unet": {"input_channels": list(TINY)}}).unet
+    assert plain.boundary_class == "auto"
+    assert build_model(plain).out_channels == 2  # without data, auto has no border class
+    assert build_model(plain, boundary_class=True).out_channels == 3

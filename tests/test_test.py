@@ -14,10 +14,14 @@ from skimage import measure
 from skimage.metrics import adapted_rand_error
 
 from model import build_model
-from segmentation.config import resolve
+from segmentation.config import UserError, resolve
+from segmentation.inference.objects import learnt_min_object_size
 from tests.helpers import (
     ROOT,
+    datasets_of,
+    folder_config,
     logged_row,
+    make_id_folder,
     segment,
     tiny_config,
 )
@@ -161,7 +165,39 @@ def test_instance_output_and_object_f1(trained, tmp_path, capsys):
     f1 = 2 * totals[0] / (totals[1] + totals[2])
     line = next(line for line in table.splitlines() if line.strip().startswith("all"))
     assert float(line.split()[-1]) == pytest.approx(f1, abs=1e-4)
-    assert f"{totals[0]} of {totals[1]} true and {totals[2]} predicted objects matched" in table
+    assert f"objects at IoU 0.5: {totals[0]} of {totals[1]} true and {totals[2]} predicted matched" in table
+
+
+@pytest.mark.slow
+def test_id_masks_train_a_border_class_that_test_py_turns_into_objects_and_scores(tmp_path, capsys):
+    make_id_folder(tmp_path, count=6, size=96)
+    split = ["train.val_images=[4]", "train.test_images=[5]", "train.run_name=ids"]
+    summary = train(folder_config(tmp_path, "train.max_epochs=3", *split))
+    best = torch.load(summary["run_weights"] / "best.pt", weights_only=True)
+    assert best["config"]["unet"]["boundary_class"] is True and best["model"]["outc.weight"].shape[0] == 3
+    data = datasets_of(folder_config(tmp_path, *split))
+    assert best["objects"] == {"instance_data": True, "learnt_size": learnt_min_object_size(data.object_areas)}
+    capsys.readouterr()
+    output = tmp_path / "diagnostics"
+    assert (
+        test_script.main(
+            ["--checkpoint", str(summary["run_weights"] / "best.pt"), "--output", str(output), "--instances"]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    found = tifffile.imread(output / "masks" / "n5_instances.tif")
+    mask = skimage.io.imread(output / "masks" / "n5.png")
+    assert np.array_equal(found > 0, mask == 255)  # the mask is that of the objects
+    sizes = np.bincount(found.ravel())[1:]
+    assert sizes.min() >= best["objects"]["learnt_size"]  # nothing smaller than the learnt size is left
+    matched, true_objects, predicted_objects = brute_force_f1(data.test.images[0].instances(), found)
+    assert f"objects at IoU 0.5: {matched} of {true_objects} true and {predicted_objects} predicted matched" in table
+    line = next(line for line in table.splitlines() if line.strip().startswith("all"))
+    assert float(line.split()[-1]) == pytest.approx(2 * matched / (true_objects + predicted_objects), abs=1e-4)
+    # the network decided by these masks is the one a resumed run must keep
+    with pytest.raises(UserError, match="unet.boundary_class: checkpoint True, config False"):
+        train(folder_config(tmp_path, "train.max_epochs=4", *split, "train.resume=auto", "unet.boundary_class=false"))
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
     from segmentation.data.readers import object_instances
     from segmentation.engine.checkpoint import decision_threshold, load_model
     from segmentation.inference.infer import Predictor
-    from segmentation.metrics import instance_f1, instance_matches
+    from segmentation.metrics import matching_scores, object_matching
 
     model, config, state, device = load_model(checkpoint, None, [])
     test = build_datasets(config.unet, config.train, lambda message: None).test
@@ -93,12 +93,12 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
     predictor = Predictor.from_settings(
         model, config.predict, config.augment, config.train.image_scale, False, threshold
     )
-    matched, overlap, total = np.zeros(3, dtype=np.int64), 0, 0
+    matched, overlap, total = np.zeros(4), 0, 0
     for (image, _, _), ids in zip(test, truth):
         classes = predictor.classes(predictor.probabilities(image.to(device))).numpy()
-        matched += instance_matches(ids, object_instances(classes))
+        matched += object_matching(ids, object_instances(classes))
         overlap, total = (
             overlap + np.count_nonzero((classes == 1) & (ids > 0)),
             total + np.count_nonzero(classes == 1) + np.count_nonzero(ids > 0),
         )
-    queue.put({"f1": instance_f1(*matched), "dice": 2 * overlap / total})
+    queue.put({"f1": matching_scores(matched)["f1"], "dice": 2 * overlap / total})

@@ -6,14 +6,17 @@ An entry is a folder ``cache_dir/<image name>-<key>/`` holding
 
 - ``image.npy``  (C, H, W) float16: the image after ``preprocess.normalize_image`` and the resize of
   ``train.image_scale``;
-- ``label.npy``  (H, W) uint8: class indices;
+- ``label.npy``  (H, W) uint8: class indices; for masks of object ids (two classes) the border pixels of
+  each object are ``BOUNDARY`` (2), which ``unet.boundary_class`` learns as a class of its own and
+  training without it reads as the object (``dataset.py`` folds it);
 - ``border.npy`` (H, W) float16: the border term of the paper's weight map (absent where it is 0
   everywhere). The class weights are added per tile (``weight_maps.add_class_weights``), so an entry
   depends neither on the split nor on the class balance;
 - ``instances.npy`` (H, W) uint16 (uint32 beyond 65535 objects): the object ids, for the instance
   scores of validation and test images (only in entries at the image's own size);
-- ``meta.json``: name, shape, channels of the source image, the pixel count of each class and how
-  the mask was read.
+- ``meta.json``: name, shape, channels of the source image, the pixel count of each class, how
+  the mask was read, and the areas (pixels at the image's own size) of its objects that do not touch
+  the image border, from which ``predict.min_object_size: auto`` learns how small an object can be.
 
 The key hashes everything the arrays depend on: the source (the files' path, size and modification
 time, or a synthetic image's seed and index), the settings of preprocessing (``unet.image_channels``,
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from skimage import segmentation
 from tqdm import tqdm
 
 from segmentation.config import TrainSettings, UNetSettings, UserError
@@ -64,6 +68,7 @@ from segmentation.data.preprocess import normalize_image, resize_image, resize_m
 from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import border_weights, class_counts
 
+BOUNDARY = 2  # label value of an object's border pixels in entries of object-id masks (two classes)
 CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
 MIN_PARALLEL = 8  # fewer missing entries are built in this process, without starting workers
 POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the others have built their share
@@ -75,7 +80,8 @@ class PreparedImage:
     ``class_counts`` (pixels of each class), ``has_border`` (False: the border term is 0 everywhere),
     ``mask_read_as`` (``classes``, ``instances`` or ``generated``), ``has_instances`` (the object
     ids are stored: entries at the image's own size, which validation and test images use) and
-    ``mask_values`` (``readers.Sample.mask_values``)."""
+    ``mask_values`` (``readers.Sample.mask_values``), ``object_areas`` (``whole_object_areas`` at the
+    image's own size) and ``has_boundary`` (the label marks the objects' borders as ``BOUNDARY``)."""
 
     folder: Path
     name: str
@@ -86,6 +92,8 @@ class PreparedImage:
     mask_read_as: str = "classes"
     has_instances: bool = False
     mask_values: tuple[float, ...] = ()
+    object_areas: tuple[int, ...] = ()
+    has_boundary: bool = False
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(image (C, H, W) float16, label (H, W) uint8, border (H, W) float16 or None)``, memory-mapped
@@ -220,6 +228,8 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             meta["mask_read_as"],
             bool(meta["instances_dtype"]),
             tuple(meta.get("mask_values", ())),
+            tuple(meta.get("object_areas", ())),
+            meta.get("has_boundary", False),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {first_line(error)}"
@@ -274,11 +284,16 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
     data = sample.read(settings.masks)
     image = normalize_image(data.image, settings.channels)
     label, instances = data.label, data.instances
+    areas = whole_object_areas(instances)
     if scale != 1:
         size = scaled_size(*label.shape, scale)
         image = resize_image(torch.from_numpy(image), size).numpy()
         label, instances = resize_mask(label, size), resize_mask(instances, size)
     border = border_weights(label, instances, settings.w_0, settings.sigma)
+    has_boundary = data.mask_read_as == "instances" and settings.masks.num_classes == 2
+    if has_boundary:
+        # at the network's scale, so that a border stays a line of pixels after train.image_scale
+        label = np.where(segmentation.find_boundaries(instances, mode="inner") & (label > 0), BOUNDARY, label)
     source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
     try:
         # object ids only where validation and test can use them: at the image's own size
@@ -289,10 +304,12 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
             label,
             border,
             source_channels,
-            settings.masks.num_classes,
+            settings.masks.num_classes + has_boundary,
             instances if scale == 1 else None,
             data.mask_read_as,
             data.mask_values,
+            areas,
+            has_boundary,
         )
     except OSError as error:  # a full disk, a folder without write permission
         raise UserError(
@@ -312,6 +329,8 @@ def write_entry(
     instances: np.ndarray | None = None,
     mask_read_as: str = "classes",
     mask_values: tuple[float, ...] = (),
+    object_areas: np.ndarray | None = None,
+    has_boundary: bool = False,
 ) -> PreparedImage:
     """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` and
     ``instances`` (H, W) or None) into a temporary folder, then rename it to ``folder``: it appears
@@ -327,6 +346,8 @@ def write_entry(
         "instances_dtype": None if instances is None else ("uint16" if instances.max(initial=0) < 2**16 else "uint32"),
         "mask_read_as": mask_read_as,
         "mask_values": list(mask_values),
+        "object_areas": [] if object_areas is None else np.asarray(object_areas).tolist(),
+        "has_boundary": has_boundary,
     }
     try:
         temporary.mkdir()
@@ -343,6 +364,17 @@ def write_entry(
         if not (isinstance(error, OSError) and folder.is_dir()):  # else another process built the same entry first
             raise
     return read_entry(folder)[0]
+
+
+def whole_object_areas(instances: np.ndarray) -> np.ndarray:
+    """(N,) int64 pixel counts of the objects of (H, W) ``instances`` (0 = none) that do not touch the image
+    border: the border cuts the others to any size."""
+    counts = np.bincount(instances.ravel().astype(np.int64))
+    edge = np.concatenate([instances[0], instances[-1], instances[:, 0], instances[:, -1]]).astype(np.int64)
+    whole = counts > 0
+    whole[0] = False
+    whole[edge] = False
+    return counts[whole]
 
 
 def wait_for_entry(folder: Path, name: str, waiting: bool) -> PreparedImage:

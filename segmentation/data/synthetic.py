@@ -312,3 +312,180 @@ def touching_nuclei(size: int, rng: np.random.Generator, spacing: float = 17.0) 
     image = np.where(ids > 0, brightness, 0.12) + 0.03 * _smooth_noise(size, spacing, rng)
     image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0.0, 0.04, size=image.shape)
     return np.clip(image, 0.0, 1.0).astype(np.float32), ids
+
+
+def _ellipse_radius(points: np.ndarray, ellipse: np.ndarray) -> np.ndarray:
+    """Normalised radius of ``points`` (..., 2) (row, col) px in ``ellipse`` (..., 5): 1 on its outline.
+
+    ``ellipse`` holds (centre row, centre col, semi-axis a, semi-axis b, angle of a to the columns in
+    radians); the two broadcast against each other. Returns float64 of the broadcast shape.
+    """
+    dy, dx = points[..., 0] - ellipse[..., 0], points[..., 1] - ellipse[..., 1]
+    cos, sin = np.cos(ellipse[..., 4]), np.sin(ellipse[..., 4])
+    return np.hypot((dx * cos + dy * sin) / ellipse[..., 2], (-dx * sin + dy * cos) / ellipse[..., 3])
+
+
+def _drop_detached_pieces(ids: np.ndarray) -> None:
+    """Set to 0, in place, every 4-connected piece of an id in ``ids`` (int) but its largest one."""
+    pieces = measure.label(ids, connectivity=1)
+    sizes = np.bincount(pieces.ravel())
+    owner = np.zeros(sizes.size, ids.dtype)
+    owner[pieces.ravel()] = ids.ravel()
+    # Sorted by owner, then by size, the last piece of each owner is its largest (the background is
+    # piece 0, the only one of owner 0).
+    order = np.lexsort((sizes, owner))
+    largest = order[np.append(owner[order][1:] != owner[order][:-1], True)]
+    keep = np.zeros(sizes.size, bool)
+    keep[largest] = True
+    ids[~keep[pieces]] = 0
+
+
+def clumped_nuclei(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A hard fluorescence-like image of clumped nuclei, with one id per nucleus.
+
+    Harder than :func:`touching_nuclei` in five ways, all drawn from ``rng``:
+
+    - Clumps: a Poisson number of clusters (mean: one per 5000 px^2 of canvas), each of 2 + Poisson(4)
+      nuclei, every one placed next to an earlier one of its cluster so that the two overlap or touch,
+      plus scattered nuclei at uniform positions (mean: one per 4500 px^2). A nucleus whose centre
+      would lie deep inside another (normalised radius below 0.7) is left out. As in
+      :func:`touching_nuclei`, each pixel belongs to the nucleus in whose ellipse it lies deepest (the
+      smallest normalised radius), so overlapping nuclei meet along a line; a sliver of a nucleus cut
+      off by another becomes background.
+    - Sizes: equivalent diameters (twice the geometric mean of the semi-axes) log-uniform from 5 to
+      40 px, so that small nuclei are common; any orientation, axis ratio uniform in [1, 2].
+    - Focus: each nucleus's light is blurred on its own, Gaussian sigma 0.6 + 4 u^2 px (u uniform in
+      [0, 1]: half of them below 1.6 px, some up to 4.6 px), and has its own brightness above the
+      background, log-uniform in [0.03, 0.6] (the noise std is 0.02 to 0.04), so some are barely
+      visible. ``ids`` keep the sharp outlines.
+    - Background: a level of 0.08 to 0.2 plus smooth autofluorescence (std 0.02, correlation length
+      48 px), all under an illumination that changes linearly by 20 to 50 % from the image centre to
+      an edge (in a random direction) and falls by another 20 to 50 % towards the corners
+      (vignetting); then Gaussian noise.
+    - Crops: the nuclei are drawn on a canvas 24 px larger on every side, whose centre is the image,
+      so the image border cuts nuclei, some down to a few pixels. A nucleus that the border cuts into
+      separate pieces gives each piece its own id.
+
+    Parameters
+    ----------
+    size : int
+        Side length of the square image in pixels.
+    rng : numpy.random.Generator
+        Source of randomness; the output is a deterministic function of its state.
+
+    Returns
+    -------
+    image : ndarray of float32, shape (size, size)
+        Gray values in [0, 1]; nuclei are bright on a dark background.
+    ids : ndarray of uint16, shape (size, size)
+        0 = background, 1..n one per nucleus, consecutive, in no particular order; every id covers
+        at least one pixel and is one 4-connected component.
+    """
+    # Wider than the major semi-axis of most nuclei (at most 20 * sqrt(2) px), so that nuclei centred
+    # outside the image reach into it as they would in a crop of a larger field of view.
+    margin = 24
+    canvas = size + 2 * margin
+
+    nuclei = _clustered_ellipses(canvas, rng)
+
+    # Deepest-ellipse partition, computed in each nucleus's bounding box to keep the cost per nucleus
+    # proportional to its area rather than to the canvas.
+    depth = np.full((canvas, canvas), np.inf)
+    ids = np.zeros((canvas, canvas), np.int64)
+    for number, nucleus in enumerate(nuclei, 1):
+        reach = nucleus[2]  # the major semi-axis bounds the ellipse in every direction
+        top, left = np.maximum(np.floor(nucleus[:2] - reach).astype(int), 0)
+        bottom, right = np.minimum(np.ceil(nucleus[:2] + reach).astype(int) + 1, canvas)
+        if top >= bottom or left >= right:
+            continue
+        box = np.s_[top:bottom, left:right]
+        normalised = _ellipse_radius(np.stack(np.mgrid[box], axis=-1), nucleus)
+        deeper = (normalised <= 1.0) & (normalised < depth[box])
+        depth[box][deeper] = normalised[deeper]
+        ids[box][deeper] = number
+
+    # A small nucleus pressed into a large one can cut off a sliver of it; slivers become background
+    # (before the light is drawn, so the image agrees) so that every nucleus is one piece.
+    _drop_detached_pieces(ids)
+
+    # Out of focus: each nucleus's light is blurred with its own sigma, as nuclei at different depths
+    # are; the ids keep the sharp outlines, which is what a segmentation should recover.
+    texture = 1.0 + 0.15 * _smooth_noise(canvas, 4.0, rng)
+    signal = np.zeros((canvas, canvas))
+    for number, found in enumerate(ndimage.find_objects(ids), 1):
+        if found is None:
+            continue
+        sigma = 0.6 + 4.0 * rng.uniform() ** 2
+        level = float(np.exp(rng.uniform(np.log(0.03), np.log(0.6))))
+        pad = int(np.ceil(3.0 * sigma))
+        box = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, canvas)) for s in found)
+        own = ids[box] == number
+        light = np.where(own, level * (1.0 - 0.35 * np.minimum(depth[box], 1.0) ** 2) * texture[box], 0.0)
+        signal[box] += ndimage.gaussian_filter(light, sigma, mode="constant")
+
+    # Illumination in coordinates that are -1 and 1 at the edges of the cropped image, so that the
+    # drawn fall-off is what the image shows.
+    y, x = (np.mgrid[0:canvas, 0:canvas] - (canvas - 1) / 2.0) / (size / 2.0)
+    tilt, direction, vignetting = rng.uniform(0.2, 0.5), rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.2, 0.5)
+    illumination = 1.0 + tilt * (x * np.cos(direction) + y * np.sin(direction)) - 0.5 * vignetting * (x**2 + y**2)
+    background = rng.uniform(0.08, 0.2) + 0.02 * _smooth_noise(canvas, 48.0, rng)
+    image = np.clip(illumination, 0.2, None) * (background + signal)
+    image += rng.normal(0.0, rng.uniform(0.02, 0.04), size=image.shape)
+
+    crop = np.s_[margin : margin + size, margin : margin + size]
+    image, ids = image[crop], ids[crop]
+    # Cutting can split a nucleus that is not convex (pressed by neighbours) in two; each piece is a
+    # separate object in the image, so it gets its own id. Labelling equal-valued 4-connected regions
+    # also numbers the ids 1..n without gaps.
+    ids = measure.label(ids, connectivity=1).astype(np.uint16)
+    return np.clip(image, 0.0, 1.0).astype(np.float32), ids
+
+
+def _clustered_ellipses(canvas: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The nuclei of ``clumped_nuclei`` on a (canvas, canvas) px field: rows of (centre row, centre col,
+    semi-axis a, semi-axis b, angle of a to the columns) in px and radians, drawn cluster by cluster."""
+    area = canvas * canvas
+    nuclei: list[np.ndarray] = []
+
+    def shape() -> tuple[float, float, float]:
+        # a * b is log-uniform, so the equivalent diameter 2 sqrt(a b) is log-uniform in [5, 40] px.
+        mean, ratio = np.exp(rng.uniform(np.log(2.5), np.log(20.0))), rng.uniform(1.0, 2.0)
+        return mean * np.sqrt(ratio), mean / np.sqrt(ratio), rng.uniform(0.0, np.pi)
+
+    def fits(candidate: np.ndarray) -> bool:
+        # Each centre must lie outside the other ellipse shrunk to 0.7: a nucleus placed deeper inside
+        # another would leave it in pieces or hide it.
+        if not nuclei:
+            return True
+        others = np.asarray(nuclei)
+        return bool(
+            np.all(_ellipse_radius(candidate[:2], others) >= 0.7)
+            and np.all(_ellipse_radius(others[:, :2], candidate) >= 0.7)
+        )
+
+    for _cluster in range(rng.poisson(area / 5000.0)):
+        seed = np.array([*rng.uniform(0.0, canvas, size=2), *shape()])
+        if not fits(seed):
+            continue
+        nuclei.append(seed)
+        members = [seed]
+        for _member in range(1 + rng.poisson(4.0)):
+            a, b, angle = shape()
+            for _attempt in range(20):
+                # Next to a random earlier member, 0.75 to 1 times the sum of the two ellipses' extents
+                # along the line through their centres apart, so that the two overlap or touch.
+                parent = members[rng.integers(len(members))]
+                direction = rng.uniform(0.0, 2.0 * np.pi)
+                unit = np.array([np.sin(direction), np.cos(direction)])
+                candidate = np.array([0.0, 0.0, a, b, angle])
+                extents = 1.0 / _ellipse_radius(parent[:2] + unit, parent) + 1.0 / _ellipse_radius(unit, candidate)
+                candidate[:2] = parent[:2] + rng.uniform(0.75, 1.0) * extents * unit
+                if fits(candidate):
+                    members.append(candidate)
+                    nuclei.append(candidate)
+                    break
+    for _isolated in range(rng.poisson(area / 4500.0)):
+        candidate = np.array([*rng.uniform(0.0, canvas, size=2), *shape()])
+        if fits(candidate):
+            nuclei.append(candidate)
+    return nuclei

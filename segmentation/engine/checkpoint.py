@@ -27,9 +27,11 @@ from segmentation.config import (
     merge_overrides,
     resolve,
     split_differences,
+    stored_boundary_class,
 )
 from segmentation.console import first_line, note
 from segmentation.device import resolve_device
+from segmentation.inference.objects import ObjectRules, object_rules
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -87,7 +89,8 @@ def load_checkpoint(path: Path, unet: UNetSettings, train: TrainSettings) -> dic
     return state
 
 
-ADAPTABLE_KEYS = ("num_classes", "image_channels")  # train.init_from starts a new output layer, adapts the first
+# train.init_from starts a new output layer for other classes (or the boundary class), adapts the first convolution
+ADAPTABLE_KEYS = ("num_classes", "image_channels", "boundary_class")
 FIRST_CONVOLUTION = "inc.double_conv.0.weight"  # (widths[0], image_channels, 3, 3)
 
 
@@ -249,7 +252,7 @@ def load_model(
         note(message)
     check_architecture(state, config.unet, checkpoint)
     device = resolve_device(config.train.device)
-    model = build_model(config.unet).to(device)
+    model = build_model(config.unet, stored_boundary_class(state["config"])).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     state["path"] = checkpoint
@@ -268,3 +271,10 @@ def decision_threshold(predict: PredictSettings, state: dict) -> float:
             "(it is stored at the end of training): using 0.5"
         )
     return state.get("threshold", 0.5)
+
+
+def decided_object_rules(predict: PredictSettings, state: dict) -> ObjectRules:
+    """``predict.min_object_size`` and ``predict.fill_holes`` for a checkpoint's predictor, ``auto`` decided
+    by what its run recorded of the training objects (checkpoints from before that record clean nothing)."""
+    record = state.get("objects", {"instance_data": False, "learnt_size": 0})
+    return object_rules(predict.min_object_size, predict.fill_holes, **record)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import EpochSampler, TileDataset, build_datasets
+from dataset import EpochSampler, TileDataset, build_datasets, decided_unet
 from model import build_model, center_crop, output_size
 from segmentation.config import (
     AugmentSettings,
@@ -179,7 +179,9 @@ def overfit_batch(unet: UNetSettings, train: TrainSettings, settings: OverfitSet
     Returns ``fit_one_batch``'s result with ``verdict`` (the printed lines) and ``run_log``.
     """
     device = resolve_device(train.device)
-    batch, warnings = fixed_batch(build_datasets(unet, train, note).train, unet, train)
+    tiles = build_datasets(unet, train, note).train
+    unet = decided_unet(unet, tiles)
+    batch, warnings = fixed_batch(tiles, unet, train)
     run_log = new_run_folder(train, "overfit", config_text)
     print(
         f"overfitting one fixed batch of {train.batch_size} unaugmented {train.tile_size} px tiles on {device}: "
@@ -297,11 +299,12 @@ def hp_search(config: Config) -> dict:
             key = data_key(trial.unet, trial.train)
             if key not in train_sets:
                 train_sets[key] = build_datasets(trial.unet, trial.train, note).train
-            batch, warnings = fixed_batch(train_sets[key], trial.unet, trial.train)
+            unet = decided_unet(trial.unet, train_sets[key])
+            batch, warnings = fixed_batch(train_sets[key], unet, trial.train)
             for warning in warnings:
                 note(warning)
             on_device = [tensor.to(device) for tensor in batch]
-            result = fit_one_batch(trial.unet, trial.train, trial.overfit_one_batch, on_device, device)
+            result = fit_one_batch(unet, trial.train, trial.overfit_one_batch, on_device, device)
             results.append({"trial": number, "values": values, "config": trial, **result})
             outcome = verdict(result, trial.train, trial.overfit_one_batch)[0]
             print(f"trial {number}/{len(configs)}  {describe(values)}: {outcome}", flush=True)
@@ -393,6 +396,7 @@ def lr_find(
     """
     device = resolve_device(train.device)
     train_set = build_datasets(unet, train, note).train
+    unet = decided_unet(unet, train_set)
     check_batch_fits(train.batch_size, len(train_set))
     run_log = new_run_folder(train, "lr_find", config_text)
     torch.manual_seed(train.seed)

@@ -42,6 +42,7 @@ def evaluate(
         log_probabilities = probabilities.clamp_min(1e-12).log()[None]
         losses.append(segmentation_loss(loss_kind, log_probabilities, label[None], weight[None]).item())
         classes = predictor.classes(probabilities)
+        label = label.clamp(max=num_classes - 1)  # the boundary class, where the network has it, is its object's
         uniform += int(classes.min() == classes.max())
         if len(examples) < keep:
             examples.append((dataset.names[index], image.numpy(), label.numpy(), classes.numpy()))
@@ -66,12 +67,26 @@ def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[d
     predictor's watershed cut; returns it and the table of every candidate (``calibrate_threshold``)."""
     cell_probabilities, labels = [], []
     for image, label, _ in dataset:
-        probabilities = predictor.probabilities(image.to(predictor.device))
-        cell_probabilities.append(probabilities[1].cpu().numpy())
-        labels.append(label.numpy())
+        probabilities = predictor.class_probabilities(predictor.probabilities(image.to(predictor.device)).cpu())
+        cell_probabilities.append(probabilities[1].numpy())
+        labels.append(label.clamp(max=1).numpy())
     settings = predictor.settings
     return calibrate_threshold(
         cell_probabilities, labels, metric, settings.watershed_seeds, settings.watershed_min_seed
+    )
+
+
+def calibrate_checkpoint(checkpoint_path: Path, predictor: Predictor, dataset, best_metric: str) -> str:
+    """``predict.threshold: auto`` after training: ``calibrate`` the best checkpoint's ``predictor`` on the
+    validation images for ``train.best_metric`` (``calibration_metric``), store the threshold in the
+    checkpoint, and return the line that says so."""
+    score = calibration_metric(best_metric)
+    threshold, table = calibrate(predictor, dataset, score)
+    store_threshold(checkpoint_path, threshold, table)
+    at = {row["threshold"]: row for row in table}
+    return (
+        f"calibrated predict.threshold on {len(dataset)} validation images: {threshold:.2f} "
+        f"({score} {at[threshold][score]:.4f}; at 0.50: {at[0.5][score]:.4f}), stored in {checkpoint_path}"
     )
 
 

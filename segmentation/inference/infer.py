@@ -37,7 +37,9 @@ from segmentation.data.preprocess import (
     scaled_size,
     take_window,
 )
+from segmentation.data.readers import object_instances
 from segmentation.device import bf16_supported, memory_description, release_cached_memory
+from segmentation.inference.objects import ObjectRules, cleaned_objects, objects_from_boundary_probabilities
 from segmentation.metrics import image_scores, pool_scores
 
 DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
@@ -145,7 +147,7 @@ def predict_probabilities(
     weight = gaussian_importance_map(tile_height, tile_width) if padding else None
 
     device = next(model.parameters()).device
-    total = torch.zeros(model.num_classes, *frame)
+    total = torch.zeros(getattr(model, "out_channels", model.num_classes), *frame)
     # padding 0: output tiles meet or overlap with equal values, so each is written, not blended
     weight_sum = torch.zeros(frame) if padding else None
     with evaluating(model), torch.inference_mode():
@@ -192,6 +194,9 @@ class Predictor:
     threshold : float, optional
         Two classes: class 1 where its probability >= this; default ``settings.threshold``, or 0.5
         while that is ``auto`` and not yet calibrated.
+    rules : ObjectRules, optional
+        Two classes: how objects are cleaned (``objects.ObjectRules``); while they are active, or the
+        network has the boundary class, the mask of class 1 is that of the objects.
 
     The predictor keeps its own ``batch_size`` (from ``settings.batch_size``): when the device runs out
     of memory it is halved, down to 1 with a note, and the image predicted again; the smaller batch
@@ -205,8 +210,10 @@ class Predictor:
         image_scale: float = 1.0,
         transforms: bool | Sequence[tuple[int, bool]] = False,
         threshold: float | None = None,
+        rules: ObjectRules | None = None,
     ):
         self.model, self.settings, self.image_scale, self.transforms = model, settings, image_scale, transforms
+        self.rules = rules or ObjectRules()
         self.batch_size = settings.batch_size
         automatic = settings.threshold == "auto"
         self.threshold = threshold if threshold is not None else 0.5 if automatic else settings.threshold
@@ -220,18 +227,20 @@ class Predictor:
         image_scale: float = 1.0,
         tta: bool = False,
         threshold: float | None = None,
+        rules: ObjectRules | None = None,
     ) -> Predictor:
         """A predictor with test-time augmentation where ``predict.tta`` or ``tta`` asks for it, over the
         transforms that the ``augment`` section trained the model for (``tta_transforms``)."""
         transforms = tta_transforms(augment) if tta or predict.tta else False
-        return cls(model, predict, image_scale, transforms, threshold)
+        return cls(model, predict, image_scale, transforms, threshold, rules)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def probabilities(self, image: Tensor) -> Tensor:
-        """(K, H, W) float32 class probabilities on the CPU of a (C, H, W) normalised image (on any
+        """(K, H, W) float32 probabilities of the network's outputs on the CPU (K = ``model.out_channels``:
+        the classes, then the boundary where the network has it) of a (C, H, W) normalised image (on any
         device): ``predict_probabilities`` at each test-time scale, averaged."""
         scales = self.settings.scales
         tile_size = None if self.settings.tile_size in (None, "auto") else self.settings.tile_size
@@ -261,11 +270,42 @@ class Predictor:
                     "(tiles per forward pass), retrying"
                 )
 
-    def classes(self, probabilities: Tensor) -> Tensor:
-        """(H, W) int64 class indices of (K, H, W) probabilities, as ``predicted_classes`` decides them at
-        the predictor's threshold and with the settings' watershed cut."""
-        settings = self.settings
+    def class_probabilities(self, probabilities: Tensor) -> Tensor:
+        """(num_classes, H, W) probabilities of the user's classes: the boundary's joins class 1, the objects."""
+        if probabilities.shape[0] == self.model.num_classes:
+            return probabilities
+        return torch.stack([probabilities[0], probabilities[1:].sum(0)])
+
+    @property
+    def decides_by_objects(self) -> bool:
+        """Whether the mask of two classes is that of the objects (cleaned, or grown from the boundary's seeds)."""
+        return self.model.num_classes == 2 and (self.rules.active or self.model.boundary_class)
+
+    def classes(self, probabilities: Tensor, objects: np.ndarray | None = None) -> Tensor:
+        """(H, W) int64 class indices of the network's (K, H, W) probabilities: class 1 where ``objects``
+        (``self.objects`` of them, computed unless given) are, where the predictor decides by objects; else
+        as ``predicted_classes`` decides them at the predictor's threshold and with the watershed cut."""
+        if self.decides_by_objects:
+            objects = self.objects(probabilities) if objects is None else objects
+            return torch.from_numpy(objects > 0).long()
+        settings, probabilities = self.settings, self.class_probabilities(probabilities)
         return predicted_classes(probabilities, self.threshold, settings.watershed_seeds, settings.watershed_min_seed)
+
+    def objects(self, probabilities: Tensor) -> np.ndarray:
+        """(H, W) int32 object ids (0 = none) of two classes' (K, H, W) probabilities: grown from the
+        insides where the network has the boundary class, else the 4-connected components of class 1
+        (after the watershed cut), then cleaned by the predictor's ``rules``."""
+        settings = self.settings
+        if self.model.boundary_class:
+            ids = objects_from_boundary_probabilities(
+                probabilities.numpy(), self.threshold, settings.watershed_min_seed
+            )
+        else:
+            classes = predicted_classes(
+                probabilities, self.threshold, settings.watershed_seeds, settings.watershed_min_seed
+            ).numpy()
+            ids = object_instances(classes)
+        return cleaned_objects(ids, self.rules) if self.rules.active else ids
 
     def memory_advice(self, tile_size: int | None) -> str:
         """The one line for running out of memory with a batch of one tile."""

@@ -219,7 +219,8 @@ def export_package(
     ``.zip``, written whole or not at all), its test tensors from ``image`` (C, H, W), a validation image,
     and ``validation`` (what its README's ``# Validation`` says). Returns the files packed and the
     largest differences of the TorchScript and ONNX outputs from PyTorch's."""
-    names = class_names(train.dataset_name, unet.num_classes)
+    unet = dataclasses.replace(unet, boundary_class=model.boundary_class)  # auto, as the checkpoint decided it
+    names = class_names(train.dataset_name, unet.num_classes) + ["border"] * model.boundary_class
     folder = Path(tempfile.mkdtemp(prefix="unet-package-"))
     try:
         files = {

@@ -187,12 +187,14 @@ def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], nam
     them, and whether it is a single class everywhere (``uniform``)."""
     normalized = normalize_image(image, predictor.model.image_channels)
     result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
-    classes = predictor.classes(result).numpy()
+    objects = predictor.objects(result) if predictor.model.num_classes == 2 else None
+    classes = predictor.classes(result, objects).numpy()
+    result = predictor.class_probabilities(result)
     page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}
     if "probability" in outputs:
         page["probability"] = result[1 if result.shape[0] > 1 else 0].numpy().astype(np.float32)
     if "instances" in outputs:
-        objects = object_instances(classes)
+        objects = object_instances(classes) if objects is None else objects
         if objects.max() >= 2**16:
             raise UserError(
                 f"{name}: {objects.max()} objects, more than a uint16 TIFF of object ids holds (65535): split the image"
@@ -281,6 +283,7 @@ def predict_large_image(
         normalized = normalize_image(band, channels, statistics)
         result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
         classes = predictor.classes(result).numpy()
+        result = predictor.class_probabilities(result)
         masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
         if cells is not None:
             cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()

@@ -23,13 +23,12 @@ from dataset import WholeImageDataset
 from losses import segmentation_loss
 from segmentation.console import note
 from segmentation.data.preprocess import network_margin, pad_for_model
-from segmentation.data.readers import object_instances
 from segmentation.inference.infer import Predictor, evaluating, uniform_prediction_note
 from segmentation.inference.predict import mask_image
 from segmentation.metrics import (
     image_scores,
-    instance_f1,
-    instance_matches,
+    matching_scores,
+    object_matching,
     pool_scores,
     segmentation_scores,
 )
@@ -53,13 +52,14 @@ def diagnose(
     """Masks, figures and a printed table of scores for every image of ``dataset`` (the ``test`` or
     ``val`` images, as ``split`` names them), predicted and decided by ``predictor``; returns the
     overall scores. The scores are those of the masks written to ``output/masks``; with two classes
-    also the instance F1 at IoU 0.5 of the predicted objects against the true ones, and with
-    ``instances`` their ids as ``masks/<name>_instances.tif``. ``loss_kind`` (``train.loss``) is the
+    also the F1 at IoU 0.5 of the predicted objects (``predictor.objects``) against the true ones per
+    image, and stardist's matching fields over all images (``matching_line``), and with ``instances``
+    their ids as ``masks/<name>_instances.tif``. ``loss_kind`` (``train.loss``) is the
     loss whose gradients the saliency and gradient-norm figures show."""
     num_classes = predictor.model.num_classes
     (output / "masks").mkdir(parents=True, exist_ok=True)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    cell_scores, objects, uniform = [], np.zeros(3, dtype=np.int64), []
+    cell_scores, objects, uniform = [], np.zeros(4), []
     images = "test images" if split == "test" else "validation images"
     threshold = f", class 1 at probability >= {predictor.threshold:.2f}" if num_classes == 2 else ""
     print(f"{len(dataset)} {images}{threshold}")
@@ -68,18 +68,19 @@ def diagnose(
     for index, (image, label, weight) in enumerate(dataset):
         probabilities = predictor.probabilities(image.to(predictor.device)).cpu()
         name = dataset.names[index]
-        classes = predictor.classes(probabilities).numpy()
+        found = predictor.objects(probabilities) if num_classes == 2 else None
+        classes = predictor.classes(probabilities, found).numpy()
         written = write_mask(output / "masks" / f"{Path(name).stem}.png", classes, num_classes)
+        label = label.clamp(max=num_classes - 1)  # the boundary class, where the network has it, is its object's
         confusion, cells = image_scores(torch.from_numpy(written), label, num_classes)
         total += confusion
         scores = {**segmentation_scores(confusion), **(cells or {})}
         if cells:
             cell_scores.append(cells)
-        if num_classes == 2:
-            found = object_instances(written)
-            matched = instance_matches(dataset.images[index].instances(), found)
+        if found is not None:
+            matched = object_matching(dataset.images[index].instances(), found)
             objects += matched
-            scores["object_f1"] = instance_f1(*matched)
+            scores["object_f1"] = matching_scores(matched)["f1"]
             if instances:
                 path = output / "masks" / f"{Path(name).stem}_instances.tif"
                 tifffile.imwrite(
@@ -89,18 +90,17 @@ def diagnose(
             uniform.append(name)
         print(table_line(name, scores, columns))
         figures = (output, split, index, name)
-        save_image_figures(
-            predictor.model, loss_kind, figures, (image, label, weight), classes, probabilities, scores, layers
-        )
+        shown = predictor.class_probabilities(probabilities)  # the user's classes, the border in its object
+        save_image_figures(predictor.model, loss_kind, figures, (image, label, weight), classes, shown, scores, layers)
     overall = pool_scores(total, cell_scores)
     if num_classes == 2:
-        overall["object_f1"] = instance_f1(*objects)
+        overall.update({f"object_{key}": value for key, value in matching_scores(objects).items()})
     print(table_line("all", overall, columns))
     if num_classes == 2:
+        print(matching_line(objects))
         print(
             "(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; "
-            f"means over images. Object F1: {objects[0]} of {objects[1]} true and {objects[2]} predicted objects "
-            "matched at IoU > 0.5)"
+            "means over images. Objects: the true ids against the predicted objects, matched at IoU > 0.5)"
         )
     if uniform:
         note(uniform_prediction_note(uniform, len(dataset), images))
@@ -108,6 +108,18 @@ def diagnose(
         f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png"
     )
     return overall
+
+
+def matching_line(counts: np.ndarray) -> str:
+    """stardist's matching fields at IoU 0.5 of ``object_matching`` counts summed over images, as one line."""
+    scores = matching_scores(counts)
+    fields = ("precision", "recall", "accuracy", "f1", "mean_matched_score", "panoptic_quality")
+    named = ", ".join(f"{key.replace('mean_matched_score', 'mean matched IoU')} {scores[key]:.4f}" for key in fields)
+    true_objects, predicted_objects = int(counts[1]), int(counts[2])
+    return (
+        f"objects at IoU 0.5: {int(scores['tp'])} of {true_objects} true and {predicted_objects} predicted matched; "
+        f"{named.replace('_', ' ')}"
+    )
 
 
 def write_mask(path: Path, classes: np.ndarray, num_classes: int) -> np.ndarray:
