@@ -251,8 +251,8 @@ class DataSets:
     images (``test`` None without test images), the ``class_weights`` ((K,) float32 or None) and an
     ``example``: the normalised image (C, H, W), label (H, W) and weight map (H, W) of the first
     training image, for the weight-map figure. ``instance_data``: every training mask was read as object
-    ids; ``boundary_class``: ``unet.boundary_class`` as the data decides ``auto`` (for object ids of two
-    classes); ``object_areas``: (N,) pixels of the training images' whole objects (``cache.whole_object_areas``)."""
+    ids (``train.label_classes`` says whether the network learns their borders, ``decided_unet``);
+    ``object_areas``: (N,) pixels of the training images' whole objects (``cache.whole_object_areas``)."""
 
     train: TileDataset
     val: WholeImageDataset
@@ -260,7 +260,6 @@ class DataSets:
     class_weights: np.ndarray | None
     example: tuple[np.ndarray, np.ndarray, np.ndarray]
     instance_data: bool = False
-    boundary_class: bool = False
     object_areas: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def object_record(self) -> dict:
@@ -317,7 +316,6 @@ def build_datasets(
         class_weights,
         example,
         instance_data,
-        boundary,
         np.array([area for image in train_images for area in image.object_areas], dtype=np.int64),
     )
 

@@ -217,7 +217,7 @@ def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
     make_id_folder(tmp_path)
     config = folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]")
     data = datasets_of(config)
-    assert data.instance_data and data.boundary_class and len(data.class_weights) == 3
+    assert data.instance_data and data.train.label_classes == 3 and len(data.class_weights) == 3
     # a test image's entry (at its own size): the border pixels of each object, as scikit-image finds
     # them on the stored ids (touching objects already parted by a 1 px line), are class 2
     entry = data.test.images[0]
@@ -236,7 +236,7 @@ def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
     two = datasets_of(
         folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]", "unet.boundary_class=false")
     )
-    assert not two.boundary_class and len(two.class_weights) == 2
+    assert two.train.label_classes == 2 and len(two.class_weights) == 2
     _, folded, _ = two.test[0]
     assert np.array_equal(folded.numpy(), (expected > 0).astype(np.int64))  # the border is its object's again
 
@@ -244,7 +244,7 @@ def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
 def test_class_masks_keep_two_classes_and_cannot_learn_borders(tmp_path):
     make_rgb_folder(tmp_path, rgb=False)
     data = datasets_of(plain_folder_config(tmp_path))
-    assert not data.instance_data and not data.boundary_class and len(data.class_weights) == 2
+    assert not data.instance_data and data.train.label_classes == 2 and len(data.class_weights) == 2
     assert data.object_record()["instance_data"] is False
     with pytest.raises(UserError, match="unet.boundary_class: true learns the borders of objects from masks of ob"):
         datasets_of(plain_folder_config(tmp_path, "unet.boundary_class=true"))

@@ -283,10 +283,12 @@ class Predictor:
 
     def classes(self, probabilities: Tensor, objects: np.ndarray | None = None) -> Tensor:
         """(H, W) int64 class indices of the network's (K, H, W) probabilities: class 1 where ``objects``
-        (``self.objects`` of them, computed unless given) are, where the predictor decides by objects; else
-        as ``predicted_classes`` decides them at the predictor's threshold and with the watershed cut."""
-        if self.decides_by_objects:
-            objects = self.objects(probabilities) if objects is None else objects
+        (``self.objects`` of the same probabilities, where the caller has them) are, or where the predictor
+        decides by objects; else as ``predicted_classes`` decides them at the predictor's threshold and with
+        the watershed cut (whose class 1 the uncleaned objects cover exactly)."""
+        if objects is None and self.decides_by_objects:
+            objects = self.objects(probabilities)
+        if objects is not None:
             return torch.from_numpy(objects > 0).long()
         settings, probabilities = self.settings, self.class_probabilities(probabilities)
         return predicted_classes(probabilities, self.threshold, settings.watershed_seeds, settings.watershed_min_seed)

@@ -187,7 +187,8 @@ def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], nam
     them, and whether it is a single class everywhere (``uniform``)."""
     normalized = normalize_image(image, predictor.model.image_channels)
     result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
-    objects = predictor.objects(result) if predictor.model.num_classes == 2 else None
+    wanted = predictor.decides_by_objects or ("instances" in outputs and predictor.model.num_classes == 2)
+    objects = predictor.objects(result) if wanted else None
     classes = predictor.classes(result, objects).numpy()
     result = predictor.class_probabilities(result)
     page = {"classes": classes, "mask": mask_image(classes, result.shape[0]), "uniform": classes.min() == classes.max()}

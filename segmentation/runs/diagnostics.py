@@ -110,16 +110,22 @@ def diagnose(
     return overall
 
 
+MATCHING_FIELDS = {  # matching_scores' keys, as the line names them
+    "precision": "precision",
+    "recall": "recall",
+    "accuracy": "accuracy",
+    "f1": "f1",
+    "mean_matched_score": "mean matched IoU",
+    "panoptic_quality": "panoptic quality",
+}
+
+
 def matching_line(counts: np.ndarray) -> str:
     """stardist's matching fields at IoU 0.5 of ``object_matching`` counts summed over images, as one line."""
     scores = matching_scores(counts)
-    fields = ("precision", "recall", "accuracy", "f1", "mean_matched_score", "panoptic_quality")
-    named = ", ".join(f"{key.replace('mean_matched_score', 'mean matched IoU')} {scores[key]:.4f}" for key in fields)
-    true_objects, predicted_objects = int(counts[1]), int(counts[2])
-    return (
-        f"objects at IoU 0.5: {int(scores['tp'])} of {true_objects} true and {predicted_objects} predicted matched; "
-        f"{named.replace('_', ' ')}"
-    )
+    named = ", ".join(f"{label} {scores[key]:.4f}" for key, label in MATCHING_FIELDS.items())
+    matched, true_objects, predicted_objects = int(counts[0]), int(counts[1]), int(counts[2])
+    return f"objects at IoU 0.5: {matched} of {true_objects} true and {predicted_objects} predicted matched; {named}"
 
 
 def write_mask(path: Path, classes: np.ndarray, num_classes: int) -> np.ndarray:
