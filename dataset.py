@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from model import output_size
-from segmentation.config import TrainSettings, UNetSettings, UserError
+from segmentation.config import UserError
 from segmentation.data.cache import PreparedImage, PreprocessingSettings, prepare_images
 from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
-from segmentation.data.weight_maps import add_class_weights, balanced_class_weights
-from segmentation.inference.objects import learnt_min_object_size
+from segmentation.data.weight_maps import add_class_weights
+from segmentation.plan import Plan, class_totals, decide_plan
+from segmentation.settings import DataSettings, PredictSettings, UNetSettings
 
 
 class TileDataset(Dataset):
@@ -178,17 +178,17 @@ def fold_indices(count: int, folds: int, fold: int, order: str, seed: int) -> li
     return sorted(np.array_split(indices, folds)[fold].tolist())
 
 
-def list_samples(train: TrainSettings, num_classes: int) -> tuple[list, list | None]:
+def list_samples(data: DataSettings, num_classes: int, seed: int) -> tuple[list, list | None]:
     """``(training samples, validation samples or None)`` of the configured data set, not yet read
-    (``readers.FileSample``, ``synthetic.SyntheticSample``).
+    (``readers.FileSample``, ``synthetic.SyntheticSample``; synthetic images drawn from ``seed``).
 
     Validation samples come from the data set's own split (Penn-Fudan's ``valid_*`` folders) or from
     ``train.val_data``; None means: split ``train.val_fraction`` off the training samples.
     """
-    name, root = train.dataset_name, Path(train.data)
+    name, root = data.dataset_name, Path(data.data)
     if name == "synthetic":
-        size, count = train.synthetic_size, train.synthetic_images
-        samples = [SyntheticSample(f"synthetic {i}", train.seed, i, size, num_classes) for i in range(count)]
+        size, count = data.synthetic_size, data.synthetic_images
+        samples = [SyntheticSample(f"synthetic {i}", seed, i, size, num_classes) for i in range(count)]
         val_samples = None
     else:
         if not root.exists():
@@ -202,8 +202,8 @@ def list_samples(train: TrainSettings, num_classes: int) -> tuple[list, list | N
             samples, val_samples = read_pennfudan(root)
         else:
             samples, val_samples = read_folder_pairs(root / "images", root / "masks"), None
-    if train.val_data:
-        val_root = Path(train.val_data)
+    if data.val_data:
+        val_root = Path(data.val_data)
         if name == "isbi2012":
             val_samples = read_isbi2012(val_root)
         else:
@@ -211,23 +211,26 @@ def list_samples(train: TrainSettings, num_classes: int) -> tuple[list, list | N
     return samples, val_samples
 
 
-def split_samples(train: TrainSettings, count: int, own_validation: bool) -> tuple[list[int], list[int], list[int]]:
+def split_samples(
+    data: DataSettings, count: int, own_validation: bool, seed: int
+) -> tuple[list[int], list[int], list[int]]:
     """Indices of the training, validation and test images among ``count`` samples: test images from
     fold ``train.fold`` of ``train.folds`` or from ``train.test_images``, validation from
-    ``train.val_images`` or a ``train.val_fraction`` of the rest drawn from the split seed (none where
-    the data set brings its own validation images)."""
-    if train.folds:
-        test_index = fold_indices(count, train.folds, train.fold, train.fold_order, train.effective_split_seed)
+    ``train.val_images`` or a ``train.val_fraction`` of the rest drawn from the split seed
+    (``train.split_seed``, else ``seed``; none where the data set brings its own validation images)."""
+    split_seed = data.split_seed_or(seed)
+    if data.folds:
+        test_index = fold_indices(count, data.folds, data.fold, data.fold_order, split_seed)
     else:
-        test_index = sorted(set(train.test_images or []))
+        test_index = sorted(set(data.test_images or []))
     outside = [i for i in test_index if not 0 <= i < count]
     if outside:
         raise UserError(f"train.test_images: {outside} not among the {count} images (0..{count - 1})")
     pool = [i for i in range(count) if i not in test_index]
     if own_validation:
         train_index, val_index = pool, []
-    elif train.val_images:
-        val_index = sorted(set(train.val_images))
+    elif data.val_images:
+        val_index = sorted(set(data.val_images))
         outside = [i for i in val_index if not 0 <= i < count]
         if outside:
             raise UserError(f"train.val_images: {outside} not among the {count} images (0..{count - 1})")
@@ -238,7 +241,7 @@ def split_samples(train: TrainSettings, count: int, own_validation: bool) -> tup
             )
         train_index = [i for i in pool if i not in val_index]
     else:
-        train_part, val_part = split_indices(len(pool), train.val_fraction, train.effective_split_seed)
+        train_part, val_part = split_indices(len(pool), data.val_fraction, split_seed)
         train_index, val_index = [pool[i] for i in train_part], [pool[i] for i in val_part]
     if not train_index:
         raise UserError("train.val_images and train.test_images hold every image: leave some for training")
@@ -246,99 +249,99 @@ def split_samples(train: TrainSettings, count: int, own_validation: bool) -> tup
 
 
 @dataclass
+class PreparedData:
+    """The configured images, split and in the preprocessing cache (``prepare_data``): the cache entries
+    (``cache.PreparedImage``) of the ``train``, ``val`` and ``test`` images, from which a run's plan is
+    decided (``plan.decide_plan``) and its datasets built (``build_datasets``)."""
+
+    train: list[PreparedImage]
+    val: list[PreparedImage]
+    test: list[PreparedImage]
+
+
+@dataclass
 class DataSets:
     """What training needs from the data (``build_datasets``): ``train`` tiles, whole ``val`` and ``test``
-    images (``test`` None without test images), the ``class_weights`` ((K,) float32 or None) and an
-    ``example``: the normalised image (C, H, W), label (H, W) and weight map (H, W) of the first
-    training image, for the weight-map figure. ``instance_data``: every training mask was read as object
-    ids (``train.label_classes`` says whether the network learns their borders, ``decided_unet``);
-    ``object_areas``: (N,) pixels of the training images' whole objects (``cache.whole_object_areas``)."""
+    images (``test`` None without test images) and an ``example``: the normalised image (C, H, W), label
+    (H, W) and weight map (H, W) of the first training image, for the weight-map figure."""
 
     train: TileDataset
     val: WholeImageDataset
     test: WholeImageDataset | None
-    class_weights: np.ndarray | None
     example: tuple[np.ndarray, np.ndarray, np.ndarray]
-    instance_data: bool = False
-    object_areas: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    def object_record(self) -> dict:
-        """What checkpoints keep of the training objects for the predictor (``objects.object_rules``'s
-        ``instance_data`` and ``learnt_size``): whether the masks held object ids, and the size below which
-        ``predict.min_object_size: auto`` removes a predicted object."""
-        return {"instance_data": self.instance_data, "learnt_size": learnt_min_object_size(self.object_areas)}
 
 
-def build_datasets(
-    unet: UNetSettings, train: TrainSettings, note: Callable[[str], None] = print, rank: int = 0, world_size: int = 1
-) -> DataSets:
-    """The configured images, split, preprocessed into the cache once (``cache.prepare_images``; under
-    torchrun the processes ``rank`` of ``world_size`` share the work) and read lazily from there, as
-    training tiles and whole validation and test images."""
-    try:
-        out_size = output_size(train.tile_size, unet.depth, unet.padding)
-    except ValueError as error:
-        raise UserError(f"train.tile_size: {error}") from None
-    samples, val_samples = list_samples(train, unet.num_classes)
-    train_index, val_index, test_index = split_samples(train, len(samples), own_validation=val_samples is not None)
+def prepare_data(
+    data: DataSettings,
+    image_channels: int,
+    num_classes: int,
+    seed: int,
+    note: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PreparedData:
+    """The configured images (``data``; ``unet.image_channels`` and ``num_classes``; ``train.seed`` draws
+    the synthetic images and, without ``train.split_seed``, the split), split, preprocessed into the cache
+    once (``cache.prepare_images``; under torchrun the processes ``rank`` of ``world_size`` share the work)
+    and read lazily from there."""
+    samples, val_samples = list_samples(data, num_classes, seed)
+    split = split_samples(data, len(samples), own_validation=val_samples is not None, seed=seed)
+    train_index, val_index, test_index = split
     val_samples = val_samples if val_samples is not None else [samples[i] for i in val_index]
     parts = [[samples[i] for i in train_index], val_samples, [samples[i] for i in test_index]]
     # training tiles come from rescaled images; validation and test images keep their size, and the
     # predictor rescales them on the way in and the probabilities on the way out
-    scales = [train.image_scale] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
-    settings = PreprocessingSettings.from_settings(unet, train)
+    scales = [data.image_scale] * len(parts[0]) + [1.0] * (len(parts[1]) + len(parts[2]))
+    settings = PreprocessingSettings.from_settings(image_channels, num_classes, data)
     every = [sample for part in parts for sample in part]
-    prepared = prepare_images(every, scales, settings, train.cache_dir, note, rank, world_size)
-    if train.mask_type == "auto" and train.mask_values is None:
-        prepared = one_mask_reading(every, prepared, scales, settings, train.cache_dir, note, rank, world_size)
-    train_images, val_images = prepared[: len(parts[0])], prepared[len(parts[0]) : len(parts[0]) + len(parts[1])]
-    test_images = prepared[len(parts[0]) + len(parts[1]) :]
-    channels = sorted({image.source_channels for image in train_images + val_images})
-    if channels != [unet.image_channels]:
-        found = " or ".join(map(str, channels))
-        note(f"images have {found} channel(s) but unet.image_channels is {unet.image_channels}: converting them")
-    mapped = train.mask_values is not None or train.mask_colors is not None
-    if train.mask_type == "auto" and not mapped and (train.dataset_name == "folder" or train.val_data):
-        note(mask_decision(prepared))
-    instance_data = all(image.mask_read_as == "instances" for image in train_images)
-    boundary = resolved_boundary_class(unet, instance_data, prepared)
-    classes = unet.num_classes + boundary
-    note(data_summary(train_images, val_images, test_images, classes))
-    class_weights = configured_class_weights(train.class_weights, train_images, classes)
-    tiles = TileDataset(
-        train_images, class_weights, train.tile_size, out_size, train.samples_per_image, train.seed, classes
+    prepared = prepare_images(every, scales, settings, data.cache_dir, note, rank, world_size)
+    if data.mask_type == "auto" and data.mask_values is None:
+        prepared = one_mask_reading(every, prepared, scales, settings, data.cache_dir, note, rank, world_size)
+    train_count, val_count = len(parts[0]), len(parts[1])
+    result = PreparedData(
+        prepared[:train_count], prepared[train_count : train_count + val_count], prepared[train_count + val_count :]
     )
-    example = tuple(tensor.numpy() for tensor in WholeImageDataset(train_images[:1], class_weights, classes)[0])
+    channels = sorted({image.source_channels for image in result.train + result.val})
+    if channels != [image_channels]:
+        found = " or ".join(map(str, channels))
+        note(f"images have {found} channel(s) but unet.image_channels is {image_channels}: converting them")
+    mapped = data.mask_values is not None or data.mask_colors is not None
+    if data.mask_type == "auto" and not mapped and (data.dataset_name == "folder" or data.val_data):
+        note(mask_decision(prepared))
+    return result
+
+
+def build_datasets(
+    prepared: PreparedData, plan: Plan, samples_per_image: int, seed: int, note: Callable[[str], None] = print
+) -> DataSets:
+    """The training tiles and whole validation and test images of ``prepared``, labelled, weighted and cut
+    as the run's ``plan`` decided (its label classes, class weights and tile sizes), ``samples_per_image``
+    random tiles per training image and epoch drawn from ``seed``; the data's summary line goes to ``note``."""
+    classes = plan.label_classes
+    note(data_summary(prepared.train, prepared.val, prepared.test, classes))
+    weights = None if plan.class_weights is None else np.asarray(plan.class_weights, dtype=np.float32)
+    tiles = TileDataset(prepared.train, weights, plan.tile_size, plan.output_size, samples_per_image, seed, classes)
+    example = tuple(tensor.numpy() for tensor in WholeImageDataset(prepared.train[:1], weights, classes)[0])
     return DataSets(
         tiles,
-        WholeImageDataset(val_images, class_weights, classes),
-        WholeImageDataset(test_images, class_weights, classes) if test_images else None,
-        class_weights,
+        WholeImageDataset(prepared.val, weights, classes),
+        WholeImageDataset(prepared.test, weights, classes) if prepared.test else None,
         example,
-        instance_data,
-        np.array([area for image in train_images for area in image.object_areas], dtype=np.int64),
     )
 
 
-def decided_unet(unet: UNetSettings, tiles: TileDataset) -> UNetSettings:
-    """``unet`` with ``boundary_class: auto`` decided as the training tiles' labels have it
-    (``resolved_boundary_class``)."""
-    return dataclasses.replace(unet, boundary_class=tiles.label_classes > unet.num_classes)
-
-
-def resolved_boundary_class(unet: UNetSettings, instance_data: bool, prepared: Sequence[PreparedImage]) -> bool:
-    """``unet.boundary_class``, ``auto`` decided: the object borders are a class of their own where the
-    training masks hold object ids of two classes. ``true`` on masks read as classes is a UserError: their
-    objects' borders are not known."""
-    if unet.boundary_class == "auto":
-        return instance_data and unet.num_classes == 2
-    if unet.boundary_class and not instance_data:
-        named = next(image.name for image in prepared if image.mask_read_as != "instances")
-        raise UserError(
-            f"unet.boundary_class: true learns the borders of objects from masks of object ids, but the masks "
-            f"were read as classes (e.g. {named}): set train.mask_type: instances, or unet.boundary_class: false"
-        )
-    return bool(unet.boundary_class)
+def planned_datasets(
+    unet: UNetSettings,
+    data: DataSettings,
+    predict: PredictSettings,
+    seed: int,
+    note: Callable[[str], None] = print,
+) -> tuple[Plan, DataSets]:
+    """A new run's data: the images prepared (``prepare_data``), the run's plan decided from them
+    (``plan.decide_plan``) and the datasets it cuts (``build_datasets``)."""
+    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note)
+    plan = decide_plan(unet, data, predict, prepared.train, note)
+    return plan, build_datasets(prepared, plan, data.samples_per_image, seed, note)
 
 
 def data_summary(
@@ -423,28 +426,6 @@ def mask_decision(prepared: Sequence[PreparedImage]) -> str:
         f"foreground = id > 0, the ids feeding the border weights ({because}, e.g. {instances[0]}){and_classes}; "
         "set train.mask_type to decide yourself"
     )
-
-
-def configured_class_weights(setting, train_images: Sequence[PreparedImage], num_classes: int) -> np.ndarray | None:
-    """``train.class_weights``: ``balanced`` (from the pixel counts of the training images), ``none``
-    (None) or the given list, as (K,) float32."""
-    if setting == "balanced":
-        return balanced_class_weights(class_totals(train_images, num_classes))
-    if setting == "none":
-        return None
-    weights = list(setting)
-    # one weight per user class with the boundary class on: the border weighs as its object
-    return np.asarray(weights + weights[-1:] * (num_classes - len(weights)), dtype=np.float32)
-
-
-def class_totals(images: Sequence[PreparedImage], classes: int) -> np.ndarray:
-    """(classes,) int64 pixel counts of ``images``, their labels folded as the datasets fold them."""
-    totals = np.zeros(classes, dtype=np.int64)
-    for image in images:
-        counts = np.asarray(image.class_counts, dtype=np.int64)
-        totals[: classes - 1] += counts[: classes - 1]
-        totals[classes - 1] += counts[classes - 1 :].sum()
-    return totals
 
 
 def count_steps(tiles: int, batch_tiles: int, world_size: int) -> int:

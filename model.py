@@ -473,16 +473,11 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
-def build_model(unet, boundary_class: bool | None = None) -> UNet:
-    """The U-Net of a config's ``unet`` section (``segmentation.config.UNetSettings``, whose fields are
-    this class's constructor arguments). ``unet.boundary_class: auto`` is decided by the masks: pass
-    ``boundary_class`` as ``dataset.build_datasets`` (or a checkpoint's config) decided it; without it,
-    ``auto`` builds the network without the boundary class."""
-    settings = dataclasses.asdict(unet)
-    if boundary_class is not None:
-        settings["boundary_class"] = boundary_class
-    settings["boundary_class"] = settings["boundary_class"] is True
-    return UNet(**settings)
+def build_model(unet, boundary_class: bool = False) -> UNet:
+    """The U-Net of a config's ``unet`` section (``segmentation.settings.UNetSettings``, whose fields are this
+    class's constructor arguments), with the object border as one more output where ``boundary_class``
+    (as the run's plan decided ``unet.boundary_class``)."""
+    return UNet(**{**dataclasses.asdict(unet), "boundary_class": boundary_class})
 
 
 def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

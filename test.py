@@ -36,15 +36,13 @@ from pathlib import Path
 
 import torch
 
-from dataset import build_datasets
-from segmentation.config import Config, UserError
+from segmentation.config import UserError
 from segmentation.console import note, report_error
 from segmentation.device import memory_description
-from segmentation.engine.checkpoint import decided_object_rules, decision_threshold, load_model
 from segmentation.inference.export import check_onnx, export_onnx, export_torchscript
-from segmentation.inference.infer import Predictor
 from segmentation.inference.package import export_package
 from segmentation.inference.predict import input_images, predict_files
+from segmentation.inference.trained import Trained, load_trained
 from segmentation.runs.diagnostics import diagnose, score_summary
 
 
@@ -125,15 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             summarize_runs(checkpoints, args)
             return 0
-        model, config, state, device = load_model(checkpoints[0], args.config, args.overrides)
-        print(f"{state['path']} (epoch {state['progress']['epoch']}) on {device}")
+        trained = load_trained(checkpoints[0], args.config, args.overrides, args.tta)
+        print(trained.describe())
         if args.export:
-            export(model, config, state, args.export)
+            export(trained, args.export)
             return 0
         if args.input:
-            predictor = make_predictor(model, config, state, args.tta)
             predict_files(
-                predictor,
+                trained.predictor,
                 input_images(args.input),
                 args.output or Path("predictions"),
                 args.probabilities,
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.instances,
             )
             return 0
-        output = score_checkpoint(model, config, state, device, args, args.output)[1]
+        output = score_checkpoint(trained, args, args.output)[1]
     except (UserError, OSError) as error:  # OSError: a full disk, a file that cannot be written
         return report_error(error)
     if args.show:
@@ -157,24 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export(model, config: Config, state: dict, path: Path) -> None:
+def export(trained: Trained, path: Path) -> None:
     """``--export``: a bioimage.io package (``.zip``, its test tensors from the first validation image),
     TorchScript (``.pt``) or ONNX (``.onnx``), each checked against PyTorch."""
-    channels, side = config.unet.image_channels, config.train.tile_size
+    model, config, plan, progress = trained.model, trained.config, trained.plan, trained.progress
+    channels, side = config.unet.image_channels, plan.tile_size
     suffix = path.suffix.lower()
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise UserError(f"--export {path}: cannot write to {path.parent} (not a writable folder)")
     if suffix == ".zip":
-        image = build_datasets(config.unet, config.train, note).val[0][0].numpy()
-        progress = state["progress"]
+        image = trained.datasets(note).val[0][0].numpy()
         validation = {
-            "data": f"{config.train.dataset_name} ({config.train.data})",
-            "checkpoint": f"{state['path']}, epoch {progress['epoch']} of run {progress.get('run_name')}",
-            f"best validation {config.train.best_metric}": (
-                f"{progress.get('best_value')}, epoch {progress.get('best_epoch')}"
-            ),
+            "data": f"{config.data.dataset_name} ({config.data.data})",
+            "checkpoint": f"{trained.path}, epoch {progress.epoch} of run {progress.run_name}",
+            f"best validation {config.run.best_metric}": f"{progress.best_value}, epoch {progress.best_epoch}",
         }
-        summary = export_package(model, path, config.unet, config.train, image, validation)
+        summary = export_package(model, path, config.unet, config.data, image, validation)
         differences = ", ".join(f"{name} {value:.2e}" for name, value in summary["differences"].items())
         print(f"wrote {path}: {', '.join(summary['files'])}; largest differences from PyTorch: {differences}")
     elif suffix == ".pt":
@@ -188,27 +183,14 @@ def export(model, config: Config, state: dict, path: Path) -> None:
         raise UserError(f"--export {path}: write MODEL.zip (bioimage.io package), MODEL.pt (TorchScript) or MODEL.onnx")
 
 
-def make_predictor(model, config: Config, state: dict, tta: bool) -> Predictor:
-    """The predictor of a checkpoint: its config's ``predict`` settings, ``--tta``, the threshold of
-    ``predict.threshold`` (calibrated and stored in the checkpoint for ``auto``) and the object rules
-    (``predict.min_object_size``, ``fill_holes``; ``auto`` as the checkpoint's run recorded its objects)."""
-    threshold, rules = decision_threshold(config.predict, state), decided_object_rules(config.predict, state)
-    return Predictor.from_settings(
-        model, config.predict, config.augment, config.train.image_scale, tta, threshold, rules
-    )
-
-
-def score_checkpoint(
-    model, config: Config, state: dict, device: torch.device, args: argparse.Namespace, output: Path | None
-) -> tuple[dict, Path]:
+def score_checkpoint(trained: Trained, args: argparse.Namespace, output: Path | None) -> tuple[dict, Path]:
     """``diagnostics.diagnose`` of one checkpoint on its held-out images (``--split``: ``test``, the
     images of ``train.test_images`` or ``train.folds``; ``val``, the validation images; default: test
     when there are test images); returns its overall scores and the folder of its masks and figures
     (``output``, else ``<log_path>/<run>/diagnostics``)."""
-    run_name = state["progress"].get("run_name") or state["path"].parent.name
-    output = output or Path(config.train.log_path) / run_name / "diagnostics"
-    predictor = make_predictor(model, config, state, args.tta)
-    data = build_datasets(config.unet, config.train, note)
+    config = trained.config
+    output = output or Path(config.run.log_path) / trained.progress.run_name / "diagnostics"
+    data = trained.datasets(note)
     split = args.split or ("test" if data.test is not None else "val")
     dataset = data.test if split == "test" else data.val
     if dataset is None:
@@ -217,11 +199,11 @@ def score_checkpoint(
         )
     layers = args.layers.split(",") if args.layers else None
     try:
-        scores = diagnose(predictor, dataset, split, config.train.loss, output, layers, args.instances)
+        scores = diagnose(trained.predictor, dataset, split, config.train.loss, output, layers, args.instances)
     except torch.OutOfMemoryError:  # the saliency and gradient norms take a whole image in one pass
         raise UserError(
-            f"out of memory computing the diagnostics' gradients of whole images on {memory_description(device)}: "
-            "run test.py with train.device=cpu, or write masks only with --input"
+            f"out of memory computing the diagnostics' gradients of whole images on "
+            f"{memory_description(trained.device)}: run test.py with train.device=cpu, or write masks only with --input"
         ) from None
     return scores, output
 
@@ -232,13 +214,11 @@ def summarize_runs(checkpoints: list[Path], args: argparse.Namespace) -> None:
     ``train.fold=all``."""
     names, results, num_classes = [], [], set()
     for checkpoint in checkpoints:
-        model, config, state, device = load_model(checkpoint, args.config, args.overrides)
-        print(f"\n{state['path']} (epoch {state['progress']['epoch']}) on {device}")
-        names.append(state["progress"].get("run_name") or checkpoint.parent.name)
-        results.append(
-            score_checkpoint(model, config, state, device, args, args.output / names[-1] if args.output else None)[0]
-        )
-        num_classes.add(config.unet.num_classes)
+        trained = load_trained(checkpoint, args.config, args.overrides, args.tta)
+        print(f"\n{trained.describe()}")
+        names.append(trained.progress.run_name)
+        results.append(score_checkpoint(trained, args, args.output / names[-1] if args.output else None)[0])
+        num_classes.add(trained.config.unet.num_classes)
     if len(num_classes) > 1:
         raise UserError(
             f"--checkpoint: the checkpoints have {' and '.join(map(str, sorted(num_classes)))} classes; a summary "

@@ -9,8 +9,9 @@ import os
 
 import torch
 
-from segmentation.config import TrainSettings, UserError
+from segmentation.config import UserError
 from segmentation.console import note
+from segmentation.settings import TrainSettings
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,15 +92,15 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
-def out_of_memory_advice(device: torch.device, train: TrainSettings) -> str:
-    """One line for running out of memory while training: the numbers that matter and what to lower or
-    switch on."""
+def out_of_memory_advice(device: torch.device, train: TrainSettings, tile_size: int) -> str:
+    """One line for running out of memory while training on tiles of ``tile_size`` px: the numbers that
+    matter and what to lower or switch on."""
     switches = ["train.activation_checkpointing=true"] if not train.activation_checkpointing else []
     if train.precision == "fp32" and bf16_supported(device) and device.type == "cuda":
         switches.append("train.precision=bf16")
     return (
         f"out of memory while training on {memory_description(device)} at train.batch_size={train.batch_size}, "
-        f"train.tile_size={train.tile_size}, train.precision={train.precision}: lower train.batch_size or "
+        f"train.tile_size={tile_size}, train.precision={train.precision}: lower train.batch_size or "
         "train.tile_size" + (f", or set {' or '.join(switches)}" if switches else "")
     )
 

@@ -26,4 +26,4 @@ if rank != 0:
     }
     config = config.with_values(folders)
 summary = training.train(config)
-torch.save(summary["model"].state_dict(), out / f"rank{rank}.pt")
+torch.save(summary.model.state_dict(), out / f"rank{rank}.pt")

@@ -10,11 +10,12 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from dataset import DataSets, build_datasets
+from dataset import DataSets, build_datasets, prepare_data
 from model import UNet
 from segmentation.config import Config, load_config
 from segmentation.data.synthetic import clumped_nuclei
 from segmentation.inference.infer import Predictor
+from segmentation.plan import Plan, decide_plan
 
 # tests of the CUDA paths: marked cuda (python -m pytest -m cuda runs them) and skipped without a GPU
 NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -121,17 +122,36 @@ def plain_folder_config(root: Path, *overrides: str) -> Config:
 
 
 def datasets_of(config: Config, note=lambda message: None, rank: int = 0, world_size: int = 1) -> DataSets:
-    """``dataset.build_datasets`` of a config's ``unet`` and ``train`` sections, notes dropped unless given."""
-    return build_datasets(config.unet, config.train, note, rank, world_size)
+    """The datasets of a new run of ``config``, as training builds them (``prepare_data``, ``decide_plan``,
+    ``build_datasets``), notes dropped unless given."""
+    return planned_data(config, note, rank, world_size)[1]
 
 
-def predictor_of(model, config: Config, tta: bool = False, threshold: float | None = None) -> Predictor:
-    """The predictor of a model trained with ``config``, as training and test.py build it."""
-    return Predictor.from_settings(model, config.predict, config.augment, config.train.image_scale, tta, threshold)
+def planned_data(
+    config: Config, note=lambda message: None, rank: int = 0, world_size: int = 1
+) -> tuple[Plan, DataSets]:
+    """The plan and datasets of a new run of ``config``, as training decides and builds them."""
+    unet, data, seed = config.unet, config.data, config.train.seed
+    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note, rank, world_size)
+    plan = decide_plan(unet, data, config.predict, prepared.train, note)
+    return plan, build_datasets(prepared, plan, data.samples_per_image, seed, note)
 
 
-def logged_row(summary: dict, epoch: int) -> dict:
-    with (summary["run_log"] / "metrics.csv").open() as file:
+def plan_of(config: Config) -> Plan:
+    """The plan of a run of ``config`` whose decisions take no data (no images read: no class weights from
+    them, masks as classes), for models built in a test."""
+    return decide_plan(config.unet, config.data, config.predict, [], lambda message: None)
+
+
+def predictor_of(model, config: Config, tta: bool = False, plan: Plan | None = None) -> Predictor:
+    """The predictor of a model trained with ``config`` (and ``plan``, default ``plan_of(config)``), as
+    training builds it."""
+    plan = plan or plan_of(config)
+    return Predictor.from_plan(model, plan, config.predict, config.augment, config.data.image_scale, tta)
+
+
+def logged_row(result, epoch: int) -> dict:
+    with (result.folders.log / "metrics.csv").open() as file:
         return next(row for row in csv.DictReader(file) if int(row["epoch"]) == epoch)
 
 

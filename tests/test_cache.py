@@ -13,7 +13,7 @@ import skimage.io
 import torch
 from skimage import measure
 
-from dataset import build_datasets, list_samples
+from dataset import list_samples
 from segmentation.config import UserError, load_config
 from segmentation.data import cache
 from segmentation.data.cache import PreprocessingSettings, prepare_images, read_entry, write_entry
@@ -26,7 +26,7 @@ from segmentation.data.preprocess import (
 )
 from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import class_balance_weights, weight_map
-from tests.helpers import datasets_of, two_discs
+from tests.helpers import datasets_of, planned_data, two_discs
 from training import train
 
 
@@ -76,13 +76,13 @@ def count_builds(monkeypatch) -> list:
 def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, scale):
     make_folder(tmp_path / "data")
     config = folder_config(tmp_path / "data", tmp_path / "cache", f"train.image_scale={scale}")
-    data = build_datasets(config.unet, config.train, lambda message: None)
-    train_set, (samples, _) = data.train, list_samples(config.train, config.unet.num_classes)
+    plan, data = planned_data(config)
+    train_set, (samples, _) = data.train, list_samples(config.data, config.unet.num_classes, config.train.seed)
     names = [image.name for image in train_set.images]
     # the whole arrays, computed directly as before the cache: every pixel in memory, float32 and float64
     direct = {}
     for sample in samples:
-        read = sample.read(MaskSettings.from_settings(config.unet.num_classes, config.train))
+        read = sample.read(MaskSettings.from_settings(config.unet.num_classes, config.data))
         image, label = normalize_image(read.image, 1), read.label
         instances = measure.label(label, connectivity=1)
         if scale != 1:
@@ -94,11 +94,11 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
             )
         direct[read.name] = (image, label, instances)
     class_weights = class_balance_weights([direct[name][1] for name in names], 2)
-    assert np.array_equal(data.class_weights, class_weights)
+    assert np.array_equal(np.asarray(plan.class_weights, dtype=np.float32), class_weights)
     margin, out = train_set.margin, train_set.output_size
     for key in range(len(train_set)):
         image, label, instances = direct[names[key // train_set.samples_per_image]]
-        weights = weight_map(label, instances, config.train.w_0, config.train.sigma, class_weights)
+        weights = weight_map(label, instances, config.data.w_0, config.data.sigma, class_weights)
         # the tile as the in-memory implementation cut it: mirror-pad everything, then slice
         rng = np.random.default_rng([config.train.seed, 0, key])
         after = [margin + max(0, out - side) for side in label.shape]
@@ -116,7 +116,7 @@ def test_cached_tiles_and_weight_maps_equal_the_direct_computation(tmp_path, sca
         assert weight_tile.max() > 2 * class_weights.max()  # the border term is there
     val_image, val_label, val_weight = data.val[0]
     sample = next(s for s in samples if s.name == data.val.names[0]).read(
-        MaskSettings.from_settings(config.unet.num_classes, config.train)
+        MaskSettings.from_settings(config.unet.num_classes, config.data)
     )
     assert np.array_equal(val_image.numpy(), normalize_image(sample.image, 1))  # validation images keep their size
     assert np.array_equal(val_label.numpy(), sample.label)
@@ -131,14 +131,14 @@ def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_p
     make_folder(tmp_path / "data")
     built = count_builds(monkeypatch)
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    build_datasets(config.unet, config.train)
+    datasets_of(config, print)
     assert sorted(built) == [f"img{i}.png" for i in range(4)]
     built.clear()
-    build_datasets(config.unet, config.train)
+    datasets_of(config, print)
     assert built == []  # warm: everything from the cache
     image = skimage.io.imread(tmp_path / "data" / "images" / "img2.png")
     skimage.io.imsave(tmp_path / "data" / "images" / "img2.png", 255 - image, check_contrast=False)
-    data = build_datasets(config.unet, config.train)
+    data = datasets_of(config, print)
     assert built == ["img2.png"]
     index = [image.name for image in data.train.images + data.val.images].index("img2.png")
     entry = (data.train.images + data.val.images)[index]
@@ -162,14 +162,14 @@ def test_an_edited_file_or_a_changed_setting_rebuilds_exactly_what_it_must(tmp_p
 def test_a_truncated_cache_file_is_named_and_rebuilt(tmp_path, monkeypatch):
     make_folder(tmp_path / "data")
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    first = build_datasets(config.unet, config.train).train
+    first = datasets_of(config, print).train
     entry = first.images[0]
     expected = [np.array(array) for array in entry.arrays() if array is not None]
     damaged = entry.folder / "image.npy"
     damaged.write_bytes(damaged.read_bytes()[:-100])
     assert read_entry(entry.folder)[0] is None
     notes, built = [], count_builds(monkeypatch)
-    second = build_datasets(config.unet, config.train, notes.append).train
+    second = datasets_of(config, notes.append).train
     assert built == [entry.name]
     notes = [line for line in notes if line.startswith("cache entry")]
     assert (
@@ -197,7 +197,7 @@ def test_an_interrupted_build_resumes_with_the_finished_entries(tmp_path, monkey
 
     monkeypatch.setattr(cache.os, "rename", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        build_datasets(config.unet, config.train)
+        datasets_of(config, print)
     monkeypatch.setattr(cache.os, "rename", original_rename)
     complete = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
     assert len(complete) == 2 and all(read_entry(path)[0] is not None for path in complete)
@@ -205,7 +205,7 @@ def test_an_interrupted_build_resumes_with_the_finished_entries(tmp_path, monkey
     abandoned = tmp_path / "cache" / f".img9.png-0123.{cache.host_name()}.999999999.tmp"
     abandoned.mkdir()
     built = count_builds(monkeypatch)
-    data = build_datasets(config.unet, config.train)
+    data = datasets_of(config, print)
     assert len(built) == 3 and not abandoned.exists()
     assert not [path for path in (tmp_path / "cache").iterdir() if path.name.startswith(".")]
     assert len(data.train.images) + len(data.val.images) == 5
@@ -214,8 +214,8 @@ def test_an_interrupted_build_resumes_with_the_finished_entries(tmp_path, monkey
 def test_many_images_are_built_in_worker_processes_with_the_same_result(tmp_path, monkeypatch):
     make_folder(tmp_path / "data", count=cache.MIN_PARALLEL + 1, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "parallel")
-    samples, _ = list_samples(config.train, config.unet.num_classes)
-    settings = PreprocessingSettings.from_settings(config.unet, config.train)
+    samples, _ = list_samples(config.data, config.unet.num_classes, config.train.seed)
+    settings = PreprocessingSettings.from_settings(config.unet.image_channels, config.unet.num_classes, config.data)
     parallel = prepare_images(samples, [1.0] * len(samples), settings, tmp_path / "parallel")
     monkeypatch.setattr(cache, "MIN_PARALLEL", 10**6)
     serial = prepare_images(samples, [1.0] * len(samples), settings, tmp_path / "serial")
@@ -246,7 +246,7 @@ def test_a_read_only_data_folder_trains_and_is_left_as_it_was(tmp_path):
     finally:
         for path in [data, *data.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
-    assert summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
+    assert summary.progress.epoch == 1 and (summary.folders.weights / "last.pt").exists()
     assert sorted((path.relative_to(data), path.stat().st_mtime_ns) for path in data.rglob("*")) == before
     assert len([path for path in (tmp_path / "cache").iterdir()]) == 4
 
@@ -272,8 +272,8 @@ def test_a_cache_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatc
 def test_processes_of_a_torchrun_launch_build_their_shares_and_wait_for_the_others(tmp_path, monkeypatch):
     make_folder(tmp_path / "data", count=6, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    samples, _ = list_samples(config.train, config.unet.num_classes)
-    settings = PreprocessingSettings.from_settings(config.unet, config.train)
+    samples, _ = list_samples(config.data, config.unet.num_classes, config.train.seed)
+    settings = PreprocessingSettings.from_settings(config.unet.image_channels, config.unet.num_classes, config.data)
     built = []
     original = cache.build_entry
     monkeypatch.setattr(
@@ -303,8 +303,8 @@ def test_a_process_that_starts_after_the_others_built_their_share_builds_the_res
     # share of the three it finds missing (which left two to nobody and hung both processes).
     make_folder(tmp_path / "data", count=6, size=(40, 50))
     config = folder_config(tmp_path / "data", tmp_path / "cache")
-    samples, _ = list_samples(config.train, config.unet.num_classes)
-    settings = PreprocessingSettings.from_settings(config.unet, config.train)
+    samples, _ = list_samples(config.data, config.unet.num_classes, config.train.seed)
+    settings = PreprocessingSettings.from_settings(config.unet.image_channels, config.unet.num_classes, config.data)
     monkeypatch.setattr(cache, "POLL_SECONDS", 0.01)
     results = {}
 

@@ -1,6 +1,7 @@
-"""segmentation.engine.checkpoint: a run resumes only on the split and architecture it trained on; checkpoints of
-earlier versions load, resume and predict."""
+"""segmentation.engine.resume and segmentation.checkpoints: a run resumes only on the split and architecture it
+trained on; checkpoints of earlier versions load, resume and predict."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,33 +11,42 @@ import torch.nn.functional as F
 
 import training
 from model import UNet, build_model
+from segmentation.checkpoints import Progress
 from segmentation.config import UserError, architecture_differences, load_config
-from segmentation.engine.checkpoint import (
+from segmentation.engine.resume import (
     FIRST_CONVOLUTION,
-    decided_object_rules,
     load_checkpoint,
     load_initial_weights,
-    load_model,
     read_initial_weights,
 )
 from segmentation.inference.objects import ObjectRules
-from tests.helpers import folder_config, tiny_config
+from segmentation.inference.trained import load_trained
+from tests.helpers import folder_config, plan_of, tiny_config
 from training import train
 
 
 def check_resume(path, config) -> dict:
     """``load_checkpoint`` of ``path`` for a run of ``config``."""
-    return load_checkpoint(path, config.unet, config.train)
+    return load_checkpoint(path, config.unet, config.data, config.train.seed)
+
+
+def as_written_before_plans(state: dict) -> dict:
+    """A checkpoint as 50b432b wrote it, before plans: its decisions in its stored config (the boundary class and
+    the tile size as decided) and beside it (``objects``, the calibrated ``threshold``), no ``plan``."""
+    old = {key: value for key, value in state.items() if key != "plan"}
+    plan = state["plan"]
+    old["config"]["unet"]["boundary_class"] = plan["boundary_class"]
+    old["config"]["train"]["tile_size"] = plan["tile_size"]
+    old["objects"] = {"instance_data": plan["mask_reading"] == "instances", "learnt_size": plan["learnt_object_size"]}
+    if plan["threshold_source"] == "calibrated":
+        old["threshold"] = plan["threshold"]
+    return old
 
 
 @pytest.mark.slow
 def test_resuming_under_another_train_seed_is_refused_only_where_the_split_changes(image_folder):
-    last = (
-        training.train(folder_config(image_folder, "train.folds=3", "train.fold=0", "train.max_epochs=1"))[
-            "run_weights"
-        ]
-        / "last.pt"
-    )
+    result = training.train(folder_config(image_folder, "train.folds=3", "train.fold=0", "train.max_epochs=1"))
+    last = result.folders.weights / "last.pt"
     check_resume(
         last, folder_config(image_folder, "train.folds=3", "train.fold=0", "train.seed=5", "train.split_seed=0")
     )
@@ -49,7 +59,7 @@ def test_resuming_under_another_train_seed_is_refused_only_where_the_split_chang
 @pytest.mark.slow
 def test_resuming_on_another_fold_is_refused(image_folder):
     config = folder_config(image_folder, "train.folds=3", "train.fold=0", "train.max_epochs=1")
-    last = training.train(config)["run_weights"] / "last.pt"
+    last = training.train(config).folders.weights / "last.pt"
     assert last.parent.name.endswith("-fold0")
     check_resume(last, config)  # the same fold resumes
     with pytest.raises(
@@ -72,26 +82,33 @@ def test_resuming_on_another_fold_is_refused(image_folder):
 
 @pytest.mark.slow
 def test_a_checkpoint_of_an_earlier_version_loads_resumes_and_predicts(tmp_path):
-    """Checkpoints written before the settings were typed (ed6eb72) store every key as plain data, the seed's
-    legacy keys as null, and lack keys that came later: test.py loads them and a run resumes from them."""
-    summary = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=old"))
-    last = summary["run_weights"] / "last.pt"
-    state = torch.load(last, weights_only=True)
+    """Checkpoints written before plans (50b432b) keep their decisions in their stored config, those written
+    before the settings were typed (ed6eb72) store the seed's legacy keys as null and lack keys that came later:
+    test.py loads them with the decisions they made, and a run resumes from them."""
+    summary = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=old", "predict.threshold=auto"))
+    best = summary.folders.weights / "best.pt"
+    written = torch.load(best, weights_only=True)
+    plan = written["plan"]
+    state = as_written_before_plans(written)
     state["config"]["unet"].update(use_ln=None, input_shape=None)
     del state["config"]["train"]["split_seed"]
-    torch.save(state, last)
-    model, config, loaded, _ = load_model(last, None, [])
-    assert config.train.effective_split_seed == 0 and config.unet.norm == "batch"
-    assert all(torch.equal(tensor, state["model"][name]) for name, tensor in model.state_dict().items())
-    resumed = train(tiny_config(tmp_path, "train.max_epochs=2", f"train.resume={last}"))
-    assert resumed["run_weights"] == summary["run_weights"] and resumed["epoch"] == 2
+    torch.save(state, best)
+    trained = load_trained(best)
+    assert trained.config.data.split_seed_or(trained.config.train.seed) == 0 and trained.config.unet.norm == "batch"
+    assert all(torch.equal(tensor, state["model"][name]) for name, tensor in trained.model.state_dict().items())
+    assert trained.predictor.threshold == plan["threshold"] and trained.plan.threshold_source == "calibrated"
+    assert trained.plan.tile_size == plan["tile_size"] == 60
+    assert trained.datasets().val is not None  # its balanced class weights decided again from the data
+    resumed = train(tiny_config(tmp_path, "train.max_epochs=2", f"train.resume={best}"))
+    assert resumed.folders.weights == summary.folders.weights and resumed.progress.epoch == 2
+    assert torch.load(resumed.folders.weights / "last.pt", weights_only=True)["plan"]["tile_size"] == 60
 
 
 def saved_state(model: UNet, widths=(4, 8), classes=2, channels=1) -> dict:
     """What a checkpoint of ``model`` holds that train.init_from reads: weights, settings, progress."""
     settings = load_config(None, [f"unet.input_channels={list(widths)}", f"unet.image_channels={channels}"])
     config = settings.with_values({"unet.num_classes": classes, "train.dataset_name": "folder"}).to_dict()
-    return {"model": model.state_dict(), "config": config, "progress": {"epoch": 7}}
+    return {"model": model.state_dict(), "config": config, "progress": Progress("source", epoch=7).to_dict()}
 
 
 def test_init_from_loads_every_matching_tensor_adapts_the_first_convolution_and_leaves_the_output_layer_new():
@@ -154,7 +171,7 @@ class CodeOnLoad:
 @pytest.mark.slow
 def test_a_run_starts_from_another_runs_weights_with_everything_else_fresh(tmp_path, capsys):
     first = train(tiny_config(tmp_path, "train.max_epochs=2", "train.run_name=source"))
-    source = first["run_weights"] / "best.pt"
+    source = first.folders.weights / "best.pt"
     capsys.readouterr()
     second = train(
         tiny_config(
@@ -165,8 +182,10 @@ def test_a_run_starts_from_another_runs_weights_with_everything_else_fresh(tmp_p
     assert (
         len(notes) == 1 and notes[0].startswith("note: train.init_from: 64 of 66 tensors from") and "outc" in notes[0]
     )
-    assert second["run_weights"].name == "target" and second["epoch"] == 1 and second["step"] == 4  # a fresh count
-    last = torch.load(second["run_weights"] / "last.pt", weights_only=True)
+    assert (
+        second.folders.weights.name == "target" and second.progress.epoch == 1 and second.progress.step == 4
+    )  # a fresh count
+    last = torch.load(second.folders.weights / "last.pt", weights_only=True)
     assert last["config"]["train"]["init_from"] == str(source)
     steps = {entry["step"].item() for entry in last["optimizer"]["state"].values()}
     assert steps == {4.0}  # Adam's moments started with this run, not the source's 8 steps
@@ -177,26 +196,41 @@ def test_a_run_starts_from_another_runs_weights_with_everything_else_fresh(tmp_p
 
 def test_a_checkpoint_rebuilds_its_boundary_class_and_object_rules(tmp_path):
     config = tiny_config(tmp_path, "unet.boundary_class=true")
-    model = build_model(config.unet)
-    state = {"model": model.state_dict(), "config": config.to_dict(), "progress": {"epoch": 1}}
-    state["objects"] = {"instance_data": True, "learnt_size": 14}
-    torch.save(state, tmp_path / "best.pt")
-    loaded, loaded_config, loaded_state, _ = load_model(tmp_path / "best.pt", None, [])
-    assert loaded.out_channels == 3 and loaded_config.unet.boundary_class is True
-    assert decided_object_rules(loaded_config.predict, loaded_state) == ObjectRules(14, True)
-    assert decided_object_rules(loaded_config.predict, {}) == ObjectRules()  # before the record: nothing cleaned
+    plan = dataclasses.replace(
+        plan_of(config), boundary_class=True, mask_reading="instances", learnt_object_size=14, min_object_size=14
+    )
+    plan = dataclasses.replace(plan, fill_holes=True, class_weights=None)
+    model = build_model(config.unet, plan.boundary_class)
+    state = {"model": model.state_dict(), "config": config.to_dict(), "progress": Progress("run", epoch=1).to_dict()}
+    torch.save({**state, "plan": plan.to_dict()}, tmp_path / "best.pt")
+    trained = load_trained(tmp_path / "best.pt")
+    assert trained.model.out_channels == 3 and trained.plan == plan
+    assert trained.predictor.rules == ObjectRules(14, True)
+    # the predict settings in force go on top: a number or true/false replaces the plan's decision
+    overridden = load_trained(tmp_path / "best.pt", None, ["predict.min_object_size=3", "predict.fill_holes=false"])
+    assert overridden.predictor.rules == ObjectRules(3, False) and overridden.plan == plan
+    # from before plans, the object record: before it, nothing cleaned
+    old = as_written_before_plans({**state, "config": config.to_dict(), "plan": plan.to_dict()})
+    torch.save(old, tmp_path / "old.pt")
+    assert load_trained(tmp_path / "old.pt").predictor.rules == ObjectRules(14, True)
+    del old["objects"]
+    torch.save(old, tmp_path / "older.pt")
+    assert load_trained(tmp_path / "older.pt").predictor.rules == ObjectRules()
     # a checkpoint from before unet.boundary_class has none, whatever the config says now
-    old = tiny_config(tmp_path).to_dict()
-    del old["unet"]["boundary_class"]
+    oldest = tiny_config(tmp_path).to_dict()
+    del oldest["unet"]["boundary_class"]
+    oldest["train"]["tile_size"] = 60
     torch.save(
-        {"model": build_model(tiny_config(tmp_path).unet).state_dict(), "config": old, "progress": {}},
-        tmp_path / "old.pt",
+        {"model": build_model(tiny_config(tmp_path).unet).state_dict(), "config": oldest, "progress": {"epoch": 0}},
+        tmp_path / "oldest.pt",
     )
-    assert load_model(tmp_path / "old.pt", None, [])[0].out_channels == 2
-    assert (
-        architecture_differences(old, load_config(None, ["unet.boundary_class=false"]).unet, ["boundary_class"]) == []
-    )
-    assert architecture_differences(config.to_dict(), tiny_config(tmp_path).unet) == []  # auto matches either
+    assert load_trained(tmp_path / "oldest.pt").model.out_channels == 2
+    unet = load_config(None, ["unet.boundary_class=false"]).unet
+    assert architecture_differences(oldest, unet, False, ["boundary_class"]) == []
+    assert architecture_differences(config.to_dict(), tiny_config(tmp_path).unet, True) == []  # auto matches either
+    assert architecture_differences(config.to_dict(), unet, True, ["boundary_class"]) == [
+        "unet.boundary_class: checkpoint True, config False"
+    ]
 
 
 def test_init_from_a_two_class_model_starts_a_new_output_layer_for_the_border_class():

@@ -79,7 +79,7 @@ def test_overrides_are_yaml_and_applied_over_the_file(tmp_path):
     assert config.train.lr == pytest.approx(3e-4)
     assert config.train.batch_size == 2
     assert config.unet.input_channels == (8, 16)
-    assert config.train.run_name is None and config.augment.flip is False
+    assert config.run.run_name is None and config.augment.flip is False
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["trainlr=3"])
 
@@ -91,12 +91,12 @@ def test_seed_readme_config_is_accepted_with_the_same_meaning(tmp_path):
     config = load_config(path, ["train.device=cpu"], notices)
     assert config.unet.norm == "layer"  # use_ln: True
     assert "input_shape" not in config.to_dict()["unet"]
-    assert config.train.dataset_name == "pennfudan"
+    assert config.data.dataset_name == "pennfudan"
     assert config.train.lr == pytest.approx(1e-5)
-    assert config.train.w_0 == pytest.approx(1.1) and config.train.early_stopping == 50
+    assert config.data.w_0 == pytest.approx(1.1) and config.run.early_stopping == 50
     assert any("use_ln" in n for n in notices) and any("input_shape is a legacy key" in n for n in notices)
     # the seed's input_shape[0] (320) with its padding 1 sets train.tile_size: auto, and the run says so
-    assert config.train.tile_size == 320 and any(n.startswith("train.tile_size auto: 320 px") for n in notices)
+    assert config.data.tile_size == 320 and any(n.startswith("train.tile_size auto: 320 px") for n in notices)
     assert load_config(path, ["train.device=cpu", "unet.use_ln=false"]).unet.norm == "none"
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(path, ["unet.norm=batch"])
@@ -107,14 +107,14 @@ def test_device_and_class_weight_checks():
     assert problems_of({"train": {"class_weights": [1, 2, 3]}}) == [
         "train.class_weights: 3 weights given but unet.num_classes is 2"
     ]
-    assert resolve({"train": {"class_weights": [1, "2e0"]}}).train.class_weights == (1.0, 2.0)
+    assert resolve({"train": {"class_weights": [1, "2e0"]}}).data.class_weights == (1.0, 2.0)
 
 
 def test_defaults_are_valid():
     expected = default_config()
-    assert expected["train"]["tile_size"] == "auto"
-    expected["train"]["tile_size"] = 252  # auto: the valid size nearest 256 px for depth 4, padding 0
+    assert expected["train"]["tile_size"] == "auto"  # the run's plan decides it
     assert resolve({}).to_dict() == expected
+    assert list(resolve({}).to_dict()["train"]) == list(expected["train"])  # the YAML's order
 
 
 def test_settings_are_frozen_typed_and_round_trip_as_plain_data():
@@ -122,7 +122,7 @@ def test_settings_are_frozen_typed_and_round_trip_as_plain_data():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.lr = 1.0
     assert isinstance(config.train, TrainSettings) and config.unet.depth == 2
-    assert config.train.test_images == (3, 4) and config.predict.scales == (1.0, 1.2)
+    assert config.data.test_images == (3, 4) and config.predict.scales == (1.0, 1.2)
     data = config.to_dict()
     assert data["unet"]["input_channels"] == [8, 16] and data["train"]["test_images"] == [3, 4]
     assert yaml.safe_load(yaml.safe_dump(data)) == data  # plain data: YAML and checkpoints store it as it is
@@ -162,7 +162,7 @@ def test_cli_unknown_key_fails_in_one_line():
 @pytest.mark.parametrize("name", ["isbi2012", "isbi2012_cpu", "pennfudan", "pennfudan_cpu"])
 def test_shipped_result_configs_hold_out_a_fixed_test_set(name):
     config = load_config(ROOT / "configs" / f"{name}.yaml", [], [])
-    train = config.train
+    train = config.data
     test_images = train.test_images
     assert test_images and not set(test_images) & set(train.val_images or [])
     if name.startswith("isbi2012"):
@@ -180,7 +180,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
     recipe = load_config(ROOT / "configs" / f"{data_set}_cpu.yaml", [], [])
     baseline = load_config(ROOT / "configs" / f"baseline_{data_set}_cpu.yaml", [], [])
     # plain: cross-entropy without class or border weights, threshold 0.5 without calibration, no watershed cut
-    assert baseline.train.loss == "ce" and baseline.train.class_weights == "none" and baseline.train.w_0 == 0
+    assert baseline.train.loss == "ce" and baseline.data.class_weights == "none" and baseline.data.w_0 == 0
     assert (
         baseline.predict.threshold == 0.5
         and baseline.predict.watershed_seeds is None
@@ -210,7 +210,7 @@ def test_baseline_configs_are_plain_and_otherwise_the_recipe(data_set):
         "split_seed",
         "best_metric",
     ):
-        assert getattr(baseline.train, key) == getattr(recipe.train, key), key
+        assert baseline.to_dict()["train"][key] == recipe.to_dict()["train"][key], key
 
 
 def test_contradictory_fold_settings_are_one_line_each(image_folder):
@@ -239,6 +239,6 @@ def test_the_boundary_class_is_for_two_classes_and_takes_a_weight_of_its_own():
     with pytest.raises(ConfigError, match="unet.boundary_class: expected true, false or auto"):
         load_config(None, ["unet.boundary_class=sometimes"])
     config = load_config(None, ["unet.boundary_class=true", "train.class_weights=[1, 2, 4]"])
-    assert config.train.class_weights == (1.0, 2.0, 4.0)
+    assert config.data.class_weights == (1.0, 2.0, 4.0)
     with pytest.raises(ConfigError, match="train.class_weights: 3 weights given but unet.num_classes is 2"):
         load_config(None, ["train.class_weights=[1, 2, 4]"])

@@ -41,8 +41,9 @@ def suggested_config(report: dict, root: Path):
 
 
 def reads_every_mask(config: dict) -> bool:
-    settings = MaskSettings.from_settings(config.unet.num_classes, config.train)
-    return all(sample.read(settings) is not None for sample in list_samples(config.train, config.unet.num_classes)[0])
+    settings = MaskSettings.from_settings(config.unet.num_classes, config.data)
+    samples = list_samples(config.data, config.unet.num_classes, config.train.seed)[0]
+    return all(sample.read(settings) is not None for sample in samples)
 
 
 def test_binary_masks_and_every_pairing_problem_are_reported(tmp_path, capsys):

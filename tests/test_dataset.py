@@ -11,7 +11,7 @@ import tifffile
 import torch
 from skimage import measure, segmentation
 
-from dataset import EpochSampler, TileDataset, build_datasets, fold_indices
+from dataset import EpochSampler, TileDataset, fold_indices
 from segmentation.config import UserError, load_config
 from segmentation.data.cache import write_entry
 from segmentation.data.preprocess import network_margin, pad_for_model
@@ -24,6 +24,7 @@ from tests.helpers import (
     make_id_folder,
     make_rgb_folder,
     plain_folder_config,
+    planned_data,
 )
 
 
@@ -81,7 +82,7 @@ def test_explicit_validation_images(tmp_path):
             "train.tile_size=60",
         ],
     )
-    data = build_datasets(config.unet, config.train)
+    data = datasets_of(config, print)
     assert len(data.val) == 2 and data.val.names == ["synthetic 1", "synthetic 3"] and len(data.train) == 3 * 4
     with pytest.raises(UserError, match=r"train.val_images: \[7\] not among the 5 images"):
         datasets_of(load_config(None, ["train.synthetic_images=5", "train.val_images=[7]"]))
@@ -106,8 +107,8 @@ def test_isbi_contiguous_folds_hold_out_six_neighbouring_slices():
 @pytest.mark.skipif(not (SHARED / "isbi2012").is_dir(), reason="the real ISBI 2012 data is not here")
 def test_isbi_cpu_config_trains_on_slices_0_to_20_and_tests_on_24_to_29():
     config = load_config(ROOT / "configs" / "isbi2012_cpu.yaml", [f"train.data={SHARED / 'isbi2012'}"], [])
-    data = build_datasets(config.unet, config.train, lambda message: None)
-    assert len(data.train) == 21 * config.train.samples_per_image
+    data = datasets_of(config, lambda message: None)
+    assert len(data.train) == 21 * config.data.samples_per_image
     truth = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif")
     for images, slices in ((data.val, [21, 22, 23]), (data.test, [24, 25, 26, 27, 28, 29])):
         assert len(images) == len(slices)
@@ -216,8 +217,8 @@ def test_importing_dataset_does_not_import_matplotlib():
 def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
     make_id_folder(tmp_path)
     config = folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]")
-    data = datasets_of(config)
-    assert data.instance_data and data.train.label_classes == 3 and len(data.class_weights) == 3
+    plan, data = planned_data(config)
+    assert plan.instance_data and data.train.label_classes == 3 and len(plan.class_weights) == 3
     # a test image's entry (at its own size): the border pixels of each object, as scikit-image finds
     # them on the stored ids (touching objects already parted by a 1 px line), are class 2
     entry = data.test.images[0]
@@ -233,18 +234,18 @@ def test_id_masks_learn_the_object_borders_as_a_third_class(tmp_path):
     )
     assert sorted(entry.object_areas) == areas and len(areas) > 5
 
-    two = datasets_of(
+    two_plan, two = planned_data(
         folder_config(tmp_path, "train.val_images=[4]", "train.test_images=[5]", "unet.boundary_class=false")
     )
-    assert two.train.label_classes == 2 and len(two.class_weights) == 2
+    assert two.train.label_classes == 2 and len(two_plan.class_weights) == 2
     _, folded, _ = two.test[0]
     assert np.array_equal(folded.numpy(), (expected > 0).astype(np.int64))  # the border is its object's again
 
 
 def test_class_masks_keep_two_classes_and_cannot_learn_borders(tmp_path):
     make_rgb_folder(tmp_path, rgb=False)
-    data = datasets_of(plain_folder_config(tmp_path))
-    assert not data.instance_data and data.train.label_classes == 2 and len(data.class_weights) == 2
-    assert data.object_record()["instance_data"] is False
+    plan, data = planned_data(plain_folder_config(tmp_path))
+    assert not plan.instance_data and data.train.label_classes == 2 and len(plan.class_weights) == 2
+    assert plan.mask_reading == "classes" and plan.min_object_size == 0 and not plan.fill_holes
     with pytest.raises(UserError, match="unet.boundary_class: true learns the borders of objects from masks of ob"):
         datasets_of(plain_folder_config(tmp_path, "unet.boundary_class=true"))

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset import build_datasets
 from model import build_model
 from segmentation.config import load_config
 from segmentation.engine.validation import evaluate
-from tests.helpers import NEEDS_CUDA, ROOT, TINY, assert_same_weights, predictor_of
+from tests.helpers import NEEDS_CUDA, ROOT, TINY, assert_same_weights, datasets_of, predictor_of
 
 
 def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -69,11 +68,11 @@ def test_two_processes_train_the_same_weights_and_only_process_0_writes(tmp_path
     model.load_state_dict(rank0)
     scores = evaluate(
         predictor_of(model, config),
-        build_datasets(config.unet, config.train, lambda message: None).val,
+        datasets_of(config, lambda message: None).val,
         config.train.loss,
     )
     for key in ("val_loss", "val_pixel_error", "val_dice", "val_rand_error"):
-        assert float(rows[-1][key]) == pytest.approx(scores[key], rel=1e-5, abs=1e-6), key
+        assert float(rows[-1][key]) == pytest.approx(scores.value(key), rel=1e-5, abs=1e-6), key
 
     # resumed by both processes from process 0's checkpoint
     result = torchrun(tmp_path, *overrides[:-2], "train.max_epochs=3", "train.resume=auto")

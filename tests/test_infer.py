@@ -2,6 +2,8 @@
 test-time augmentation and scales, the predictor's own batch size, the watershed cut and the calibrated
 threshold."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import skimage.io
@@ -23,7 +25,7 @@ from segmentation.inference.infer import (
     separate_cells,
 )
 from segmentation.inference.objects import ObjectRules
-from tests.helpers import CUDA_SIZE, learnable_batch, run_out_of_memory, small_unet
+from tests.helpers import CUDA_SIZE, datasets_of, learnable_batch, plan_of, run_out_of_memory, small_unet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -257,7 +259,6 @@ def test_image_scale_predicts_on_the_resized_image_and_returns_the_full_size():
 def test_image_scale_shrinks_the_training_images_only():
     from skimage.transform import resize
 
-    from dataset import build_datasets
     from segmentation.config import load_config
     from segmentation.data.synthetic import synthetic_em_set
 
@@ -272,7 +273,7 @@ def test_image_scale_shrinks_the_training_images_only():
             "train.image_scale=0.3333333",
         ],
     )
-    data = build_datasets(config.unet, config.train, lambda message: None)
+    data = datasets_of(config, lambda message: None)
     _, label, _ = synthetic_em_set(4, 63, config.train.seed)[0]
     example_image, example_label, example_weight = data.example  # the first training image
     assert example_image.shape == (1, 21, 21) and example_weight.shape == (21, 21)
@@ -335,7 +336,7 @@ def test_predict_scales_average_the_predictions_at_each_multiple_of_image_scale(
                 predict_probabilities(model, small, 64)[None], size=(80, 60), mode="bilinear", align_corners=False
             )[0]
         )
-    averaged = Predictor(model, config.predict, config.train.image_scale).probabilities(image)
+    averaged = Predictor(model, plan_of(config), config.predict, config.data.image_scale).probabilities(image)
     torch.testing.assert_close(averaged, sum(expected) / 3)
     assert not torch.allclose(averaged, expected[1], atol=1e-3)  # the other scales changed the result
     for wrong in ("predict.scales=[]", "predict.scales=[0.0, 1.0]", "predict.scales=1.0"):
@@ -377,9 +378,11 @@ def test_prediction_halves_its_batch_until_it_fits(tmp_path, monkeypatch, capsys
     model = build_model(config.unet).eval()
     inputs = write_images(tmp_path / "images")
     reference = load_config(None, ["unet.input_channels=[4, 8]", "predict.tile_size=60", "predict.batch_size=1"])
-    predict.predict_files(Predictor(model, reference.predict), inputs, tmp_path / "reference", probabilities=True)
+    predict.predict_files(
+        Predictor(model, plan_of(reference), reference.predict), inputs, tmp_path / "reference", probabilities=True
+    )
     sizes = run_out_of_memory(monkeypatch, above_batch=1)
-    predictor = Predictor(model, config.predict)
+    predictor = Predictor(model, plan_of(config), config.predict)
     predict.predict_files(predictor, inputs, tmp_path / "out", probabilities=True)
     notes = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
     assert notes == [
@@ -469,7 +472,9 @@ def test_separate_cells_ignores_seeds_smaller_than_min_seed_area():
 
 def predictor_for(boundary_class: bool, rules: ObjectRules, *overrides: str) -> Predictor:
     model = UNet(input_channels=(4, 8), padding=1, boundary_class=boundary_class)
-    return Predictor(model, load_config(None, list(overrides)).predict, rules=rules)
+    config = load_config(None, ["unet.input_channels=[4, 8]", "unet.padding=1", *overrides])
+    plan = dataclasses.replace(plan_of(config), min_object_size=rules.min_size, fill_holes=rules.fill_holes)
+    return Predictor(model, plan.for_prediction(config.predict), config.predict)
 
 
 def test_class_masks_are_decided_as_before_and_the_border_joins_its_object():

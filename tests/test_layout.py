@@ -3,6 +3,7 @@ dependencies pointing one way (no import cycles, no module imports an entry poin
 a docstring naming its job, short files and functions, and settings read as typed sections, never by string."""
 
 import ast
+import dataclasses
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,8 @@ COMMANDS = ENTRY_POINTS | {"dataset"}  # the modules a user runs: python dataset
 SECTIONS = {"unet", "train", "predict", "augment", "overfit_one_batch"}
 MAX_FUNCTION_LINES = 80  # lines of code, the docstring not counted
 MAX_MODULE_LINES = 600
+TRAINING_LINES, TRAINING_FUNCTION_LINES = 430, 60  # training.py: a loop read in a sitting, with room for features
+MAX_SETTINGS_FIELDS = 30  # a settings dataclass holds one job's keys
 
 
 def module_files() -> dict[str, Path]:
@@ -126,19 +129,93 @@ def test_every_module_names_its_job_first():
         assert docstring and len(docstring.splitlines()[0]) > 20, f"{name}: no opening docstring line naming its job"
 
 
+def function_lengths(tree: ast.Module) -> dict[str, int]:
+    """Each function's lines of code, its docstring not counted."""
+    lengths = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if ast.get_docstring(node) is not None:
+                lines -= node.body[0].end_lineno - node.body[0].lineno + 1
+            lengths[node.name] = lines
+    return lengths
+
+
 def test_files_and_functions_stay_short():
     long_functions = []
     for name, path in module_files().items():
-        tree = ast.parse(path.read_text())
         assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES, f"{name} is over {MAX_MODULE_LINES} lines"
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines = node.end_lineno - node.lineno + 1
-                if ast.get_docstring(node) is not None:
-                    lines -= node.body[0].end_lineno - node.body[0].lineno + 1
-                if lines > MAX_FUNCTION_LINES:
-                    long_functions.append(f"{name}:{node.name} ({lines} lines)")
+        lengths = function_lengths(ast.parse(path.read_text()))
+        long_functions += [
+            f"{name}:{function} ({lines} lines)" for function, lines in lengths.items() if lines > MAX_FUNCTION_LINES
+        ]
     assert long_functions == []
+
+
+def test_the_training_script_has_room():
+    path = module_files()["training"]
+    assert len(path.read_text().splitlines()) <= TRAINING_LINES
+    lengths = function_lengths(ast.parse(path.read_text()))
+    assert {name: lines for name, lines in lengths.items() if lines > TRAINING_FUNCTION_LINES} == {}
+
+
+def test_settings_sections_hold_one_job_each():
+    import segmentation.settings as settings
+
+    sizes = {
+        name: len(dataclasses.fields(value))
+        for name, value in vars(settings).items()
+        if dataclasses.is_dataclass(value) and name.endswith("Settings")
+    }
+    assert len(sizes) == 7 and max(sizes.values()) <= MAX_SETTINGS_FIELDS, sizes
+
+
+def calls_named(tree: ast.Module, names: set[str]) -> list[str]:
+    """The calls of ``names`` (``Predictor(...)``, ``Predictor.from_plan(...)``) in a module, as text."""
+    return [
+        ast.unparse(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in names
+    ]
+
+
+def test_one_way_from_a_checkpoint_back_to_a_predictor():
+    """Predictors are made in segmentation/inference (``trained.load_trained`` for checkpoints); outside it
+    only training makes one, for the model it trains."""
+    outside = {
+        name: found
+        for name, tree in parsed_modules().items()
+        if not name.startswith(f"{PACKAGE}.inference")
+        and (found := calls_named(tree, {"Predictor", "Predictor.from_plan"}))
+    }
+    assert outside == {"training": ["Predictor.from_plan"]}
+
+
+def test_the_data_layer_receives_data_settings_only():
+    found = {}
+    for name, tree in parsed_modules().items():
+        if name == "dataset" or name.startswith(f"{PACKAGE}.data"):
+            names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+            names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+            if wrong := names & {"TrainSettings", "RunSettings", "OverfitSettings"}:
+                found[name] = sorted(wrong)
+    assert found == {}
+
+
+def test_run_state_is_read_by_name():
+    """``progress`` is a dataclass: no ``progress["epoch"]`` below the checkpoints' plain data."""
+    lookups = {
+        name: [
+            ast.unparse(node)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript)
+            and "progress" in ast.unparse(node.value)
+            and isinstance(node.slice, ast.Constant)
+            and node.slice.value != "progress"
+        ]
+        for name, tree in parsed_modules().items()
+    }
+    assert {name: found for name, found in lookups.items() if found} == {}
 
 
 def section_lookups(tree: ast.Module) -> list[str]:

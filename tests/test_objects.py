@@ -2,7 +2,6 @@
 checked against scipy.ndimage and hand counts."""
 
 import numpy as np
-import pytest
 from scipy import ndimage
 from skimage import draw, measure, segmentation
 
@@ -10,8 +9,6 @@ from segmentation.inference.objects import (
     ObjectRules,
     cleaned_objects,
     filled_holes,
-    learnt_min_object_size,
-    object_rules,
     objects_from_boundary_probabilities,
 )
 
@@ -50,26 +47,6 @@ def test_small_objects_are_removed_and_the_rest_renumbered():
     assert np.count_nonzero(cleaned) == 9 + 100 and cleaned[0, 0] == 0  # 9 px kept: "below" 9 goes
     assert measure.regionprops(cleaned)[0].area in (9, 100)
     assert np.array_equal(cleaned_objects(ids, ObjectRules()) > 0, ids > 0)  # no rule: only renumbered
-
-
-def test_the_learnt_size_is_half_the_fifth_percentile_of_whole_objects():
-    areas = np.arange(1, 201)  # 1..200 px
-    assert learnt_min_object_size(areas) == int(0.5 * np.percentile(areas, 5))  # 0.5 * 10.95 -> 5
-    assert learnt_min_object_size(np.array([], dtype=np.int64)) == 0
-
-
-@pytest.mark.parametrize(
-    ("size", "fill", "instance_data", "expected"),
-    [
-        ("auto", "auto", True, ObjectRules(12, True)),
-        ("auto", "auto", False, ObjectRules(0, False)),  # class masks: objects as predicted
-        (30, "auto", False, ObjectRules(30, False)),  # asked for: applies to class masks too
-        ("auto", False, True, ObjectRules(12, False)),
-        (0, True, True, ObjectRules(0, True)),
-    ],
-)
-def test_auto_cleans_objects_only_for_masks_of_object_ids(size, fill, instance_data, expected):
-    assert object_rules(size, fill, instance_data, learnt_size=12) == expected
 
 
 def test_touching_objects_grow_from_their_insides_and_part_along_their_borders():

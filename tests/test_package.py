@@ -34,7 +34,7 @@ def packaged(tmp_path, padding: int, channels: int, classes: int, dataset: str =
     model = UNet(channels, classes, (4, 8), padding=padding, norm="batch").eval()
     image = np.random.default_rng(0).normal(3.0, 2.0, (channels, 70, 90)).astype(np.float32)
     summary = export_package(
-        model, tmp_path / "model.zip", config.unet, config.train, image, {"pixel error": 0.1}, "A. User"
+        model, tmp_path / "model.zip", config.unet, config.data, image, {"pixel error": 0.1}, "A. User"
     )
     with zipfile.ZipFile(tmp_path / "model.zip") as archive:
         archive.extractall(tmp_path / "package")
@@ -108,7 +108,7 @@ def test_a_package_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
     model = UNet(1, 2, (4, 8), norm="batch")
     image = np.zeros((1, 64, 64), np.float32)
     with pytest.raises(UserError, match=r"^--export .*model.zip: cannot write the package \(") as caught:
-        export_package(model, tmp_path / "missing" / "model.zip", config.unet, config.train, image, {})
+        export_package(model, tmp_path / "missing" / "model.zip", config.unet, config.data, image, {})
     assert "\n" not in str(caught.value) and not (tmp_path / "missing").exists()
 
 
@@ -120,7 +120,9 @@ def test_bioimageio_core_passes_the_package_of_a_trained_model(trained, tmp_path
 
     _, summary = trained
     assert (
-        test_script.main(["--checkpoint", str(summary["run_weights"] / "best.pt"), "--export", str(tmp_path / "m.zip")])
+        test_script.main(
+            ["--checkpoint", str(summary.folders.weights / "best.pt"), "--export", str(tmp_path / "m.zip")]
+        )
         == 0
     )
     assert "largest differences from PyTorch: torchscript" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from model import build_model
 from segmentation.config import load_config
 from segmentation.inference import predict
 from segmentation.inference.infer import Predictor
-from tests.helpers import segment
+from tests.helpers import plan_of, segment
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_stack_probabilities_and_overlays(trained, tmp_path):
     root, summary = trained
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "out"), "--probabilities", "--overlay") == 0
     masks = tifffile.imread(tmp_path / "out" / "stack.tif")
     probability = tifffile.imread(tmp_path / "out" / "stack_probability.tif")
@@ -51,7 +51,7 @@ def test_a_multipage_tiff_is_predicted_a_page_at_a_time_as_its_pages_alone(train
         "imread",
         lambda path, *args, **kwargs: whole_reads.append(Path(path).name) or original_imread(path, *args, **kwargs),
     )
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "out"), "--probabilities") == 0
     assert "stack.tif" not in whole_reads  # never read whole: page by page
     monkeypatch.setattr(tifffile, "imread", original_imread)
@@ -80,7 +80,7 @@ def test_a_large_image_is_predicted_in_bands_as_in_one_piece(tmp_path, monkeypat
     tifffile.imwrite(tmp_path / "large.tif", image, photometric="minisblack")  # uncompressed: memory-mapped
     skimage.io.imsave(tmp_path / "large.png", image, check_contrast=False)
     whole = tmp_path / "whole"
-    predictor = Predictor(model, config.predict)
+    predictor = Predictor(model, plan_of(config), config.predict)
     predict.predict_files(predictor, [tmp_path / "large.tif"], whole, probabilities=True)
     monkeypatch.setattr(predict, "BAND_PIXELS", 150 * 40)  # bands of 40 rows (a multiple of 2**depth = 4)
     for name in ("large.tif", "large.png"):
@@ -105,7 +105,7 @@ def test_outputs_over_4_gib_are_written_as_bigtiff(trained, tmp_path, monkeypatc
     root, summary = trained
     slices = [skimage.io.imread(path) for path in sorted((root / "val" / "images").glob("*.png"))]
     tifffile.imwrite(tmp_path / "stack.tif", np.stack(slices), photometric="minisblack")
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     assert segment(best, str(tmp_path / "stack.tif"), str(tmp_path / "classic"), "--probabilities") == 0
     assert not predict.needs_bigtiff(2 * 2**30) and predict.needs_bigtiff(4 * 2**30)  # classic TIFF offsets are 32 bits
     monkeypatch.setattr(
@@ -133,7 +133,7 @@ def test_predictions_of_a_single_class_everywhere_get_a_note(tmp_path, capsys):
             (np.random.default_rng(index).random((40, 40)) * 255).astype(np.uint8),
             check_contrast=False,
         )
-    predict.predict_files(Predictor(model, config.predict), sorted(images.iterdir()), tmp_path / "out")
+    predict.predict_files(Predictor(model, plan_of(config), config.predict), sorted(images.iterdir()), tmp_path / "out")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(lines) == 1 and "all 3 predicted images are predicted as a single class everywhere" in lines[0]
     assert "train.mask_type" in lines[0] and "train.class_weights" in lines[0] and "predict.threshold" in lines[0]

@@ -24,8 +24,8 @@ TWO_CLASSES = MaskSettings()  # how masks are read by default
 
 def read_samples(config: dict) -> tuple[list, list | None]:
     """The configured data set's samples, read (listing alone reads no pixels)."""
-    samples, val = list_samples(config.train, config.unet.num_classes)
-    settings = MaskSettings.from_settings(config.unet.num_classes, config.train)
+    samples, val = list_samples(config.data, config.unet.num_classes, config.train.seed)
+    settings = MaskSettings.from_settings(config.unet.num_classes, config.data)
     return [sample.read(settings) for sample in samples], None if val is None else [
         sample.read(settings) for sample in val
     ]
@@ -177,8 +177,8 @@ def read_only(root: Path, *overrides: str) -> list:
     """The folder's samples, read as the config says."""
     config = config_for(root, *overrides)
     return [
-        sample.read(MaskSettings.from_settings(config.unet.num_classes, config.train))
-        for sample in list_samples(config.train, config.unet.num_classes)[0]
+        sample.read(MaskSettings.from_settings(config.unet.num_classes, config.data))
+        for sample in list_samples(config.data, config.unet.num_classes, config.train.seed)[0]
     ]
 
 

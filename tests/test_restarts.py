@@ -47,37 +47,40 @@ def started_run(save_path: Path, name: str) -> Path:
     return save_path / name
 
 
-def train_settings(tmp_path: Path, *overrides: str):
-    return load_config(None, [f"train.save_path={tmp_path}", *overrides]).train
+def run_settings(tmp_path: Path, *overrides: str):
+    return load_config(None, [f"train.save_path={tmp_path}", *overrides]).run
 
 
 def test_a_restarted_group_continues_the_run_the_group_before_it_trained(tmp_path, agent):
-    settings = train_settings(tmp_path)
+    settings = run_settings(tmp_path)
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "last.pt").write_bytes(b"")  # a run of an earlier launch: not this launch's
-    assert continued_after_restart(settings) == (settings, None)  # the first group of a launch: as configured
+    assert continued_after_restart(settings, every_fold=False) == (
+        settings,
+        None,
+    )  # the first group of a launch: as configured
     started_run(tmp_path, "elastic")
-    continued, message = continued_after_restart(settings)
+    continued, message = continued_after_restart(settings, every_fold=False)
     assert continued.resume == str(tmp_path / "elastic" / "last.pt")
     assert message == f"torchrun started the processes again: continuing run elastic from {continued.resume}"
     (tmp_path / "elastic" / "last.pt").unlink()
-    continued, message = continued_after_restart(settings)
+    continued, message = continued_after_restart(settings, every_fold=False)
     assert continued == settings and message.endswith("last.pt is gone: starting a new run")
 
 
 def test_a_restart_under_fold_all_continues_the_series(tmp_path, agent):
     started_run(tmp_path, "series-fold0")
     started_run(tmp_path, "series-fold1")
-    continued, message = continued_after_restart(train_settings(tmp_path, "train.folds=3", "train.fold=all"))
+    continued, message = continued_after_restart(run_settings(tmp_path), every_fold=True)
     assert (continued.run_name, continued.resume) == ("series", "auto")
     assert "continuing the folds of series (series-fold1 and on)" in message
 
 
 def test_outside_torchrun_or_without_its_store_nothing_is_continued(tmp_path, monkeypatch):
-    settings = train_settings(tmp_path)
-    assert continued_after_restart(settings) == (settings, None)
+    settings = run_settings(tmp_path)
+    assert continued_after_restart(settings, every_fold=False) == (settings, None)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # restarted, but with no store to find the run in
-    continued, message = continued_after_restart(settings)
+    continued, message = continued_after_restart(settings, every_fold=False)
     assert continued == settings and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in message and "resume=auto" in message
 
 

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from test_training import TINY, tiny_config
 
 import training
-from dataset import EpochSampler, build_datasets
+from dataset import EpochSampler
 from segmentation.config import ConfigError, UserError, config_to_yaml, load_config
 from segmentation.data.cache import write_entry
 from segmentation.engine import search
@@ -30,13 +31,12 @@ def is_png(path: Path) -> bool:
 
 def overfit(config) -> dict:
     """``overfit_one_batch.overfit`` as training.py runs it."""
-    return search.overfit_batch(config.unet, config.train, config.overfit_one_batch, config_to_yaml(config))
+    return search.overfit_batch(config, config_to_yaml(config))
 
 
 def find_lr(config) -> dict:
     """``overfit_one_batch.lr_find`` as training.py runs it."""
-    settings = config.overfit_one_batch
-    return search.lr_find(config.unet, config.train, config.augment, settings, config_to_yaml(config))
+    return search.lr_find(config, config_to_yaml(config))
 
 
 def test_overfit_reaches_a_loose_tolerance_with_the_training_step(tmp_path, monkeypatch, capsys):
@@ -71,11 +71,11 @@ def test_tiny_lr_fails_with_the_raise_lr_hint(tmp_path):
 
 def test_the_batch_is_fixed_and_unaugmented(tmp_path):
     config = tiny_config(tmp_path, "train.batch_size=3")
-    train_set = build_datasets(config.unet, config.train).train
-    first, warnings = search.fixed_batch(train_set, config.unet, config.train)
-    second, _ = search.fixed_batch(build_datasets(config.unet, config.train).train, config.unet, config.train)
+    plan, train_set = search.planned_tiles(config)
+    first, warnings = search.fixed_batch(train_set, plan, config.train)
+    second, _ = search.fixed_batch(search.planned_tiles(config)[1], plan, config.train)
     smaller_config = tiny_config(tmp_path, "train.batch_size=2")
-    smaller, _ = search.fixed_batch(train_set, smaller_config.unet, smaller_config.train)
+    smaller, _ = search.fixed_batch(train_set, plan, smaller_config.train)
     assert first[0].shape == (3, 1, 60, 60) and warnings == []
     order = list(EpochSampler(len(train_set), config.train.seed))[:3]
     for batch_tensor, raw in zip(first, zip(*(train_set[i] for i in order))):
@@ -86,7 +86,7 @@ def test_the_batch_is_fixed_and_unaugmented(tmp_path):
 
 def test_labels_beyond_the_classes_are_an_error(tmp_path):
     config = tiny_config(tmp_path, "train.class_weights=none")  # a class weight per class could not weigh label 2
-    train_set = build_datasets(config.unet, config.train).train
+    plan, train_set = search.planned_tiles(config)
     doubled = []
     for index, prepared in enumerate(train_set.images):
         image, label, border = prepared.arrays()
@@ -95,12 +95,12 @@ def test_labels_beyond_the_classes_are_an_error(tmp_path):
         )
     train_set.images = doubled
     with pytest.raises(UserError, match="label 2 but unet.num_classes is 2"):
-        search.fixed_batch(train_set, config.unet, config.train)
+        search.fixed_batch(train_set, plan, config.train)
 
 
 def test_hp_search_ranks_trials_and_writes_a_trainable_best_config(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(training, "train", lambda config: trained.append(config) or {"interrupted": False})
+    monkeypatch.setattr(training, "train", lambda config: trained.append(config) or SimpleNamespace(interrupted=False))
     space = "{train.lr: {log_uniform: [1e-3, 3e-2]}, train.optim: [adam, sgd]}"
     config = tiny_config(
         tmp_path,

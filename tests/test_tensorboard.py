@@ -34,8 +34,8 @@ def scalars(reader, tag: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_the_epochs_scalars_settings_and_validation_images_are_in_the_events(tmp_path):
     summary = train(tiny_config(tmp_path, "train.max_epochs=2", "train.tensorboard=true", "train.lr=0.002"))
-    reader = read_events(summary["run_log"])
-    with (summary["run_log"] / "metrics.csv").open() as file:
+    reader = read_events(summary.folders.log)
+    with (summary.folders.log / "metrics.csv").open() as file:
         rows = list(csv.DictReader(file))
     columns = {
         "loss/train": "train_loss",
@@ -69,14 +69,14 @@ def test_a_resumed_run_continues_its_event_log_at_the_next_epoch(tmp_path):
     overrides = ["train.tensorboard=true", "train.run_name=resumed"]
     first = train(tiny_config(tmp_path, "train.max_epochs=1", *overrides))
     after_one = tmp_path / "after_one.pt"
-    shutil.copy(first["run_weights"] / "last.pt", after_one)
+    shutil.copy(first.folders.weights / "last.pt", after_one)
     train(tiny_config(tmp_path, "train.max_epochs=2", "train.resume=auto", *overrides))
     # as if the run had been killed after writing epoch 2's events but before saving its last.pt
-    shutil.copy(after_one, first["run_weights"] / "last.pt")
+    shutil.copy(after_one, first.folders.weights / "last.pt")
     last = train(tiny_config(tmp_path, "train.max_epochs=3", "train.resume=auto", *overrides))
-    reader = read_events(first["run_log"])
+    reader = read_events(first.folders.log)
     assert sorted(scalars(reader, "loss/train")) == [1, 2, 3]  # each epoch once: the stale epoch 2 is hidden
-    with (last["run_log"] / "metrics.csv").open() as file:
+    with (last.folders.log / "metrics.csv").open() as file:
         logged = {int(row["epoch"]): float(row["train_loss"]) for row in csv.DictReader(file)}
     assert scalars(reader, "loss/train") == pytest.approx(logged, rel=1e-6)
 

@@ -15,7 +15,6 @@ from skimage.metrics import adapted_rand_error
 
 from model import build_model
 from segmentation.config import UserError, resolve
-from segmentation.inference.objects import learnt_min_object_size
 from tests.helpers import (
     ROOT,
     datasets_of,
@@ -35,7 +34,7 @@ def test_test_py_reproduces_the_logged_scores_from_the_masks_it_writes(trained, 
     scikit-image against the mask files, give the same scores; and the same images segmented as files
     (--input) give the same masks (an image from its file and from the cache is the same image)."""
     root, summary = trained
-    best = summary["run_weights"] / "best.pt"
+    best = summary.folders.weights / "best.pt"
     row = logged_row(summary, torch.load(best, weights_only=True)["progress"]["best_epoch"])
     capsys.readouterr()
     assert test_script.main(["--checkpoint", str(best), "--output", str(tmp_path / "diagnostics")]) == 0
@@ -67,7 +66,7 @@ def test_test_py_reproduces_the_logged_scores_from_the_masks_it_writes(trained, 
 def test_export_writes_onnx_and_torchscript_and_refuses_other_files(trained, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     _, summary = trained
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     for name in ("unet.onnx", "unet.pt"):
         assert test_script.main(["--checkpoint", best, "--export", str(tmp_path / name)]) == 0
         assert (tmp_path / name).stat().st_size > 1000
@@ -95,7 +94,7 @@ def test_export_writes_onnx_and_torchscript_and_refuses_other_files(trained, tmp
 @pytest.mark.slow
 def test_errors_are_one_line(trained, tmp_path, capsys):
     root, summary = trained
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     (tmp_path / "broken.png").write_bytes(b"no image")
     cases = [
         (["--input", str(tmp_path / "missing.png")], "no such file or folder"),
@@ -141,7 +140,7 @@ def brute_force_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[int, int, 
 @pytest.mark.slow
 def test_instance_output_and_object_f1(trained, tmp_path, capsys):
     root, summary = trained
-    best = str(summary["run_weights"] / "best.pt")
+    best = str(summary.folders.weights / "best.pt")
     assert segment(best, str(root / "val" / "images"), str(tmp_path / "files"), "--instances") == 0
     for mask_path in sorted((tmp_path / "files").glob("slice??.png")):
         ids = tifffile.imread(tmp_path / "files" / f"{mask_path.stem}_instances.tif")
@@ -173,15 +172,17 @@ def test_id_masks_train_a_border_class_that_test_py_turns_into_objects_and_score
     make_id_folder(tmp_path, count=6, size=96)
     split = ["train.val_images=[4]", "train.test_images=[5]", "train.run_name=ids"]
     summary = train(folder_config(tmp_path, "train.max_epochs=3", *split))
-    best = torch.load(summary["run_weights"] / "best.pt", weights_only=True)
-    assert best["config"]["unet"]["boundary_class"] is True and best["model"]["outc.weight"].shape[0] == 3
+    best = torch.load(summary.folders.weights / "best.pt", weights_only=True)
+    assert best["plan"]["boundary_class"] is True and best["model"]["outc.weight"].shape[0] == 3
     data = datasets_of(folder_config(tmp_path, *split))
-    assert best["objects"] == {"instance_data": True, "learnt_size": learnt_min_object_size(data.object_areas)}
+    areas = [area for entry in data.train.images for area in entry.object_areas]
+    learnt = int(0.5 * np.percentile(areas, 5))  # half a small whole training object
+    assert best["plan"]["mask_reading"] == "instances" and best["plan"]["min_object_size"] == learnt > 0
     capsys.readouterr()
     output = tmp_path / "diagnostics"
     assert (
         test_script.main(
-            ["--checkpoint", str(summary["run_weights"] / "best.pt"), "--output", str(output), "--instances"]
+            ["--checkpoint", str(summary.folders.weights / "best.pt"), "--output", str(output), "--instances"]
         )
         == 0
     )
@@ -190,7 +191,7 @@ def test_id_masks_train_a_border_class_that_test_py_turns_into_objects_and_score
     mask = skimage.io.imread(output / "masks" / "n5.png")
     assert np.array_equal(found > 0, mask == 255)  # the mask is that of the objects
     sizes = np.bincount(found.ravel())[1:]
-    assert sizes.min() >= best["objects"]["learnt_size"]  # nothing smaller than the learnt size is left
+    assert sizes.min() >= learnt  # nothing smaller than the learnt size is left
     matched, true_objects, predicted_objects = brute_force_f1(data.test.images[0].instances(), found)
     assert f"objects at IoU 0.5: {matched} of {true_objects} true and {predicted_objects} predicted matched" in table
     line = next(line for line in table.splitlines() if line.strip().startswith("all"))
@@ -222,7 +223,7 @@ def test_test_script_errors_are_one_line(tmp_path):
             sys.executable,
             "test.py",
             "--checkpoint",
-            str(summary["run_weights"] / "best.pt"),
+            str(summary.folders.weights / "best.pt"),
             "--config",
             str(config_path),
         ],

@@ -2,6 +2,8 @@
 one-line errors."""
 
 import csv
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -22,8 +24,9 @@ from model import build_model
 from segmentation.config import UserError, load_config, resolve
 from segmentation.data.synthetic import SyntheticSample, synthetic_em
 from segmentation.engine import step
-from segmentation.engine.checkpoint import find_resume_checkpoint
-from segmentation.engine.validation import evaluate
+from segmentation.engine.resume import find_resume_checkpoint
+from segmentation.engine.run import Processes
+from segmentation.engine.validation import Validation, evaluate
 from tests.helpers import (
     ROOT,
     SEED_README_CONFIG,
@@ -43,26 +46,28 @@ from training import train
 
 
 def final_weights(summary: dict) -> dict:
-    return torch.load(summary["run_weights"] / "last.pt", weights_only=True)["model"]
+    return torch.load(summary.folders.weights / "last.pt", weights_only=True)["model"]
 
 
 @pytest.mark.slow
 def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     config = tiny_config(tmp_path, "train.max_epochs=2")
     summary = train(config)
-    run_log, run_weights = summary["run_log"], summary["run_weights"]
+    run_log, run_weights = summary.folders.log, summary.folders.weights
     assert run_log.parent == tmp_path / "logs" and run_weights.parent == tmp_path / "weights"
     rows = read_rows(run_log)
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     assert all(0 <= float(row["val_pixel_error"]) <= 1 and math.isfinite(float(row["train_loss"])) for row in rows)
     for name in ("curves.png", "weight_map.png", "augmented_samples.png"):
         assert (run_log / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the run folder keeps the config as run: unet.boundary_class auto decided by the (generated) masks
-    as_run = config.with_values({"unet.boundary_class": False})
-    assert load_config(run_log / "config.yaml") == as_run
+    # the run folder keeps the config as given and beside it the plan: unet.boundary_class auto decided by
+    # the (generated) masks, train.tile_size as given
+    assert load_config(run_log / "config.yaml") == config
+    plan = json.loads((run_log / "plan.json").read_text())
+    assert plan["boundary_class"] is False and plan["tile_size"] == 60 and plan["mask_reading"] == "generated"
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_weights / name, weights_only=True)
-        assert state["config"] == as_run.to_dict()
+        assert state["config"] == config.to_dict() and state["plan"] == plan
         assert {"model", "optimizer", "scheduler", "progress", "rng"} <= state.keys()
     last = torch.load(run_weights / "last.pt", weights_only=True)
     assert last["progress"]["epoch"] == 2 and last["progress"]["step"] == 8
@@ -74,9 +79,9 @@ def test_same_seed_same_losses_and_weights(tmp_path):
     first = train(tiny_config(tmp_path / "a", "train.max_epochs=1"))
     second = train(tiny_config(tmp_path / "b", "train.max_epochs=1"))
     other = train(tiny_config(tmp_path / "c", "train.max_epochs=1", "train.seed=1"))
-    assert read_rows(first["run_log"])[0]["train_loss"] == read_rows(second["run_log"])[0]["train_loss"]
+    assert read_rows(first.folders.log)[0]["train_loss"] == read_rows(second.folders.log)[0]["train_loss"]
     assert_same_weights(final_weights(first), final_weights(second))
-    assert read_rows(first["run_log"])[0]["train_loss"] != read_rows(other["run_log"])[0]["train_loss"]
+    assert read_rows(first.folders.log)[0]["train_loss"] != read_rows(other.folders.log)[0]["train_loss"]
 
 
 @pytest.mark.slow
@@ -95,19 +100,19 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monke
 
     monkeypatch.setattr(training, "train_step", step_then_interrupt)
     stopped = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", ema))
-    assert stopped["interrupted"] and stopped["epoch"] == 1 and stopped["batch"] == 2
+    assert stopped.interrupted and stopped.progress.epoch == 1 and stopped.progress.batch == 2
     monkeypatch.setattr(training, "train_step", original_step)
     resumed = train(tiny_config(tmp_path / "resumed", "train.max_epochs=3", ema, "train.resume=auto"))
-    assert not resumed["interrupted"] and resumed["run_log"] == stopped["run_log"]
+    assert not resumed.interrupted and resumed.folders.log == stopped.folders.log
     assert_same_weights(final_weights(resumed), final_weights(baseline))
     if ema.endswith("0.9"):  # the optimizer's weights resume too, and differ from their average
         resumed_state, baseline_state = (
-            torch.load(run["run_weights"] / "last.pt", weights_only=True) for run in (resumed, baseline)
+            torch.load(run.folders.weights / "last.pt", weights_only=True) for run in (resumed, baseline)
         )
         assert_same_weights(resumed_state["training_model"], baseline_state["training_model"])
         assert not torch.equal(baseline_state["model"]["outc.weight"], baseline_state["training_model"]["outc.weight"])
-    assert [row["train_loss"] for row in read_rows(resumed["run_log"])] == [
-        row["train_loss"] for row in read_rows(baseline["run_log"])
+    assert [row["train_loss"] for row in read_rows(resumed.folders.log)] == [
+        row["train_loss"] for row in read_rows(baseline.folders.log)
     ]
 
 
@@ -155,11 +160,12 @@ def test_sigkill_mid_run_then_resume_auto(tmp_path):
 
 def test_a_new_run_has_a_last_pt_from_its_first_step_which_resume_auto_finds(tmp_path):
     older = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=older"))
-    fresh = training.set_up(tiny_config(tmp_path, "train.run_name=fresh"), 0, 1, torch.device("cpu"))
-    saved = torch.load(fresh.run_weights / "last.pt", weights_only=True)
+    fresh = training.set_up(tiny_config(tmp_path, "train.run_name=fresh"), Processes(0, 1, torch.device("cpu")))
+    saved = torch.load(fresh.folders.weights / "last.pt", weights_only=True)
     assert (saved["progress"]["step"], saved["progress"]["run_name"]) == (0, "fresh")
     # killed now, train.resume=auto continues this run, not the older one
-    assert find_resume_checkpoint("auto", tmp_path / "weights") == fresh.run_weights / "last.pt" != older["run_weights"]
+    newest = find_resume_checkpoint("auto", tmp_path / "weights")
+    assert newest == fresh.folders.weights / "last.pt" != older.folders.weights / "last.pt"
 
 
 def saved_inside_an_epoch(last: Path) -> bool:
@@ -217,12 +223,12 @@ def test_a_kill_between_two_time_based_saves_resumes_at_the_saved_step(tmp_path)
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_best(tmp_path, monkeypatch):
     first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=nan"))
-    best = (first["run_weights"] / "best.pt").read_bytes()
+    best = (first.folders.weights / "best.pt").read_bytes()
     original_loss = step.segmentation_loss
     monkeypatch.setattr(step, "segmentation_loss", lambda *args: original_loss(*args) * float("nan"))
     with pytest.raises(UserError, match="training loss became nan"):
         train(tiny_config(tmp_path, "train.max_epochs=3", "train.resume=auto"))
-    assert (first["run_weights"] / "best.pt").read_bytes() == best
+    assert (first.folders.weights / "best.pt").read_bytes() == best
 
 
 @pytest.mark.slow
@@ -234,7 +240,7 @@ def test_resume_with_another_architecture_names_the_keys(tmp_path):
                 tmp_path,
                 "unet.input_channels=[4, 8, 16]",
                 "train.tile_size=124",
-                f"train.resume={first['run_weights'] / 'last.pt'}",
+                f"train.resume={first.folders.weights / 'last.pt'}",
             )
         )
 
@@ -243,8 +249,8 @@ def test_resume_with_another_architecture_names_the_keys(tmp_path):
 def test_runs_never_overwrite_each_other(tmp_path):
     first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
     second = train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=same"))
-    assert first["run_log"].name == "same" and second["run_log"].name == "same-2"
-    assert (first["run_weights"] / "last.pt").exists() and (second["run_weights"] / "last.pt").exists()
+    assert first.folders.log.name == "same" and second.folders.log.name == "same-2"
+    assert (first.folders.weights / "last.pt").exists() and (second.folders.weights / "last.pt").exists()
 
 
 @pytest.mark.slow
@@ -253,24 +259,24 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch)
     monkeypatch.setattr(
         training,
         "evaluate",
-        lambda *args: {"val_loss": next(losses), "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8},
+        lambda *args: Validation(next(losses), {"pixel_error": 0.1, "dice": 0.9, "iou": 0.8}),
     )
     summary = train(tiny_config(tmp_path, "train.max_epochs=6", "train.early_stopping=2", "train.best_metric=val_loss"))
-    assert summary["epoch"] == 4 and summary["best_epoch"] == 2
+    assert summary.progress.epoch == 4 and summary.progress.best_epoch == 2
 
 
 @pytest.mark.slow
 def test_with_ema_validation_and_test_py_use_the_average(tmp_path):
     summary = train(tiny_config(tmp_path, "train.max_epochs=2", "train.ema=0.5"))
-    last = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
+    last = torch.load(summary.folders.weights / "last.pt", weights_only=True)
     config = resolve(last["config"])
     data = datasets_of(config)
-    logged = read_rows(summary["run_log"])[-1]
+    logged = read_rows(summary.folders.log)[-1]
     scores = {}
     for key in ("model", "training_model"):
         model = build_model(config.unet)
         model.load_state_dict(last[key])
-        scores[key] = evaluate(predictor_of(model, config), data.val, config.train.loss)["val_loss"]
+        scores[key] = evaluate(predictor_of(model, config), data.val, config.train.loss).loss
     assert scores["model"] != scores["training_model"]
     assert scores["model"] == pytest.approx(float(logged["val_loss"]), rel=1e-6)
 
@@ -308,16 +314,15 @@ def test_the_seed_readme_config_trains_as_written(tmp_path, capsys):
         notices,
     )
     summary = train(config)
-    assert not summary["interrupted"] and summary["epoch"] == 1 and (summary["run_weights"] / "last.pt").exists()
-    assert config.train.tile_size == 320 and "tiles of 320 px" in capsys.readouterr().out
+    assert not summary.interrupted and summary.progress.epoch == 1 and (summary.folders.weights / "last.pt").exists()
+    assert config.data.tile_size == 320 and "tiles of 320 px" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_validation_of_a_single_class_everywhere_is_noted_once(tmp_path, monkeypatch, capsys):
     original = training.evaluate
-    monkeypatch.setattr(
-        training, "evaluate", lambda *args: {**original(*args), "uniform_images": 2}
-    )  # both validation images
+    # both validation images
+    monkeypatch.setattr(training, "evaluate", lambda *args: dataclasses.replace(original(*args), uniform_images=2))
     train(tiny_config(tmp_path, "train.max_epochs=2"))
     notes = [line for line in capsys.readouterr().err.splitlines() if "predicted as a single class everywhere" in line]
     assert len(notes) == 1 and notes[0].startswith("note: epoch 1: all 2 validation images")
@@ -338,8 +343,8 @@ def test_training_on_cuda_with_bf16_channels_last_and_pinned_memory(tmp_path):
             "train.max_epochs=2",
         )
     )
-    assert summary["epoch"] == 2 and next(summary["model"].parameters()).is_cuda
-    assert all(torch.isfinite(parameter).all() for parameter in summary["model"].parameters())
+    assert summary.progress.epoch == 2 and next(summary.model.parameters()).is_cuda
+    assert all(torch.isfinite(parameter).all() for parameter in summary.model.parameters())
 
 
 @pytest.mark.slow
@@ -354,21 +359,21 @@ def test_a_bf16_run_with_accumulation_and_checkpointing_trains_on_cpu(tmp_path):
         "train.lr=3e-3",
     )
     summary = train(config)
-    rows = read_rows(summary["run_log"])
+    rows = read_rows(summary.folders.log)
     assert len(rows) == 6 and all(row["step"] == str(4 * (i + 1)) for i, row in enumerate(rows))
     assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
     assert float(rows[-1]["val_loss"]) < 0.9 * float(rows[0]["val_loss"])
-    state = torch.load(summary["run_weights"] / "last.pt", weights_only=True)
+    state = torch.load(summary.folders.weights / "last.pt", weights_only=True)
     assert state["model"]["inc.double_conv.0.weight"].dtype == torch.float32
 
 
 @pytest.mark.slow
 def test_fp16_run_saves_and_restores_its_loss_scale(tmp_path):
     summary = train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=1", "train.run_name=fp16"))
-    scale = torch.load(summary["run_weights"] / "last.pt", weights_only=True)["scaler"]["scale"]
+    scale = torch.load(summary.folders.weights / "last.pt", weights_only=True)["scaler"]["scale"]
     assert scale > 0
     resumed = train(tiny_config(tmp_path, "train.precision=fp16", "train.max_epochs=2", "train.resume=auto"))
-    assert resumed["run_weights"] == summary["run_weights"] and resumed["epoch"] == 2
+    assert resumed.folders.weights == summary.folders.weights and resumed.progress.epoch == 2
 
 
 @pytest.mark.slow
@@ -383,7 +388,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_notice(tmp_path, mon
 
     monkeypatch.setattr(training.torch, "compile", FailingCompiled)
     summary = train(tiny_config(tmp_path, "train.compile=true", "train.max_epochs=2"))
-    assert not summary["interrupted"] and summary["epoch"] == 2
+    assert not summary.interrupted and summary.progress.epoch == 2
     assert (
         capsys.readouterr().err.count(
             "note: torch.compile failed (InductorError: no working C++ compiler found): training without it"
@@ -395,7 +400,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_notice(tmp_path, mon
 @pytest.mark.slow
 def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
     first = training.train(tiny_config(tmp_path, "train.max_epochs=1", "train.run_name=oom"))
-    saved = {name: (first["run_weights"] / name).read_bytes() for name in ("last.pt", "best.pt")}
+    saved = {name: (first.folders.weights / name).read_bytes() for name in ("last.pt", "best.pt")}
     run_out_of_memory(monkeypatch)
     with pytest.raises(UserError) as caught:
         training.train(tiny_config(tmp_path, "train.max_epochs=2", "train.resume=auto"))
@@ -406,7 +411,7 @@ def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoints(tmp_pat
         "train.tile_size, or set train.activation_checkpointing=true" in message
     )
     assert message.endswith("the checkpoints saved so far are intact (continue with train.resume=auto)")
-    assert {name: (first["run_weights"] / name).read_bytes() for name in saved} == saved
+    assert {name: (first.folders.weights / name).read_bytes() for name in saved} == saved
     capsys.readouterr()
     overrides = [
         "unet.input_channels=[4, 8]",
@@ -516,7 +521,7 @@ def test_every_fold_trains_resumes_and_test_py_summarizes_them(image_folder, cap
 def test_every_fold_skips_folds_that_early_stopping_ended(image_folder, capsys, monkeypatch):
     # a validation loss that never improves: each fold stops after epoch 2 of 4 (patience 1)
     monkeypatch.setattr(
-        training, "evaluate", lambda *args: {"val_loss": 1.0, "val_pixel_error": 0.1, "val_dice": 0.9, "val_iou": 0.8}
+        training, "evaluate", lambda *args: Validation(1.0, {"pixel_error": 0.1, "dice": 0.9, "iou": 0.8})
     )
     arguments = [
         *every_fold_arguments(image_folder),
@@ -557,11 +562,11 @@ def test_three_synthetic_classes_are_trained_predicted_and_scored_per_class(tmp_
             tmp_path, "unet.num_classes=3", "train.max_epochs=2", "train.synthetic_size=96", "train.samples_per_image=4"
         )
     )
-    with (summary["run_log"] / "metrics.csv").open() as file:
+    with (summary.folders.log / "metrics.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert all(0 <= float(rows[-1][f"val_dice_{c}"]) <= 1 for c in range(3))
-    assert (summary["run_log"] / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    best = str(summary["run_weights"] / "best.pt")
+    assert (summary.folders.log / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = str(summary.folders.weights / "best.pt")
     capsys.readouterr()
     assert test_script.main(["--checkpoint", best, "--output", str(tmp_path / "diagnostics")]) == 0
     table = capsys.readouterr().out
@@ -602,4 +607,4 @@ def test_training_on_a_folder_of_rgb_images_with_0_255_masks(tmp_path):
             f"train.log_path={tmp_path / 'l'}",
         )
     )
-    assert (summary["run_weights"] / "best.pt").exists() and 0 <= summary["scores"]["val_pixel_error"] <= 1
+    assert (summary.folders.weights / "best.pt").exists() and 0 <= summary.validation.value("val_pixel_error") <= 1

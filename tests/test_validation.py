@@ -7,11 +7,11 @@ import skimage.io
 import test_script
 import torch
 
-from dataset import build_datasets
 from model import build_model
 from segmentation.engine.validation import evaluate
 from segmentation.inference.infer import predict_probabilities
 from tests.helpers import (
+    datasets_of,
     folder_config,
     predictor_of,
     tiny_config,
@@ -30,15 +30,15 @@ def test_training_calibrates_the_threshold_and_test_py_decides_with_it(image_fol
         "train.best_metric=val_pixel_error",
     )
     summary = train(config)
-    best = summary["run_weights"] / "best.pt"
+    best = summary.folders.weights / "best.pt"
     state = torch.load(best, weights_only=True)
-    threshold = state["threshold"]
-    assert 0.05 <= threshold <= 0.95
+    threshold = state["plan"]["threshold"]
+    assert 0.05 <= threshold <= 0.95 and state["plan"]["threshold_source"] == "calibrated"
 
     # the stored threshold has the lowest pixel error on the validation image, counted here with NumPy
-    model = build_model(config.unet)
+    model = build_model(config.unet, state["plan"]["boundary_class"])
     model.load_state_dict(state["model"])
-    image, label, _ = build_datasets(config.unet, config.train, lambda message: None).val[0]
+    image, label, _ = datasets_of(config, lambda message: None).val[0]
     probability = predict_probabilities(model, image, 100)[1].numpy()
     errors = {
         row["threshold"]: np.mean((probability >= row["threshold"]) != (label.numpy() == 1))
@@ -50,7 +50,7 @@ def test_training_calibrates_the_threshold_and_test_py_decides_with_it(image_fol
     capsys.readouterr()
     assert test_script.main(["--checkpoint", str(best), "--output", str(tmp_path)]) == 0
     assert f"2 test images, class 1 at probability >= {threshold:.2f}" in capsys.readouterr().out
-    test_images = build_datasets(config.unet, config.train, lambda message: None).test
+    test_images = datasets_of(config, lambda message: None).test
     for index, name in enumerate(("slice04", "slice05")):
         written = skimage.io.imread(tmp_path / "masks" / f"{name}.png")
         probability = predict_probabilities(model, test_images[index][0], 100)[1].numpy()
@@ -59,9 +59,9 @@ def test_training_calibrates_the_threshold_and_test_py_decides_with_it(image_fol
 
 def test_evaluate_counts_the_images_predicted_as_one_class(tmp_path):
     config = tiny_config(tmp_path)
-    data = build_datasets(config.unet, config.train, lambda message: None)
+    data = datasets_of(config, lambda message: None)
     model = build_model(config.unet)
-    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] in (0, 1, 2)
+    assert evaluate(predictor_of(model, config), data.val, config.train.loss).uniform_images in (0, 1, 2)
     with torch.no_grad():
         model.outc.bias.copy_(torch.tensor([-50.0, 50.0]))  # class 1 everywhere
-    assert evaluate(predictor_of(model, config), data.val, config.train.loss)["uniform_images"] == len(data.val) == 2
+    assert evaluate(predictor_of(model, config), data.val, config.train.loss).uniform_images == len(data.val) == 2

@@ -176,21 +176,11 @@ def score_run(checkpoint: Path, truth: list, overrides: list[str], queue) -> Non
     """Child process: the matching fields at IoU 0.5 over the checkpoint's test images against the true ids
     ``truth`` (one array per test image, in order), the foreground Dice and pixel error, and the seconds of
     post-processing (objects from probabilities) per megapixel."""
-    from dataset import build_datasets
-    from segmentation.engine.checkpoint import decided_object_rules, decision_threshold, load_model
-    from segmentation.inference.infer import Predictor
+    from segmentation.inference.trained import load_trained
     from segmentation.metrics import matching_scores, object_matching
 
-    model, config, state, device = load_model(checkpoint, None, overrides)
-    test = build_datasets(config.unet, config.train, lambda message: None).test
-    predictor = Predictor.from_settings(
-        model,
-        config.predict,
-        config.augment,
-        config.train.image_scale,
-        threshold=decision_threshold(config.predict, state),
-        rules=decided_object_rules(config.predict, state),
-    )
+    trained = load_trained(checkpoint, None, overrides)
+    test, predictor, device = trained.datasets(lambda message: None).test, trained.predictor, trained.device
     counts, overlap, total, wrong, pixels, seconds = np.zeros(4), 0, 0, 0, 0, 0.0
     for (image, _, _), ids in zip(test, truth):
         probabilities = predictor.probabilities(image.to(device))

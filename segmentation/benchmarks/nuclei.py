@@ -81,18 +81,13 @@ def nuclei_experiment(epochs: int, seeds: list[int]) -> None:
 def score_objects(checkpoint: Path, truth: list, queue) -> None:
     """Child process: object F1 at IoU 0.5 and Dice of a checkpoint on its config's test images,
     against the true object ids ``truth`` (one array per test image)."""
-    from dataset import build_datasets
     from segmentation.data.readers import object_instances
-    from segmentation.engine.checkpoint import decision_threshold, load_model
-    from segmentation.inference.infer import Predictor
+    from segmentation.inference.trained import load_trained
     from segmentation.metrics import matching_scores, object_matching
 
-    model, config, state, device = load_model(checkpoint, None, [])
-    test = build_datasets(config.unet, config.train, lambda message: None).test
-    threshold = decision_threshold(config.predict, state)
-    predictor = Predictor.from_settings(
-        model, config.predict, config.augment, config.train.image_scale, False, threshold
-    )
+    # as this experiment first measured it: the calibrated threshold, without cleaning the objects
+    trained = load_trained(checkpoint, None, ["predict.min_object_size=0", "predict.fill_holes=false"])
+    test, predictor, device = trained.datasets(lambda message: None).test, trained.predictor, trained.device
     matched, overlap, total = np.zeros(4), 0, 0
     for (image, _, _), ids in zip(test, truth):
         classes = predictor.classes(predictor.probabilities(image.to(device))).numpy()

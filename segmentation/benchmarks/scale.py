@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from segmentation.benchmarks.speed import ROOT, in_child
-from segmentation.config import TrainSettings, UNetSettings
+from segmentation.settings import DataSettings, UNetSettings
 
 
 def data_scale_table(counts: list[int]) -> None:
@@ -94,9 +94,10 @@ def time_shipped_step(queue) -> None:
     from model import build_model
     from segmentation.config import DEFAULT_CONFIG, load_config
     from segmentation.engine.step import build_optimizer, train_step
+    from segmentation.plan import training_tile_size
 
     config = load_config(DEFAULT_CONFIG, ["train.device=cpu"])
-    train, size = config.train, config.train.tile_size
+    train, size = config.train, training_tile_size(config.data.tile_size, config.unet.depth, config.unet.padding)
     torch.manual_seed(0)
     model = build_model(config.unet)
     optimizer = build_optimizer(model, train, torch.device("cpu"))
@@ -115,15 +116,15 @@ def time_shipped_step(queue) -> None:
 def measure_data_path(kind: str, data: Path, cache_dir: Path | None, queue) -> None:
     """Child process: build the training tiles of a folder (``memory``: every image preprocessed and
     kept in RAM, as before the cache; else through the cache) and read one epoch through the loader."""
-    from dataset import EpochSampler, build_datasets
+    from dataset import EpochSampler, planned_datasets
 
     config = scale_config(data, cache_dir or data / "unused")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if kind == "memory":
-        tiles = in_memory_tiles(config.unet, config.train)
+        tiles = in_memory_tiles(config.unet, config.data, config.train.seed)
     else:
-        tiles = build_datasets(config.unet, config.train, lambda message: None).train
+        tiles = planned_datasets(config.unet, config.data, config.predict, config.train.seed, lambda _: None)[1].train
     startup = time.perf_counter() - start
     loader = DataLoader(tiles, config.train.batch_size, sampler=EpochSampler(len(tiles), seed=0), drop_last=True)
     start, batches = time.perf_counter(), 0
@@ -141,7 +142,7 @@ def measure_data_path(kind: str, data: Path, cache_dir: Path | None, queue) -> N
     )
 
 
-def in_memory_tiles(unet: UNetSettings, train: TrainSettings) -> torch.utils.data.Dataset:
+def in_memory_tiles(unet: UNetSettings, data: DataSettings, seed: int) -> torch.utils.data.Dataset:
     """The data path before the preprocessing cache, kept here to compare with: every image read,
     normalised (float32) and weighted (float32 weight map) at start, its tiles cut from mirror-padded
     copies in RAM."""
@@ -150,11 +151,13 @@ def in_memory_tiles(unet: UNetSettings, train: TrainSettings) -> torch.utils.dat
     from segmentation.data.preprocess import mirror_pad, normalize_image
     from segmentation.data.readers import MaskSettings
     from segmentation.data.weight_maps import class_balance_weights, weight_map
+    from segmentation.plan import training_tile_size
 
-    masks = MaskSettings.from_settings(unet.num_classes, train)
-    samples = [sample.read(masks) for sample in list_samples(train, unet.num_classes)[0]]
+    masks = MaskSettings.from_settings(unet.num_classes, data)
+    samples = [sample.read(masks) for sample in list_samples(data, unet.num_classes, seed)[0]]
     class_weights = class_balance_weights([sample.label for sample in samples], unet.num_classes)
-    tile, out = train.tile_size, output_size(train.tile_size, unet.depth, unet.padding)
+    tile = training_tile_size(data.tile_size, unet.depth, unet.padding)
+    out = output_size(tile, unet.depth, unet.padding)
     margin = (tile - out) // 2
     arrays = [
         [
@@ -162,7 +165,7 @@ def in_memory_tiles(unet: UNetSettings, train: TrainSettings) -> torch.utils.dat
             for array in (
                 normalize_image(s.image, unet.image_channels),
                 s.label.astype(np.int64),
-                weight_map(s.label, s.instances, train.w_0, train.sigma, class_weights),
+                weight_map(s.label, s.instances, data.w_0, data.sigma, class_weights),
             )
         ]
         for s in samples
@@ -170,12 +173,12 @@ def in_memory_tiles(unet: UNetSettings, train: TrainSettings) -> torch.utils.dat
 
     class InMemoryTiles(torch.utils.data.Dataset):
         def __len__(self):
-            return len(arrays) * train.samples_per_image
+            return len(arrays) * data.samples_per_image
 
         def __getitem__(self, key):
             epoch, index = divmod(key, len(self))
-            rng = np.random.default_rng([train.seed, epoch, index])
-            image, label, weight = arrays[index // train.samples_per_image]
+            rng = np.random.default_rng([seed, epoch, index])
+            image, label, weight = arrays[index // data.samples_per_image]
             top, left = (int(rng.integers(0, side - 2 * margin - out + 1)) for side in label.shape)
             window = (slice(top, top + tile), slice(left, left + tile))
             return (
@@ -196,16 +199,16 @@ def predict_stack_table(gigabytes: float) -> None:
     import tifffile
 
     from model import build_model
+    from segmentation.checkpoints import Progress, save_checkpoint
     from segmentation.config import load_config
-    from segmentation.engine.checkpoint import save_checkpoint
+    from segmentation.plan import decide_plan
 
     root = Path(tempfile.mkdtemp(prefix="unet-bench-stack-"))
     try:
         config = load_config(None, ["unet.input_channels=[4, 8]", "train.device=cpu"])
-        save_checkpoint(
-            root / "small.pt",
-            {"model": build_model(config.unet).state_dict(), "config": config.to_dict(), "progress": {"epoch": 0}},
-        )
+        plan = decide_plan(config.unet, config.data, config.predict, [], lambda _: None)
+        state = {"model": build_model(config.unet).state_dict(), "config": config.to_dict(), "plan": plan.to_dict()}
+        save_checkpoint(root / "small.pt", {**state, "progress": Progress("untrained").to_dict()})
         pages = max(1, round(gigabytes * 2**30 / 2048**2))
         rng = np.random.default_rng(0)
         with tifffile.TiffWriter(root / "stack.tif") as writer:

@@ -210,7 +210,7 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     """The loader (per worker count) and the augmentation, timed on the benchmark's batch."""
-    from dataset import EpochSampler, build_datasets
+    from dataset import EpochSampler, planned_datasets
     from segmentation.config import load_config
     from segmentation.data.augment import augment_batch
     from segmentation.device import resolve_device
@@ -226,7 +226,7 @@ def data_path_table(args: argparse.Namespace, step_seconds: float) -> None:
     )
     config = load_config(None, overrides)
     device = resolve_device(args.device)
-    dataset = build_datasets(config.unet, config.train, lambda message: None).train
+    dataset = planned_datasets(config.unet, config.data, config.predict, config.train.seed, lambda _: None)[1].train
     batch = [torch.stack(tensors).to(device) for tensors in zip(*(dataset[i] for i in range(args.batch)))]
     settings = dataclasses.replace(config.augment, rotation=180.0)
     generator = torch.Generator(device=device).manual_seed(0)

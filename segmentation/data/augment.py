@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segmentation.config import AugmentSettings
+from segmentation.settings import AugmentSettings
 
 # Below this sigma (px) a Gaussian kernel is a delta to float precision at the centre tap anyway;
 # using an exact delta keeps such samples bit-exact and avoids dividing by a vanishing sigma.

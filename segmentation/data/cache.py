@@ -62,11 +62,12 @@ import torch
 from skimage import segmentation
 from tqdm import tqdm
 
-from segmentation.config import TrainSettings, UNetSettings, UserError
+from segmentation.config import UserError
 from segmentation.console import first_line
 from segmentation.data.preprocess import normalize_image, resize_image, resize_mask, scaled_size
 from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import border_weights, class_counts
+from segmentation.settings import DataSettings
 
 BOUNDARY = 2  # label value of an object's border pixels in entries of object-id masks (two classes)
 CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
@@ -124,9 +125,9 @@ class PreprocessingSettings:
     masks: MaskSettings
 
     @classmethod
-    def from_settings(cls, unet: UNetSettings, train: TrainSettings) -> PreprocessingSettings:
-        """The preprocessing settings of a config's ``unet`` and ``train`` sections."""
-        return cls(unet.image_channels, train.w_0, train.sigma, MaskSettings.from_settings(unet.num_classes, train))
+    def from_settings(cls, image_channels: int, num_classes: int, data: DataSettings) -> PreprocessingSettings:
+        """The preprocessing settings of ``unet.image_channels``, ``unet.num_classes`` and the data settings."""
+        return cls(image_channels, data.w_0, data.sigma, MaskSettings.from_settings(num_classes, data))
 
 
 def prepare_images(

@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 
 from model import output_size
-from segmentation.config import UserError, load_config
+from segmentation.config import UserError, auto_tile_size, load_config
 from segmentation.data.readers import (
     FileSample,
     MaskSettings,
@@ -187,7 +187,7 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
     config = load_config(
         None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"]
     )
-    fractions, unreadable = class_fractions(masks, MaskSettings.from_settings(config.unet.num_classes, config.train))
+    fractions, unreadable = class_fractions(masks, MaskSettings.from_settings(config.unet.num_classes, config.data))
     if len(fractions) and fractions.min() < 0.1:
         values["train.class_weights"] = "balanced"
     sections: dict[str, list[str]] = {}
@@ -197,7 +197,8 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
     yaml = [
         line for section in ("unet", "train") if section in sections for line in (f"{section}:", *sections[section])
     ]
-    tile = config.train.tile_size
+    unet = config.unet
+    tile = auto_tile_size(unet.depth, unet.padding) if config.data.tile_size == "auto" else config.data.tile_size
     labelled = output_size(tile, config.unet.depth, config.unet.padding)
     return {
         "values": values,

@@ -17,7 +17,8 @@ import skimage.io
 import tifffile
 from skimage import measure
 
-from segmentation.config import TrainSettings, UserError
+from segmentation.config import UserError
+from segmentation.settings import DataSettings
 
 LISTED_VALUES = 9  # distinct values of a mask kept to name in messages (the 9th says there are more)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -51,9 +52,9 @@ class MaskSettings:
     mask_colors: Sequence[Sequence[int]] | None = None
 
     @classmethod
-    def from_settings(cls, num_classes: int, train: TrainSettings) -> MaskSettings:
-        """The mask settings of a config: ``unet.num_classes`` and the ``train`` section's mask keys."""
-        return cls(num_classes, train.mask_type, train.mask_values, train.mask_colors)
+    def from_settings(cls, num_classes: int, data: DataSettings) -> MaskSettings:
+        """The mask settings of a config: ``unet.num_classes`` and the data settings' mask keys."""
+        return cls(num_classes, data.mask_type, data.mask_values, data.mask_colors)
 
 
 @dataclass(frozen=True)

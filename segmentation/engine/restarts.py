@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from segmentation.config import TrainSettings, UserError
+from segmentation.config import UserError
 from segmentation.console import first_line
 from segmentation.engine.distributed import agent_store
+from segmentation.settings import RunSettings
 
 LAUNCH_RUN_KEY = "unet-launch/run"  # in torchrun's agent store: the checkpoint folder of the run being trained
 # how gloo and NCCL word a peer that is gone; their errors arrive as plain RuntimeErrors
@@ -41,31 +42,32 @@ def publish_run(run_weights: Path) -> None:
         store.set(LAUNCH_RUN_KEY, str(run_weights))
 
 
-def continued_after_restart(train: TrainSettings) -> tuple[TrainSettings, str | None]:
-    """``train`` as a restarted group of processes needs it, and a note saying so: resuming the ``last.pt``
-    of the run that the group before it was training (under ``train.fold: all``, continuing its series of
-    folds). The first group, and runs outside torchrun, get ``train`` as it is and no note. Every process
-    reads the same answer: process 0 records the next run only after all of them have asked."""
+def continued_after_restart(run: RunSettings, every_fold: bool) -> tuple[RunSettings, str | None]:
+    """The ``run`` settings as a restarted group of processes needs them, and a note saying so: resuming the
+    ``last.pt`` of the run that the group before it was training (under ``train.fold: all``,
+    ``every_fold``, continuing its series of folds). The first group, and runs outside torchrun, get
+    ``run`` as it is and no note. Every process reads the same answer: process 0 records the next run
+    only after all of them have asked."""
     store = agent_store()
     if store is None:
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            return train, None
-        return train, (
+            return run, None
+        return run, (
             "torchrun started the processes again but keeps no store for them (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1):"
             " starting a new run; continue the one before with train.resume=auto"
         )
     if not store.check([LAUNCH_RUN_KEY]):
-        return train, None
+        return run, None
     folder = Path(store.get(LAUNCH_RUN_KEY).decode())
     restarted = "torchrun started the processes again"
     series = re.fullmatch(r"(.+)-fold\d+", folder.name)
-    if train.folds and train.fold == "all" and series:
-        continued = dataclasses.replace(train, run_name=series.group(1), resume="auto")
+    if every_fold and series:
+        continued = dataclasses.replace(run, run_name=series.group(1), resume="auto")
         return continued, f"{restarted}: continuing the folds of {series.group(1)} ({folder.name} and on)"
     last = folder / "last.pt"
     if not last.is_file():
-        return train, f"{restarted}, but {last} is gone: starting a new run"
-    return dataclasses.replace(train, resume=str(last)), f"{restarted}: continuing run {folder.name} from {last}"
+        return run, f"{restarted}, but {last} is gone: starting a new run"
+    return dataclasses.replace(run, resume=str(last)), f"{restarted}: continuing run {folder.name} from {last}"
 
 
 def lost_process(error: RuntimeError, rank: int, world_size: int) -> LostProcess | None:

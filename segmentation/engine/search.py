@@ -26,42 +26,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import EpochSampler, TileDataset, build_datasets, decided_unet
-from model import build_model, center_crop, output_size
-from segmentation.config import (
-    AugmentSettings,
-    Config,
-    ConfigError,
-    OverfitSettings,
-    TrainSettings,
-    UNetSettings,
-    UserError,
-    config_to_yaml,
-)
+from dataset import EpochSampler, TileDataset, planned_datasets
+from model import build_model, center_crop
+from segmentation.config import Config, ConfigError, UserError, config_to_yaml
 from segmentation.console import note
 from segmentation.data.augment import augment_on_device
 from segmentation.device import resolve_device
 from segmentation.engine.step import build_optimizer, train_step
+from segmentation.plan import Plan, training_tile_size
 from segmentation.runs.figures import plot_losses, plot_lr_find
 from segmentation.runs.folders import new_run_folder
+from segmentation.settings import DataSettings, OverfitSettings, TrainSettings, UNetSettings
 
-# Keys that change the optimisation but not the data: trials differing only in these share one data set.
+# unet keys that change the optimisation but not the data: trials differing only in these (and in the
+# optimisation's train keys) share one data set.
 UNET_OPTIMISATION_KEYS = ("norm", "upsample", "dropout")
-TRAIN_OPTIMISATION_KEYS = (
-    "optim",
-    "lr",
-    "min_lr",
-    "weight_decay",
-    "momentum",
-    "scheduler_type",
-    "warmup_epochs",
-    "grad_clip",
-    "use_bitsandbytes",
-    "loss",
-    "batch_size",
-    "max_epochs",
-    "device",
-)
 SMOOTHING = 0.98  # lr_find: weight of the past in the exponential moving average of the loss (fastai's)
 
 
@@ -70,9 +49,13 @@ SMOOTHING = 0.98  # lr_find: weight of the past in the exponential moving averag
 # ---------------------------------------------------------------------------------------------------
 
 
-def fixed_batch(
-    train_set: TileDataset, unet: UNetSettings, train: TrainSettings
-) -> tuple[list[torch.Tensor], list[str]]:
+def planned_tiles(config: Config) -> tuple[Plan, TileDataset]:
+    """The run's plan, decided from the configured data, and its training tiles: what the checks fit."""
+    plan, datasets = planned_datasets(config.unet, config.data, config.predict, config.train.seed, note)
+    return plan, datasets.train
+
+
+def fixed_batch(train_set: TileDataset, plan: Plan, train: TrainSettings) -> tuple[list[torch.Tensor], list[str]]:
     """The first ``train.batch_size`` tiles of the training order of epoch 0, unaugmented, and warnings.
 
     Returns ``[image (B, C, T, T) float32, label (B, T, T) int64, weight (B, T, T) float32]`` on the CPU;
@@ -83,12 +66,12 @@ def fixed_batch(
     check_batch_fits(train.batch_size, len(train_set))
     order = list(EpochSampler(len(train_set), train.seed))[: train.batch_size]
     batch = [torch.stack(tensors) for tensors in zip(*(train_set[i] for i in order))]
-    labelled = output_size(train.tile_size, unet.depth, unet.padding)
+    labelled = plan.output_size
     classes = center_crop(batch[1], labelled, labelled).unique().tolist()
-    if classes[-1] >= unet.num_classes:
+    if classes[-1] >= plan.label_classes:
         raise UserError(
-            f"the batch holds label {classes[-1]} but unet.num_classes is {unet.num_classes} "
-            f"(labels 0..{unet.num_classes - 1}): raise unet.num_classes or fix the masks"
+            f"the batch holds label {classes[-1]} but unet.num_classes is {plan.num_classes} "
+            f"(labels 0..{plan.num_classes - 1}): raise unet.num_classes or fix the masks"
         )
     if len(classes) == 1:
         return batch, [
@@ -96,6 +79,11 @@ def fixed_batch(
             "everywhere; try another train.seed or a larger train.batch_size"
         ]
     return batch, []
+
+
+def fold_of(data: DataSettings) -> int | None:
+    """The fold a check runs on under cross-validation (``train.fold``; None without folds)."""
+    return data.fold if data.folds else None
 
 
 def check_batch_fits(batch_size: int, tiles: int) -> None:
@@ -109,6 +97,7 @@ def check_batch_fits(batch_size: int, tiles: int) -> None:
 
 def fit_one_batch(
     unet: UNetSettings,
+    plan: Plan,
     train: TrainSettings,
     settings: OverfitSettings,
     batch: list[torch.Tensor],
@@ -122,7 +111,7 @@ def fit_one_batch(
     ``reached``, ``diverged`` (a NaN or infinite loss, which stops at once) and ``seconds``.
     """
     torch.manual_seed(train.seed)
-    model = build_model(unet).to(device)
+    model = build_model(unet, plan.boundary_class).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
     losses, start = [], time.perf_counter()
@@ -172,25 +161,25 @@ def verdict(result: dict, train: TrainSettings, settings: OverfitSettings) -> li
     return lines
 
 
-def overfit_batch(unet: UNetSettings, train: TrainSettings, settings: OverfitSettings, config_text: str) -> dict:
+def overfit_batch(config: Config, config_text: str) -> dict:
     """``overfit_one_batch.overfit``: fit one fixed batch, print the loss and a verdict, plot ``loss.png``
     into a new run folder, which keeps ``config_text`` (the run's settings as YAML).
 
     Returns ``fit_one_batch``'s result with ``verdict`` (the printed lines) and ``run_log``.
     """
+    train, settings = config.train, config.overfit_one_batch
     device = resolve_device(train.device)
-    tiles = build_datasets(unet, train, note).train
-    unet = decided_unet(unet, tiles)
-    batch, warnings = fixed_batch(tiles, unet, train)
-    run_log = new_run_folder(train, "overfit", config_text)
+    plan, tiles = planned_tiles(config)
+    batch, warnings = fixed_batch(tiles, plan, train)
+    run_log = new_run_folder(config.run, "overfit", config_text, fold_of(config.data))
     print(
-        f"overfitting one fixed batch of {train.batch_size} unaugmented {train.tile_size} px tiles on {device}: "
+        f"overfitting one fixed batch of {train.batch_size} unaugmented {plan.tile_size} px tiles on {device}: "
         f"{train.optim} at constant lr {train.lr:g}, until the loss < {settings.tolerance:g} or "
         f"{settings.max_steps} steps; loss curve in {run_log / 'loss.png'}",
         flush=True,
     )
     on_device = [tensor.to(device) for tensor in batch]
-    result = fit_one_batch(unet, train, settings, on_device, device, settings.logging_steps)
+    result = fit_one_batch(config.unet, plan, train, settings, on_device, device, settings.logging_steps)
     title = f"one fixed batch: {train.optim}, lr {train.lr:g}"
     plot_losses({"loss": result["losses"]}, run_log / "loss.png", title, settings.tolerance)
     lines = verdict(result, train, settings)
@@ -249,21 +238,19 @@ def trial_configs(config: Config, points: list[dict]) -> list[Config]:
         where = f"overfit_one_batch.search_space: trial {number} ({describe(values)})"
         try:
             trial = config.with_values(values)
-            output_size(trial.train.tile_size, trial.unet.depth, trial.unet.padding)
+            training_tile_size(trial.data.tile_size, trial.unet.depth, trial.unet.padding)
         except ConfigError as error:
             raise ConfigError([f"{where}: {problem}" for problem in error.problems]) from None
-        except ValueError as error:
-            raise ConfigError([f"{where}: train.tile_size: {error}"]) from None
+        except UserError as error:
+            raise ConfigError([f"{where}: {error}"]) from None
         configs.append(trial)
     return configs
 
 
-def data_key(unet: UNetSettings, train: TrainSettings) -> tuple:
-    """What the training tiles depend on: the ``unet`` and ``train`` settings but for the optimisation's."""
-    return (
-        dataclasses.replace(unet, **dict.fromkeys(UNET_OPTIMISATION_KEYS)),
-        dataclasses.replace(train, **dict.fromkeys(TRAIN_OPTIMISATION_KEYS)),
-    )
+def data_key(unet: UNetSettings, data: DataSettings, seed: int) -> tuple:
+    """What the training tiles depend on: the ``unet`` settings but for the optimisation's, the data
+    settings and ``train.seed``."""
+    return dataclasses.replace(unet, **dict.fromkeys(UNET_OPTIMISATION_KEYS)), data, seed
 
 
 def ranking_key(result: dict) -> tuple:
@@ -286,7 +273,7 @@ def hp_search(config: Config) -> dict:
     points = search_points(settings)
     configs = trial_configs(config, points)
     device = resolve_device(config.train.device)
-    run_log = new_run_folder(config.train, "hp_search", config_to_yaml(config))
+    run_log = new_run_folder(config.run, "hp_search", config_to_yaml(config), fold_of(config.data))
     print(
         f"hp search: {len(configs)} trials ({settings.search_method}) over {', '.join(settings.search_space)}, "
         f"each fitting one fixed batch from the same start until the loss < {settings.tolerance:g} or "
@@ -296,15 +283,15 @@ def hp_search(config: Config) -> dict:
     train_sets, results, interrupted = {}, [], False
     try:
         for number, (values, trial) in enumerate(zip(points, configs), 1):
-            key = data_key(trial.unet, trial.train)
+            key = data_key(trial.unet, trial.data, trial.train.seed)
             if key not in train_sets:
-                train_sets[key] = build_datasets(trial.unet, trial.train, note).train
-            unet = decided_unet(trial.unet, train_sets[key])
-            batch, warnings = fixed_batch(train_sets[key], unet, trial.train)
+                train_sets[key] = planned_tiles(trial)
+            plan, tiles = train_sets[key]
+            batch, warnings = fixed_batch(tiles, plan, trial.train)
             for warning in warnings:
                 note(warning)
             on_device = [tensor.to(device) for tensor in batch]
-            result = fit_one_batch(unet, trial.train, trial.overfit_one_batch, on_device, device)
+            result = fit_one_batch(trial.unet, plan, trial.train, trial.overfit_one_batch, on_device, device)
             results.append({"trial": number, "values": values, "config": trial, **result})
             outcome = verdict(result, trial.train, trial.overfit_one_batch)[0]
             print(f"trial {number}/{len(configs)}  {describe(values)}: {outcome}", flush=True)
@@ -383,9 +370,7 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, str]:
     return max(lrs[lowest] / 10, lrs[0]), "lr of the lowest smoothed loss / 10"
 
 
-def lr_find(
-    unet: UNetSettings, train: TrainSettings, augment: AugmentSettings, settings: OverfitSettings, config_text: str
-) -> dict:
+def lr_find(config: Config, config_text: str) -> dict:
     """``overfit_one_batch.lr_find``: the learning-rate range test.
 
     A fresh model trains on augmented training batches, as in training, with the lr rising exponentially
@@ -394,13 +379,13 @@ def lr_find(
     Writes ``lr_find.png`` to a new run folder, which keeps ``config_text`` (the run's settings as YAML),
     and prints the suggested lr. Returns ``lr``, ``rule``, ``lrs``, ``losses``, ``smoothed`` and ``run_log``.
     """
+    train, augment, settings = config.train, config.augment, config.overfit_one_batch
     device = resolve_device(train.device)
-    train_set = build_datasets(unet, train, note).train
-    unet = decided_unet(unet, train_set)
+    plan, train_set = planned_tiles(config)
     check_batch_fits(train.batch_size, len(train_set))
-    run_log = new_run_folder(train, "lr_find", config_text)
+    run_log = new_run_folder(config.run, "lr_find", config_text, fold_of(config.data))
     torch.manual_seed(train.seed)
-    model = build_model(unet).to(device)
+    model = build_model(config.unet, plan.boundary_class).to(device)
     optimizer = build_optimizer(model, train, device)
     model.train()
     sampler = EpochSampler(len(train_set), train.seed)

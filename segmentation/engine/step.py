@@ -15,8 +15,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from losses import segmentation_loss
-from segmentation.config import TrainSettings
 from segmentation.console import first_line, note
+from segmentation.settings import TrainSettings
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSettings, device: torch.device) -> torch.optim.Optimizer:

@@ -6,21 +6,44 @@ logged scores are the ones ``test.py`` reproduces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from losses import segmentation_loss
-from segmentation.config import HIGHER_IS_BETTER
-from segmentation.engine.checkpoint import read_checkpoint, save_checkpoint
+from segmentation.checkpoints import read_checkpoint, save_checkpoint
 from segmentation.engine.distributed import gather_from_processes
 from segmentation.inference.infer import Predictor, calibrate_threshold
 from segmentation.metrics import image_scores, pool_scores
+from segmentation.plan import Plan
+from segmentation.settings import HIGHER_IS_BETTER
+
+
+@dataclass
+class Validation:
+    """What ``evaluate`` measured: the mean ``loss`` over the images, the pooled ``scores`` (``pool_scores``:
+    ``pixel_error``, ``dice``, ``iou``, ``dice_<c>`` of more than two classes, ``rand_error`` and ``vi``
+    of two), ``uniform_images`` (predicted as a single class everywhere) and ``examples`` (name, image,
+    label, classes) of the first images, where asked for."""
+
+    loss: float
+    scores: dict[str, float]
+    uniform_images: int = 0
+    examples: list = field(default_factory=list)
+
+    def row(self) -> dict[str, float]:
+        """The validation columns of metrics.csv: ``val_loss`` and ``val_<score>``."""
+        return {"val_loss": self.loss, **{f"val_{key}": value for key, value in self.scores.items()}}
+
+    def value(self, metric: str) -> float:
+        """The value of ``train.best_metric`` (``val_loss``, ``val_dice``, ...)."""
+        return self.row()[metric]
 
 
 def evaluate(
     predictor: Predictor, dataset, loss_kind: str, rank: int = 0, world_size: int = 1, keep: int = 0
-) -> dict[str, float]:
+) -> Validation:
     """Loss and scores on whole validation images, predicted tile by tile exactly as test.py does.
 
     ``val_pixel_error``, ``val_dice`` and ``val_iou`` pool the pixels of all images; for two classes,
@@ -56,9 +79,7 @@ def evaluate(
         confusion = sum(shard[1] for shard in shards)
         cell_scores = [scores for shard in shards for scores in shard[2]]
         uniform = sum(shard[3] for shard in shards)
-    scores = {f"val_{key}": value for key, value in pool_scores(confusion, cell_scores).items()}
-    result = {"val_loss": sum(losses) / len(losses), **scores, "uniform_images": uniform}
-    return {**result, "examples": examples} if keep else result
+    return Validation(sum(losses) / len(losses), pool_scores(confusion, cell_scores), uniform, examples)
 
 
 def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[dict[str, float]]]:
@@ -76,24 +97,27 @@ def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[d
     )
 
 
-def calibrate_checkpoint(checkpoint_path: Path, predictor: Predictor, dataset, best_metric: str) -> str:
+def calibrate_checkpoint(
+    checkpoint_path: Path, plan: Plan, predictor: Predictor, dataset, best_metric: str
+) -> tuple[Plan, str]:
     """``predict.threshold: auto`` after training: ``calibrate`` the best checkpoint's ``predictor`` on the
     validation images for ``train.best_metric`` (``calibration_metric``), store the threshold in the
-    checkpoint, and return the line that says so."""
+    checkpoint's ``plan``; returns that plan and the line that says so."""
     score = calibration_metric(best_metric)
     threshold, table = calibrate(predictor, dataset, score)
-    store_threshold(checkpoint_path, threshold, table)
+    calibrated = plan.calibrated(threshold)
+    store_plan(checkpoint_path, calibrated, table)
     at = {row["threshold"]: row for row in table}
-    return (
+    return calibrated, (
         f"calibrated predict.threshold on {len(dataset)} validation images: {threshold:.2f} "
         f"({score} {at[threshold][score]:.4f}; at 0.50: {at[0.5][score]:.4f}), stored in {checkpoint_path}"
     )
 
 
-def store_threshold(checkpoint_path: Path, threshold: float, table: list[dict[str, float]]) -> None:
-    """Write a calibrated threshold and its table into a checkpoint, for test.py (``decision_threshold``)."""
+def store_plan(checkpoint_path: Path, plan: Plan, table: list[dict[str, float]]) -> None:
+    """Write a plan with its calibrated threshold, and the calibration's table, into a checkpoint."""
     state = read_checkpoint(checkpoint_path)
-    save_checkpoint(checkpoint_path, {**state, "threshold": threshold, "threshold_table": table})
+    save_checkpoint(checkpoint_path, {**state, "plan": plan.to_dict(), "threshold_table": table})
 
 
 def calibration_metric(best_metric: str) -> str:

@@ -28,7 +28,7 @@ from skimage import measure, segmentation
 from torch import Tensor, nn
 
 from model import UNet, output_size, valid_input_sizes
-from segmentation.config import AugmentSettings, PredictSettings, UserError
+from segmentation.config import UserError
 from segmentation.console import note
 from segmentation.data.preprocess import (
     mirrored_indices,
@@ -41,8 +41,9 @@ from segmentation.data.readers import object_instances
 from segmentation.device import bf16_supported, memory_description, release_cached_memory
 from segmentation.inference.objects import ObjectRules, cleaned_objects, objects_from_boundary_probabilities
 from segmentation.metrics import image_scores, pool_scores
+from segmentation.plan import DEFAULT_PREDICT_TILE, Plan
+from segmentation.settings import AugmentSettings, PredictSettings
 
-DEFAULT_TILE_SIZE = {0: 572, 1: 512}  # network input side: the paper's tile; a common same-size tile
 CANDIDATE_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # what predict.threshold: auto tries
 DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (quarter turns, left-right flip)
 
@@ -137,7 +138,7 @@ def predict_probabilities(
     frame = tuple(valid_input_sizes(side + 2 * margin, depth, padding)[1] - 2 * margin for side in (height, width))
 
     # The largest tile's output must reach at least one period so that tiles can move.
-    requested = DEFAULT_TILE_SIZE[padding] if tile_size is None else tile_size
+    requested = DEFAULT_PREDICT_TILE[padding] if tile_size is None else tile_size
     largest = output_size(valid_input_sizes(max(requested, period + 2 * margin), depth, padding)[1], depth, padding)
     smallest = output_size(valid_input_sizes(1, depth, padding)[1], depth, padding)
     (tile_height, tops), (tile_width, lefts) = (
@@ -178,25 +179,25 @@ def predict_probabilities(
 
 
 class Predictor:
-    """A U-Net predicting whole images as a config's ``predict`` section says, and deciding their pixels' classes.
+    """A U-Net predicting whole images as its run's plan and the ``predict`` settings say, and deciding
+    their pixels' classes.
 
     Parameters
     ----------
     model : UNet
         The network, on its device.
+    plan : Plan
+        The run's plan (``segmentation.plan``), with the ``predict`` settings in force on top
+        (``Plan.for_prediction``): the largest input tile, the decision threshold of two classes, and the
+        rules that clean objects (while they are active, or the network has the boundary class, the mask
+        of class 1 is that of the objects).
     settings : PredictSettings
-        The config's ``predict`` section: tiles, overlap, batch size, test-time scales, the watershed cut.
+        The config's ``predict`` section: overlap, batch size, test-time scales, the watershed cut.
     image_scale : float, optional
         ``train.image_scale`` of the model: images are predicted at ``image_scale`` times each of
         ``settings.scales``, and the probabilities averaged.
     transforms : bool or sequence of (int, bool), optional
         Test-time augmentation, as ``predict_probabilities`` takes it (``tta_transforms``).
-    threshold : float, optional
-        Two classes: class 1 where its probability >= this; default ``settings.threshold``, or 0.5
-        while that is ``auto`` and not yet calibrated.
-    rules : ObjectRules, optional
-        Two classes: how objects are cleaned (``objects.ObjectRules``); while they are active, or the
-        network has the boundary class, the mask of class 1 is that of the objects.
 
     The predictor keeps its own ``batch_size`` (from ``settings.batch_size``): when the device runs out
     of memory it is halved, down to 1 with a note, and the image predicted again; the smaller batch
@@ -206,33 +207,37 @@ class Predictor:
     def __init__(
         self,
         model: UNet,
+        plan: Plan,
         settings: PredictSettings,
         image_scale: float = 1.0,
         transforms: bool | Sequence[tuple[int, bool]] = False,
-        threshold: float | None = None,
-        rules: ObjectRules | None = None,
     ):
-        self.model, self.settings, self.image_scale, self.transforms = model, settings, image_scale, transforms
-        self.rules = rules or ObjectRules()
+        self.model, self.plan, self.settings, self.image_scale, self.transforms = (
+            model,
+            plan,
+            settings,
+            image_scale,
+            transforms,
+        )
+        self.rules = ObjectRules(plan.min_object_size, plan.fill_holes)
+        self.threshold = plan.threshold
         self.batch_size = settings.batch_size
-        automatic = settings.threshold == "auto"
-        self.threshold = threshold if threshold is not None else 0.5 if automatic else settings.threshold
 
     @classmethod
-    def from_settings(
+    def from_plan(
         cls,
         model: UNet,
+        plan: Plan,
         predict: PredictSettings,
         augment: AugmentSettings,
         image_scale: float = 1.0,
         tta: bool = False,
-        threshold: float | None = None,
-        rules: ObjectRules | None = None,
     ) -> Predictor:
-        """A predictor with test-time augmentation where ``predict.tta`` or ``tta`` asks for it, over the
-        transforms that the ``augment`` section trained the model for (``tta_transforms``)."""
+        """The predictor of a run's ``plan`` with the values that ``predict`` sets on top, and test-time
+        augmentation where ``predict.tta`` or ``tta`` asks for it, over the transforms that the ``augment``
+        section trained the model for (``tta_transforms``)."""
         transforms = tta_transforms(augment) if tta or predict.tta else False
-        return cls(model, predict, image_scale, transforms, threshold, rules)
+        return cls(model, plan.for_prediction(predict), predict, image_scale, transforms)
 
     @property
     def device(self) -> torch.device:
@@ -242,8 +247,7 @@ class Predictor:
         """(K, H, W) float32 probabilities of the network's outputs on the CPU (K = ``model.out_channels``:
         the classes, then the boundary where the network has it) of a (C, H, W) normalised image (on any
         device): ``predict_probabilities`` at each test-time scale, averaged."""
-        scales = self.settings.scales
-        tile_size = None if self.settings.tile_size in (None, "auto") else self.settings.tile_size
+        scales, tile_size = self.settings.scales, self.plan.predict_tile_size
         while True:
             try:
                 # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
@@ -309,13 +313,12 @@ class Predictor:
             ids = object_instances(classes)
         return cleaned_objects(ids, self.rules) if self.rules.active else ids
 
-    def memory_advice(self, tile_size: int | None) -> str:
+    def memory_advice(self, tile_size: int) -> str:
         """The one line for running out of memory with a batch of one tile."""
-        requested = DEFAULT_TILE_SIZE[self.model.padding] if tile_size is None else tile_size
-        smaller = self.model.valid_input_size(max(requested // 2, 1))
+        smaller = self.model.valid_input_size(max(tile_size // 2, 1))
         return (
             f"out of memory while predicting on {memory_description(self.device)} with predict.batch_size=1, "
-            f"predict.tile_size={self.settings.tile_size}: lower predict.tile_size (e.g. {smaller}), "
+            f"predict.tile_size={tile_size}: lower predict.tile_size (e.g. {smaller}), "
             "or predict on the CPU with train.device=cpu"
         )
 

@@ -7,8 +7,8 @@ watershed where ``predict.watershed_seeds`` asks for it) or, for a network with 
 grow over the predicted foreground (inside and border) by a watershed on the inside probability, so
 that objects that touch come apart along their borders. ``ObjectRules`` then remove objects smaller
 than ``min_size`` pixels (the specks and fragments of a noisy prediction) and fill the holes inside
-objects; ``predict.min_object_size: auto`` learns the size from the training objects
-(``learnt_min_object_size``).
+objects; the run's plan decides them (``predict.min_object_size: auto`` learns the size from the training
+objects: ``plan.learnt_min_object_size``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from skimage import measure, segmentation
-
-SMALL_OBJECT_PERCENTILE = 5  # the area of a small whole object in the training masks ...
-SMALL_OBJECT_FRACTION = 0.5  # ... of which a predicted object must have at least this share
 
 
 @dataclass(frozen=True)
@@ -34,26 +31,6 @@ class ObjectRules:
     @property
     def active(self) -> bool:
         return self.min_size > 0 or self.fill_holes
-
-
-def object_rules(
-    min_object_size: int | str, fill_holes: bool | str, instance_data: bool, learnt_size: int
-) -> ObjectRules:
-    """The rules for ``predict.min_object_size`` and ``predict.fill_holes``: numbers and true/false as set;
-    ``auto`` cleans objects where the model was trained on masks of object ids (``instance_data``), with
-    ``learnt_size`` (``learnt_min_object_size``), and leaves the objects of class masks as predicted."""
-    size = min_object_size if min_object_size != "auto" else learnt_size if instance_data else 0
-    fill = fill_holes if fill_holes != "auto" else instance_data
-    return ObjectRules(int(size), bool(fill))
-
-
-def learnt_min_object_size(areas: np.ndarray) -> int:
-    """``predict.min_object_size: auto``: half the area of a small whole training object (the 5th
-    percentile of ``areas``, pixels of the objects that the image border does not cut); 0 without objects."""
-    areas = np.asarray(areas)
-    if areas.size == 0:
-        return 0
-    return int(SMALL_OBJECT_FRACTION * np.percentile(areas, SMALL_OBJECT_PERCENTILE))
 
 
 def objects_from_boundary_probabilities(

@@ -32,10 +32,11 @@ import torch
 import yaml
 
 from model import UNet, valid_input_sizes
-from segmentation.config import TrainSettings, UNetSettings, UserError, plain
+from segmentation.config import UserError
 from segmentation.data.preprocess import mirrored_indices, network_margin, take_window
 from segmentation.inference.export import export_onnx, export_torchscript
 from segmentation.inference.infer import evaluating
+from segmentation.settings import DataSettings, UNetSettings, plain
 
 FORMAT_VERSION = "0.5.4"  # bioimage.io model description read by bioimageio.spec 0.5 and the tools built on it
 TOLERANCE = 1e-3  # what bioimageio test allows between each weight format's output and the test output
@@ -93,14 +94,14 @@ def cover(image: np.ndarray, probabilities: np.ndarray, path: Path) -> None:
     skimage.io.imsave(path, (255 * np.concatenate(panels, axis=1)).astype(np.uint8), check_contrast=False)
 
 
-def readme(unet: UNetSettings, train: TrainSettings, names: list[str], validation: dict) -> str:
+def readme(unet: UNetSettings, data: DataSettings, names: list[str], validation: dict) -> str:
     """The package's documentation: what the model is, how to run it, and a ``# Validation`` section."""
     scores = "\n".join(f"- {key}: {value}" for key, value in validation.items())
-    return f"""# U-Net for {train.dataset_name}
+    return f"""# U-Net for {data.dataset_name}
 
 A U-Net (Ronneberger et al. 2015) of widths {list(unet.input_channels)}, {"valid" if unet.padding == 0 else "same-size"}
 convolutions, {unet.norm} normalisation, trained for semantic segmentation into {len(names)} classes
-({", ".join(names)}) of {unet.image_channels}-channel images scaled by {train.image_scale}.
+({", ".join(names)}) of {unet.image_channels}-channel images scaled by {data.image_scale}.
 
 Input: one image of {unet.image_channels} channel(s), normalised to zero mean and unit variance over the image
 (the package's preprocessing does it). Output: each class's probability (softmax over the channels).
@@ -118,7 +119,7 @@ drag the zip or its TorchScript weights) or napari (the bioimageio or napari-bio
 
 def description(
     unet: UNetSettings,
-    train: TrainSettings,
+    data: DataSettings,
     names: list[str],
     files: dict[str, Path],
     onnx_opset: int | None,
@@ -156,12 +157,12 @@ def description(
     return {
         "type": "model",
         "format_version": FORMAT_VERSION,
-        "name": f"U-Net {train.dataset_name} {len(names)} classes",
-        "description": f"U-Net (Ronneberger et al. 2015) segmenting {train.dataset_name} images: {', '.join(names)}.",
+        "name": f"U-Net {data.dataset_name} {len(names)} classes",
+        "description": f"U-Net (Ronneberger et al. 2015) segmenting {data.dataset_name} images: {', '.join(names)}.",
         "authors": [{"name": author}],
         "cite": [PAPER],
         "license": "MIT",
-        "tags": ["unet", "segmentation", "pytorch", "2d", train.dataset_name],
+        "tags": ["unet", "segmentation", "pytorch", "2d", data.dataset_name],
         "documentation": files["readme"].name,
         "covers": [files["cover"].name],
         "timestamp": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -210,17 +211,17 @@ def export_package(
     model: UNet,
     path: Path,
     unet: UNetSettings,
-    train: TrainSettings,
+    data: DataSettings,
     image: np.ndarray,
     validation: dict,
     author: str | None = None,
 ) -> dict:
-    """Write the bioimage.io package of ``model`` (trained with ``unet`` and ``train``) to ``path`` (a
-    ``.zip``, written whole or not at all), its test tensors from ``image`` (C, H, W), a validation image,
+    """Write the bioimage.io package of ``model`` (trained with ``unet`` and the data settings ``data``) to
+    ``path`` (a ``.zip``, written whole or not at all), its test tensors from ``image`` (C, H, W), a validation image,
     and ``validation`` (what its README's ``# Validation`` says). Returns the files packed and the
     largest differences of the TorchScript and ONNX outputs from PyTorch's."""
     unet = dataclasses.replace(unet, boundary_class=model.boundary_class)  # auto, as the checkpoint decided it
-    names = class_names(train.dataset_name, unet.num_classes) + ["border"] * model.boundary_class
+    names = class_names(data.dataset_name, unet.num_classes) + ["border"] * model.boundary_class
     folder = Path(tempfile.mkdtemp(prefix="unet-package-"))
     try:
         files = {
@@ -250,8 +251,8 @@ def export_package(
         onnx_opset = onnx_weights(model, files["onnx"], unet.image_channels, sample, differences)
         if onnx_opset is None:
             del files["onnx"]
-        files["readme"].write_text(readme(unet, train, names, validation))
-        rdf = description(unet, train, names, files, onnx_opset, author or getpass.getuser())
+        files["readme"].write_text(readme(unet, data, names, validation))
+        rdf = description(unet, data, names, files, onnx_opset, author or getpass.getuser())
         (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
         write_zip(path, [folder / "rdf.yaml", *files.values()])
     finally:

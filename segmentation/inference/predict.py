@@ -27,11 +27,7 @@ from segmentation.data.readers import (
     read_image,
     tiff_pages,
 )
-from segmentation.inference.infer import (
-    DEFAULT_TILE_SIZE,
-    Predictor,
-    uniform_prediction_note,
-)
+from segmentation.inference.infer import Predictor, uniform_prediction_note
 
 BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
 
@@ -246,12 +242,7 @@ def predict_large_image(
     height, width = image.shape[axis], image.shape[axis + 1]
     period = 2**depth
     # context: the network's reach (padding 0), or half a tile of blending (padding 1), in whole periods
-    tile_size = predictor.settings.tile_size
-    reach = (
-        network_margin(depth, padding)
-        if padding == 0
-        else (DEFAULT_TILE_SIZE[padding] if tile_size in (None, "auto") else tile_size) // 2
-    )
+    reach = network_margin(depth, padding) if padding == 0 else predictor.plan.predict_tile_size // 2
     context = -(-reach // period) * period
     band_rows = max(period, BAND_PIXELS // width // period * period)
     statistics = image_statistics(image, channels)

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from segmentation.config import AugmentSettings
 from segmentation.data.augment import augment_on_device
 from segmentation.runs.folders import per_class_columns
+from segmentation.settings import AugmentSettings
 
 
 def save_samples_figure(

@@ -12,8 +12,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from segmentation.config import TrainSettings
 from segmentation.console import note
+from segmentation.settings import RunSettings
 
 CSV_COLUMNS = (
     "epoch",
@@ -31,28 +31,28 @@ CSV_COLUMNS = (
 )
 
 
-def run_base_name(train: TrainSettings, label: str | None = None) -> str:
-    """``train.run_name``, or the date, time and ``label`` (default: the data set)."""
-    return train.run_name or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label or train.dataset_name}"
+def run_base_name(run: RunSettings, label: str) -> str:
+    """``train.run_name``, or the date, time and ``label`` (the data set, or the check that runs)."""
+    return run.run_name or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label}"
 
 
-def new_run_name(train: TrainSettings, label: str | None = None) -> str:
-    """``run_base_name``, then ``-fold<i>`` under cross-validation; suffixed -2, -3 ... so that no earlier
-    run is overwritten."""
-    base = run_base_name(train, label) + (f"-fold{train.fold}" if train.folds else "")
+def new_run_name(run: RunSettings, label: str, fold: int | None = None) -> str:
+    """``run_base_name``, then ``-fold<i>`` under cross-validation (``fold``); suffixed -2, -3 ... so that no
+    earlier run is overwritten."""
+    base = run_base_name(run, label) + (f"-fold{fold}" if fold is not None else "")
     name, count = base, 1
-    while (Path(train.log_path) / name).exists() or (Path(train.save_path) / name).exists():
+    while (Path(run.log_path) / name).exists() or (Path(run.save_path) / name).exists():
         count += 1
         name = f"{base}-{count}"
-    if train.run_name and name != base:
+    if run.run_name and name != base:
         note(f"run folder {base} exists already: writing to {name}")
     return name
 
 
-def new_run_folder(train: TrainSettings, mode: str, config_text: str) -> Path:
+def new_run_folder(run: RunSettings, mode: str, config_text: str, fold: int | None = None) -> Path:
     """A new folder ``train.log_path/<date>_<time>-<mode>`` (or ``train.run_name``) holding ``config_text``
     (the run's settings as YAML) as ``config.yaml``."""
-    folder = Path(train.log_path) / new_run_name(train, mode)
+    folder = Path(run.log_path) / new_run_name(run, mode, fold)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config_text)
     return folder

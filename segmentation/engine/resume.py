@@ -1,86 +1,36 @@
-"""Checkpoints: written safely, read back as data, checked against the config, resumed, and turned back into a model.
+"""Continuing and starting runs from checkpoints: resume checked against the config and restored, init_from.
 
-A checkpoint (``weights/<run>/last.pt`` or ``best.pt``) holds the model, optimizer, scheduler and loss
-scaler states, the resolved config, the progress (epoch, batch, step, best value, run name) and the
-random states, so that a run resumes exactly and ``test.py`` can rebuild the model from it alone.
+``train.resume`` continues a run exactly where its checkpoint stopped (``restore`` loads every state
+that ``training_state`` saved); ``train.init_from`` starts a new run from another run's weights
+(``read_initial_weights``, ``load_initial_weights``). Checkpoint files themselves are read and written by
+``segmentation.checkpoints``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from model import UNet, build_model
+from segmentation.checkpoints import Progress, check_architecture, read_checkpoint
 from segmentation.config import (
     ARCHITECTURE_KEYS,
-    DEFAULT_CONFIG,
-    Config,
-    PredictSettings,
-    TrainSettings,
-    UNetSettings,
     UserError,
     architecture_differences,
-    load_config,
-    merge_overrides,
-    resolve,
     split_differences,
-    stored_boundary_class,
 )
-from segmentation.console import first_line, note
-from segmentation.device import resolve_device
-from segmentation.inference.objects import ObjectRules, object_rules
+from segmentation.console import note
+from segmentation.plan import Plan
+from segmentation.settings import DataSettings, UNetSettings
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write with torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, loaded with ``weights_only=True``: a checkpoint is data, never code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as error:
-        raise UserError(f"{path}: {unreadable_reason(error)}") from None
-    if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
-        raise UserError(f"{path}: not a checkpoint written by this project's training.py")
-    return state
-
-
-def unreadable_reason(error: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: a pickle that would import and
-    call code (never run), or a file that is no checkpoint at all."""
-    message = str(error)
-    if "GLOBAL" in message or "Unsupported global" in message:
-        return "holds objects that loading would have to import and run (refused: a checkpoint is data, never code)"
-    if "Weights only load failed" in message or "zip" in message.lower() or "pickle" in type(error).__module__:
-        return "not a checkpoint file (neither a torch.save archive nor a pickle of tensors and plain data)"
-    return f"not a readable checkpoint ({first_line(error)})"
-
-
-def check_architecture(state: dict, unet: UNetSettings, path: Path) -> None:
-    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``unet`` disagree."""
-    differences = architecture_differences(state["config"], unet)
-    if differences:
-        raise UserError(
-            f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, "
-            "or start a new run"
-        )
-
-
-def load_checkpoint(path: Path, unet: UNetSettings, train: TrainSettings) -> dict:
+def load_checkpoint(path: Path, unet: UNetSettings, data: DataSettings, seed: int) -> dict:
     """``read_checkpoint`` of a run to resume, checked to hold the architecture ``unet`` and to have
-    trained on the split (the same test images) that ``train`` describes."""
+    trained on the split (the same test images) that ``data`` and ``train.seed`` ``seed`` describe."""
     state = read_checkpoint(path)
     check_architecture(state, unet, path)
-    differences = split_differences(state["config"], train)
+    differences = split_differences(state["config"], data, seed)
     if differences:
         raise UserError(
             f"{path} was trained on another split ({'; '.join(differences)}): resuming would mix its test images "
@@ -103,7 +53,7 @@ def read_initial_weights(path: Path, unet: UNetSettings) -> dict:
     except UserError as error:
         raise UserError(f"train.init_from: {error}") from None
     fixed = [key for key in ARCHITECTURE_KEYS if key not in ADAPTABLE_KEYS]
-    differences = architecture_differences(state["config"], unet, fixed)
+    differences = architecture_differences(state["config"], unet, False, fixed)
     if differences:
         raise UserError(
             f"train.init_from: {path} holds another network ({'; '.join(differences)}): a run can start from a "
@@ -130,7 +80,7 @@ def load_initial_weights(model: torch.nn.Module, state: dict, path: Path) -> str
     model.load_state_dict({**own, **loaded})
     fresh = sorted({name.rsplit(".", 1)[0] for name in own if name not in loaded})
     fresh_part = f"; starting fresh: {', '.join(fresh)}" if fresh else ""
-    epoch = state["progress"].get("epoch", "?")
+    epoch = Progress.from_dict(state["progress"], path).epoch
     return (
         f"train.init_from: {len(loaded)} of {len(own)} tensors from {path} (epoch {epoch}){adapted}{fresh_part}; "
         "optimizer, schedule, epochs and run folder start fresh"
@@ -153,12 +103,12 @@ def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
     return path
 
 
-def finished(progress: dict, max_epochs: int, early_stopping: int) -> str | None:
+def finished(progress: Progress, max_epochs: int, early_stopping: int) -> str | None:
     """Why a run whose checkpoint holds ``progress`` has ended (all ``max_epochs`` epochs, or early stopping
     under ``early_stopping`` > 0), or None when it has epochs to go."""
-    if progress["epoch"] >= max_epochs:
+    if progress.epoch >= max_epochs:
         return f"has finished its {max_epochs} epochs"
-    if progress.get("stopped_early") and early_stopping > 0:
+    if progress.stopped_early and early_stopping > 0:
         return "ended by early stopping"
     return None
 
@@ -171,31 +121,21 @@ def newest_fold_series(save_path: Path) -> str | None:
     return names[-1] if names else None
 
 
-def find_best_checkpoint(save_path: Path) -> Path:
-    """The newest ``best.pt`` under ``save_path/<run>/``."""
-    candidates = sorted(save_path.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
-    if not candidates:
-        raise UserError(
-            f"no checkpoint found: looked for {save_path}/*/best.pt; "
-            "train first (python training.py) or pass --checkpoint PATH"
-        )
-    return candidates[-1]
-
-
 def training_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler,
     settings: dict,
-    progress: dict,
+    plan: Plan,
+    progress: Progress,
     device: torch.device,
     ema_model: torch.nn.Module | None = None,
 ) -> dict:
-    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``), and the
-    run's ``settings`` as plain data (``Config.to_dict``), from which test.py rebuilds the model.
-    ``model`` holds the weights to predict with: the moving average under ``train.ema``, when the
-    optimizer's own weights go to ``training_model``."""
+    """What a checkpoint holds: every state a resumed run needs to continue exactly (``restore``), the
+    run's ``settings`` as plain data (``Config.to_dict``) and its ``plan``, from which test.py rebuilds
+    model and predictor. ``model`` holds the weights to predict with: the moving average under
+    ``train.ema``, when the optimizer's own weights go to ``training_model``."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
     return {
         "model": (model if ema_model is None else ema_model).state_dict(),
@@ -204,7 +144,8 @@ def training_state(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
         "config": settings,
-        "progress": dict(progress),
+        "plan": plan.to_dict(),
+        "progress": progress.to_dict(),
         "rng": rng,
     }
 
@@ -217,7 +158,8 @@ def restore(
     scaler,
     device: torch.device,
     ema_model: torch.nn.Module | None = None,
-) -> dict:
+    where: Path = Path("checkpoint"),
+) -> Progress:
     """Load a checkpoint's model (and moving average), optimizer, scheduler, loss scaler and random
     states; returns its progress. A run that turns ``train.ema`` on starts its average from the weights."""
     model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
@@ -230,51 +172,4 @@ def restore(
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device.type == "cuda" and checkpoint["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["progress"]
-
-
-def load_model(
-    checkpoint: Path | None, config_path: Path | None, overrides: list[str]
-) -> tuple[UNet, Config, dict, torch.device]:
-    """``(model in eval mode on its device, config, checkpoint contents, device)`` for a checkpoint
-    (default: the newest ``best.pt`` under ``train.save_path``) and the config stored in it, or the one
-    at ``config_path``, with ``section.key=value`` overrides; the architecture must match."""
-    if checkpoint is None:
-        checkpoint = find_best_checkpoint(Path(load_config(config_path or DEFAULT_CONFIG, overrides).train.save_path))
-    state = read_checkpoint(checkpoint)
-    notices: list[str] = []
-    config = (
-        load_config(config_path, overrides, notices)
-        if config_path
-        else resolve(merge_overrides(state["config"], overrides), notices)
-    )
-    for message in notices:
-        note(message)
-    check_architecture(state, config.unet, checkpoint)
-    device = resolve_device(config.train.device)
-    model = build_model(config.unet, stored_boundary_class(state["config"])).to(device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    state["path"] = checkpoint
-    return model, config, state, device
-
-
-def decision_threshold(predict: PredictSettings, state: dict) -> float:
-    """``predict.threshold``: a number as given, or for ``auto`` the one calibrated after training and
-    stored in the checkpoint (0.5 with a notice when there is none)."""
-    threshold = predict.threshold
-    if threshold != "auto":
-        return threshold
-    if "threshold" not in state:
-        note(
-            f"predict.threshold=auto but {state['path']} holds no calibrated threshold "
-            "(it is stored at the end of training): using 0.5"
-        )
-    return state.get("threshold", 0.5)
-
-
-def decided_object_rules(predict: PredictSettings, state: dict) -> ObjectRules:
-    """``predict.min_object_size`` and ``predict.fill_holes`` for a checkpoint's predictor, ``auto`` decided
-    by what its run recorded of the training objects (checkpoints from before that record clean nothing)."""
-    record = state.get("objects", {"instance_data": False, "learnt_size": 0})
-    return object_rules(predict.min_object_size, predict.fill_holes, **record)
+    return Progress.from_dict(checkpoint["progress"], where)

@@ -1,0 +1,112 @@
+"""Checkpoint files: written atomically, read back as data (never code), and the progress record they hold.
+
+A checkpoint (``weights/<run>/last.pt`` or ``best.pt``) holds the model, optimizer, scheduler and loss
+scaler states, the resolved config (``Config.to_dict``), the run's plan (``plan.Plan.to_dict``), its
+``Progress`` and the random states, so that a run resumes exactly (``engine.resume``) and test.py
+rebuilds model and predictor from it alone (``inference.trained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segmentation.config import UserError, architecture_differences, stored_boundary_class
+from segmentation.console import first_line
+from segmentation.plan import Plan
+from segmentation.settings import UNetSettings
+
+
+@dataclass
+class Progress:
+    """Where a run stands: ``epoch`` epochs done, ``batch`` steps into the next, ``step`` steps in all,
+    ``best_value`` of ``train.best_metric`` so far (None before the first validation) at ``best_epoch``
+    (-1: none yet), ``loss_sum`` the summed training loss of the epoch so far, ``run_name`` its folder,
+    ``stopped_early`` whether early stopping ended it. Checkpoints store it as plain data (``to_dict``)."""
+
+    run_name: str
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    loss_sum: float = 0.0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> Progress:
+        """The progress stored in a checkpoint (older ones lack some keys, which take their defaults); a
+        UserError naming ``where`` for one that is not a progress record."""
+        names = {item.name for item in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not isinstance(data.get("epoch"), int):
+            raise UserError(f"{where}: its progress record is not one this project writes (edited?)")
+        values = {key: value for key, value in data.items() if key in names}
+        values.setdefault("run_name", where.parent.name)
+        return cls(**values)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write with torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True``: a checkpoint is data, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as error:
+        raise UserError(f"{path}: {unreadable_reason(error)}") from None
+    if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
+        raise UserError(f"{path}: not a checkpoint written by this project's training.py")
+    return state
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: a pickle that would import and
+    call code (never run), or a file that is no checkpoint at all."""
+    message = str(error)
+    if "GLOBAL" in message or "Unsupported global" in message:
+        return "holds objects that loading would have to import and run (refused: a checkpoint is data, never code)"
+    if "Weights only load failed" in message or "zip" in message.lower() or "pickle" in type(error).__module__:
+        return "not a checkpoint file (neither a torch.save archive nor a pickle of tensors and plain data)"
+    return f"not a readable checkpoint ({first_line(error)})"
+
+
+def check_architecture(state: dict, unet: UNetSettings, path: Path) -> None:
+    """Raise a UserError naming the ``unet.*`` keys where the checkpoint and ``unet`` disagree."""
+    differences = architecture_differences(state["config"], unet, stored_boundary(state, path))
+    if differences:
+        raise UserError(
+            f"{path} holds another architecture ({'; '.join(differences)}): set these keys as in the checkpoint, "
+            "or start a new run"
+        )
+
+
+def stored_boundary(state: dict, path: Path) -> bool:
+    """Whether a checkpoint's network has the boundary class, as its plan (or, from before plans, its stored
+    config) says."""
+    if "plan" in state:
+        return Plan.from_dict(state["plan"], str(path)).boundary_class
+    return stored_boundary_class(state["config"])
+
+
+def find_best_checkpoint(save_path: Path) -> Path:
+    """The newest ``best.pt`` under ``save_path/<run>/``."""
+    candidates = sorted(save_path.glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
+    if not candidates:
+        raise UserError(
+            f"no checkpoint found: looked for {save_path}/*/best.pt; "
+            "train first (python training.py) or pass --checkpoint PATH"
+        )
+    return candidates[-1]

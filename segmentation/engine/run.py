@@ -1,0 +1,264 @@
+"""A training process's state: its place among the processes, models, optimisation, loading, progress and folders.
+
+training.py's ``set_up`` builds a ``Run`` from these parts and its loop works on it. Each part is small and
+named: ``Processes`` (rank, world size, device), ``Models`` (the network, its moving average and the
+wrapped model that takes the steps), ``Optimisation`` (optimizer, schedule, loss scaler), ``Loading``
+(sampler, loader, steps per epoch) and ``RunFolders`` (logs, checkpoints). ``Run.state`` is what a
+checkpoint holds; ``TrainResult`` is what training returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from dataset import DataSets, EpochSampler
+from model import build_model, count_parameters
+from segmentation.checkpoints import Progress, save_checkpoint
+from segmentation.config import Config, config_to_yaml
+from segmentation.engine.resume import load_initial_weights, training_state
+from segmentation.engine.step import build_optimizer, build_scheduler
+from segmentation.engine.validation import Validation
+from segmentation.inference.infer import Predictor
+from segmentation.plan import Plan, write_plan
+from segmentation.runs.figures import save_check_figures
+from segmentation.runs.folders import start_run_folders, write_metrics
+from segmentation.runs.tensorboard import open_writer, write_settings
+from segmentation.settings import RunSettings, TrainSettings, UNetSettings
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's ``rank`` among ``world_size`` training processes (1 without torchrun) and its ``device``."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Process 0, which alone prints, logs and saves."""
+        return self.rank == 0
+
+    @property
+    def placement(self) -> tuple[torch.device, int, int]:
+        """``(device, rank, world_size)``, as the augmentation takes them."""
+        return self.device, self.rank, self.world_size
+
+
+@dataclass
+class Models:
+    """``model``, the bare network; ``ema_model``, the moving average of its weights under ``train.ema`` (else
+    None); ``step_model``, the same network wrapped by DistributedDataParallel and torch.compile where those
+    are on, which takes the steps; ``compiling``: until the first step of a torch.compile'd model has run."""
+
+    model: torch.nn.Module
+    ema_model: torch.nn.Module | None
+    step_model: torch.nn.Module
+    compiling: bool = False
+
+    @property
+    def predict_model(self) -> torch.nn.Module:
+        """What validation and best.pt use: the moving average where there is one."""
+        return self.model if self.ema_model is None else self.ema_model
+
+
+@dataclass
+class Optimisation:
+    """The ``optimizer``, its learning-rate ``scheduler`` and the fp16 loss ``scaler`` (None otherwise)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+
+@dataclass
+class Loading:
+    """The ``sampler`` and ``loader`` of the training tiles and the optimisation steps per epoch."""
+
+    sampler: EpochSampler
+    loader: DataLoader
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    """A run's folders: ``log`` (``log_path/<run>``) and ``weights`` (``save_path/<run>``)."""
+
+    log: Path
+    weights: Path
+
+    @classmethod
+    def of(cls, run: RunSettings, name: str) -> RunFolders:
+        return cls(Path(run.log_path) / name, Path(run.save_path) / name)
+
+
+@dataclass
+class Run:
+    """What one training process works with, as training.py's ``set_up`` builds it: the resolved ``config``
+    and the run's ``plan``, its place among the ``processes``, the ``data``, the ``models`` and the
+    ``predictor`` that validates (on ``models.predict_model``), the ``optimisation``, the tile ``loading``,
+    the ``progress`` (in every checkpoint), its ``folders``, the metrics.csv ``rows`` so far and, in
+    process 0 under ``train.tensorboard``, the event ``writer``."""
+
+    config: Config
+    plan: Plan
+    processes: Processes
+    data: DataSets
+    models: Models
+    predictor: Predictor
+    optimisation: Optimisation
+    loading: Loading
+    progress: Progress
+    folders: RunFolders
+    rows: list[dict]
+    writer: object | None = None
+    warned_uniform: bool = False  # the note on predictions of a single class is given once
+    last_saved: float = field(default_factory=time.monotonic)  # when last.pt was written
+
+    def state(self) -> dict:
+        """The run as it stands, as a checkpoint."""
+        optimisation, models = self.optimisation, self.models
+        return training_state(
+            models.model,
+            optimisation.optimizer,
+            optimisation.scheduler,
+            optimisation.scaler,
+            self.config.to_dict(),
+            self.plan,
+            self.progress,
+            self.processes.device,
+            models.ema_model,
+        )
+
+    def save_last(self) -> None:
+        """metrics.csv, then last.pt at the current step (process 0): a run killed after this resumes
+        here with every row."""
+        write_metrics(self.folders.log / "metrics.csv", self.rows)
+        save_checkpoint(self.folders.weights / "last.pt", self.state())
+        self.last_saved = time.monotonic()
+
+    def save_due(self) -> bool:
+        """Whether ``train.save_minutes`` have passed since last.pt was written."""
+        minutes = self.config.run.save_minutes
+        return minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes
+
+    def start_lines(self, resumed_from: Path | None) -> list[str]:
+        """The run's first lines: model, device, precision, tiles and steps per epoch, where it writes."""
+        settings, world_size = self.config.train, self.processes.world_size
+        batch_size, accum_steps = settings.batch_size, settings.grad_accum_steps
+        step_batch = batch_size * accum_steps * world_size
+        split = (
+            f" = {batch_size} x {accum_steps} accumulated x {world_size} processes" if step_batch != batch_size else ""
+        )
+        processes = f" in each of {world_size} processes" if world_size > 1 else ""
+        progress, folders = self.progress, self.folders
+        lines = [
+            f"U-Net {count_parameters(self.models.model):,} parameters on {self.processes.device}{processes}, "
+            f"{settings.precision}; {len(self.data.train)} tiles of {self.plan.tile_size} px per epoch "
+            f"({self.loading.steps_per_epoch} steps of {step_batch}{split}), {len(self.data.val)} validation images",
+            f"run {progress.run_name}: logs in {folders.log}, checkpoints in {folders.weights}",
+        ]
+        if resumed_from:
+            lines.append(f"resuming {resumed_from} at epoch {progress.epoch + 1}, batch {progress.batch}")
+        return lines
+
+    def result(self, interrupted: bool, validation: Validation | None) -> TrainResult:
+        """What training returns, as the run stands."""
+        return TrainResult(interrupted, self.models.predict_model, self.folders, self.progress, validation)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: whether a stop request ``interrupted`` it, the trained ``model`` (the moving
+    average where there is one), the run's ``folders``, its ``progress`` (epochs, steps, the best value
+    of ``train.best_metric`` and its epoch) and the last ``validation`` (None before the first)."""
+
+    interrupted: bool
+    model: torch.nn.Module
+    folders: RunFolders
+    progress: Progress
+    validation: Validation | None
+
+
+def start_logs(
+    config: Config,
+    plan: Plan,
+    folders: RunFolders,
+    progress: Progress,
+    data: DataSets,
+    device: torch.device,
+    resumed: bool,
+):
+    """In process 0: the run's folders and its settings and plan in them; for a new run the figures to check
+    by eye; with ``train.tensorboard`` the event writer (the settings as hparams for a new run). Returns
+    the writer, or None."""
+    start_run_folders(folders.log, folders.weights, config_to_yaml(config), progress.epoch if resumed else None)
+    write_plan(folders.log / "plan.json", plan)
+    writer = open_writer(folders.log, progress.epoch) if config.run.tensorboard else None
+    if not resumed:
+        save_check_figures(folders.log, data.example, data.train, config.augment, config.train.seed, device)
+        if writer is not None:
+            write_settings(writer, config.to_dict())
+    return writer
+
+
+def build_models(
+    unet: UNetSettings,
+    plan: Plan,
+    train: TrainSettings,
+    device: torch.device,
+    initial: dict | None = None,
+    init_from: Path | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, str | None]:
+    """``(model, moving average or None, note)``: the network as ``unet`` and the ``plan`` describe it,
+    started from the weights of the ``initial`` checkpoint read from ``init_from`` where there is one
+    (``train.init_from``; the note says what was loaded), laid out and checkpointed as ``train`` says, and
+    its moving average under ``train.ema``."""
+    model = build_model(unet, plan.boundary_class)
+    message = load_initial_weights(model, initial, init_from) if initial is not None else None
+    model = model.to(device)
+    model.activation_checkpointing = train.activation_checkpointing
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # a copy, not a new model: the same initial weights, and no draw from the seeded random stream
+    ema_model = copy.deepcopy(model).requires_grad_(False) if train.ema > 0 else None
+    return model, ema_model, message
+
+
+def stepping_model(model: torch.nn.Module, compile: bool, world_size: int, device: torch.device) -> torch.nn.Module:
+    """The model that takes the steps: wrapped by DistributedDataParallel (which all-reduces the gradients
+    during the backward pass) in several processes, and by torch.compile under ``train.compile``."""
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def build_optimisation(
+    model: torch.nn.Module, train: TrainSettings, device: torch.device, steps_per_epoch: int
+) -> Optimisation:
+    """The optimizer, the fp16 loss scaler (``train.precision: fp16``) and the schedule, in that order."""
+    optimizer = build_optimizer(model, train, device)
+    scaler = torch.amp.GradScaler(device.type) if train.precision == "fp16" else None
+    return Optimisation(optimizer, build_scheduler(optimizer, train, steps_per_epoch), scaler)
+
+
+def build_loading(tiles, train: TrainSettings, steps_per_epoch: int, processes: Processes) -> Loading:
+    """The sampler and loader of this process's shard of the training ``tiles``, a step's tiles per batch."""
+    sampler = EpochSampler(len(tiles), train.seed, processes.rank, processes.world_size)
+    loader = DataLoader(
+        tiles,
+        train.batch_size * train.grad_accum_steps,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=train.num_workers,
+        persistent_workers=train.num_workers > 0,
+        pin_memory=processes.device.type == "cuda",
+    )
+    return Loading(sampler, loader, steps_per_epoch)

@@ -1,0 +1,292 @@
+"""The run's plan: every choice made from the settings and the data, decided once and stored with the model.
+
+As nnU-Net writes its ``plans.json``, a run decides once, after reading its data, everything that the
+settings leave to the data or to ``auto``: the network's outputs (the user's classes, and the border of
+objects as a class of its own for masks of object ids), how the masks were read, the class weights of the
+loss, the training tile and its labelled output, the tile of whole-image prediction, the decision
+threshold (calibrated after training under ``predict.threshold: auto``) and the rules that clean predicted
+objects (``predict.min_object_size``, ``fill_holes``). The ``Plan`` holds these with no ``auto`` left; it
+goes into every checkpoint under ``plan`` and beside the run's ``config.yaml`` as ``plan.json``, and
+training, test.py, export and the benchmarks read it instead of deciding again. It has room for what
+volumes and sparse labels add (spatial dimensions, voxel spacing, the value of unannotated pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import output_size
+from segmentation.config import AUTO_TILE_SIDE, Config, UserError, auto_tile_size, stored_boundary_class
+from segmentation.data.weight_maps import balanced_class_weights
+from segmentation.settings import DataSettings, PredictSettings, UNetSettings
+
+PLAN_VERSION = 1
+DEFAULT_PREDICT_TILE = {0: 572, 1: 512}  # predict.tile_size: auto: the paper's tile; a common same-size tile
+SMALL_OBJECT_PERCENTILE = 5  # predict.min_object_size: auto: the area of a small whole training object ...
+SMALL_OBJECT_FRACTION = 0.5  # ... of which a predicted object must have at least this share
+NORMALIZATION = "zero mean, unit variance over each image (all its pixels and channels)"
+THRESHOLD_SOURCES = ("set", "calibrated", "uncalibrated")  # predict.threshold given; auto after / before calibration
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run decided from its settings and data; every field is a plain value, none ``auto``.
+
+    ``dims`` spatial dimensions of images and network; ``spacing`` the pixel spacing along each axis where
+    known (None: pixels); ``image_channels`` the network's input channels; ``num_classes`` the user's
+    classes; ``boundary_class`` whether the network also learns object borders (its outputs are
+    ``label_classes`` = num_classes + 1); ``mask_reading`` how the training masks were read
+    (``classes``, ``instances`` or ``generated``); ``ignore_value`` the mask value of unannotated pixels
+    (None: every pixel is annotated); ``class_weights`` one loss weight per label class (None: all 1);
+    ``tile_size`` and ``output_size`` the training tile's input and labelled output sides in pixels;
+    ``predict_tile_size`` the largest input tile of whole-image prediction; ``threshold`` the class-1
+    probability from which a pixel is class 1 (two classes), ``threshold_source`` whether it was set,
+    calibrated on the validation images, or is 0.5 awaiting calibration; ``learnt_object_size`` half the
+    area of a small whole training object (0 without object ids), ``min_object_size`` and ``fill_holes``
+    the rules that clean predicted objects (pixels at the image's own size).
+    """
+
+    image_channels: int
+    num_classes: int
+    boundary_class: bool
+    mask_reading: str
+    class_weights: tuple[float, ...] | None
+    tile_size: int
+    output_size: int
+    predict_tile_size: int
+    threshold: float
+    threshold_source: str
+    learnt_object_size: int
+    min_object_size: int
+    fill_holes: bool
+    normalization: str = NORMALIZATION
+    dims: int = 2
+    spacing: tuple[float, ...] | None = None
+    ignore_value: float | None = None
+
+    @property
+    def label_classes(self) -> int:
+        """The network's outputs: the user's classes, then the object border where it is a class."""
+        return self.num_classes + int(self.boundary_class)
+
+    @property
+    def instance_data(self) -> bool:
+        """Whether the training masks held object ids."""
+        return self.mask_reading == "instances"
+
+    def to_dict(self) -> dict:
+        """Plain data (lists for tuples) with the plan's version: what checkpoints and plan.json store."""
+        data = dataclasses.asdict(self)
+        for key in ("class_weights", "spacing"):
+            data[key] = None if data[key] is None else list(data[key])
+        return {"version": PLAN_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Plan:
+        """The plan stored as ``data`` (``to_dict``); a UserError naming ``where`` for one that was edited
+        into something else or comes from a newer version."""
+        names = {item.name for item in dataclasses.fields(cls)}
+        required = {item.name for item in dataclasses.fields(cls) if item.default is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required <= data.keys() or not data.keys() - {"version"} <= names:
+            raise UserError(f"{where}: its plan is not one this version reads (edited, or from another version)")
+        if data.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise UserError(f"{where}: its plan is of version {data['version']}; update this repository to read it")
+        values = {key: value for key, value in data.items() if key != "version"}
+        for key in ("class_weights", "spacing"):
+            if values.get(key) is not None:
+                values[key] = tuple(float(item) for item in values[key])
+        plan = cls(**values)
+        problem = plan.problem()
+        if problem:
+            raise UserError(f"{where}: its plan {problem} (edited?); train again or restore the checkpoint")
+        return plan
+
+    def problem(self) -> str | None:
+        """What makes this plan impossible, in words, or None."""
+        if self.threshold_source not in THRESHOLD_SOURCES or not 0 < self.threshold < 1:
+            return f"has threshold {self.threshold!r} ({self.threshold_source!r})"
+        if self.class_weights is not None and len(self.class_weights) != self.label_classes:
+            return f"has {len(self.class_weights)} class weights for {self.label_classes} classes"
+        if self.boundary_class and self.num_classes != 2:
+            return "has a border class beside more than two classes"
+        if self.dims not in (2, 3) or min(self.tile_size, self.output_size, self.predict_tile_size) < 1:
+            return "has impossible sizes"
+        return None
+
+    def calibrated(self, threshold: float) -> Plan:
+        """This plan with the threshold calibrated after training (``predict.threshold: auto``)."""
+        return dataclasses.replace(self, threshold=float(threshold), threshold_source="calibrated")
+
+    def for_prediction(self, predict: PredictSettings) -> Plan:
+        """This plan with the values that ``predict`` sets explicitly on top (a test.py override, say):
+        a number for ``threshold``, ``min_object_size`` or ``tile_size``, true or false for ``fill_holes``;
+        ``auto`` keeps the plan's decision."""
+        changes: dict[str, Any] = {}
+        if predict.threshold != "auto":
+            changes.update(threshold=float(predict.threshold), threshold_source="set")
+        if predict.min_object_size != "auto":
+            changes["min_object_size"] = int(predict.min_object_size)
+        if predict.fill_holes != "auto":
+            changes["fill_holes"] = bool(predict.fill_holes)
+        if predict.tile_size not in (None, "auto"):
+            changes["predict_tile_size"] = int(predict.tile_size)
+        return dataclasses.replace(self, **changes)
+
+
+def decide_plan(
+    unet: UNetSettings,
+    data: DataSettings,
+    predict: PredictSettings,
+    train_images: Sequence,
+    note: Callable[[str], None] = print,
+) -> Plan:
+    """The plan of a run from its settings and its training images' cache entries (``cache.PreparedImage``:
+    how each mask was read, its class counts and whole objects); the decisions that have a notice to give
+    pass it to ``note``."""
+    readings = sorted({image.mask_read_as for image in train_images})
+    instance_data = readings == ["instances"]
+    boundary = boundary_class_of(unet, instance_data, train_images)
+    weights = class_weights_of(data.class_weights, train_images, unet.num_classes + boundary)
+    tile = training_tile_size(data.tile_size, unet.depth, unet.padding, note)
+    learnt = learnt_min_object_size(np.array([area for image in train_images for area in image.object_areas]))
+    automatic = Plan(
+        image_channels=unet.image_channels,
+        num_classes=unet.num_classes,
+        boundary_class=boundary,
+        mask_reading="+".join(readings),
+        class_weights=None if weights is None else tuple(float(weight) for weight in weights),
+        tile_size=tile,
+        output_size=output_size(tile, unet.depth, unet.padding),
+        predict_tile_size=DEFAULT_PREDICT_TILE[unet.padding],
+        threshold=0.5,
+        threshold_source="uncalibrated",
+        learnt_object_size=learnt,
+        # auto cleans the objects of models trained on object ids and leaves class masks as predicted
+        min_object_size=learnt if instance_data else 0,
+        fill_holes=instance_data,
+    )
+    return automatic.for_prediction(predict)
+
+
+def training_tile_size(
+    tile_size: int | str, depth: int, padding: int, note: Callable[[str], None] | None = None
+) -> int:
+    """``train.tile_size``: a number as given (a UserError where the network cannot take it), or for ``auto``
+    the valid input size nearest ``AUTO_TILE_SIDE`` for the network's depth and padding, with a notice to
+    ``note`` where given."""
+    if tile_size != "auto":
+        try:
+            output_size(tile_size, depth, padding)
+        except ValueError as error:
+            raise UserError(f"train.tile_size: {error}") from None
+        return tile_size
+    side = auto_tile_size(depth, padding)
+    if note is None:
+        return side
+    note(
+        f"train.tile_size auto: {side} px, the valid input nearest {AUTO_TILE_SIDE} px (a sensible side) "
+        f"for depth {depth} and padding {padding}"
+    )
+    return side
+
+
+def boundary_class_of(unet: UNetSettings, instance_data: bool, train_images: Sequence) -> bool:
+    """``unet.boundary_class``, ``auto`` decided: the object borders are a class of their own where the
+    training masks hold object ids of two classes. ``true`` on masks read as classes is a UserError: their
+    objects' borders are not known."""
+    if unet.boundary_class == "auto":
+        return instance_data and unet.num_classes == 2
+    named = next((image.name for image in train_images if image.mask_read_as != "instances"), None)
+    if unet.boundary_class and named is not None:
+        raise UserError(
+            f"unet.boundary_class: true learns the borders of objects from masks of object ids, but the masks "
+            f"were read as classes (e.g. {named}): set train.mask_type: instances, or unet.boundary_class: false"
+        )
+    return bool(unet.boundary_class)
+
+
+def class_weights_of(setting: str | Sequence[float], train_images: Sequence, label_classes: int) -> np.ndarray | None:
+    """``train.class_weights``: ``balanced`` (from the pixel counts of the training images), ``none``
+    (None) or the given list, as (K,) float32 for the ``label_classes`` the network learns."""
+    if setting == "balanced":
+        return balanced_class_weights(class_totals(train_images, label_classes))
+    if setting == "none":
+        return None
+    weights = list(setting)
+    # one weight per user class with the boundary class on: the border weighs as its object
+    return np.asarray(weights + weights[-1:] * (label_classes - len(weights)), dtype=np.float32)
+
+
+def class_totals(images: Sequence, classes: int) -> np.ndarray:
+    """(classes,) int64 pixel counts of cache entries ``images``, the border folded into its object for
+    a network without the border class (``classes`` = 2)."""
+    totals = np.zeros(classes, dtype=np.int64)
+    for image in images:
+        counts = np.asarray(image.class_counts, dtype=np.int64)
+        totals[: classes - 1] += counts[: classes - 1]
+        totals[classes - 1] += counts[classes - 1 :].sum()
+    return totals
+
+
+def learnt_min_object_size(areas: np.ndarray) -> int:
+    """``predict.min_object_size: auto``: half the area of a small whole training object (the 5th
+    percentile of ``areas``, pixels of the objects that the image border does not cut); 0 without objects."""
+    areas = np.asarray(areas)
+    if areas.size == 0:
+        return 0
+    return int(SMALL_OBJECT_FRACTION * np.percentile(areas, SMALL_OBJECT_PERCENTILE))
+
+
+def reading_problem(plan: Plan, train_images: Sequence) -> str | None:
+    """Why training images (cache entries) do not fit the plan of the run they are to continue: masks that
+    now read another way than the plan recorded (None when they fit)."""
+    now = "+".join(sorted({image.mask_read_as for image in train_images}))
+    if now != plan.mask_reading:
+        return f"its run read the training masks as {plan.mask_reading}, they now read as {now}"
+    return None
+
+
+def write_plan(path: Path, plan: Plan) -> None:
+    """``plan.json`` beside a run's config.yaml: the plan for people to read (checkpoints hold it too)."""
+    path.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+
+
+def stored_plan(state: dict, config: Config, where: str, train_images: Sequence | None = None) -> Plan:
+    """The plan of a checkpoint ``state`` (``where``: its path, for messages), as its run decided it; the
+    caller puts the ``predict`` settings in force on top (``Plan.for_prediction``).
+
+    A checkpoint from before plans kept its decisions in its stored config (``unet.boundary_class`` and
+    ``train.tile_size`` as its run decided them: ``config``, resolved from it) and beside it
+    (``threshold``, ``objects``). Its balanced class weights, which it did not store, are decided again
+    from ``train_images`` where given, else left out: they only weigh the loss that test.py reports."""
+    if "plan" in state:
+        return Plan.from_dict(state["plan"], where)
+    unet, data = config.unet, config.data
+    boundary = stored_boundary_class(state["config"])
+    record = state.get("objects", {"instance_data": False, "learnt_size": 0})
+    weights = None
+    if data.class_weights != "balanced" or train_images is not None:
+        weights = class_weights_of(data.class_weights, train_images or [], unet.num_classes + boundary)
+    tile = training_tile_size(data.tile_size, unet.depth, unet.padding)
+    return Plan(
+        image_channels=unet.image_channels,
+        num_classes=unet.num_classes,
+        boundary_class=boundary,
+        mask_reading="instances" if record["instance_data"] else "classes",
+        class_weights=None if weights is None else tuple(float(weight) for weight in weights),
+        tile_size=tile,
+        output_size=output_size(tile, unet.depth, unet.padding),
+        predict_tile_size=DEFAULT_PREDICT_TILE[unet.padding],
+        threshold=float(state.get("threshold", 0.5)),
+        threshold_source="calibrated" if "threshold" in state else "uncalibrated",
+        learnt_object_size=record["learnt_size"],
+        min_object_size=record["learnt_size"] if record["instance_data"] else 0,
+        fill_holes=record["instance_data"],
+    )
