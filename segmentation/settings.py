@@ -138,6 +138,9 @@ class DataSettings:
         None, "int", "seed of the folds and validation images (null: train.seed)", minimum=0, nullable=True
     )
     image_scale: float = setting(1.0, "float", "resize images by this factor", above=0.0, maximum=4.0)
+    max_image_pixels: int = setting(
+        2**30, "int", "refuse images (or stack pages) of more pixels than this, from their headers", minimum=1
+    )
     tile_size: int = setting("auto", "int_or_auto", "side of the network's input tile in pixels", minimum=8)
     samples_per_image: int = setting(4, "int", "random tiles cut from each training image per epoch", minimum=1)
     class_weights: str | tuple[float, ...] = setting("balanced", "weights", "balanced, none or one weight per class")
