@@ -42,33 +42,51 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from pathlib import Path
 
+from model import output_size
 from segmentation.benchmarks.fine_tune import fine_tune_experiment
 from segmentation.benchmarks.instances import instance_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
 from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
 from segmentation.benchmarks.speed import data_path_table, in_child, print_training_table, time_inference, time_training
+from segmentation.config import UserError
 from segmentation.device import resolve_device
+from segmentation.options import (
+    OneLineParser,
+    device_name,
+    int_list,
+    named_counts,
+    non_negative_int,
+    path_argument,
+    positive_float,
+    positive_int,
+    word_list,
+)
 
 # Defaults per device type: the paper's tiles and batch on a GPU; on a CPU a size that times in minutes
 DEVICE_DEFAULTS = {
     "cuda": {"size": 572, "batch": 8, "steps": 3, "infer_size": 2048, "workers": [0, 2]},
     "cpu": {"size": 252, "batch": 2, "steps": 2, "infer_size": 512, "workers": [0]},
 }
+INSTANCE_SETS = ("nuclei", "isbi", "pennfudan")  # the data sets of --instance-experiment
 
 
 def command_line() -> argparse.ArgumentParser:
     """The command line's options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
-        "--size", type=int, help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)"
+        "--size",
+        type=positive_int,
+        help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)",
     )
-    parser.add_argument("--batch", type=int, help="training batch (default: 8 on a GPU, 2 on a CPU)")
+    parser.add_argument("--batch", type=positive_int, help="training batch (default: 8 on a GPU, 2 on a CPU)")
     parser.add_argument(
-        "--widths", default="64,128,256,512", help="unet.input_channels, comma-separated (paper: 64,128,256,512)"
+        "--widths",
+        default="64,128,256,512",
+        type=int_list,
+        help="unet.input_channels, comma-separated (paper: 64,128,256,512)",
     )
     parser.add_argument(
         "--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks"
@@ -76,56 +94,74 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--steps", type=int, help="timed training steps per model (default: 3 on a GPU, 2 on a CPU)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN autotuning, compiling)")
+    parser.add_argument(
+        "--steps", type=positive_int, help="timed training steps per model (default: 3 on a GPU, 2 on a CPU)"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=1, help="untimed steps first (cuDNN autotuning, compiling)"
+    )
     parser.add_argument(
         "--models",
         default="ours,bare,monai",
+        type=word_list(("ours", "bare", "monai")),
         help="which of ours, bare, monai to time (monai is skipped, with a note, where it is not installed)",
     )
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: from the card's name)")
     parser.add_argument(
-        "--infer-size",
-        type=int,
-        help="side of the image for the inference timing (0: skip; default: 2048 on a GPU, 512 on a CPU)",
+        "--peak-tflops", type=positive_float, help="the device's peak for MFU (default: from the card's name)"
     )
-    parser.add_argument(
-        "--infer-tile", type=int, default=572, help="tile side of the tiled predictor (default: the paper's 572)"
-    )
-    parser.add_argument("--infer-batch", type=int, default=8, help="tiles per forward pass when predicting")
-    parser.add_argument("--infer-repeats", type=int, default=1)
+    add_inference_arguments(parser)
     parser.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         nargs="*",
         help="loader worker counts to time (none: skip the data path; default: 0 2 on a GPU, 0 on a CPU)",
     )
-    parser.add_argument("--data", type=Path, help="ISBI 2012 folder for the data path (default: synthetic images)")
+    parser.add_argument(
+        "--data", type=path_argument, help="ISBI 2012 folder for the data path (default: synthetic images)"
+    )
     parser.add_argument(
         "--data-scale",
+        type=int_list,
         help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)",
     )
     add_experiment_arguments(parser)
     parser.add_argument(
         "--restart-cost",
-        type=int,
+        type=positive_int,
         metavar="TRIES",
         help="instead: seconds from a killed torchrun worker (2 CPU processes) to the restarted group's first step",
     )
     parser.add_argument(
         "--predict-stack",
-        type=float,
+        type=positive_float,
         metavar="GB",
         help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2",
     )
     return parser
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inference timing's image and tiled predictor."""
+    parser.add_argument(
+        "--infer-size",
+        type=non_negative_int,
+        help="side of the image for the inference timing (0: skip; default: 2048 on a GPU, 512 on a CPU)",
+    )
+    parser.add_argument(
+        "--infer-tile",
+        type=positive_int,
+        default=572,
+        help="tile side of the tiled predictor (default: the paper's 572)",
+    )
+    parser.add_argument("--infer-batch", type=positive_int, default=8, help="tiles per forward pass when predicting")
+    parser.add_argument("--infer-repeats", type=positive_int, default=1, help="timed predictions of the image")
+
+
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """The experiments that train models to compare (each "instead" of the speed tables)."""
     parser.add_argument(
         "--nuclei-experiment",
-        type=int,
+        type=positive_int,
         metavar="EPOCHS",
         help=(
             "instead: touching nuclei trained from instance-id masks and from 0/255 masks, seeds 0 and 1; "
@@ -134,44 +170,64 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fine-tune-experiment",
-        type=int,
+        type=positive_int,
         metavar="EPOCHS",
         help="instead: 3 ISBI 2012 slices (--data) trained from scratch and from a model of the synthetic images "
         "(train.init_from), seeds 0-2; scores on 6 held-out slices",
     )
     parser.add_argument(
-        "--source", type=Path, help="--fine-tune-experiment: the checkpoint to start from (default: trained first)"
+        "--source",
+        type=path_argument,
+        help="--fine-tune-experiment: the checkpoint to start from (default: trained first)",
     )
     parser.add_argument(
         "--instance-experiment",
+        type=named_counts(INSTANCE_SETS),
         metavar="SET=EPOCHS,...",
         help="instead: id masks against 0/255 masks, with and without the boundary class, seeds 0 and 1, on "
         "nuclei (generated), isbi (--data) and pennfudan (--pennfudan), e.g. nuclei=40,isbi=20,pennfudan=80",
     )
-    parser.add_argument("--pennfudan", type=Path, help="--instance-experiment: the PennFudanPed folder")
+    parser.add_argument("--pennfudan", type=path_argument, help="--instance-experiment: the PennFudanPed folder")
 
 
-def main() -> None:
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv``), each option checked by its type and what holds
+    across options; a wrong one ends the program with one line (exit code 2)."""
     parser = command_line()
-    args = parser.parse_args()
-    args.widths = [int(width) for width in args.widths.split(",")]
+    args = parser.parse_args(argv)
+    sets = args.instance_experiment or {}
+    if (args.fine_tune_experiment or "isbi" in sets) and not args.data:
+        parser.error(
+            "--data is needed: --fine-tune-experiment and --instance-experiment isbi=... read the ISBI 2012 folder "
+            "(train-volume.tif, train-labels.tif)"
+        )
+    if "pennfudan" in sets and not args.pennfudan:
+        parser.error("--pennfudan is needed: --instance-experiment pennfudan=... reads the PennFudanPed folder")
+    try:
+        resolve_device(args.device)
+        if args.size is not None:
+            output_size(args.size, len(args.widths), 0)
+    except UserError as error:
+        parser.error(f"argument --device: {error}")
+    except ValueError as error:
+        parser.error(f"argument --size: {error}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_options(argv)
     if args.data_scale:
-        data_scale_table([int(count) for count in args.data_scale.split(",")])
+        data_scale_table(args.data_scale)
     if args.predict_stack:
         predict_stack_table(args.predict_stack)
     if args.nuclei_experiment:
         nuclei_experiment(args.nuclei_experiment, [0, 1])
     if args.fine_tune_experiment:
-        if not args.data:
-            parser.error(
-                "--fine-tune-experiment needs --data, the ISBI 2012 folder (train-volume.tif, train-labels.tif)"
-            )
         fine_tune_experiment(args.data, args.fine_tune_experiment, [0, 1, 2], args.source)
     if args.restart_cost:
         restart_cost_table(args.restart_cost)
     if args.instance_experiment:
-        sets = {name: int(epochs) for name, epochs in (item.split("=") for item in args.instance_experiment.split(","))}
-        instance_experiment(sets, [0, 1], args.data, args.pennfudan)
+        instance_experiment(args.instance_experiment, [0, 1], args.data, args.pennfudan)
     experiments = (args.nuclei_experiment, args.fine_tune_experiment, args.restart_cost, args.instance_experiment)
     if args.data_scale or args.predict_stack or any(experiments):
         return
@@ -180,8 +236,8 @@ def main() -> None:
     for key, value in DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    models = [case for case in args.models.split(",") if case != "monai" or importlib.util.find_spec("monai")]
-    if len(models) < len(args.models.split(",")):
+    models = [case for case in args.models if case != "monai" or importlib.util.find_spec("monai")]
+    if len(models) < len(args.models):
         print("note: MONAI is not installed (pip install monai): its BasicUNet is left out", file=sys.stderr)
     results = {case: in_child(time_training, case, args) for case in models}
     print_training_table(results, args, device)

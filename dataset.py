@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from segmentation.config import UserError
+from segmentation.console import note as console_note
 from segmentation.data.cache import PreparedImage, PreprocessingSettings, prepare_images
 from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
@@ -178,14 +179,24 @@ def fold_indices(count: int, folds: int, fold: int, order: str, seed: int) -> li
     return sorted(np.array_split(indices, folds)[fold].tolist())
 
 
-def list_samples(data: DataSettings, num_classes: int, seed: int) -> tuple[list, list | None]:
+def list_samples(
+    data: DataSettings,
+    num_classes: int,
+    seed: int,
+    image_channels: int = 1,
+    note: Callable[[str], None] = console_note,
+) -> tuple[list, list | None]:
     """``(training samples, validation samples or None)`` of the configured data set, not yet read
     (``readers.FileSample``, ``synthetic.SyntheticSample``; synthetic images drawn from ``seed``).
 
     Validation samples come from the data set's own split (Penn-Fudan's ``valid_*`` folders) or from
-    ``train.val_data``; None means: split ``train.val_fraction`` off the training samples.
+    ``train.val_data``; None means: split ``train.val_fraction`` off the training samples. A TIFF stack
+    gives a sample per image, its pages read as ``unet.image_channels`` (``image_channels``) says
+    (``images.tiff_image_pages``; how, where the user should know, goes to ``note``), and every file is
+    refused from its header beyond ``train.max_image_pixels``.
     """
     name, root = data.dataset_name, Path(data.data)
+    reading = (image_channels, data.max_image_pixels, note)
     if name == "synthetic":
         size, count = data.synthetic_size, data.synthetic_images
         samples = [SyntheticSample(f"synthetic {i}", seed, i, size, num_classes) for i in range(count)]
@@ -197,17 +208,17 @@ def list_samples(data: DataSettings, num_classes: int, seed: int) -> tuple[list,
                 f"(python dataset.py download {name} --to data/ helps get it)"
             )
         if name == "isbi2012":
-            samples, val_samples = read_isbi2012(root), None
+            samples, val_samples = read_isbi2012(root, *reading), None
         elif name == "pennfudan":
-            samples, val_samples = read_pennfudan(root)
+            samples, val_samples = read_pennfudan(root, *reading)
         else:
-            samples, val_samples = read_folder_pairs(root / "images", root / "masks"), None
+            samples, val_samples = read_folder_pairs(root / "images", root / "masks", "auto", *reading), None
     if data.val_data:
         val_root = Path(data.val_data)
         if name == "isbi2012":
-            val_samples = read_isbi2012(val_root)
+            val_samples = read_isbi2012(val_root, *reading)
         else:
-            val_samples = read_folder_pairs(val_root / "images", val_root / "masks")
+            val_samples = read_folder_pairs(val_root / "images", val_root / "masks", "auto", *reading)
     return samples, val_samples
 
 
@@ -284,7 +295,7 @@ def prepare_data(
     the synthetic images and, without ``train.split_seed``, the split), split, preprocessed into the cache
     once (``cache.prepare_images``; under torchrun the processes ``rank`` of ``world_size`` share the work)
     and read lazily from there."""
-    samples, val_samples = list_samples(data, num_classes, seed)
+    samples, val_samples = list_samples(data, num_classes, seed, image_channels, note)
     split = split_samples(data, len(samples), own_validation=val_samples is not None, seed=seed)
     train_index, val_index, test_index = split
     val_samples = val_samples if val_samples is not None else [samples[i] for i in val_index]
@@ -358,7 +369,7 @@ def data_summary(
     fractions = ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
     return (
         f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
-        f"training images {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px, "
+        f"training images {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px (width x height), "
         f"{'/'.join(map(str, channels))} channel(s), class fractions {fractions}"
     )
 

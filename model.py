@@ -302,6 +302,88 @@ def output_size(input_size: int, depth: int, padding: int) -> int:
     return _output_size(input_size, depth, padding, "input size")
 
 
+# the backward pass holds about this many copies of the largest feature map at once: gradients of a block's output
+# and input, the skip's gradient waiting for the encoder, the concatenation's, the kernels' reordered copies
+# (measured on a CPU, steps of 1 to 8 tiles: 3 to 8)
+GRADIENT_MAPS = 10
+PREDICTION_MAPS = 3  # a block predicting without gradients holds its input, a convolution's output and the norm's
+
+
+def unet_parameter_count(unet, out_channels: int) -> int:
+    """The trainable parameters of the U-Net of a config's ``unet`` section (``build_model``; any object with
+    its fields) with ``out_channels`` outputs, counted from the widths alone, without building it."""
+    widths, per_channel = tuple(unet.input_channels), 1 if unet.norm == "none" else 2  # a bias; a norm's 2
+
+    def double(c_in: int, c_out: int) -> int:
+        return 9 * c_in * c_out + 9 * c_out * c_out + 2 * per_channel * c_out
+
+    deeper = (*widths[1:], 2 * widths[-1])  # the output widths of the Downs and the bottleneck
+    total = sum(double(c_in, c_out) for c_in, c_out in zip((unet.image_channels, *widths), (widths[0], *deeper)))
+    for c_deep, c_skip in zip(deeper, widths):
+        half = c_deep // 2
+        total += (4 if unet.upsample == "transpose" else 1) * c_deep * half + half + double(c_skip + half, c_skip)
+    return total + (widths[0] + 1) * out_channels
+
+
+def forward_maps(unet, out_channels: int, tile: int, element_size: int = 4) -> list[tuple[list[int], int]]:
+    """The tensors that one ``tile`` x ``tile`` image makes in a training forward pass of the U-Net of a config's
+    ``unet`` section with ``out_channels`` outputs, block by block (``inc``, each ``Down``, the bottleneck,
+    each ``Up``, then the output layer and the loss): ``(bytes of each tensor that the block makes and autograd
+    keeps for the backward pass, bytes of the block's output)``. Feature maps take ``element_size`` bytes a value
+    (4: fp32, 2: bf16 or fp16 autocast), pooling indices 8, dropout masks 1; ``tile`` must be a valid input."""
+    widths = tuple(unet.input_channels)
+    deeper = (*widths[1:], 2 * widths[-1])
+    shrink = 2 if unet.padding == 0 else 0  # a 3x3 convolution's loss of side
+    copies = 1 if unet.norm == "none" else 2  # a convolution's output, and the norm's (ReLU works in place)
+
+    def maps(channels: int, side: int, size: int = element_size) -> int:
+        return channels * side * side * size
+
+    def double(channels: int, side: int) -> tuple[list[int], int]:
+        first, second = side - shrink, side - 2 * shrink
+        return [maps(channels, first)] * copies + [maps(channels, second)] * copies, second
+
+    tensors, side = double(widths[0], tile)
+    blocks = [(tensors, maps(widths[0], side))]
+    for c_in, c_out in zip(widths, deeper):
+        pooled = side // 2
+        tensors, side = double(c_out, pooled)
+        blocks.append(([maps(c_in, pooled), maps(c_in, pooled, 8), *tensors], maps(c_out, side)))  # pooled, indices
+    if unet.dropout > 0:  # the deepest encoder level and the bottleneck: each an output and a mask
+        for level in (len(widths) - 1, len(widths)):
+            tensors, output = blocks[level]
+            blocks[level] = ([*tensors, output, output // element_size], output)
+    for c_deep, c_skip in zip(reversed(deeper), reversed(widths)):
+        side, half = 2 * side, c_deep // 2
+        upsampled = [maps(half, side)] if unet.upsample == "transpose" else [maps(c_deep, side), maps(half, side)]
+        tensors, out = double(c_skip, side)
+        blocks.append(([*upsampled, maps(c_skip + half, side), *tensors], maps(c_skip, out)))
+        side = out
+    # the logits, then the loss's log-probabilities, per-pixel loss and weighted loss (fp32)
+    blocks.append(([maps(out_channels, side), maps(out_channels + 3, side, 4)], maps(out_channels, side)))
+    return blocks
+
+
+def training_activation_bytes(blocks: list[tuple[list[int], int]], checkpointing: bool = False) -> int:
+    """The bytes of one image's activations in a training step, from its ``forward_maps``: every tensor
+    autograd keeps (with activation checkpointing the blocks' outputs, and one block's inside while it is
+    recomputed), and the gradients of the largest maps that the backward pass holds at once."""
+    largest = max(size for tensors, _ in blocks for size in tensors)
+    if checkpointing:
+        return (
+            sum(output for _, output in blocks) + max(sum(tensors) for tensors, _ in blocks) + GRADIENT_MAPS * largest
+        )
+    return sum(sum(tensors) for tensors, _ in blocks) + GRADIENT_MAPS * largest
+
+
+def prediction_activation_bytes(blocks: list[tuple[list[int], int]]) -> int:
+    """The bytes of one tile's activations when predicting without gradients, from its ``forward_maps``: the
+    encoder's outputs (the skips, kept until the decoder takes them) and the largest maps a block holds."""
+    depth = (len(blocks) - 2) // 2
+    largest = max(size for tensors, _ in blocks for size in tensors)
+    return sum(output for _, output in blocks[:depth]) + PREDICTION_MAPS * largest
+
+
 def count_parameters(model: nn.Module) -> int:
     """Return the number of trainable parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

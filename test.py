@@ -43,29 +43,34 @@ from segmentation.inference.export import check_onnx, export_onnx, export_torchs
 from segmentation.inference.package import export_package
 from segmentation.inference.predict import input_images, predict_files
 from segmentation.inference.trained import Trained, load_trained
+from segmentation.options import OneLineParser, path_argument
 from segmentation.runs.diagnostics import diagnose, score_summary
 
 
 def command_line() -> argparse.ArgumentParser:
     """The command line's options."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Predict masks with a trained U-Net, or look at its diagnostics.",
         epilog="overrides: section.key=value, e.g. train.device=cpu predict.tile_size=572",
     )
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=path_argument,
         nargs="+",
         help=(
             "checkpoint (default: the newest best.pt under train.save_path); several (e.g. the folds of "
             "train.fold=all): each scored on its own test images, then the mean and standard deviation"
         ),
     )
-    parser.add_argument("--config", type=Path, help="config to use instead of the one stored in the checkpoint")
-    parser.add_argument("--input", type=Path, help="image file, folder of images, or multi-page TIFF to segment")
+    parser.add_argument(
+        "--config", type=path_argument, help="config to use instead of the one stored in the checkpoint"
+    )
+    parser.add_argument(
+        "--input", type=path_argument, help="image file, folder of images, or multi-page TIFF to segment"
+    )
     parser.add_argument(
         "--output",
-        type=Path,
+        type=path_argument,
         help="folder for masks or figures (default with --input: predictions/; else <log_path>/<run>/diagnostics)",
     )
     parser.add_argument("--probabilities", action="store_true", help="also write float32 class-1 probability TIFFs")
@@ -97,7 +102,7 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--layers", help="comma-separated layers for the activation maps (default: every block)")
     parser.add_argument(
         "--export",
-        type=Path,
+        type=path_argument,
         metavar="MODEL.zip|.pt|.onnx",
         help="export the model: a bioimage.io package (.zip: TorchScript, state dict, ONNX, test tensors, README), "
         "TorchScript (.pt) or ONNX (.onnx), each checked against PyTorch",
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.probabilities,
                 args.overlay,
                 args.instances,
+                trained.config.data.max_image_pixels,
             )
             return 0
         output = score_checkpoint(trained, args, args.output)[1]

@@ -22,7 +22,6 @@ from ``segmentation.engine.distributed``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -33,22 +32,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset import build_datasets, count_steps, prepare_data
-from segmentation.checkpoints import Progress, save_checkpoint, stored_boundary
+from dataset import count_steps
+from segmentation.checkpoints import Progress, save_checkpoint
 from segmentation.config import DEFAULT_CONFIG, Config, UserError, config_to_yaml, load_config
 from segmentation.console import first_line, note, report_error
 from segmentation.data.augment import augment_on_device
 from segmentation.device import bf16_supported, out_of_memory_advice, prepare_device
 from segmentation.engine import search
-from segmentation.engine.distributed import from_rank_zero, process_group, share_buffers, sum_over_processes
-from segmentation.engine.folds import train_every_fold
-from segmentation.engine.restarts import continued_after_restart, lost_process, publish_run
-from segmentation.engine.resume import (
-    find_resume_checkpoint,
-    load_checkpoint,
-    read_initial_weights,
-    restore,
+from segmentation.engine.distributed import (
+    from_rank_zero,
+    lost_process,
+    process_group,
+    share_buffers,
+    sum_over_processes,
 )
+from segmentation.engine.folds import train_every_fold
+from segmentation.engine.restarts import continued_after_restart, publish_run
+from segmentation.engine.resume import find_resume_checkpoint, load_checkpoint, read_initial_weights, restore
 from segmentation.engine.run import (
     Models,
     Processes,
@@ -58,22 +58,22 @@ from segmentation.engine.run import (
     build_loading,
     build_models,
     build_optimisation,
+    check_training_memory,
+    plan_and_data,
+    run_claimed,
     start_logs,
     stepping_model,
+    write_run_plan,
 )
 from segmentation.engine.signals import stop_requests
 from segmentation.engine.step import loss_cure, train_step, update_ema
 from segmentation.engine.validation import Validation, calibrate_checkpoint, evaluate, improved
 from segmentation.inference.infer import Predictor, uniform_prediction_note
 from segmentation.inference.trained import load_trained
-from segmentation.plan import Plan, decide_plan, reading_problem, training_tile_size, write_plan
+from segmentation.options import OneLineParser
+from segmentation.plan import training_tile_size
 from segmentation.runs.figures import plot_curves
-from segmentation.runs.folders import (
-    epoch_line,
-    new_run_name,
-    read_metrics,
-    write_metrics,
-)
+from segmentation.runs.folders import epoch_line, new_run_name, read_metrics, write_metrics
 from segmentation.runs.tensorboard import require_tensorboard, write_epoch
 
 CHECK_EVERY = 10  # steps between reading the loss on the host (a device sync) for the bar and the NaN check
@@ -98,8 +98,16 @@ def train(config: Config) -> TrainResult:
 
 
 def train_process(config: Config, processes: Processes) -> TrainResult:
-    """``train`` in one of the processes: all of them train, process 0 alone prints, logs and saves."""
+    """``train`` in one of the processes: all of them train, process 0 alone prints, logs, saves and holds the
+    run's lock (released when training ends, also on an error or Ctrl-C)."""
     run = set_up(config, processes)
+    with run.lock or contextlib.nullcontext():
+        return train_epochs(run)
+
+
+def train_epochs(run: Run) -> TrainResult:
+    """The epochs of a set-up run, from where its progress stands, then (process 0) ``finish``."""
+    config, processes = run.config, run.processes
     max_epochs, patience = config.train.max_epochs, config.run.early_stopping
     validation = None
     run.models.model.train()
@@ -140,10 +148,11 @@ def train_process(config: Config, processes: Processes) -> TrainResult:
 
 
 def set_up(config: Config, processes: Processes) -> Run:
-    """Everything a training process needs, in an order that makes a run reproducible from its seed:
-    the checkpoint to resume, the data and the plan, the model, optimizer and schedule, the run folders,
-    the loader."""
+    """Everything a training process needs, in an order that makes a run reproducible from its seed: the
+    memory a step needs checked, the checkpoint to resume, the data and the plan, the model, optimizer and
+    schedule, the run folders (a new run's name claimed, the run locked by process 0), the loader."""
     rank, world_size, device = processes.rank, processes.world_size, processes.device
+    check_training_memory(config, device)  # before anything is read, written or allocated
     resume_path = from_rank_zero(find_resume_checkpoint(config.run.resume, Path(config.run.save_path)), world_size)
     checkpoint = load_checkpoint(resume_path, config.unet, config.data, config.train.seed) if resume_path else None
     init_from = Path(config.run.init_from) if config.run.init_from and not checkpoint else None
@@ -152,59 +161,43 @@ def set_up(config: Config, processes: Processes) -> Run:
     if config.run.tensorboard:
         require_tensorboard()  # a missing package stops the run before anything is written
     prepare_device(device, config.train.precision)
-
-    torch.manual_seed(config.train.seed)
-    plan, data = plan_and_data(config, processes, checkpoint, resume_path)
-    steps_per_epoch = count_steps(len(data.train), config.train.batch_size * config.train.grad_accum_steps, world_size)
-    model, ema_model, loaded = build_models(config.unet, plan, config.train, device, initial, init_from)
-    if loaded:
-        note(loaded)
-    optimisation = build_optimisation(model, config.train, device, steps_per_epoch)
     if checkpoint:
-        optimizer, scheduler, scaler = optimisation.optimizer, optimisation.scheduler, optimisation.scaler
-        progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model, resume_path)
-    else:
+        name = Progress.from_dict(checkpoint["progress"], resume_path).run_name
+    else:  # a new run's name is claimed by process 0, which creates its folders
         fold = config.data.fold if config.data.folds else None
-        name = new_run_name(config.run, config.data.dataset_name, fold) if rank == 0 else None
-        progress = Progress(run_name=from_rank_zero(name, world_size))
-    folders = RunFolders.of(config.run, progress.run_name)
-    writer = start_logs(config, plan, folders, progress, data, device, checkpoint is not None) if rank == 0 else None
-    predict_model = model if ema_model is None else ema_model
-    predictor = Predictor.from_plan(predict_model, plan, config.predict, config.augment, config.data.image_scale)
-    loading = build_loading(data.train, config.train, steps_per_epoch, processes)
-    step_model = stepping_model(model, config.train.compile, world_size, device)
-    models = Models(model, ema_model, step_model, compiling=config.train.compile)
-    rows = read_metrics(folders.log / "metrics.csv", progress.epoch)
-    run = Run(config, plan, processes, data, models, predictor, optimisation, loading, progress, folders, rows, writer)
-    if rank == 0:
-        print("\n".join(run.start_lines(resume_path if checkpoint else None)), flush=True)
-        if not checkpoint:
-            run.save_last()  # from its first step a run has a last.pt: a kill resumes it, not an older run
-        publish_run(folders.weights)
+        claimed = new_run_name(config.run, config.data.dataset_name, fold) if rank == 0 else None
+        name = from_rank_zero(claimed, world_size)
+    folders = RunFolders.of(config.run, name)
+    # process 0 holds the run's lock from here; a failure before the run is set up leaves no half-made new run
+    with run_claimed(folders, name, rank == 0, new=checkpoint is None) as lock:
+        torch.manual_seed(config.train.seed)
+        plan, data = plan_and_data(config, processes, checkpoint, resume_path)
+        tiles_per_step = config.train.batch_size * config.train.grad_accum_steps
+        steps_per_epoch = count_steps(len(data.train), tiles_per_step, world_size)
+        model, ema_model, loaded = build_models(config.unet, plan, config.train, device, initial, init_from)
+        if loaded:
+            note(loaded)
+        optimisation = build_optimisation(model, config.train, device, steps_per_epoch)
+        if checkpoint:
+            optimizer, scheduler, scaler = optimisation.optimizer, optimisation.scheduler, optimisation.scaler
+            progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model, resume_path)
+        else:
+            progress = Progress(run_name=name)
+        writer = start_logs(config, plan, folders, progress, data, device, bool(checkpoint)) if rank == 0 else None
+        predict_model = model if ema_model is None else ema_model
+        predictor = Predictor.from_plan(predict_model, plan, config.predict, config.augment, config.data.image_scale)
+        loading = build_loading(data.train, config.train, steps_per_epoch, processes)
+        step_model = stepping_model(model, config.train.compile, world_size, device)
+        models = Models(model, ema_model, step_model, compiling=config.train.compile)
+        rows = read_metrics(folders.log / "metrics.csv", progress.epoch)
+        parts = (data, models, predictor, optimisation, loading, progress, folders, rows, writer, lock)
+        run = Run(config, plan, processes, *parts)
+        if rank == 0:
+            print("\n".join(run.start_lines(resume_path if checkpoint else None)), flush=True)
+            if not checkpoint:
+                run.save_last()  # from its first step a run has a last.pt: a kill resumes it, not an older run
+            publish_run(folders.weights)
     return run
-
-
-def plan_and_data(config: Config, processes: Processes, checkpoint: dict | None, resume_path: Path | None):
-    """``(plan, datasets)``: the configured images prepared, the run's plan (decided from them for a new run,
-    the checkpoint's for a resumed one, whose masks must read as they did) and the datasets it cuts."""
-    unet, data = config.unet, config.data
-    prepared = prepare_data(
-        data, unet.image_channels, unet.num_classes, config.train.seed, note, processes.rank, processes.world_size
-    )
-    if checkpoint is not None and "plan" in checkpoint:
-        plan = Plan.from_dict(checkpoint["plan"], str(resume_path))
-        problem = reading_problem(plan, prepared.train)
-        if problem:
-            raise UserError(f"{resume_path}: {problem}; set train.mask_type as the run had it, or start a new run")
-    else:  # a new run, or one from before plans, which decided it again at every start
-        plan = decide_plan(unet, data, config.predict, prepared.train, note)
-        if checkpoint is not None and plan.boundary_class != stored_boundary(checkpoint, resume_path):
-            raise UserError(
-                f"{resume_path} holds another architecture (unet.boundary_class: checkpoint "
-                f"{not plan.boundary_class}, masks now {plan.boundary_class}): set unet.boundary_class as in the "
-                "checkpoint, or start a new run"
-            )
-    return plan, build_datasets(prepared, plan, data.samples_per_image, config.train.seed, note)
 
 
 def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
@@ -356,9 +349,9 @@ def finish(run: Run) -> None:
     print(f"done: best {metric} {run.progress.best_value:.4f} at epoch {run.progress.best_epoch}; {best}")
     if run.config.predict.threshold != "auto" or run.plan.num_classes != 2:
         return
-    trained = load_trained(best, device=run.processes.device, calibrating=True)
+    trained = load_trained(best, device=run.processes.device, calibrating=True, current=run.config)
     plan, line = calibrate_checkpoint(best, trained.plan, trained.predictor, run.data.val, metric)
-    write_plan(run.folders.log / "plan.json", plan)
+    write_run_plan(run.folders.log / "plan.json", plan)
     print(line)
 
 
@@ -388,7 +381,7 @@ def run_config(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Train a U-Net from a YAML config.",
         epilog=(
             "overrides: section.key=value, values read as YAML, e.g. train.lr=3e-4 unet.input_channels=[16,32,64,128]"

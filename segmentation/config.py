@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from model import nearest_valid_input_size
-from segmentation.options import Option, check_value, suggest
+from segmentation.options import DEVICE_PATTERN, Option, check_value, clipped, shown, suggest
 from segmentation.settings import (
     MODES,
     YAML_SECTIONS,
@@ -55,6 +55,13 @@ class ConfigError(UserError):
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"  # the shipped config, beside the scripts
 AUTO_TILE_SIDE = 256  # train.tile_size: auto aims here: a few cells of EM, a good part of a photo at half size
+# What no config is, refused before anything is built from it; the shipped config is 12 KB, 4 levels deep,
+# of a few hundred values. A YAML alias bomb (lists of aliases of lists of aliases) expands a 1 KB file to
+# billions of values, and PyYAML reads nesting recursively.
+MAX_CONFIG_BYTES = 2**20
+MAX_VALUES = 100_000  # counting each use of an alias
+MAX_DEPTH = 10  # nested mappings and lists, the top mapping of sections included
+MERGE_TAG = "tag:yaml.org,2002:merge"  # the << key, whose keys the mapping's own may override
 
 
 @dataclass(frozen=True)
@@ -122,12 +129,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not sep or not dot or not section or not key:
-            problems.append(f"{item!r}: overrides are written section.key=value, for example train.lr=3e-4")
+            problems.append(f"{shown(item)}: overrides are written section.key=value, for example train.lr=3e-4")
             continue
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            problems.append(f"{name}: cannot read the value {text!r} as YAML ({error.problem})")
+            value = load_yaml(text, name.strip())
+        except ConfigError as error:
+            problems += error.problems
             continue
         nested.setdefault(section, {})[key] = value
     if problems:
@@ -136,20 +143,111 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a config file (``yaml.safe_load`` only); an empty file is an empty config."""
+    """Read a config file (``load_yaml``: safe YAML that is a config's size); an empty file is an empty config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError([f"{path}: not valid YAML: {str(error).splitlines()[0]}"]) from None
+    with path.open("rb") as file:
+        text = file.read(MAX_CONFIG_BYTES + 1)  # no more: a config given a disk image must not fill the memory
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; a config is a YAML text file of KBs"])
+    data = load_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ConfigError([f"{path}: a config is a mapping of sections (unet:, train:, augment:), not {kind}"])
     return data
+
+
+def load_yaml(text: str | bytes, where: str) -> Any:
+    """One YAML document (a file's bytes, or an override's value), read as ``yaml.safe_load`` reads it but
+    refusing in one line, named by ``where``, what is no config: bytes that are not text, a key given twice
+    in one mapping (YAML would keep the last silently), and ``MAX_DEPTH`` or ``MAX_VALUES`` exceeded. These
+    are checked on the composed nodes, before any value is built."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reads the first bytes already, to tell the encoding
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, where)
+        return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes nested nodes recursively: thousands of levels end here
+        raise ConfigError([_too_deep(where)]) from None
+    except yaml.reader.ReaderError as error:  # bytes that are not UTF-8, or a character YAML does not allow
+        raise ConfigError([_not_text(error, where, "file" if isinstance(text, bytes) else "value")]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{where}: not valid YAML: {_yaml_problem(error)}"]) from None
+    except ValueError as error:  # from SafeLoader's constructors: a date 2024-13-45, an integer of 5000 digits
+        raise ConfigError([f"{where}: YAML cannot read a value: {clipped(str(error).partition(';')[0])}"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _not_text(error: yaml.reader.ReaderError, where: str, noun: str) -> str:
+    """What makes a config ``file`` or an override's ``value`` binary rather than YAML text, in one line."""
+    if error.encoding == "unicode":
+        found = f"character {error.position} (#x{error.character:02x}) cannot be in YAML"
+    else:
+        found = f"byte {error.position} (#x{error.character:02x}) is not UTF-8"
+    return f"{where}: not a text (YAML) {noun}: {found}" + (
+        "; give a config such as config.yaml" if noun == "file" else ""
+    )
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, in one line."""
+    if not isinstance(error, yaml.MarkedYAMLError) or not error.problem:
+        return clipped(str(error).strip().replace("\n", " "))
+    mark = error.problem_mark
+    return clipped(error.problem) + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+
+
+def _check_nodes(root: yaml.Node, where: str) -> None:
+    """Refuse composed YAML nodes nested deeper than ``MAX_DEPTH``, of more than ``MAX_VALUES`` values or
+    with a key given twice in one mapping. An alias is the node it names, walked at each use: the count is
+    the size of the expanded data, which the walk never builds and leaves once it passes the limit."""
+    pending = [(root, 1, ())]  # (node, its depth, the keys that lead to it)
+    for _ in range(MAX_VALUES + 1):
+        if not pending:
+            return
+        node, depth, keys = pending.pop()
+        if isinstance(node, yaml.ScalarNode):
+            continue
+        if depth > MAX_DEPTH:
+            raise ConfigError([_too_deep(where)])
+        if isinstance(node, yaml.SequenceNode):
+            pending += [(item, depth + 1, keys) for item in node.value]
+        else:
+            _check_keys(node, where, keys)
+            pending += [(value, depth + 1, (*keys, key)) for key, value in node.value]
+    raise ConfigError(
+        [
+            f"{where}: holds more than {MAX_VALUES:,} values, counting each use of a YAML alias (*name); "
+            "a config holds hundreds: write it without aliases of aliases"
+        ]
+    )
+
+
+def _check_keys(mapping: yaml.MappingNode, where: str, keys: tuple) -> None:
+    """Refuse a key that ``mapping`` holds twice, naming it and the lines of both."""
+    seen: dict = {}
+    for key, _ in mapping.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == MERGE_TAG:
+            continue  # a list or mapping as key cannot be a dict's key: the constructor refuses it
+        identity = (key.tag, key.value)
+        if identity in seen:
+            name = ".".join(clipped(str(node.value)) for node in (*keys, key))
+            lines = sorted({seen[identity].start_mark.line + 1, key.start_mark.line + 1})
+            where_given = f"line {lines[0]}" if len(lines) == 1 else f"lines {lines[0]} and {lines[1]}"
+            raise ConfigError([f"{where}: {name} is given twice, on {where_given}: keep one"])
+        seen[identity] = key
+
+
+def _too_deep(where: str) -> str:
+    return f"{where}: nested more than {MAX_DEPTH} levels deep; a config holds sections of keys and short lists"
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), notices: list | None = None) -> Config:
@@ -187,18 +285,21 @@ def resolve(user: dict, notices: list | None = None) -> Config:
     for section, values in user.items():
         if section not in SCHEMA:
             known = ", ".join(SCHEMA)
-            problems.append(f"{section}: unknown section{suggest(str(section), SCHEMA)}; known sections: {known}")
+            problems.append(
+                f"{clipped(str(section))}: unknown section{suggest(str(section), SCHEMA)}; known sections: {known}"
+            )
             continue
         if values is None:
             continue
         if not isinstance(values, dict):
-            problems.append(f"{section}: expected a mapping of keys, got {values!r}")
+            problems.append(f"{section}: expected a mapping of keys, got {shown(values)}")
             continue
         for key, value in values.items():
             name = f"{section}.{key}"
             option = SCHEMA[section].get(key) or LEGACY.get(section, {}).get(key)
             if option is None:
-                problems.append(f"{name}: unknown key{suggest(name, [*searchable, *_keys('overfit_one_batch')])}")
+                close = suggest(name, [*searchable, *_keys("overfit_one_batch")])
+                problems.append(f"{clipped(name)}: unknown key{close}")
                 continue
             try:
                 checked = check_value(name, option, value, searchable)
@@ -239,8 +340,15 @@ def _cross_key_problems(config: dict) -> list[str]:
     unet, train, modes = config["unet"], config["train"], config["overfit_one_batch"]
     classes = unet["num_classes"]
     problems = []
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train["device"]):
-        problems.append(f"train.device: {train['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if not re.fullmatch(DEVICE_PATTERN, train["device"]):
+        problems.append(f"train.device: {shown(train['device'])} is not one of auto, cpu, cuda, cuda:N, mps")
+    problems += _run_name_problems(train["run_name"])
+    side, most = train["synthetic_size"], train["max_image_pixels"]
+    if train["dataset_name"] == "synthetic" and side**2 > most:
+        problems.append(
+            f"train.synthetic_size: {side} px per side makes images of {side**2:,} pixels, above "
+            f"train.max_image_pixels ({most:,}); lower train.synthetic_size or raise train.max_image_pixels"
+        )
     boundary = unet["boundary_class"] is True
     if isinstance(train["class_weights"], list) and len(train["class_weights"]) not in (classes, classes + boundary):
         given = len(train["class_weights"])
@@ -281,6 +389,22 @@ def _cross_key_problems(config: dict) -> list[str]:
             f"overfit_one_batch.lr_find_min ({modes['lr_find_min']}) must be below lr_find_max ({modes['lr_find_max']})"
         )
     return problems
+
+
+def _run_name_problems(name: str | None) -> list[str]:
+    """``train.run_name`` names one folder under ``train.log_path`` and one under ``train.save_path``: a path
+    (``a/b``, ``../x``, ``/abs``) would write elsewhere, or over another run's files."""
+    if name is None:
+        return []
+    size = len(name.encode(errors="surrogatepass"))
+    broken = {
+        "it holds a / or \\": "/" in name or "\\" in name,
+        "it is the current or the parent folder": name in (".", ".."),
+        "it holds a character that cannot be printed": not name.isprintable(),
+        f"it is {size} bytes long (a folder name takes 255, with suffixes such as -fold3-2; at most 200)": size > 200,
+    }
+    why = next((reason for reason, holds in broken.items() if holds), None)
+    return [f"train.run_name: {shown(name)} is not one folder name: {why}; name the run, e.g. exp1"] if why else []
 
 
 def _fold_problems(train: dict) -> list[str]:

@@ -1,6 +1,7 @@
-"""The compute device: ``train.device`` resolved to one that exists, its speed settings, out-of-memory advice.
+"""The compute device: ``train.device`` resolved to one that exists, its speed settings, its memory, OOM advice.
 
-CUDA gets cuDNN's autotuning and TF32; a CPU is asked whether it computes bfloat16 natively.
+CUDA gets cuDNN's autotuning and TF32; a CPU is asked whether it computes bfloat16 natively. Before a run
+allocates anything, ``require_memory`` compares what it will need with what the device has free.
 """
 
 from __future__ import annotations
@@ -85,6 +86,52 @@ def memory_description(device: torch.device) -> str:
         return f"{device} ({os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB of RAM)"
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
         return str(device)
+
+
+def free_memory(device: torch.device, meminfo_path: str = "/proc/meminfo") -> int | None:
+    """The bytes that ``device`` has free for new tensors: on CUDA what the driver reports free
+    (``torch.cuda.mem_get_info``), on a CPU the kernel's MemAvailable (``meminfo_path``, Linux), else the
+    free physical pages (``os.sysconf``); None where it cannot be known (mps, an unusual system)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open(meminfo_path) as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        return None
+
+
+def amount(size: float) -> str:
+    """Bytes in words, a decimal below 10: ``812 GB``, ``3.2 GB``, ``1.0 MB``, ``240 MB``, ``4.1 kB`` (decimal
+    units)."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"
+    return f"{size:.0f} bytes"
+
+
+def require_memory(task: str, parts: dict[str, int], device: torch.device, advice: str, sharing: int = 1) -> None:
+    """A UserError (one line) when ``task`` needs more memory than ``device`` has free: ``parts`` are what it
+    needs in bytes, named (``{"parameters": 3.2e9, ...}``), ``sharing`` the processes about to take the same
+    memory, ``advice`` what to lower. Nothing happens where the free memory cannot be known."""
+    free = free_memory(device)
+    needed = sum(parts.values()) * sharing
+    if free is None or needed <= free:
+        return
+    listed = ", ".join(f"{name} {amount(size)}" for name, size in parts.items())
+    each = f" for each of {sharing} processes" if sharing > 1 else ""
+    raise UserError(
+        f"{task} needs about {amount(needed / sharing)}{each} ({listed}), {amount(free)} are free on {device}: {advice}"
+    )
 
 
 def bf16_supported(device: torch.device) -> bool:

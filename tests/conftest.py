@@ -14,6 +14,7 @@ import skimage.io
 from segmentation import config
 from segmentation.config import load_config
 from segmentation.data.synthetic import synthetic_em_set
+from segmentation.inference import trained as trained_models
 from tests.helpers import SLICES
 from training import train
 
@@ -26,13 +27,17 @@ _spec.loader.exec_module(test_script)
 @pytest.fixture(autouse=True, scope="session")
 def shared_cache(tmp_path_factory):
     """In-process configs preprocess into one temporary cache, shared by the tests as a user's runs
-    share theirs, and never into the repository's cache/; tests that start training.py in a
-    subprocess pass their own train.cache_dir."""
+    share theirs, and never into the repository's cache/ (test.py takes its cache folder from the config in
+    force, the shipped config.yaml's ``cache``, unless a test gives one); tests that start training.py in
+    a subprocess pass their own train.cache_dir."""
     folder = tmp_path_factory.mktemp("cache")
     option = config.SCHEMA["train"]["cache_dir"]
     config.SCHEMA["train"]["cache_dir"] = dataclasses.replace(option, default=str(folder))
+    in_force = trained_models.config_in_force
+    trained_models.config_in_force = lambda overrides: in_force([f"train.cache_dir={folder}", *overrides])
     yield folder
     config.SCHEMA["train"]["cache_dir"] = option
+    trained_models.config_in_force = in_force
 
 
 @pytest.fixture

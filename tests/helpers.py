@@ -101,6 +101,7 @@ def folder_overrides(root: Path) -> list[str]:
         f"train.data={root}",
         f"train.save_path={root / 'weights'}",
         f"train.log_path={root / 'logs'}",
+        f"train.cache_dir={root / 'cache'}",  # config.yaml names cache/, which training.main would read
     ]
 
 

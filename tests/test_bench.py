@@ -1,7 +1,9 @@
 """bench.py's measurements: the FLOP count of a forward pass against a count by hand from the paper's sizes."""
 
+import pytest
 import torch
 
+import bench
 from model import UNet
 from segmentation.benchmarks.speed import forward_flops
 
@@ -41,3 +43,92 @@ def test_forward_flops_leave_the_model_where_it_was():
     forward_flops(model, 1, 92)
     assert all(tensor.device == torch.device("cpu") for tensor in model.state_dict().values())
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def refused_option(capsys, argv: list[str]) -> str:
+    """What ``python bench.py ARGV`` prints when it refuses its options: one line (exit code 2), without argparse's
+    usage, which the returned text ends with a pointer to."""
+    with pytest.raises(SystemExit) as caught:
+        bench.parse_options(argv)
+    prog = bench.command_line().prog
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and err.startswith(f"{prog}: error: argument ")
+    assert err.endswith(f"; {prog} --help lists the options\n")
+    return err.removeprefix(f"{prog}: error: ").removesuffix(f"; {prog} --help lists the options\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (["--batch", "-1"], "argument --batch: expected a positive integer, got '-1'"),
+        (["--size", "abc"], "argument --size: expected a positive integer, got 'abc'"),
+        (["--warmup", "1.5"], "argument --warmup: expected an integer >= 0, got '1.5'"),
+        (["--steps", "1" + "0" * 30], f"argument --steps: expected a positive integer, got '1{'0' * 30}'"),
+        (
+            ["--widths", "a,b"],
+            "argument --widths: expected positive integers separated by commas, such as 64,128,256, got 'a,b'",
+        ),
+        (
+            ["--widths", "64,,128"],
+            "argument --widths: expected positive integers separated by commas, such as 64,128,256, got '64,,128'",
+        ),
+        (
+            ["--data-scale", "30,0"],
+            "argument --data-scale: expected positive integers separated by commas, such as 64,128,256, got '30,0'",
+        ),
+        (
+            ["--models", "ours,unet"],
+            "argument --models: expected some of ours, bare, monai separated by commas, got 'ours,unet'",
+        ),
+        (["--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (["--peak-tflops", "nan"], "argument --peak-tflops: expected a number above 0, got 'nan'"),
+        (["--predict-stack", "inf"], "argument --predict-stack: expected a number above 0, got 'inf'"),
+        (["--infer-size", "-3"], "argument --infer-size: expected an integer >= 0, got '-3'"),
+        (["--infer-tile", "0"], "argument --infer-tile: expected a positive integer, got '0'"),
+        (["--infer-batch", "x"], "argument --infer-batch: expected a positive integer, got 'x'"),
+        (["--infer-repeats", "0"], "argument --infer-repeats: expected a positive integer, got '0'"),
+        (["--workers", "0", "-1"], "argument --workers: expected an integer >= 0, got '-1'"),
+        (["--restart-cost", "0"], "argument --restart-cost: expected a positive integer, got '0'"),
+        (["--nuclei-experiment", "-2"], "argument --nuclei-experiment: expected a positive integer, got '-2'"),
+        (["--fine-tune-experiment", "0"], "argument --fine-tune-experiment: expected a positive integer, got '0'"),
+        (
+            ["--instance-experiment", "nuclei=x"],
+            "argument --instance-experiment: expected NAME=COUNT pairs separated by commas, NAME one of nuclei, isbi, "
+            "pennfudan, such as nuclei=10, got 'nuclei=x'",
+        ),
+        (["--data", ""], "argument --data: expected a file or folder path, got ''"),
+        (["--source", ""], "argument --source: expected a file or folder path, got ''"),
+        (["--pennfudan", ""], "argument --pennfudan: expected a file or folder path, got ''"),
+        (["--norm", "layer"], "argument --norm: invalid choice: 'layer'"),
+        (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    ],
+)
+def test_each_bench_option_is_refused_in_one_line_naming_it_and_what_it_takes(capsys, argv, error):
+    assert refused_option(capsys, argv).startswith(error)  # choices: argparse's list, whose quoting varies
+
+
+def test_bench_options_that_need_each_other_are_refused_in_one_line(capsys):
+    assert refused_option(capsys, ["--size", "100"]).startswith(
+        "argument --size: input size 100 does not fit a depth-4 U-Net with padding 0"
+    )
+    assert refused_option(capsys, ["--widths", "4,8", "--size", "61"]).startswith(
+        "argument --size: input size 61 does not fit a depth-2 U-Net"
+    )
+    for argv, folder in (
+        (["--fine-tune-experiment", "2"], "--data"),
+        (["--instance-experiment", "nuclei=2,isbi=3"], "--data"),
+        (["--instance-experiment", "pennfudan=3", "--data", "isbi"], "--pennfudan"),
+    ):
+        with pytest.raises(SystemExit) as caught:
+            bench.parse_options(argv)
+        assert caught.value.code == 2 and f"error: {folder} is needed: " in capsys.readouterr().err
+
+
+def test_every_bench_option_has_a_checked_type_and_parses_into_it():
+    for action in bench.command_line()._actions:
+        if action.option_strings and action.nargs != 0:  # flags take no value
+            assert action.type is not None or action.choices, action.option_strings
+    args = bench.parse_options(["--widths", "4,8", "--size", "60", "--instance-experiment", "nuclei=3", "--workers"])
+    assert (args.widths, args.size, args.models, args.workers) == ([4, 8], 60, ["ours", "bare", "monai"], [])
+    assert (args.instance_experiment, args.device, args.infer_tile) == ({"nuclei": 3}, "auto", 572)

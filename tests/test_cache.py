@@ -337,3 +337,12 @@ def test_entries_written_from_arrays_keep_instances(tmp_path):
         tmp_path / "e", "e", np.zeros((1, 32, 48), np.float32), (ids > 0).astype(np.uint8), None, 1, 2, ids, "instances"
     )
     assert entry.has_instances and entry.mask_read_as == "instances" and np.array_equal(entry.instances(), ids)
+
+
+def test_the_code_that_reads_image_files_is_part_of_every_key(monkeypatch):
+    read = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: read.append(path.name) or original(path))
+    cache.code_version.__wrapped__()
+    # images.py decides what a TIFF's pages are and which files are refused: new code there, new entries
+    assert {"images.py", "readers.py", "preprocess.py"} <= set(read)

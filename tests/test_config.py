@@ -4,6 +4,8 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
+import tracemalloc
 
 import pytest
 import yaml
@@ -19,6 +21,7 @@ from segmentation.config import (
     resolve,
 )
 from tests.helpers import ROOT, SEED_README_CONFIG, datasets_of, folder_config
+from training import main as training_main
 
 
 def problems_of(user: dict) -> list[str]:
@@ -242,3 +245,193 @@ def test_the_boundary_class_is_for_two_classes_and_takes_a_weight_of_its_own():
     assert config.data.class_weights == (1.0, 2.0, 4.0)
     with pytest.raises(ConfigError, match="train.class_weights: 3 weights given but unet.num_classes is 2"):
         load_config(None, ["train.class_weights=[1, 2, 4]"])
+
+
+def refusal(capsys, *argv: str) -> str:
+    """``python training.py ARGV`` run in this process, which must refuse its config: the one line it prints
+    (exit code 2, nothing else on stdout or stderr)."""
+    assert training_main(list(argv)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err[:2000]
+    return err.strip()
+
+
+def alias_bomb(levels: int, width: int) -> str:
+    """A YAML alias bomb: a list of ``width`` words, then ``levels`` lists of ``width`` aliases of the list
+    before, the last as train.val_images: a few hundred bytes that expand to ``width**(levels + 1)`` values."""
+    names = [f"l{level}" for level in range(levels + 1)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['x'] * width)}]"]
+    lines += [f"{name}: &{name} [{', '.join([f'*{below}'] * width)}]" for below, name in zip(names, names[1:])]
+    return "\n".join([*lines, f"train: {{val_images: *{names[-1]}}}"]) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line_fast_and_in_little_memory(tmp_path, capsys):
+    deep, wide = tmp_path / "deep_bomb.yaml", tmp_path / "wide_bomb.yaml"
+    deep.write_text(alias_bomb(levels=8, width=9))  # the issue's: 9**10 values, 11 levels deep
+    wide.write_text(alias_bomb(levels=5, width=20))  # 20**6 = 64 million values, 8 levels deep
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        lines = [refusal(capsys, "--config", str(path)) for path in (deep, wide)]
+        seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [
+        f"config error: {deep}: nested more than 10 levels deep; a config holds sections of keys and short lists",
+        f"config error: {wide}: holds more than 100,000 values, counting each use of a YAML alias (*name); a config "
+        "holds hundreds: write it without aliases of aliases",
+    ]
+    assert seconds < 2 and peak < 50 * 2**20  # the expansion is never built (it took 1.8 GB)
+    hundred = "&b [" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + ["*a"] * 9) + "]"  # 100 values
+    with pytest.raises(ConfigError, match=r"^train.val_images: holds more than 100,000 values"):
+        load_config(None, [f"train.val_images=[{hundred}, {', '.join(['*b'] * 1000)}]"])
+    assert load_config(None, ["train.val_images=[&v 1, *v]"]).data.val_images == (1, 1)  # an alias is fine
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "{a: " * 50_000 + "1" + "}" * 50_000,  # PyYAML reads nesting recursively: RecursionError
+        "- " * 50_000 + "x",
+        "train:\n  val_images: " + "[" * 11 + "1" + "]" * 11,  # readable, but 13 levels deep
+    ],
+    ids=["mappings", "block lists", "13 levels"],
+)
+def test_a_config_nested_thousands_deep_is_refused_in_one_line(tmp_path, capsys, text):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    assert refusal(capsys, "--config", str(path)) == (
+        f"config error: {path}: nested more than 10 levels deep; a config holds sections of keys and short lists"
+    )
+
+
+def test_an_override_nested_too_deep_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["train.val_images=" + "[" * 20 + "]" * 20])
+    assert caught.value.problems == [
+        "train.val_images: nested more than 10 levels deep; a config holds sections of keys and short lists"
+    ]
+
+
+def test_a_binary_file_given_as_config_is_refused_in_one_line(tmp_path, capsys):
+    binary = tmp_path / "program"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(128)) * 8)
+    random = tmp_path / "random.yaml"
+    random.write_bytes(b"train:\n  lr: 0.1\n" + bytes([0xFF, 0xFE, 0x00, 0xC3]))
+    assert refusal(capsys, "--config", str(binary)) == (
+        f"config error: {binary}: not a text (YAML) file: character 0 (#x7f) cannot be in YAML; give a config "
+        "such as config.yaml"
+    )
+    assert refusal(capsys, "--config", str(random)) == (
+        f"config error: {random}: not a text (YAML) file: byte 17 (#xff) is not UTF-8; give a config such as "
+        "config.yaml"
+    )
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# a comment\n" * 100_000)
+    assert refusal(capsys, "--config", str(huge)) == (
+        f"config error: {huge}: larger than 1 MiB; a config is a YAML text file of KBs"
+    )
+
+
+def test_a_key_or_section_given_twice_is_refused_naming_it_and_its_lines(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  batch_size: 2\n  lr: 1e-2\n")
+    assert refusal(capsys, "--config", str(path)) == (
+        f"config error: {path}: train.lr is given twice, on lines 2 and 4: keep one"
+    )
+    path.write_text("train: {lr: 1e-3}\nunet: {padding: 1}\ntrain: {lr: 1e-2}\n")
+    assert refusal(capsys, "--config", str(path)) == (
+        f"config error: {path}: train is given twice, on lines 1 and 3: keep one"
+    )
+    path.write_text("train: {lr: 1e-3, 'lr': 1e-2}\n")  # quoted or not, the same key
+    assert refusal(capsys, "--config", str(path)) == (
+        f"config error: {path}: train.lr is given twice, on line 1: keep one"
+    )
+    path.write_text("train: {<<: {lr: 0.1, seed: 1}, lr: 0.2}\n")  # a merge key's keys may be overridden
+    config = load_config(path)
+    assert (config.train.lr, config.train.seed) == (0.2, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "why"),
+    [
+        ("../../x", "'../../x'", "it holds a / or \\"),
+        ("a/b", "'a/b'", "it holds a / or \\"),
+        ("/abs", "'/abs'", "it holds a / or \\"),
+        ("a\\b", "'a\\\\b'", "it holds a / or \\"),
+        ("..", "'..'", "it is the current or the parent folder"),
+        (".", "'.'", "it is the current or the parent folder"),
+        ('"a\\0b"', "'a\\x00b'", "it holds a character that cannot be printed"),  # YAML's \0: a NUL
+        (
+            "x" * 201,
+            f"'{'x' * 47}...{'x' * 48}'",
+            "it is 201 bytes long (a folder name takes 255, with suffixes such as -fold3-2; at most 200)",
+        ),
+    ],
+)
+def test_a_run_name_must_be_one_folder_name(capsys, name, shown, why):
+    assert refusal(capsys, f"train.run_name={name}") == (
+        f"config error: train.run_name: {shown} is not one folder name: {why}; name the run, e.g. exp1"
+    )
+
+
+def test_a_run_name_from_a_file_is_checked_too_and_names_with_dots_stay_valid(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  run_name: /tmp/elsewhere\n")
+    assert refusal(capsys, "--config", str(path)) == (
+        "config error: train.run_name: '/tmp/elsewhere' is not one folder name: it holds a / or \\; name the run, "
+        "e.g. exp1"
+    )
+    assert refusal(capsys, "train.run_name=''") == "config error: train.run_name: expected a text value, got ''"
+    assert load_config(None, ["train.run_name=exp.1"]).run.run_name == "exp.1"
+    assert load_config(None, ["train.run_name=" + "x" * 200]).run.run_name == "x" * 200
+
+
+def test_synthetic_images_larger_than_the_pixel_limit_are_refused_naming_both_keys(image_folder, capsys):
+    assert refusal(capsys, "train.synthetic_size=100000") == (
+        "config error: train.synthetic_size: 100000 px per side makes images of 10,000,000,000 pixels, above "
+        "train.max_image_pixels (1,073,741,824); lower train.synthetic_size or raise train.max_image_pixels"
+    )
+    assert load_config(None, ["train.synthetic_size=512", "train.max_image_pixels=262144"]).data.synthetic_size == 512
+    # the synthetic size is no limit on a folder's images, which their reader checks against the limit
+    assert folder_config(image_folder, "train.max_image_pixels=1000").data.max_image_pixels == 1000
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        (
+            "train.max_epochs=" + "1" + "0" * 100,
+            "train.max_epochs: about 10**100 is beyond any integer setting (at most 2**63 - 1)",
+        ),
+        ("train.lr=" + "1" + "0" * 400, "train.lr: expected a finite number, got about 10**400"),
+        ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=2024-01-01", "train.lr: expected a finite number, got datetime.date(2024, 1, 1)"),
+        (
+            "train.run_name=2024-01-01",
+            "train.run_name: expected a text value, got datetime.date(2024, 1, 1) (YAML reads it as date: quote it)",
+        ),
+        ("train.lr=2024-13-45", "train.lr: YAML cannot read a value: month must be in 1..12"),
+        ("train.data=[" + "1, " * 100 + "]", "train.data: expected a text value, got [1, 1, 1, 1, 1, 1, 1, 1, ...]"),
+        ("train.lr=\x01", "train.lr: not a text (YAML) value: character 0 (#x01) cannot be in YAML"),
+    ],
+    ids=[
+        "huge int",
+        "huge int as float",
+        "inf",
+        "nan",
+        "date",
+        "date as text",
+        "no date",
+        "long list",
+        "control character",
+    ],
+)
+def test_odd_yaml_values_are_refused_in_one_short_line(capsys, override, line):
+    assert refusal(capsys, override) == f"config error: {line}"
+
+
+def test_an_integer_too_long_for_python_is_one_line(capsys):
+    line = refusal(capsys, "train.seed=" + "1" * 5000)  # Python reads at most 4300 digits (3.10.7 and later)
+    assert line.startswith("config error: train.seed: ") and len(line) < 200

@@ -10,7 +10,7 @@ import skimage.io
 import tifffile
 
 from dataset import list_samples
-from segmentation.config import load_config
+from segmentation.config import UserError, load_config
 from segmentation.data.datacheck import check_data, check_main
 from segmentation.data.readers import MaskSettings
 from tests.helpers import ROOT, SHARED
@@ -116,7 +116,10 @@ def test_large_photos_get_an_image_scale_and_a_rare_class_balanced_weights(tmp_p
         values["train.image_scale"] == pytest.approx(512 / 1600, abs=0.01)
         and values["train.class_weights"] == "balanced"
     )
-    assert "sizes: 1 different, 1200-1200 x 1600-1600 px" in "\n".join(report["lines"])
+    # width x height, as training prints sizes
+    assert "sizes: 1 different, 1600-1600 x 1200-1200 px (width x height); most common 1600x1200" in "\n".join(
+        report["lines"]
+    )
 
 
 @pytest.mark.slow
@@ -152,3 +155,59 @@ def test_small_integer_masks_read_as_class_indices_with_the_alternative_named(tm
     )
     assert any("if each value is an object instead, use train.mask_type: instances" in line for line in report["lines"])
     assert reads_every_mask(suggested_config(report, root))
+
+
+def test_check_reports_what_training_would_refuse_from_the_headers(tmp_path, monkeypatch):
+    """Issue 33: a file over train.max_image_pixels, a mask of another size than its image (width x height, as
+    training says it), two images for one mask: listed, read from the headers, whichever masks are sampled."""
+    rng = np.random.default_rng(5)
+    root = folder(tmp_path / "data", [(rng.random((40, 48)) > 0.5).astype(np.uint8) * 255 for _ in range(4)])
+    tifffile.imwrite(root / "images" / "huge.tif", shape=(60000, 60000), dtype="uint8")  # sparse: a few KB on disk
+    assert (root / "images" / "huge.tif").stat().st_blocks * 512 < 2**20
+    skimage.io.imsave(root / "masks" / "huge.png", np.zeros((40, 48), np.uint8), check_contrast=False)
+    skimage.io.imsave(root / "masks" / "2.png", np.zeros((10, 12), np.uint8), check_contrast=False)
+    skimage.io.imsave(root / "images" / "3.jpg", np.zeros((40, 48), np.uint8), check_contrast=False)
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("pixels read")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_pixels)
+    report = check_data(root, sample_size=1)  # the one mask sampled is 0.png's: the others are checked from headers
+    assert report["problems"] == [
+        f"{root / 'images' / '3.jpg'} and 3.png: 2 images match the one mask {root / 'masks' / '3.png'}; keep one "
+        "image, or rename the others and give each its own mask",
+        f"{root / 'images' / 'huge.tif'}: 60000 x 60000 px (3600 Mpx) is more than train.max_image_pixels "
+        "(1073741824): raise it if memory allows, or split the image",
+        f"{root / 'masks' / '2.png'}: mask is 12x10 px but its image 2.png is 48x40",
+    ]
+    assert report["lines"][1] == "sizes: 1 different, 48-48 x 40-40 px (width x height); most common 48x40"
+
+
+def test_check_lists_a_tiff_stack_as_training_does_a_sample_per_page(tmp_path):
+    rng = np.random.default_rng(6)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(
+        tmp_path / "images" / "s.tif", rng.integers(0, 255, (3, 20, 30), np.uint8), photometric="minisblack"
+    )
+    masks = (rng.random((3, 20, 30)) > 0.5).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "masks" / "s.tif", masks, photometric="minisblack")
+    report = check_data(tmp_path)
+    assert report["problems"] == [] and report["lines"][0] == f"{tmp_path}: folder layout, 3 images with masks"
+    assert report["lines"][1] == "sizes: 1 different, 30-30 x 20-20 px (width x height); most common 30x20"
+    tifffile.imwrite(tmp_path / "masks" / "s.tif", masks[:1], photometric="minisblack")
+    with pytest.raises(UserError, match=r"s.tif: 1 page\(s\) but its image s.tif holds 3 image\(s\)"):
+        check_data(tmp_path)  # no sample left: the line says why
+
+
+def test_check_reports_nan_pixels_of_float_images(tmp_path):
+    rng = np.random.default_rng(7)
+    root = folder(tmp_path / "data", [(rng.random((20, 30)) > 0.5).astype(np.uint8) * 255 for _ in range(2)])
+    image = rng.random((20, 30)).astype(np.float32)
+    image[4, 5] = np.nan
+    (root / "images" / "1.png").unlink()
+    tifffile.imwrite(root / "images" / "1.tif", image, photometric="minisblack")
+    assert check_data(root)["problems"] == [
+        f"{root / 'images' / '1.tif'}: 1 pixels are NaN or infinite: replace them (e.g. with 0) before training or "
+        "predicting"
+    ]

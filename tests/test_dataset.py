@@ -249,3 +249,11 @@ def test_class_masks_keep_two_classes_and_cannot_learn_borders(tmp_path):
     assert plan.mask_reading == "classes" and plan.min_object_size == 0 and not plan.fill_holes
     with pytest.raises(UserError, match="unet.boundary_class: true learns the borders of objects from masks of ob"):
         datasets_of(plain_folder_config(tmp_path, "unet.boundary_class=true"))
+
+
+def test_the_data_line_gives_sizes_as_width_x_height_as_every_message_does(tmp_path):
+    make_rgb_folder(tmp_path, size=(40, 48))  # 40 rows of 48 px
+    notes = []
+    datasets_of(plain_folder_config(tmp_path, "unet.image_channels=3", "train.device=cpu"), notes.append)
+    line = next(note for note in notes if note.startswith("data: "))
+    assert "training images 48-48 x 40-40 px (width x height)" in line

@@ -18,9 +18,13 @@ from model import (
     build_model,
     center_crop,
     count_parameters,
+    forward_maps,
     make_norm,
     nearest_valid_input_size,
     output_size,
+    prediction_activation_bytes,
+    training_activation_bytes,
+    unet_parameter_count,
     valid_input_sizes,
 )
 from segmentation.config import resolve
@@ -453,3 +457,83 @@ def test_the_boundary_class_is_one_more_output_after_the_classes():
     assert plain.boundary_class == "auto"
     assert build_model(plain).out_channels == 2  # without data, auto has no border class
     assert build_model(plain, boundary_class=True).out_channels == 3
+
+
+def unet_section(widths, image_channels=1, padding=0, norm="batch", upsample="transpose", dropout=0.0):
+    """A config's unet section (as ``build_model`` and the memory arithmetic take it)."""
+    unet = {"input_channels": list(widths), "image_channels": image_channels, "padding": padding, "norm": norm}
+    return resolve({"unet": {**unet, "upsample": upsample, "dropout": dropout}}).unet
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("upsample", UPSAMPLE_MODES)
+@pytest.mark.parametrize("widths, image_channels, out_channels", [((4, 8), 1, 2), ((3, 5, 7), 3, 3), ((16,), 2, 4)])
+def test_the_parameter_count_from_the_widths_is_the_built_networks(
+    norm, upsample, widths, image_channels, out_channels
+):
+    unet = unet_section(widths, image_channels, norm=norm, upsample=upsample)
+    model = UNet(image_channels, out_channels, widths, norm=norm, upsample=upsample)
+    assert unet_parameter_count(unet, out_channels) == count_parameters(model)
+
+
+def test_the_paper_network_has_31030658_parameters_by_the_arithmetic():
+    assert unet_parameter_count(unet_section((64, 128, 256, 512), norm="none"), 2) == 31_030_658
+
+
+def test_forward_maps_of_a_depth_one_network_by_hand():
+    """Depth 1, widths (2,), no norm, 20 px: inc 20 -> 18 -> 16 px (2 channels), pooled to 8 (2 channels, int64
+    indices), bottleneck 8 -> 6 -> 4 (4 channels), up to 8 (2 channels), concatenated with the cropped skip (4
+    channels), 8 -> 6 -> 4 (2 channels), logits 2 x 4 x 4, the loss's 5 x 4 x 4 fp32 values."""
+    blocks = forward_maps(unet_section((2,), norm="none"), 2, 20)
+    assert blocks == [
+        ([4 * 2 * 18 * 18, 4 * 2 * 16 * 16], 4 * 2 * 16 * 16),
+        ([4 * 2 * 8 * 8, 8 * 2 * 8 * 8, 4 * 4 * 6 * 6, 4 * 4 * 4 * 4], 4 * 4 * 4 * 4),
+        ([4 * 2 * 8 * 8, 4 * 4 * 8 * 8, 4 * 2 * 6 * 6, 4 * 2 * 4 * 4], 4 * 2 * 4 * 4),
+        ([4 * 2 * 4 * 4, 4 * 5 * 4 * 4], 4 * 2 * 4 * 4),
+    ]
+    assert sum(map(sum, (tensors for tensors, _ in blocks))) == 9408
+    largest = 4 * 2 * 18 * 18
+    assert training_activation_bytes(blocks) == 9408 + 10 * largest
+    assert prediction_activation_bytes(blocks) == 4 * 2 * 16 * 16 + 3 * largest  # the skip, and one block's maps
+    # with a norm every convolution keeps two maps; bf16 halves the maps but not the indices or the loss
+    with_norm = forward_maps(unet_section((2,), norm="batch"), 2, 20, element_size=2)
+    assert with_norm[0][0] == [2 * 2 * 18 * 18] * 2 + [2 * 2 * 16 * 16] * 2
+    assert with_norm[1][0][1] == 8 * 2 * 8 * 8 and with_norm[-1][0][1] == 4 * 5 * 4 * 4
+
+
+def saved_bytes(model: UNet, tile: int) -> int:
+    """The bytes of the tensors that autograd keeps for the backward pass of one image (weights and the input
+    not counted), measured by a saved-tensors hook, with the loss the training step computes."""
+    from losses import segmentation_loss
+
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    image = torch.randn(1, model.image_channels, tile, tile)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(image)
+        side = logits.shape[-1]
+        segmentation_loss("ce", logits, torch.zeros(1, side, side, dtype=torch.long), torch.ones(1, side, side))
+    own = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers(), image]}
+    return sum(size for pointer, size in storages.items() if pointer not in own)
+
+
+@pytest.mark.parametrize(
+    "widths, padding, norm, upsample, dropout, tile",
+    [
+        ((16, 32, 64, 128), 0, "batch", "transpose", 0.0, 252),  # the shipped config
+        ((16, 32, 64, 128), 0, "none", "bilinear", 0.5, 252),
+        ((8, 16), 1, "group", "transpose", 0.0, 128),
+        ((4, 8), 0, "layer", "transpose", 0.0, 60),
+    ],
+)
+def test_forward_maps_count_what_autograd_keeps_within_ten_percent(widths, padding, norm, upsample, dropout, tile):
+    torch.manual_seed(0)
+    model = UNet(1, 2, widths, padding=padding, norm=norm, upsample=upsample, dropout=dropout)
+    counted = sum(
+        sum(tensors) for tensors, _ in forward_maps(unet_section(widths, 1, padding, norm, upsample, dropout), 2, tile)
+    )
+    assert 0.9 <= counted / saved_bytes(model, tile) <= 1.1

@@ -380,3 +380,149 @@ def test_pairing_edge_cases_and_image_kinds(tmp_path):
     assert all(np.array_equal(sample.label, mask // 255) for sample in samples)
     data = datasets_of(config_for(tmp_path, "unet.image_channels=3", "train.val_fraction=0.25"), lambda message: None)
     assert data.val[0][0].shape == (3, 20, 24) and len(data.train.images) == 3
+
+
+# Issue 33: hostile and unlucky files, each refused in one line naming the file (and page), or read as it is.
+
+
+def sparse_tiff(path: Path, side: int = 60000) -> Path:
+    """A TIFF whose header claims ``side`` x ``side`` px of uint8 but whose pixels were never written: a
+    sparse file of a few KB on disk (3.6 GB if it were read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, shape=(side, side), dtype="uint8")
+    assert path.stat().st_blocks * 512 < 2**20  # it stays small on disk
+    return path
+
+
+def test_a_tiff_over_max_image_pixels_is_refused_from_its_header_before_any_pixel_is_read(tmp_path, monkeypatch):
+    make_rgb_folder(tmp_path)
+    sparse_tiff(tmp_path / "images" / "huge.tif")
+    write_image(tmp_path / "masks" / "huge.png", np.zeros((40, 48), np.uint8))
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("pixels read")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_pixels)
+    with pytest.raises(UserError) as caught:
+        read_samples(plain_folder_config(tmp_path))
+    assert str(caught.value) == (
+        f"{tmp_path / 'images' / 'huge.tif'}: 60000 x 60000 px (3600 Mpx) is more than train.max_image_pixels "
+        "(1073741824): raise it if memory allows, or split the image"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_max_image_pixels_decides_for_every_format_and_not_pils_own_guard(tmp_path, monkeypatch, suffix):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (100, 200), dtype=np.uint8)  # 200 x 100 px
+    write_image(tmp_path / "images" / f"wide{suffix}", image)
+    write_image(tmp_path / "masks" / "wide.png", (image > 127).astype(np.uint8) * 255)
+    with pytest.raises(UserError) as caught:
+        read_samples(plain_folder_config(tmp_path, "train.max_image_pixels=19999"))
+    assert str(caught.value) == (
+        f"{tmp_path / 'images' / f'wide{suffix}'}: 200 x 100 px (0.02 Mpx) is more than train.max_image_pixels "
+        "(19999): raise it if memory allows, or split the image"
+    )
+    # PIL's decompression-bomb guard would refuse more than twice its limit: ours decides, and PIL's stays as it was
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 5000)
+    (sample,), _ = read_samples(plain_folder_config(tmp_path, "train.max_image_pixels=20000"))
+    assert sample.image.shape == (100, 200) and PIL.Image.MAX_IMAGE_PIXELS == 5000
+    if suffix != ".jpg":  # lossless
+        assert np.array_equal(sample.image, image)
+
+
+def test_a_tiff_stack_in_a_folder_is_a_sample_per_page_paired_with_the_mask_pages(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 255, (3, 24, 32), dtype=np.uint8)
+    labels = (rng.random((3, 24, 32)) > 0.5).astype(np.uint8) * 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "stack.tif", volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "masks" / "stack.tif", labels, photometric="minisblack")
+    write_pair(tmp_path, "single", labels[0], volume[0])
+    samples, _ = read_samples(plain_folder_config(tmp_path, "train.mask_type=classes"))
+    assert [sample.name for sample in samples] == [
+        "single.png",
+        "stack.tif page 0",
+        "stack.tif page 1",
+        "stack.tif page 2",
+    ]
+    for index, sample in enumerate(samples[1:]):
+        assert np.array_equal(sample.image, volume[index]) and np.array_equal(sample.label, labels[index] // 255)
+    # a mask stack of other pages is refused, naming both files and the key that reads pages as channels
+    tifffile.imwrite(tmp_path / "masks" / "stack.tif", labels[:2], photometric="minisblack")
+    with pytest.raises(UserError) as caught:
+        read_samples(plain_folder_config(tmp_path))
+    assert str(caught.value) == (
+        f"{tmp_path / 'masks' / 'stack.tif'}: 2 page(s) but its image stack.tif holds 3 image(s): a stack of images "
+        "needs a stack of masks, one page per image"
+    )
+
+
+def test_pages_are_channels_only_where_image_channels_or_imagej_metadata_say_so(tmp_path):
+    rng = np.random.default_rng(3)
+    volume = rng.integers(0, 255, (3, 24, 32), dtype=np.uint8)
+    mask = (rng.random((24, 32)) > 0.5).astype(np.uint8) * 255
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "rgb.tif", volume, photometric="minisblack")  # no ImageJ or OME metadata
+    write_image(tmp_path / "masks" / "rgb.png", mask)
+    # as many pages as unet.image_channels: one image of 3 channels, and a note that says how and which key
+    notes = []
+    config = plain_folder_config(tmp_path, "unet.image_channels=3")
+    samples, _ = list_samples(config.data, 2, 0, 3, notes.append)
+    assert len(samples) == 1 and np.array_equal(samples[0].read(TWO_CLASSES).image, volume)
+    assert notes == [
+        f"{tmp_path / 'images' / 'rgb.tif'}: read its 3 pages as the 3 channels of one image, as many as "
+        "unet.image_channels and no ImageJ or OME metadata says otherwise (with unet.image_channels: 1, a stack of "
+        "3 images)"
+    ]
+    # with one channel the same file is a stack of 3 images, which one mask cannot label
+    with pytest.raises(UserError, match=r"rgb.png: 1 page\(s\) but its image rgb.tif holds 3 image\(s\)"):
+        list_samples(config.data, 2, 0, 1, notes.append)
+    # ImageJ metadata decides, whatever unet.image_channels: 2 slices of 3 channels, paired with 2 mask pages
+    hyperstack = rng.integers(0, 255, (2, 3, 24, 32), dtype=np.uint8)
+    (tmp_path / "images" / "rgb.tif").unlink()
+    (tmp_path / "masks" / "rgb.png").unlink()
+    tifffile.imwrite(tmp_path / "images" / "zc.tif", hyperstack, imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "masks" / "zc.tif", np.stack([mask, 255 - mask]), photometric="minisblack")
+    for channels in (1, 3):
+        notes.clear()
+        samples, _ = list_samples(config.data, 2, 0, channels, notes.append)
+        read = [sample.read(TWO_CLASSES) for sample in samples]
+        assert [sample.name for sample in read] == ["zc.tif image 0", "zc.tif image 1"] and not notes
+        assert np.array_equal(read[1].image, hyperstack[1]) and np.array_equal(read[1].label, 1 - mask // 255)
+
+
+def test_nan_or_infinite_pixels_are_refused_naming_the_file_and_page(tmp_path):
+    image = np.random.default_rng(4).random((3, 24, 32)).astype(np.float32)
+    image[1, :2, :5] = np.nan  # 10
+    image[1, 5, :2] = np.inf  # and 2
+    image[2, 0, 0] = -np.inf  # 1 on another page
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "float.tif", image[1], photometric="minisblack")
+    write_image(tmp_path / "masks" / "float.png", np.zeros((24, 32), np.uint8))
+    with pytest.raises(UserError) as caught:
+        read_samples(plain_folder_config(tmp_path))
+    assert str(caught.value) == (
+        f"{tmp_path / 'images' / 'float.tif'}: 12 pixels are NaN or infinite: replace them (e.g. with 0) before "
+        "training or predicting"
+    )
+    tifffile.imwrite(tmp_path / "images" / "float.tif", image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "masks" / "float.tif", np.zeros((3, 24, 32), np.uint8), photometric="minisblack")
+    (tmp_path / "masks" / "float.png").unlink()
+    samples, _ = list_samples(plain_folder_config(tmp_path).data, 2, 0)
+    assert np.array_equal(samples[0].read(TWO_CLASSES).image, image[0])  # the finite page reads
+    with pytest.raises(UserError, match=r"float.tif page 2: 1 pixels are NaN or infinite"):
+        samples[2].read(TWO_CLASSES)
+
+
+def test_two_images_of_one_stem_beside_one_mask_are_refused_naming_both(tmp_path):
+    make_rgb_folder(tmp_path, count=2)
+    write_image(tmp_path / "images" / "img0.tif", np.zeros((40, 48), np.uint8))
+    with pytest.raises(UserError) as caught:
+        read_samples(plain_folder_config(tmp_path))
+    assert str(caught.value) == (
+        f"{tmp_path / 'images' / 'img0.png'} and img0.tif: 2 images match the one mask "
+        f"{tmp_path / 'masks' / 'img0.png'}; keep one image, or rename the others and give each its own mask"
+    )

@@ -241,3 +241,31 @@ def test_test_script_errors_are_one_line(tmp_path):
         and "unet.input_channels" in lines[0]
         and "unet.norm: checkpoint 'batch', config 'layer'" in lines[0]
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--split", "x"], "argument --split: invalid choice: 'x'"),  # then argparse's choices, its quoting varies
+        (["--output", ""], "argument --output: expected a file or folder path, got ''"),
+        (["--input", ""], "argument --input: expected a file or folder path, got ''"),
+        (["--config", ""], "argument --config: expected a file or folder path, got ''"),
+        (["--export", ""], "argument --export: expected a file or folder path, got ''"),
+        (["--checkpoint", "a.pt", ""], "argument --checkpoint: expected a file or folder path, got ''"),
+        (["--checkpoint"], "argument --checkpoint: expected at least one argument"),
+        (["--tta=yes"], "argument --tta: ignored explicit argument 'yes'"),
+    ],
+)
+def test_test_py_options_are_refused_in_one_line_naming_them(capsys, argv, error):
+    prog = test_script.command_line().prog
+    with pytest.raises(SystemExit) as caught:
+        test_script.main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and err.startswith(f"{prog}: error: {error}")
+    assert err.endswith(f"; {prog} --help lists the options\n")
+
+
+def test_every_test_py_option_with_a_value_has_a_checked_type():
+    for action in test_script.command_line()._actions:
+        if action.option_strings and action.nargs != 0 and action.dest != "layers":  # --layers: free names
+            assert action.type is not None or action.choices, action.option_strings

@@ -422,6 +422,7 @@ def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoints(tmp_pat
         "train.device=cpu",
         f"train.save_path={tmp_path / 'weights'}",
         f"train.log_path={tmp_path / 'logs'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
         "train.max_epochs=2",
     ]
     assert training.main(overrides) == 1

@@ -179,7 +179,8 @@ def score_run(checkpoint: Path, truth: list, overrides: list[str], queue) -> Non
     from segmentation.inference.trained import load_trained
     from segmentation.metrics import matching_scores, object_matching
 
-    trained = load_trained(checkpoint, None, overrides)
+    # the run's own cache (FOLDER/weights/RUN/best.pt beside FOLDER/cache): a checkpoint never names folders
+    trained = load_trained(checkpoint, None, [f"train.cache_dir={checkpoint.parents[2] / 'cache'}", *overrides])
     test, predictor, device = trained.datasets(lambda message: None).test, trained.predictor, trained.device
     counts, overlap, total, wrong, pixels, seconds = np.zeros(4), 0, 0, 0, 0, 0.0
     for (image, _, _), ids in zip(test, truth):

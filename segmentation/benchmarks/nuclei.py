@@ -86,7 +86,9 @@ def score_objects(checkpoint: Path, truth: list, queue) -> None:
     from segmentation.metrics import matching_scores, object_matching
 
     # as this experiment first measured it: the calibrated threshold, without cleaning the objects
-    trained = load_trained(checkpoint, None, ["predict.min_object_size=0", "predict.fill_holes=false"])
+    # the run's own cache (ROOT/weights/RUN/best.pt beside ROOT/cache): a checkpoint never names folders
+    cache = f"train.cache_dir={checkpoint.parents[2] / 'cache'}"
+    trained = load_trained(checkpoint, None, [cache, "predict.min_object_size=0", "predict.fill_holes=false"])
     test, predictor, device = trained.datasets(lambda message: None).test, trained.predictor, trained.device
     matched, overlap, total = np.zeros(4), 0, 0
     for (image, _, _), ids in zip(test, truth):

@@ -22,7 +22,7 @@ The key hashes everything the arrays depend on: the source (the files' path, siz
 time, or a synthetic image's seed and index), the settings of preprocessing (``unet.image_channels``,
 ``unet.num_classes``, ``train.image_scale``, ``train.w_0``, ``train.sigma``, ``train.mask_type``,
 ``mask_values``, ``mask_colors``) and the code that
-computes them (the text of this module and of readers, synthetic, preprocess and weight_maps). Change
+computes them (the text of this module and of images, readers, synthetic, preprocess and weight_maps). Change
 any of them and the entry is built anew: nothing stale is read. Old entries stay until the folder is
 deleted, which is safe at any time.
 
@@ -70,7 +70,7 @@ from segmentation.data.weight_maps import border_weights, class_counts
 from segmentation.settings import DataSettings
 
 BOUNDARY = 2  # label value of an object's border pixels in entries of object-id masks (two classes)
-CODE_MODULES = ("cache", "readers", "synthetic", "preprocess", "weight_maps")  # their text is part of every key
+CODE_MODULES = ("cache", "images", "readers", "synthetic", "preprocess", "weight_maps")  # their text is in every key
 MIN_PARALLEL = 8  # fewer missing entries are built in this process, without starting workers
 POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the others have built their share
 

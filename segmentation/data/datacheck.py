@@ -17,19 +17,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 
 from model import output_size
 from segmentation.config import UserError, auto_tile_size, load_config
+from segmentation.data.images import ImageLayout, image_layout, layout_image
 from segmentation.data.readers import (
     FileSample,
     MaskSettings,
     label_from_mask,
     listed,
     match_by_stem,
+    pair_samples,
     read_isbi2012,
-    read_mask,
     read_pennfudan,
+    size_mismatch,
 )
 
 LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
@@ -77,7 +78,8 @@ def detect_layout(root: Path) -> str:
 
 
 def list_pairs(root: Path, layout: str) -> tuple[list[FileSample], list[str]]:
-    """The data set's samples and its pairing problems (all of them, for a folder)."""
+    """The data set's samples (a TIFF stack: one per image, as training lists them) and its pairing problems
+    (all of them, for a folder, as training would refuse them one at a time)."""
     if layout == "isbi2012":
         return read_isbi2012(root), []
     if layout == "pennfudan":
@@ -85,23 +87,42 @@ def list_pairs(root: Path, layout: str) -> tuple[list[FileSample], list[str]]:
         return samples + (val or []), []
     pairs, problems, lonely_masks = match_by_stem(root / "images", root / "masks")
     problems += [f"{mask}: a mask without an image" for mask in lonely_masks]
-    return [FileSample(image.name, image, mask) for image, mask in pairs], problems
+    samples = []
+    for image, mask in pairs:
+        try:
+            samples += pair_samples(image, mask)[0]
+        except UserError as error:  # a file over train.max_image_pixels, a mask stack unlike its image's
+            problems.append(str(error))
+    return samples, problems
 
 
-def image_header(sample: FileSample) -> tuple[tuple[int, ...], str]:
-    """``(shape, dtype)`` of a sample's image from its header, without decoding the pixels."""
-    if sample.image.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+def read_headers(samples: list[FileSample]) -> tuple[list[tuple], list[str], dict[Path, ImageLayout]]:
+    """``(headers, problems, layouts)``: each readable image's ``((width, height), channels, dtype)``
+    and the lines of the files that training would refuse from their headers (unreadable, over
+    ``train.max_image_pixels``, a mask whose size differs from its image's), without decoding pixels;
+    ``layouts``: the files' ``ImageLayout``s by path."""
+    layouts: dict[Path, ImageLayout | str] = {}
 
-        with tifffile.TiffFile(sample.image) as tiff:
-            page = tiff.pages[sample.page or 0]
-            return tuple(page.shape), str(page.dtype)
-    with PIL.Image.open(sample.image) as image:
-        channels = {"L": (), "P": (), "I;16": (), "I": (), "F": (), "1": (), "LA": (2,), "RGB": (3,), "RGBA": (4,)}.get(
-            image.mode, (len(image.getbands()),)
-        )
-        dtype = {"I;16": "uint16", "I": "int32", "F": "float32", "1": "bool"}.get(image.mode, "uint8")
-        return (image.height, image.width, *channels), dtype
+    def layout_of(path: Path) -> ImageLayout | str:
+        if path not in layouts:
+            try:
+                layouts[path] = image_layout(path)
+            except UserError as error:
+                layouts[path] = str(error)
+        return layouts[path]
+
+    headers, problems = [], []
+    for sample in samples:
+        image, mask = layout_of(sample.image), layout_of(sample.mask)
+        for found in (image, mask):
+            if isinstance(found, str) and found not in problems:
+                problems.append(found)
+        if isinstance(image, ImageLayout):
+            index = sample.page or 0
+            headers.append((image.sizes[index], image.channels[index], image.dtype))
+            if isinstance(mask, ImageLayout) and (problem := size_mismatch(image, mask, sample.page, sample.name)):
+                problems.append(problem)
+    return headers, problems, {path: found for path, found in layouts.items() if isinstance(found, ImageLayout)}
 
 
 def mask_kind(mask: np.ndarray, palette: bool) -> str:
@@ -129,23 +150,26 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
     samples, problems = list_pairs(root, layout)
     if not samples:
         raise UserError(f"{root}: no image with a mask: {problems[0] if problems else 'empty'}")
-    headers, unreadable = [], []
-    for sample in samples:
-        try:
-            headers.append(image_header(sample))
-        except Exception as error:  # the readers raise many types for broken files
-            unreadable.append(f"{sample.image}: cannot read this image ({type(error).__name__})")
+    headers, unreadable, layouts = read_headers(samples)
     picked = [
         samples[index] for index in np.linspace(0, len(samples) - 1, min(sample_size, len(samples))).round().astype(int)
     ]
     masks, kinds = [], Counter()
     for sample in picked:
+        if sample.mask not in layouts:  # named among the problems
+            continue
+        image = layouts.get(sample.image)
+        if image is not None and image.dtype.startswith("float"):  # NaN shows in the pixels alone
+            try:
+                layout_image(image, sample.page)
+            except UserError as error:
+                unreadable.append(str(error))
         try:
-            mask = read_mask(sample.mask, sample.page)
+            mask = layout_image(layouts[sample.mask], sample.page, palette=True)
         except UserError as error:
             unreadable.append(str(error))
             continue
-        palette = sample.mask.suffix.lower() in (".png", ".bmp") and PIL.Image.open(sample.mask).mode == "P"
+        palette = layouts[sample.mask].palette
         kind = mask_kind(mask, palette)
         kinds[kind] += 1
         # compared with the other masks by its values: a palette of 0/1 is as binary as a 0/1 gray mask
@@ -169,7 +193,7 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
     ``yaml`` lines, the class ``fractions`` under it and the masks it cannot read or that differ from
     the rest (``problems``)."""
     values: dict[str, object] = {"train.dataset_name": layout, "train.data": str(root)}
-    channels = Counter(1 if len(shape) == 2 else shape[-1] for shape, _ in headers)
+    channels = Counter(count for _, count, _ in headers)
     values["unet.image_channels"] = 3 if channels[3] + channels[4] > channels[1] + channels[2] else 1
     problems = []
     if layout == "folder" and masks:
@@ -181,7 +205,7 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
             for sample, mask, kind in masks
             if kind != usual and not (usual in binary and kind in binary) and usual != "palette indices"
         ]
-    sides = [max(shape[:2]) for shape, _ in headers]
+    sides = [max(size) for size, _, _ in headers]
     if sides and np.median(sides) > LARGE_PHOTO_SIDE:
         values["train.image_scale"] = round(512 / float(np.median(sides)), 2)
     config = load_config(
@@ -248,14 +272,15 @@ def describe(
     layout: str, root: Path, samples: list, headers: list, masks: list, kinds: Counter, suggestion: dict
 ) -> list[str]:
     """The report's lines: counts, sizes, channels and bit depths, mask kinds, class fractions."""
-    shapes = Counter((shape[0], shape[1]) for shape, _ in headers)
-    channels = Counter(1 if len(shape) == 2 else shape[-1] for shape, _ in headers)
-    depths = Counter(dtype for _, dtype in headers)
-    heights, widths = [shape[0] for shape, _ in headers], [shape[1] for shape, _ in headers]
+    sizes = Counter(size for size, _, _ in headers)
+    channels = Counter(count for _, count, _ in headers)
+    depths = Counter(dtype for _, _, dtype in headers)
+    widths, heights = [size[0] for size in sizes], [size[1] for size in sizes]
+    (width, height), _ = sizes.most_common(1)[0] if headers else ((0, 0), 0)
     lines = [
         f"{root}: {layout} layout, {len(samples)} images with masks",
-        f"sizes: {len(shapes)} different, {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px (height "
-        f"x width); most common {shapes.most_common(1)[0][0][0]}x{shapes.most_common(1)[0][0][1]}"
+        f"sizes: {len(sizes)} different, {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px (width "
+        f"x height); most common {width}x{height}"
         if headers
         else "sizes: none readable",
         f"channels: {', '.join(f'{count} with {channel}' for channel, count in sorted(channels.items()))}; pixel "

@@ -1,23 +1,24 @@
 """Reading annotated images from disk: the layouts of ISBI 2012, Penn-Fudan and a folder of images and masks.
 
-Listing a data set reads no pixels: each reader returns ``FileSample``s, which say where an image and
-its mask lie and how the mask is read; ``FileSample.read`` reads one of them when it is needed (the
-preprocessing cache reads each image once). Problems with a file are one-line ``UserError``s naming it.
+Listing a data set reads no pixels (a TIFF's header, to count the images of a stack): each reader returns
+``FileSample``s, which say where an image and its mask lie and how the mask is read; ``FileSample.read``
+reads one of them when it is needed (the preprocessing cache reads each image once), through
+``images.py`` (one rule for TIFF pages, the pixel limit, the finite check). Problems with a file are
+one-line ``UserError``s naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
-import skimage.io
-import tifffile
 from skimage import measure
 
 from segmentation.config import UserError
+from segmentation.console import note as console_note
+from segmentation.data.images import DEFAULT_MAX_PIXELS, ImageLayout, image_layout, layout_image
 from segmentation.settings import DataSettings
 
 LISTED_VALUES = 9  # distinct values of a mask kept to name in messages (the 9th says there are more)
@@ -59,16 +60,19 @@ class MaskSettings:
 
 @dataclass(frozen=True)
 class FileSample:
-    """One annotated image on disk, not yet read: ``image`` and ``mask`` files (``page``: the slice of
-    multi-page TIFF stacks, None for single images) and how its data set's masks are read by default
-    (``mask_kind``: ``auto``, ``classes`` or ``instances``; ``train.mask_type`` overrides it unless
-    that is auto)."""
+    """One annotated image on disk, not yet read: ``image`` and ``mask`` files (``page``: the image's index
+    in a TIFF stack and the mask's page, as ``image_layout`` counts them; None for single images) and how
+    its data set's masks are read by default (``mask_kind``: ``auto``, ``classes`` or ``instances``;
+    ``train.mask_type`` overrides it unless that is auto); ``channels`` (``unet.image_channels``) and
+    ``max_pixels`` (``train.max_image_pixels``) as reading the files needs them."""
 
     name: str
     image: Path
     mask: Path
     mask_kind: str = "auto"
     page: int | None = None
+    channels: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def identity(self) -> list:
         """What the pixels depend on: the files (resolved path, size, modification time in ns), the
@@ -81,14 +85,14 @@ class FileSample:
 
     def read(self, settings: MaskSettings) -> Sample:
         """Read the image and its mask as a ``Sample``, the mask as ``settings`` say; a UserError names
-        a file that does not fit."""
-        image, mask = read_image(self.image, self.page), read_mask(self.mask, self.page)
-        where = f"{self.mask} page {self.page}" if self.page is not None else str(self.mask)
-        if image.shape[:2] != mask.shape[:2]:
-            raise UserError(
-                f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} px "
-                f"but its image {self.name} is {image.shape[1]}x{image.shape[0]}"
-            )
+        a file that does not fit (sizes compared from the headers, before the pixels are read)."""
+        images = image_layout(self.image, self.channels, self.max_pixels)
+        masks = image_layout(self.mask, 1, self.max_pixels)
+        problem = size_mismatch(images, masks, self.page, self.name)
+        if problem:
+            raise UserError(problem)
+        image, mask = layout_image(images, self.page), layout_image(masks, self.page, palette=True)
+        where = masks.where(self.page)
         kind = settings.mask_type if settings.mask_type != "auto" else self.mask_kind
         label, instances, read_as = label_from_mask(mask, settings, where, kind)
         decided = kind == "auto" and settings.mask_values is None and mask.ndim == 2
@@ -96,34 +100,15 @@ class FileSample:
         return Sample(image, label, instances, self.name, read_as, values)
 
 
-def read_image(path: Path, page: int | None = None) -> np.ndarray:
-    """Pixels of an image file (PNG, JPEG, TIFF, BMP), as stored, or of one ``page`` of a multi-page
-    TIFF (only that page is read); a UserError names an unreadable file."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            if page is None:
-                return tifffile.imread(path)
-            with tifffile.TiffFile(path) as tiff:
-                return tiff.pages[page].asarray()
-        return skimage.io.imread(path)
-    except Exception as error:  # the readers raise many types for broken files
-        raise UserError(
-            f"{path}: cannot read this image ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        ) from None
-
-
-def read_mask(path: Path, page: int | None = None) -> np.ndarray:
-    """A mask file's values as stored: a palette image (PNG, BMP) gives its palette indices, which
-    labelling tools use as class indices, not the colours they stand for."""
-    if path.suffix.lower() in (".png", ".bmp"):
-        try:
-            with PIL.Image.open(path) as image:
-                if image.mode == "P":
-                    return np.array(image)
-        except Exception:  # read_image names an unreadable file
-            pass
-    return read_image(path, page)
+def size_mismatch(image: ImageLayout, mask: ImageLayout, page: int | None, name: str) -> str | None:
+    """The line that names a mask whose size (width x height, from the headers) differs from its image's,
+    for image ``page`` of the files (None: one image); None where they agree."""
+    if not (page or 0) < min(image.count, mask.count):
+        return pages_mismatch(image, mask, name) or f"{mask.path}: no page {page}; it holds {mask.count} image(s)"
+    (width, height), (mask_width, mask_height) = image.sizes[page or 0], mask.sizes[page or 0]
+    if (width, height) == (mask_width, mask_height):
+        return None
+    return f"{mask.where(page)}: mask is {mask_width}x{mask_height} px but its image {name} is {width}x{height}"
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -149,18 +134,29 @@ def pair_by_stem(image_folder: Path, mask_folder: Path) -> list[tuple[Path, Path
 
 def match_by_stem(image_folder: Path, mask_folder: Path) -> tuple[list[tuple[Path, Path]], list[str], list[Path]]:
     """``(pairs, problems, masks without an image)``: the images with exactly one mask of the same
-    stem (or the stem plus ``_mask``), a line per image with none or several, and the unused masks."""
+    stem (or the stem plus ``_mask``), a line per image with none or several and per mask that several
+    images match (``c0.png`` and ``c0.tif``), and the unused masks."""
     masks: dict[str, list[Path]] = {}
     for path in image_files(mask_folder):
         stem = path.stem[: -len("_mask")] if path.stem.endswith("_mask") else path.stem
         masks.setdefault(stem, []).append(path)
     pairs, problems, images = [], [], image_files(image_folder)
+    twins: dict[str, list[Path]] = {}
     for image in images:
-        found = masks.get(image.stem, [])
+        twins.setdefault(image.stem, []).append(image)
+    for image in images:
+        found, same_stem = masks.get(image.stem, []), twins[image.stem]
         if not found:
             problems.append(f"{image}: no mask named {image.stem}.* or {image.stem}_mask.* in {mask_folder}")
         elif len(found) > 1:
             problems.append(f"{image}: several masks match ({', '.join(p.name for p in found)}); keep one")
+        elif len(same_stem) > 1:
+            if image == same_stem[0]:
+                others = " and ".join(path.name for path in same_stem[1:])
+                problems.append(
+                    f"{image} and {others}: {len(same_stem)} images match the one mask {found[0]}; keep one image, "
+                    "or rename the others and give each its own mask"
+                )
         else:
             pairs.append((image, found[0]))
     stems = {image.stem for image in images}
@@ -290,24 +286,73 @@ def object_instances(label: np.ndarray) -> np.ndarray:
     return measure.label(label, background=0, connectivity=1).astype(np.int32)
 
 
-def tiff_pages(path: Path) -> list[tuple[int, ...]]:
-    """The shape of each page of a TIFF file, read from its tags (no pixels); a UserError names an unreadable file."""
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            return [page.shape for page in tiff.pages]
-    except Exception as error:  # tifffile raises many types for broken files
-        raise UserError(
-            f"{path}: cannot read this TIFF ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        ) from None
+def pair_samples(
+    image: Path,
+    mask: Path,
+    mask_kind: str = "auto",
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    unit: str = "page",
+) -> tuple[list[FileSample], str | None]:
+    """``(samples, note)`` of an image file and its mask: one sample, or for a TIFF stack (pages read as
+    ``tiff_image_pages`` says for ``channels``) a sample per image paired with the same page of the mask's
+    stack, named ``<name> <unit> <index>`` (``image`` where its pages are channels); ``note``: how the
+    image's pages were read, where the user should know. Only TIFF headers are read; a UserError names a
+    mask whose pages do not match its image's."""
+    name = name or image.name
+    tiffs = image.suffix.lower() in (".tif", ".tiff") or mask.suffix.lower() in (".tif", ".tiff")
+    images = image_layout(image, channels, max_pixels) if tiffs else None
+    masks = image_layout(mask, 1, max_pixels) if tiffs else None
+    if images is None or images.count == masks.count == 1:
+        return [
+            FileSample(name, image, mask, mask_kind, None, channels, max_pixels)
+        ], None if images is None else images.note
+    problem = pages_mismatch(images, masks, name)
+    if problem:
+        raise UserError(problem)
+    unit = unit if all(len(pages) == 1 for pages in images.pages) else "image"  # an image of several pages
+    return [
+        FileSample(f"{name} {unit} {index}", image, mask, mask_kind, index, channels, max_pixels)
+        for index in range(images.count)
+    ], images.note
 
 
-def read_folder_pairs(image_folder: Path, mask_folder: Path, mask_kind: str = "auto") -> list[FileSample]:
-    """Images and masks paired by stem (``pair_by_stem``), named by the image file."""
-    return [FileSample(image.name, image, mask, mask_kind) for image, mask in pair_by_stem(image_folder, mask_folder)]
+def pages_mismatch(images: ImageLayout, masks: ImageLayout, name: str) -> str | None:
+    """The line that names a mask that does not hold one page per image of its image file; else None."""
+    if images.count == masks.count:
+        return None
+    how = f" ({images.note.partition(': ')[2]})" if images.note else ""
+    return (
+        f"{masks.path}: {masks.count} page(s) but its image {name} holds {images.count} image(s){how}: a stack of "
+        "images needs a stack of masks, one page per image"
+    )
 
 
-def read_isbi2012(root: Path) -> list[FileSample]:
+def read_folder_pairs(
+    image_folder: Path,
+    mask_folder: Path,
+    mask_kind: str = "auto",
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    note: Callable[[str], None] = console_note,
+) -> list[FileSample]:
+    """Images and masks paired by stem (``pair_by_stem``), named by the image file, a TIFF stack giving a
+    sample per image (``pair_samples``); how TIFF pages were read, where the user should know, goes to
+    ``note`` (once, for the first such file)."""
+    samples, notes = [], []
+    for image, mask in pair_by_stem(image_folder, mask_folder):
+        found, message = pair_samples(image, mask, mask_kind, channels, max_pixels)
+        samples += found
+        notes += [message] if message else []
+    if notes:
+        note(notes[0] + (f"; the same for {len(notes) - 1} more file(s)" if len(notes) > 1 else ""))
+    return samples
+
+
+def read_isbi2012(
+    root: Path, channels: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, note: Callable[[str], None] = console_note
+) -> list[FileSample]:
     """The ISBI 2012 training slices: the challenge's TIFF stacks (a ``FileSample`` per page), or
     ``images/`` + ``labels/`` folders.
 
@@ -318,26 +363,22 @@ def read_isbi2012(root: Path) -> list[FileSample]:
     if volume.is_file():
         if not labels.is_file():
             raise UserError(f"{labels}: not found next to {volume.name}; ISBI 2012 needs both stacks")
-        image_pages, label_pages = tiff_pages(volume), tiff_pages(labels)
-        if image_pages != label_pages:
-            raise UserError(
-                f"{labels}: {len(label_pages)} pages of {label_pages[0]} px differ from {volume.name}'s "
-                f"{len(image_pages)} of {image_pages[0]}"
-            )
-        return [
-            FileSample(f"{volume.name} slice {index}", volume, labels, "classes", page=index)
-            for index in range(len(image_pages))
-        ]
+        samples, message = pair_samples(volume, labels, "classes", channels, max_pixels, volume.name, "slice")
+        if message:
+            note(message)
+        return samples
     for folder in (root, root / "train"):
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
-            return read_folder_pairs(folder / "images", folder / "labels", "classes")
+            return read_folder_pairs(folder / "images", folder / "labels", "classes", channels, max_pixels, note)
     raise UserError(
         f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see "
         "python dataset.py download isbi2012)"
     )
 
 
-def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | None]:
+def read_pennfudan(
+    root: Path, channels: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, note: Callable[[str], None] = console_note
+) -> tuple[list[FileSample], list[FileSample] | None]:
     """Penn-Fudan pedestrians: ``(training samples, validation samples or None)``.
 
     Reads the official layout (``PNGImages/``, ``PedMasks/``) or the common mirror's layout
@@ -347,10 +388,11 @@ def read_pennfudan(root: Path) -> tuple[list[FileSample], list[FileSample] | Non
     if not (root / "PNGImages").is_dir() and (root / "PennFudanPed").is_dir():
         root = root / "PennFudanPed"
     if (root / "PNGImages").is_dir():
-        return read_folder_pairs(root / "PNGImages", root / "PedMasks", "instances"), None
+        return read_folder_pairs(root / "PNGImages", root / "PedMasks", "instances", channels, max_pixels, note), None
     if (root / "train_images").is_dir():
-        return read_folder_pairs(root / "train_images", root / "train_masks", "instances"), read_folder_pairs(
-            root / "valid_images", root / "valid_masks", "instances"
+        return tuple(
+            read_folder_pairs(root / f"{part}_images", root / f"{part}_masks", "instances", channels, max_pixels, note)
+            for part in ("train", "valid")
         )
     raise UserError(
         f"{root}: no Penn-Fudan data: expected PNGImages/ and PedMasks/, or train_images/, train_masks/, "

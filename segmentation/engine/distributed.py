@@ -1,4 +1,4 @@
-"""Training in several processes under torchrun: the process group, and what the processes share.
+"""Training in several processes under torchrun: the process group, what the processes share, a lost one.
 
 One process per GPU (NCCL) or several CPU processes (gloo), each with its own shard of the tiles and
 the gradients all-reduced by DistributedDataParallel. With one process every helper here does nothing.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import time
 import uuid
 
@@ -16,9 +17,20 @@ import torch
 import torch.distributed as dist
 
 from segmentation.config import UserError
+from segmentation.console import first_line
 from segmentation.device import resolve_device
+from segmentation.engine.signals import terminations_held
 
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # as torch.distributed's default for a collective
+# how gloo and NCCL word a peer that is gone; their errors arrive as plain RuntimeErrors
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+
+
+class LostProcess(UserError):
+    """Another process of the group is gone: every surviving process says so (not process 0 alone, which
+    may be the one that is gone)."""
+
+    every_process = True
 
 
 @contextlib.contextmanager
@@ -48,22 +60,33 @@ def process_group(device_name: str):
         )
     joined = not dist.is_initialized()
     if joined:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        store = agent_store()
-        if store is None:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(
-                backend, store=group_store(store, rank, world_size), rank=rank, world_size=world_size
-            )
-    try:
-        yield rank, world_size, device
-        if joined:
-            # leave together: gloo can abort a process whose peer tears the group down before it is done
-            dist.barrier()
-    finally:
-        if joined:
-            dist.destroy_process_group()
+        join_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
+    # torchrun's agent stops the survivors of a lost process with SIGTERM: held, it never cuts off their one line
+    with terminations_held() if joined else contextlib.nullcontext():
+        try:
+            yield rank, world_size, device
+            if joined:
+                # leave together: gloo can abort a process whose peer tears the group down before it is done
+                try:
+                    dist.barrier()
+                except RuntimeError as error:  # a process lost at the very end is one line too
+                    lost = lost_process(error, rank, world_size)
+                    if lost is None:
+                        raise
+                    raise lost from None
+        finally:
+            if joined:
+                dist.destroy_process_group()
+
+
+def join_group(backend: str, rank: int, world_size: int) -> None:
+    """Join torchrun's process group with ``backend``, through a store of this group's own where the agent
+    keeps one (``group_store``)."""
+    store = agent_store()
+    if store is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=group_store(store, rank, world_size), rank=rank, world_size=world_size)
 
 
 def agent_store(timeout: datetime.timedelta = GROUP_TIMEOUT) -> dist.Store | None:
@@ -141,3 +164,16 @@ def share_buffers(models: list[torch.nn.Module | None], world_size: int) -> None
         for model in models:
             for buffer in model.buffers() if model is not None else ():
                 dist.broadcast(buffer, src=0)
+
+
+def lost_process(error: RuntimeError, rank: int, world_size: int) -> LostProcess | None:
+    """The one line for a collective that failed because another process is gone (None for any other
+    error): which process, and what happens next."""
+    if world_size < 2 or not (isinstance(error, dist.DistError) or any(s in str(error) for s in LOST_PEER_SIGNS)):
+        return None
+    other = f"process {1 - rank} of 2" if world_size == 2 else f"another of the {world_size} processes"
+    cause = re.sub(r"^\[\S+\]\s*", "", first_line(error)).split(". ")[0][:160]  # without gloo's source file
+    return LostProcess(
+        f"{other} is gone ({cause}); process {rank} stops too, without saving. Under torchrun --max-restarts=N the "
+        "group starts again and continues this run from its last.pt; otherwise continue with train.resume=auto"
+    )

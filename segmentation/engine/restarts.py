@@ -1,4 +1,4 @@
-"""torchrun's restarts: which run a restarted group of processes continues, and a lost process as one line.
+"""torchrun's restarts: which run a restarted group of processes continues (a lost process: ``distributed``).
 
 When a process of a torchrun launch dies (a lost node, a preempted machine, the out-of-memory killer),
 torchrun's elastic agent stops the others and, while ``--max-restarts`` allows, starts the whole group
@@ -15,23 +15,10 @@ import os
 import re
 from pathlib import Path
 
-import torch.distributed as dist
-
-from segmentation.config import UserError
-from segmentation.console import first_line
 from segmentation.engine.distributed import agent_store
 from segmentation.settings import RunSettings
 
 LAUNCH_RUN_KEY = "unet-launch/run"  # in torchrun's agent store: the checkpoint folder of the run being trained
-# how gloo and NCCL word a peer that is gone; their errors arrive as plain RuntimeErrors
-LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
-
-
-class LostProcess(UserError):
-    """Another process of the group is gone: every surviving process says so (not process 0 alone, which
-    may be the one that is gone)."""
-
-    every_process = True
 
 
 def publish_run(run_weights: Path) -> None:
@@ -68,16 +55,3 @@ def continued_after_restart(run: RunSettings, every_fold: bool) -> tuple[RunSett
     if not last.is_file():
         return run, f"{restarted}, but {last} is gone: starting a new run"
     return dataclasses.replace(run, resume=str(last)), f"{restarted}: continuing run {folder.name} from {last}"
-
-
-def lost_process(error: RuntimeError, rank: int, world_size: int) -> LostProcess | None:
-    """The one line for a collective that failed because another process is gone (None for any other
-    error): which process, and what happens next."""
-    if world_size < 2 or not (isinstance(error, dist.DistError) or any(s in str(error) for s in LOST_PEER_SIGNS)):
-        return None
-    other = f"process {1 - rank} of 2" if world_size == 2 else f"another of the {world_size} processes"
-    cause = re.sub(r"^\[\S+\]\s*", "", first_line(error)).split(". ")[0][:160]  # without gloo's source file
-    return LostProcess(
-        f"{other} is gone ({cause}); process {rank} stops too, without saving. Under torchrun --max-restarts=N the "
-        "group starts again and continues this run from its last.pt; otherwise continue with train.resume=auto"
-    )

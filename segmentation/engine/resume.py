@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from segmentation.checkpoints import Progress, check_architecture, read_checkpoint
+from segmentation.checkpoints import Progress, check_architecture, check_weights, load_weights, read_checkpoint
 from segmentation.config import (
     ARCHITECTURE_KEYS,
     UserError,
     architecture_differences,
     split_differences,
 )
-from segmentation.console import note
+from segmentation.console import first_line, note
 from segmentation.plan import Plan
 from segmentation.settings import DataSettings, UNetSettings
 
@@ -30,6 +30,7 @@ def load_checkpoint(path: Path, unet: UNetSettings, data: DataSettings, seed: in
     trained on the split (the same test images) that ``data`` and ``train.seed`` ``seed`` describe."""
     state = read_checkpoint(path)
     check_architecture(state, unet, path)
+    check_weights(state, path)
     differences = split_differences(state["config"], data, seed)
     if differences:
         raise UserError(
@@ -50,6 +51,7 @@ def read_initial_weights(path: Path, unet: UNetSettings) -> dict:
     adapted by ``load_initial_weights``); a UserError names the keys that differ."""
     try:
         state = read_checkpoint(path)
+        check_weights(state, path)
     except UserError as error:
         raise UserError(f"train.init_from: {error}") from None
     fixed = [key for key in ARCHITECTURE_KEYS if key not in ADAPTABLE_KEYS]
@@ -162,10 +164,10 @@ def restore(
 ) -> Progress:
     """Load a checkpoint's model (and moving average), optimizer, scheduler, loss scaler and random
     states; returns its progress. A run that turns ``train.ema`` on starts its average from the weights."""
-    model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
+    load_weights(model, checkpoint.get("training_model", checkpoint["model"]), where)
     if ema_model is not None:
-        ema_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+        load_weights(ema_model, checkpoint["model"], where)
+    load_optimizer_state(optimizer, checkpoint["optimizer"], where)
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -173,3 +175,35 @@ def restore(
     if device.type == "cuda" and checkpoint["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     return Progress.from_dict(checkpoint["progress"], where)
+
+
+PER_PARAMETER_STATES = (
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "momentum_buffer",
+)  # torch's, shaped as their parameter
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, where: Path) -> None:
+    """``optimizer.load_state_dict(state)``, with a UserError of one line where the stored state does not fit
+    the network's parameters (an edited checkpoint), instead of a failure at the first step."""
+    try:
+        optimizer.load_state_dict(state)
+        problem = next(
+            (
+                f"{name} of shape {tuple(value.shape)} for a parameter of shape {tuple(parameter.shape)}"
+                for group in optimizer.param_groups
+                for parameter in group["params"]
+                for name, value in optimizer.state.get(parameter, {}).items()
+                if name in PER_PARAMETER_STATES and value.shape != parameter.shape
+            ),
+            None,
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        problem = first_line(error)
+    if problem:
+        raise UserError(
+            f"{where}: its optimizer state does not fit the network ({problem}; edited?): use a checkpoint as "
+            "training.py wrote it"
+        )

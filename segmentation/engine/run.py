@@ -4,13 +4,19 @@ training.py's ``set_up`` builds a ``Run`` from these parts and its loop works on
 named: ``Processes`` (rank, world size, device), ``Models`` (the network, its moving average and the
 wrapped model that takes the steps), ``Optimisation`` (optimizer, schedule, loss scaler), ``Loading``
 (sampler, loader, steps per epoch) and ``RunFolders`` (logs, checkpoints). ``Run.state`` is what a
-checkpoint holds; ``TrainResult`` is what training returns.
+checkpoint holds; ``TrainResult`` is what training returns. Before any of it is built,
+``check_training_memory`` refuses a step that cannot fit the device; ``run_claimed`` holds the run's lock
+and leaves no half-made run behind a set-up that fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,15 +24,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dataset import DataSets, EpochSampler
-from model import build_model, count_parameters
-from segmentation.checkpoints import Progress, save_checkpoint
-from segmentation.config import Config, config_to_yaml
+from dataset import DataSets, EpochSampler, build_datasets, prepare_data
+from model import build_model, count_parameters, forward_maps, training_activation_bytes, unet_parameter_count
+from segmentation.checkpoints import Progress, save_checkpoint, stored_boundary
+from segmentation.config import Config, UserError, config_to_yaml
+from segmentation.console import note
+from segmentation.device import require_memory
+from segmentation.engine.lock import RunLock, take_run_lock
 from segmentation.engine.resume import load_initial_weights, training_state
 from segmentation.engine.step import build_optimizer, build_scheduler
 from segmentation.engine.validation import Validation
+from segmentation.files import write_atomically
 from segmentation.inference.infer import Predictor
-from segmentation.plan import Plan, write_plan
+from segmentation.plan import Plan, decide_plan, reading_problem, training_tile_size, write_plan
 from segmentation.runs.figures import save_check_figures
 from segmentation.runs.folders import start_run_folders, write_metrics
 from segmentation.runs.tensorboard import open_writer, write_settings
@@ -105,7 +115,7 @@ class Run:
     and the run's ``plan``, its place among the ``processes``, the ``data``, the ``models`` and the
     ``predictor`` that validates (on ``models.predict_model``), the ``optimisation``, the tile ``loading``,
     the ``progress`` (in every checkpoint), its ``folders``, the metrics.csv ``rows`` so far and, in
-    process 0 under ``train.tensorboard``, the event ``writer``."""
+    process 0, the run's ``lock`` and under ``train.tensorboard`` the event ``writer``."""
 
     config: Config
     plan: Plan
@@ -119,6 +129,7 @@ class Run:
     folders: RunFolders
     rows: list[dict]
     writer: object | None = None
+    lock: RunLock | None = None  # process 0's, released when training ends
     warned_uniform: bool = False  # the note on predictions of a single class is given once
     last_saved: float = field(default_factory=time.monotonic)  # when last.pt was written
 
@@ -200,13 +211,95 @@ def start_logs(
     by eye; with ``train.tensorboard`` the event writer (the settings as hparams for a new run). Returns
     the writer, or None."""
     start_run_folders(folders.log, folders.weights, config_to_yaml(config), progress.epoch if resumed else None)
-    write_plan(folders.log / "plan.json", plan)
+    write_run_plan(folders.log / "plan.json", plan)
     writer = open_writer(folders.log, progress.epoch) if config.run.tensorboard else None
     if not resumed:
         save_check_figures(folders.log, data.example, data.train, config.augment, config.train.seed, device)
         if writer is not None:
             write_settings(writer, config.to_dict())
     return writer
+
+
+def write_run_plan(path: Path, plan: Plan) -> None:
+    """``plan.write_plan`` through a temporary file and a rename: whole or not at all, a full disk one line."""
+    write_atomically(path, lambda temporary: write_plan(temporary, plan), len(str(plan.to_dict())), "train.log_path")
+
+
+@contextlib.contextmanager
+def run_claimed(folders: RunFolders, name: str, main: bool, new: bool) -> Iterator[RunLock | None]:
+    """In process 0 (``main``), run ``name``'s lock (``lock.take_run_lock``) for the rest of the set-up; where
+    the set-up fails, the lock is released and a ``new`` run's folders (claimed by ``new_run_name``, this
+    process's alone) are removed, so that a refusal leaves no half-made run. On success the lock stays held:
+    the run releases it when training ends."""
+    if not main:
+        yield None
+        return
+    lock = None
+    try:
+        folders.weights.mkdir(parents=True, exist_ok=True)  # a run resumed from a checkpoint kept elsewhere
+        lock = take_run_lock(folders.weights, name)
+        yield lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        for folder in (folders.log, folders.weights):
+            if new:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:  # a resumed run keeps its folders, but for one this set-up made and left empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+def check_training_memory(config: Config, device: torch.device) -> None:
+    """A UserError (one line) where a training step of ``config`` would not fit the memory that ``device`` has
+    free, before anything is written or allocated: the parameters with their gradients, optimizer state and
+    moving average, and the activations of ``train.batch_size`` tiles (``model.forward_maps``; an upper-ish
+    estimate). On a CPU the processes that torchrun starts on this machine share the memory."""
+    unet, train = config.unet, config.train
+    tile = training_tile_size(config.data.tile_size, unet.depth, unet.padding)
+    classes = unet.num_classes + (unet.boundary_class is not False)  # auto may add the border class
+    blocks = forward_maps(unet, classes, tile, 4 if train.precision == "fp32" else 2)
+    # the weights, their gradients, the optimizer's state (Adam: two moments, and a step's temporaries), the average
+    copies = 2 + (2 if train.optim == "sgd" else 3) + (train.ema > 0)
+    batch = train.batch_size
+    activations = batch * training_activation_bytes(blocks, train.activation_checkpointing)
+    parts = {
+        "parameters, gradients and optimizer state": 4 * copies * unet_parameter_count(unet, classes),
+        f"activations of {batch} tiles of {tile}x{tile} px": activations,
+    }
+    switch = "" if train.activation_checkpointing else ", or set train.activation_checkpointing=true"
+    advice = (
+        f"lower train.batch_size ({batch}), train.tile_size ({tile}) or unet.input_channels "
+        f"({list(unet.input_channels)}){switch}"
+    )
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    require_memory("a training step", parts, device, advice, sharing)
+
+
+def plan_and_data(
+    config: Config, processes: Processes, checkpoint: dict | None, resume_path: Path | None
+) -> tuple[Plan, DataSets]:
+    """``(plan, datasets)``: the configured images prepared, the run's plan (decided from them for a new run,
+    the checkpoint's for a resumed one, whose masks must read as they did) and the datasets it cuts."""
+    unet, data = config.unet, config.data
+    prepared = prepare_data(
+        data, unet.image_channels, unet.num_classes, config.train.seed, note, processes.rank, processes.world_size
+    )
+    if checkpoint is not None and "plan" in checkpoint:
+        plan = Plan.from_dict(checkpoint["plan"], str(resume_path))
+        problem = reading_problem(plan, prepared.train)
+        if problem:
+            raise UserError(f"{resume_path}: {problem}; set train.mask_type as the run had it, or start a new run")
+    else:  # a new run, or one from before plans, which decided it again at every start
+        plan = decide_plan(unet, data, config.predict, prepared.train, note)
+        if checkpoint is not None and plan.boundary_class != stored_boundary(checkpoint, resume_path):
+            raise UserError(
+                f"{resume_path} holds another architecture (unet.boundary_class: checkpoint "
+                f"{not plan.boundary_class}, masks now {plan.boundary_class}): set unet.boundary_class as in the "
+                "checkpoint, or start a new run"
+            )
+    return plan, build_datasets(prepared, plan, data.samples_per_image, config.train.seed, note)
 
 
 def build_models(

@@ -3,33 +3,40 @@
 For two classes a mask is a 0/255 PNG (255 = class 1; for ISBI 2012 the challenge's label convention),
 for more classes a PNG of class indices; a multi-page TIFF gives a multi-page TIFF of masks. Images
 pass through the preprocessing of training (``preprocess.normalize_image``) and the tiled predictor.
+Inputs are read as training reads them (``data.images``: the TIFF pages rule, ``train.max_image_pixels``
+from the headers, NaN refused); outputs are named by the input's stem, or by its whole name where inputs
+share a stem, and never overwrite an input or each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import skimage.io
 import tifffile
 import torch
+from torch import Tensor
 
 from segmentation.config import UserError
 from segmentation.console import note
-from segmentation.data.preprocess import image_statistics, network_margin, normalize_image, row_axis
-from segmentation.data.readers import (
-    IMAGE_SUFFIXES,
-    image_files,
-    object_instances,
-    read_image,
-    tiff_pages,
+from segmentation.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLayout,
+    check_finite,
+    image_layout,
+    layout_image,
+    layout_images,
 )
+from segmentation.data.preprocess import image_statistics, network_margin, normalize_image, row_axis
+from segmentation.data.readers import IMAGE_SUFFIXES, image_files, object_instances
 from segmentation.inference.infer import Predictor, uniform_prediction_note
 
 BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
+BYTES_PER_PIXEL = {"mask": 1, "probability": 4, "instances": 2}  # of the TIFF outputs, for the BigTIFF decision
 
 OVERLAY_COLOURS = np.array(
     [(0, 0, 0), (255, 60, 60), (60, 160, 255), (80, 220, 80), (255, 200, 40), (200, 80, 255)], dtype=np.float32
@@ -47,32 +54,66 @@ def input_images(path: Path) -> list[Path]:
     return [path]
 
 
-def image_pages(path: Path, channels: int) -> tuple[list[tuple[int, ...]], Iterator[np.ndarray]]:
-    """``(shapes, pages)``: the shape of each image in ``path`` and an iterator that reads them one at
-    a time, as stored: the pages of a multi-page TIFF, or the one image of any other file. A UserError
-    names a file whose images have a channel count the model cannot take."""
-    image = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        shapes = tiff_pages(path)  # from the tags: no pixels read yet
-    else:
-        image = read_image(path)
-        shapes = [image.shape]
-    shape = shapes[0]
-    found = 1 if len(shape) == 2 else min(shape[0], shape[-1])  # channels first or last
-    if found not in (1, 3, 4):
-        raise UserError(f"{path}: an image of {found} channels; the model takes {channels} (unet.image_channels)")
-    if found != channels and not (found == 4 and channels == 3):
-        note(f"{path.name} has {found} channel(s), the model takes {channels}: converting it as training does")
+def input_layout(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageLayout:
+    """The ``images.ImageLayout`` of an input from its header (its TIFF pages read as the model's
+    ``channels`` say, each image within ``max_pixels``); a UserError names a file whose images have a
+    channel count the model cannot take, a note one it converts and how a TIFF's pages were read."""
+    layout = image_layout(path, channels, max_pixels)
+    for found in sorted(set(layout.channels)):
+        if found not in (1, 3, 4):
+            raise UserError(f"{path}: an image of {found} channels; the model takes {channels} (unet.image_channels)")
+        if found != channels and not (found == 4 and channels == 3):
+            note(f"{path.name} has {found} channel(s), the model takes {channels}: converting it as training does")
+    if layout.note:
+        note(layout.note)
+    return layout
 
-    def pages() -> Iterator[np.ndarray]:
-        if len(shapes) == 1:  # (3, H, W) in one page is one RGB image, not a stack
-            yield read_image(path) if image is None else image
-            return
-        with tifffile.TiffFile(path) as tiff:  # open once: finding page k walks the pages before it
-            for page in tiff.pages:
-                yield page.asarray()
 
-    return shapes, pages()
+def is_large(layout: ImageLayout) -> bool:
+    """Whether an input is one image of more than ``BAND_PIXELS`` pixels, predicted in bands."""
+    return layout.count == 1 and layout.sizes[0][0] * layout.sizes[0][1] > BAND_PIXELS
+
+
+def output_targets(
+    inputs: list[Path], layouts: list[ImageLayout], output: Path, outputs: set[str]
+) -> list[dict[str, Path]]:
+    """Where each input's outputs go: ``{key: path}``, keys ``mask``, and from ``outputs`` ``probability``,
+    ``instances`` and ``overlay`` (``overlay <index>`` for each image of a stack; large images get
+    neither ids nor overlays). Outputs are named by the input's stem, or by its whole name where inputs
+    share a stem (``a.png`` and ``a.jpg``: ``a.png.png``, ``a.jpg.png``, ``a.png_probability.tif``). A
+    UserError, before anything is written, where two outputs would be one file or an output an input."""
+    stems = Counter(path.stem for path in inputs)
+    every = []
+    for path, layout in zip(inputs, layouts):
+        name, stack, large = path.name if stems[path.stem] > 1 else path.stem, layout.count > 1, is_large(layout)
+        tiff = stack or large or path.suffix.lower() in (".tif", ".tiff")
+        targets = {"mask": output / f"{name}{'.tif' if tiff else '.png'}"}
+        if "probability" in outputs:
+            targets["probability"] = output / f"{name}_probability.tif"
+        if "instances" in outputs and not large:
+            targets["instances"] = output / f"{name}_instances.tif"
+        if "overlay" in outputs and not large:
+            for index in range(layout.count):
+                targets[f"overlay {index}"] = output / (
+                    f"{name}_{index:03d}_overlay.png" if stack else f"{name}_overlay.png"
+                )
+        every.append(targets)
+    sources = {path.resolve(): path for path in inputs}
+    written: dict[Path, Path] = {}
+    for path, targets in zip(inputs, every):
+        for target in targets.values():
+            key = target.resolve()
+            if key in sources:
+                whose = "its input" if sources[key] == path else "the input"
+                raise UserError(
+                    f"--output {output}: {target.name} would overwrite {whose} {sources[key]}; choose another folder"
+                )
+            if written.setdefault(key, path) != path:
+                raise UserError(
+                    f"--output {output}: {target.name} would be written for both {written[key]} and {path}; rename one "
+                    "of them"
+                )
+    return every
 
 
 def mask_image(classes: np.ndarray, num_classes: int = 2) -> np.ndarray:
@@ -85,14 +126,13 @@ def mask_image(classes: np.ndarray, num_classes: int = 2) -> np.ndarray:
 
 
 def overlay_image(image: np.ndarray, classes: np.ndarray, opacity: float = 0.45) -> np.ndarray:
-    """(H, W, 3) uint8: the input in gray or colour with each predicted class > 0 tinted in its colour."""
+    """(H, W, 3) uint8: the input ((H, W), (H, W, C) or (C, H, W)) in gray or colour with each predicted
+    class > 0 tinted in its colour."""
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = (
-        pixels
-        if pixels.ndim == 3 and pixels.shape[-1] >= 3
-        else np.repeat(pixels.reshape(pixels.shape[:2] + (1,)), 3, axis=-1)
-    )
-    pixels = pixels[..., :3]
+    if pixels.ndim == 3 and row_axis(pixels.shape) == 1:  # channels first: planar pages, pages that are channels
+        pixels = np.moveaxis(pixels, 0, -1)
+    pixels = pixels.reshape(pixels.shape[:2] + (-1,))
+    pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
     pixels = 255 * (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1e-12)
     colours = OVERLAY_COLOURS[classes % len(OVERLAY_COLOURS)]
     tint = (classes > 0)[..., None]
@@ -106,75 +146,76 @@ def predict_files(
     probabilities: bool = False,
     overlay: bool = False,
     instances: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Path]:
     """Write a mask (and optionally probabilities, object ids and overlays) for every input, as
     ``predictor`` predicts and decides its pixels; returns the masks.
 
-    A multi-page TIFF is read, predicted and written a page at a time, so memory follows one page,
-    not the stack. Outputs are written under temporary names and renamed when complete: an
-    interrupted run leaves no half-written mask. ``instances`` writes ``<name>_instances.tif``: uint16
-    object ids, the 4-connected components of class 1 after the watershed cut of
-    ``predict.watershed_seeds``.
+    Every input's header is read first (``input_layout``: images over ``max_pixels``, which is
+    ``train.max_image_pixels``, refused) and every output named (``output_targets``), so that a refusal
+    comes before anything is written. A multi-page TIFF is read, predicted and written a page at a time,
+    so memory follows one page, not the stack. Outputs are written under temporary names and renamed when
+    all of an input's are complete: an interrupted or refused input leaves nothing. ``instances`` writes
+    ``<name>_instances.tif``: uint16 object ids, the 4-connected components of class 1 after the
+    watershed cut of ``predict.watershed_seeds``.
     """
     channels = predictor.model.image_channels
+    layouts = [input_layout(path, channels, max_pixels) for path in inputs]
+    asked = {"probability": probabilities, "overlay": overlay, "instances": instances}
+    every = output_targets(inputs, layouts, output, {key for key, wanted in asked.items() if wanted})
     output.mkdir(parents=True, exist_ok=True)
     written, uniform, total = [], [], 0
-    for path in inputs:
-        shapes, pages = image_pages(path, channels)
-        stack = len(shapes) > 1
-        if not stack and plane_pixels(shapes[0]) > BAND_PIXELS:
-            if instances:
-                note(
-                    f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted "
-                    "in bands)"
-                )
-            image = tiff_memmap(path) if path.suffix.lower() in (".tif", ".tiff") else None
-            written.append(
-                predict_large_image(predictor, path, next(pages) if image is None else image, output, probabilities)
+    for path, layout, targets in zip(inputs, layouts, every):
+        if instances and is_large(layout):
+            note(
+                f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)"
             )
-            continue
-        targets = {
-            "mask": output / (path.stem + (".tif" if stack or path.suffix.lower() in (".tif", ".tiff") else ".png"))
-        }
-        if probabilities:
-            targets["probability"] = output / f"{path.stem}_probability.tif"
-        if instances:
-            targets["instances"] = output / f"{path.stem}_instances.tif"
-        if targets["mask"].resolve() == path.resolve():
-            raise UserError(f"--output {output}: the mask would overwrite its input {path}; choose another folder")
-        pixels = sum(plane_pixels(shape) for shape in shapes)
-        bytes_per_pixel = {"mask": 1, "probability": 4, "instances": 2}
-        with contextlib.ExitStack() as open_files:
-            writers = {
-                key: open_files.enter_context(
-                    tifffile.TiffWriter(partial(target), bigtiff=needs_bigtiff(bytes_per_pixel[key] * pixels))
-                )
-                for key, target in targets.items()
-                if target.suffix == ".tif"
-            }
-            for index, image in enumerate(pages):
-                page = predict_page(
-                    predictor, image, set(targets), f"{path.name}" + (f" page {index}" if stack else "")
-                )
-                for key, writer in writers.items():
-                    writer.write(page[key], photometric="minisblack", contiguous=True)
-                if "mask" not in writers:
-                    skimage.io.imsave(partial(targets["mask"]), page["mask"], check_contrast=False)
-                if overlay:
-                    skimage.io.imsave(
-                        output / (f"{path.stem}_{index:03d}_overlay.png" if stack else f"{path.stem}_overlay.png"),
-                        overlay_image(image, page["classes"]),
-                        check_contrast=False,
-                    )
-                uniform += [f"{path.name}" + (f" page {index}" if stack else "")] if page["uniform"] else []
-                total += 1
+        try:
+            if is_large(layout):
+                described = predict_large_image(predictor, layout, targets)
+            else:
+                found = predict_file(predictor, layout, targets)
+                uniform, total = uniform + found, total + layout.count
+                described = f"{layout.count} slices" if layout.count > 1 else ""
+        except BaseException:
+            for target in targets.values():
+                partial(target).unlink(missing_ok=True)
+            raise
         for target in targets.values():
             os.replace(partial(target), target)
         written.append(targets["mask"])
-        print(f"{path} -> {targets['mask']}" + (f" ({len(shapes)} slices)" if stack else ""))
+        print(f"{path} -> {targets['mask']}" + (f" ({described})" if described else ""))
     if uniform:
         note(uniform_prediction_note(uniform, total, "predicted images"))
     return written
+
+
+def predict_file(predictor: Predictor, layout: ImageLayout, targets: dict[str, Path]) -> list[str]:
+    """Predict the images of one input (a page of a stack at a time) into the temporary files of its
+    ``targets`` (``partial``); returns the names of the images predicted as one class everywhere."""
+    stack, path = layout.count > 1, layout.path
+    pixels = sum(width * height for width, height in layout.sizes)
+    uniform = []
+    with contextlib.ExitStack() as open_files:
+        writers = {
+            key: open_files.enter_context(
+                tifffile.TiffWriter(partial(target), bigtiff=needs_bigtiff(BYTES_PER_PIXEL[key] * pixels))
+            )
+            for key, target in targets.items()
+            if key in BYTES_PER_PIXEL and target.suffix == ".tif"
+        }
+        for index, image in enumerate(layout_images(layout)):
+            name = path.name + (f" page {index}" if stack else "")
+            page = predict_page(predictor, image, set(targets), name)
+            for key, writer in writers.items():
+                writer.write(page[key], photometric="minisblack", contiguous=True)
+            if "mask" not in writers:
+                skimage.io.imsave(partial(targets["mask"]), page["mask"], check_contrast=False)
+            if f"overlay {index}" in targets:
+                overlay = overlay_image(image, page["classes"])
+                skimage.io.imsave(partial(targets[f"overlay {index}"]), overlay, check_contrast=False)
+            uniform += [name] if page["uniform"] else []
+    return uniform
 
 
 def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], name: str) -> dict:
@@ -182,7 +223,7 @@ def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], nam
     ``probability`` (float32) and its object ids (``instances``, uint16) where ``outputs`` asks for
     them, and whether it is a single class everywhere (``uniform``)."""
     normalized = normalize_image(image, predictor.model.image_channels)
-    result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
+    result = check_prediction(predictor.probabilities(torch.from_numpy(normalized).to(predictor.device)), name)
     wanted = predictor.decides_by_objects or ("instances" in outputs and predictor.model.num_classes == 2)
     objects = predictor.objects(result) if wanted else None
     classes = predictor.classes(result, objects).numpy()
@@ -200,6 +241,16 @@ def predict_page(predictor: Predictor, image: np.ndarray, outputs: set[str], nam
     return page
 
 
+def check_prediction(probabilities: Tensor, name: str) -> Tensor:
+    """``probabilities`` where all are numbers; else a UserError: no output of NaN is ever written."""
+    if not bool(torch.isfinite(probabilities).all()):
+        raise UserError(
+            f"{name}: the model's probabilities are NaN (the image's values overflow float32 arithmetic, or the "
+            "checkpoint's weights are NaN): rescale the image, or use another checkpoint"
+        )
+    return probabilities
+
+
 def needs_bigtiff(data_bytes: int) -> bool:
     """Whether a TIFF of this much pixel data needs the BigTIFF format (classic TIFF ends at 4 GiB;
     a margin is left for the tags)."""
@@ -211,12 +262,6 @@ def partial(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
-def plane_pixels(shape: tuple[int, ...]) -> int:
-    """Height x width of an image of ``shape`` (H, W), (H, W, C) or (C, H, W)."""
-    axis = row_axis(shape)
-    return shape[axis] * shape[axis + 1]
-
-
 def tiff_memmap(path: Path) -> np.ndarray | None:
     """The pixels of a one-page TIFF memory-mapped (read only when used), or None where its layout
     does not allow it (compressed, not contiguous)."""
@@ -226,18 +271,19 @@ def tiff_memmap(path: Path) -> np.ndarray | None:
         return None
 
 
-def predict_large_image(
-    predictor: Predictor, path: Path, image: np.ndarray, output: Path, probabilities: bool = False
-) -> Path:
+def predict_large_image(predictor: Predictor, layout: ImageLayout, targets: dict[str, Path]) -> str:
     """Predict one large image in bands of rows, each with enough rows of context above and below
     that its output rows see what they would see in one pass over the whole image, into memory-mapped
-    output TIFFs (whatever the input's format): memory follows one band, not the image. With padding 0
-    the result equals the whole image's; with padding 1 the tiles fall elsewhere within a band than
-    within the whole image, and since each tile sees zero padding at its edges the blended
-    probabilities differ slightly (as between two tile sizes). The watershed cut of
-    ``predict.watershed_seeds`` runs per band (with its context); no overlay is written."""
-    model = predictor.model
+    output TIFFs (the temporary files of ``targets``' mask and probability, whatever the input's format):
+    memory follows one band, not the image. With padding 0 the result equals the whole image's; with
+    padding 1 the tiles fall elsewhere within a band than within the whole image, and since each tile
+    sees zero padding at its edges the blended probabilities differ slightly (as between two tile
+    sizes). The watershed cut of ``predict.watershed_seeds`` runs per band (with its context); no
+    overlay is written. Returns what it did, for the output line."""
+    model, path = predictor.model, layout.path
     channels, depth, padding = model.image_channels, model.depth, model.padding
+    image = tiff_memmap(path) if layout.pages == ((0,),) else None  # a one-page TIFF: read only where used
+    image = layout_image(layout) if image is None else image  # decoded whole (PNG, compressed TIFF)
     axis = row_axis(image.shape)
     height, width = image.shape[axis], image.shape[axis + 1]
     period = 2**depth
@@ -246,25 +292,19 @@ def predict_large_image(
     context = -(-reach // period) * period
     band_rows = max(period, BAND_PIXELS // width // period * period)
     statistics = image_statistics(image, channels)
-    mask_path, probability_path = output / f"{path.stem}.tif", output / f"{path.stem}_probability.tif"
-    masks = tifffile.memmap(
-        partial(mask_path),
-        shape=(height, width),
-        dtype=np.uint8,
-        photometric="minisblack",
-        bigtiff=needs_bigtiff(height * width),
-    )
-    cells = (
-        tifffile.memmap(
-            partial(probability_path),
+    if not np.all(np.isfinite(statistics)):  # a memory-mapped image is not checked on reading: count its NaN here
+        check_finite(image, str(path))
+    outputs = {
+        key: tifffile.memmap(
+            partial(targets[key]),
             shape=(height, width),
-            dtype=np.float32,
+            dtype=dtype,
             photometric="minisblack",
-            bigtiff=needs_bigtiff(4 * height * width),
+            bigtiff=needs_bigtiff(BYTES_PER_PIXEL[key] * height * width),
         )
-        if probabilities
-        else None
-    )
+        for key, dtype in (("mask", np.uint8), ("probability", np.float32))
+        if key in targets
+    }
     for top in range(0, height, band_rows):
         start, bottom, stop = (
             max(0, top - context),
@@ -274,15 +314,12 @@ def predict_large_image(
         band = np.take(image, range(start, stop), axis=axis)
         normalized = normalize_image(band, channels, statistics)
         result = predictor.probabilities(torch.from_numpy(normalized).to(predictor.device))
-        classes = predictor.classes(result).numpy()
+        classes = predictor.classes(check_prediction(result, f"{path.name} rows {start}-{stop - 1}")).numpy()
         result = predictor.class_probabilities(result)
-        masks[top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
-        if cells is not None:
-            cells[top:bottom] = result[1 if result.shape[0] > 1 else 0, top - start : bottom - start].numpy()
-    masks.flush()
-    os.replace(partial(mask_path), mask_path)
-    if cells is not None:
-        cells.flush()
-        os.replace(partial(probability_path), probability_path)
-    print(f"{path} -> {mask_path} ({height}x{width} px in bands of {band_rows} rows)")
-    return mask_path
+        outputs["mask"][top:bottom] = mask_image(classes[top - start : bottom - start], result.shape[0])
+        if "probability" in outputs:
+            channel = 1 if result.shape[0] > 1 else 0
+            outputs["probability"][top:bottom] = result[channel, top - start : bottom - start].numpy()
+    for array in outputs.values():
+        array.flush()
+    return f"{width}x{height} px in bands of {band_rows} rows"

@@ -9,6 +9,7 @@ with the ``predict`` settings in force on top (``Plan.for_prediction``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,30 @@ from pathlib import Path
 import torch
 
 from dataset import DataSets, build_datasets, prepare_data
-from model import UNet, build_model
-from segmentation.checkpoints import Progress, check_architecture, find_best_checkpoint, read_checkpoint
+from model import (
+    UNet,
+    build_model,
+    forward_maps,
+    prediction_activation_bytes,
+    unet_parameter_count,
+    valid_input_sizes,
+)
+from segmentation.checkpoints import (
+    Progress,
+    check_architecture,
+    check_weights,
+    find_best_checkpoint,
+    load_weights,
+    read_checkpoint,
+)
 from segmentation.config import DEFAULT_CONFIG, Config, load_config, merge_overrides, resolve
 from segmentation.console import note
-from segmentation.device import resolve_device
+from segmentation.device import require_memory, resolve_device
 from segmentation.inference.infer import Predictor
 from segmentation.plan import Plan, stored_plan
+
+# where a run writes: the config in force decides, never the config stored in a checkpoint
+OUTPUT_KEYS = ("train.save_path", "train.log_path", "train.cache_dir")
 
 
 @dataclass
@@ -62,29 +80,37 @@ def load_trained(
     tta: bool = False,
     device: torch.device | None = None,
     calibrating: bool = False,
+    current: Config | None = None,
 ) -> Trained:
     """The model and predictor of ``checkpoint`` (default: the newest ``best.pt`` under
     ``train.save_path``), with the config stored in it or the one at ``config_path`` and
     ``section.key=value`` overrides on top (the architecture must match the checkpoint's), test-time
     augmentation where ``tta`` or ``predict.tta`` asks for it, on ``device`` (default: ``train.device``).
-    A note says when ``predict.threshold: auto`` finds no calibrated threshold, unless ``calibrating``."""
+    Where outputs go (``OUTPUT_KEYS``) is the config in force's: ``config_path``, else ``current`` (training's
+    own config), else the shipped config.yaml, with the overrides; never the checkpoint's. A checkpoint
+    whose weights are not finite, do not fit its network, or whose network and prediction tiles would not
+    fit the device's memory is a UserError. A note says when ``predict.threshold: auto`` finds no
+    calibrated threshold, unless ``calibrating``."""
     if checkpoint is None:
         save_path = Path(load_config(config_path or DEFAULT_CONFIG, overrides).run.save_path)
         checkpoint = find_best_checkpoint(save_path)
     state = read_checkpoint(checkpoint)
     notices: list[str] = []
-    config = (
-        load_config(config_path, overrides, notices)
-        if config_path
-        else resolve(merge_overrides(state["config"], overrides), notices)
-    )
+    if config_path:
+        config = load_config(config_path, overrides, notices)
+    else:
+        stored = resolve(merge_overrides(state["config"], overrides), notices)
+        config = with_folders_of(stored, current or config_in_force(overrides))
     for message in notices:
         note(message)
     check_architecture(state, config.unet, checkpoint)
+    check_weights(state, checkpoint)
+    progress = Progress.from_dict(state["progress"], checkpoint)
     plan = stored_plan(state, config, str(checkpoint))
     device = device or resolve_device(config.train.device)
+    check_prediction_memory(config, plan, device, checkpoint)
     model = build_model(config.unet, plan.boundary_class).to(device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint)
     model.eval()
     uncalibrated = config.predict.threshold == "auto" and plan.threshold_source == "uncalibrated"
     if uncalibrated and plan.num_classes == 2 and not calibrating:
@@ -93,5 +119,37 @@ def load_trained(
             "(it is stored at the end of training): using 0.5"
         )
     predictor = Predictor.from_plan(model, plan, config.predict, config.augment, config.data.image_scale, tta)
-    progress = Progress.from_dict(state["progress"], checkpoint)
     return Trained(model, predictor, config, plan, progress, checkpoint, device, state)
+
+
+def config_in_force(overrides: Sequence[str]) -> Config:
+    """The config that decides where outputs go when a checkpoint's own config is used: the shipped
+    config.yaml (the defaults where it is gone) with the overrides of ``OUTPUT_KEYS`` on top (the others
+    belong to the checkpoint's network and may not fit the shipped one)."""
+    own = [item for item in overrides if item.partition("=")[0].strip() in OUTPUT_KEYS]
+    return load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None, own)
+
+
+def with_folders_of(config: Config, current: Config) -> Config:
+    """``config`` with ``current``'s ``train.save_path``, ``log_path`` and ``cache_dir``: a checkpoint's stored
+    paths (edited, or another machine's) never say where this process writes."""
+    run = dataclasses.replace(config.run, save_path=current.run.save_path, log_path=current.run.log_path)
+    return dataclasses.replace(config, run=run, data=dataclasses.replace(config.data, cache_dir=current.data.cache_dir))
+
+
+def check_prediction_memory(config: Config, plan: Plan, device: torch.device, checkpoint: Path) -> None:
+    """A UserError (one line) before the network is built where it and a batch of prediction tiles
+    (``predict.batch_size`` tiles of ``predict.tile_size``, rounded up to a valid size) would not fit the
+    memory ``device`` has free: a checkpoint whose stored widths were edited, or tiles too large."""
+    unet, batch = config.unet, config.predict.batch_size
+    tile = valid_input_sizes(plan.for_prediction(config.predict).predict_tile_size, unet.depth, unet.padding)[1]
+    blocks = forward_maps(unet, plan.label_classes, tile)
+    parts = {
+        "parameters": 4 * unet_parameter_count(unet, plan.label_classes),
+        f"activations of {batch} tiles of {tile}x{tile} px": batch * prediction_activation_bytes(blocks),
+    }
+    advice = (
+        f"lower predict.tile_size ({tile}) or predict.batch_size ({batch}), or use a checkpoint of smaller "
+        f"unet.input_channels (this one has {list(unet.input_channels)})"
+    )
+    require_memory(f"{checkpoint}: predicting", parts, device, advice)

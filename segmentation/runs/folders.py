@@ -1,18 +1,22 @@
 """Run folders and what is logged in them: names that never overwrite, the settings and metrics.csv.
 
 Each run writes to ``log_path/<run>/`` (its resolved config, ``metrics.csv`` and the figures of
-``segmentation.runs.figures``) and to ``save_path/<run>/`` (checkpoints). Files are replaced
-atomically, so a run killed while writing leaves the previous version whole.
+``segmentation.runs.figures``) and to ``save_path/<run>/`` (checkpoints). A new run's name is claimed by
+creating its folders, so that two runs started at the same moment never share one. Files are replaced
+atomically (``segmentation.files``), so a run killed while writing, or a full disk, leaves the previous
+version whole.
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import io
+import itertools
 from datetime import datetime
 from pathlib import Path
 
 from segmentation.console import note
+from segmentation.files import write_text_atomically
 from segmentation.settings import RunSettings
 
 CSV_COLUMNS = (
@@ -36,35 +40,56 @@ def run_base_name(run: RunSettings, label: str) -> str:
     return run.run_name or f"{datetime.now():%Y-%m-%d_%H%M%S}-{label}"
 
 
-def new_run_name(run: RunSettings, label: str, fold: int | None = None) -> str:
+def new_run_name(run: RunSettings, label: str, fold: int | None = None, weights: bool = True) -> str:
     """``run_base_name``, then ``-fold<i>`` under cross-validation (``fold``); suffixed -2, -3 ... so that no
-    earlier run is overwritten."""
+    earlier run is overwritten. The name is claimed: its log folder and, for a training run (``weights``),
+    its checkpoint folder are created here, each by a ``mkdir`` that fails where the folder exists, so
+    that two runs started at the same moment with the same name never share a folder."""
     base = run_base_name(run, label) + (f"-fold{fold}" if fold is not None else "")
-    name, count = base, 1
-    while (Path(run.log_path) / name).exists() or (Path(run.save_path) / name).exists():
-        count += 1
-        name = f"{base}-{count}"
+    roots = [Path(run.log_path), *([Path(run.save_path)] if weights else [])]
+    for count in itertools.count(1):
+        name = base if count == 1 else f"{base}-{count}"
+        if claimed(roots, name):
+            break
     if run.run_name and name != base:
         note(f"run folder {base} exists already: writing to {name}")
     return name
 
 
+def claimed(roots: list[Path], name: str) -> bool:
+    """Whether this process created ``root/name`` under each of ``roots``: none existed (a folder created
+    before another process's is removed again, empty, and the name left to that process)."""
+    if any((root / name).exists() for root in roots):
+        return False
+    made: list[Path] = []
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            (root / name).mkdir()
+        except FileExistsError:  # another process claimed the name between the look and the mkdir
+            for folder in made:
+                folder.rmdir()
+            return False
+        made.append(root / name)
+    return True
+
+
 def new_run_folder(run: RunSettings, mode: str, config_text: str, fold: int | None = None) -> Path:
     """A new folder ``train.log_path/<date>_<time>-<mode>`` (or ``train.run_name``) holding ``config_text``
     (the run's settings as YAML) as ``config.yaml``."""
-    folder = Path(run.log_path) / new_run_name(run, mode, fold)
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(config_text)
+    folder = Path(run.log_path) / new_run_name(run, mode, fold, weights=False)
+    write_text_atomically(folder / "config.yaml", config_text, "train.log_path")
     return folder
 
 
 def start_run_folders(run_log: Path, run_weights: Path, config_text: str, resumed_epoch: int | None) -> None:
-    """Create a training run's folders and write its settings (``config_text``, YAML) to ``config.yaml``,
-    or for a run resumed after ``resumed_epoch`` epochs to ``config-resumed-epoch<N>.yaml``."""
+    """Create a training run's folders (a new run's exist already: ``new_run_name`` claimed them) and write its
+    settings (``config_text``, YAML) to ``config.yaml``, or for a run resumed after ``resumed_epoch`` epochs
+    to ``config-resumed-epoch<N>.yaml``."""
     run_log.mkdir(parents=True, exist_ok=True)
     run_weights.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if resumed_epoch is None else f"config-resumed-epoch{resumed_epoch}.yaml"
-    (run_log / name).write_text(config_text)
+    write_text_atomically(run_log / name, config_text, "train.log_path")
 
 
 def read_metrics(path: Path, completed_epochs: int) -> list[dict]:
@@ -82,12 +107,11 @@ def per_class_columns(rows: list[dict]) -> list[str]:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` (dicts keyed by ``CSV_COLUMNS``) to ``metrics.csv`` through a temporary file and a rename."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[*CSV_COLUMNS, *per_class_columns(rows)], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[*CSV_COLUMNS, *per_class_columns(rows)], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, text.getvalue(), "train.log_path")
 
 
 def epoch_line(row: dict, max_epochs: int) -> str:
