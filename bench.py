@@ -10,6 +10,7 @@
     python bench.py --fine-tune-experiment 20 --data ISBI_FOLDER [--source CKPT]   # 3 ISBI slices: init_from vs scratch
     python bench.py --instance-experiment nuclei=40,isbi=20,pennfudan=60 --data ISBI --pennfudan PF   # ids vs 0/255
     python bench.py --restart-cost 3             # a torchrun worker killed: seconds to the restarted group's step
+    python bench.py --sparse-experiment isbi=20,pennfudan=80 --data ISBI --pennfudan PF   # scribbles vs dense masks
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -49,12 +50,14 @@ from segmentation.benchmarks.instances import instance_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
 from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
+from segmentation.benchmarks.sparse import ISBI_FOLDS, SPARSE_SETS, sparse_experiment
 from segmentation.benchmarks.speed import data_path_table, in_child, print_training_table, time_inference, time_training
 from segmentation.config import UserError
 from segmentation.device import resolve_device
 from segmentation.options import (
     OneLineParser,
     device_name,
+    index_list,
     int_list,
     named_counts,
     non_negative_int,
@@ -187,7 +190,23 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: id masks against 0/255 masks, with and without the boundary class, seeds 0 and 1, on "
         "nuclei (generated), isbi (--data) and pennfudan (--pennfudan), e.g. nuclei=40,isbi=20,pennfudan=80",
     )
-    parser.add_argument("--pennfudan", type=path_argument, help="--instance-experiment: the PennFudanPed folder")
+    parser.add_argument(
+        "--sparse-experiment",
+        type=named_counts(SPARSE_SETS),
+        metavar="SET=EPOCHS,...",
+        help="instead: scribbles (isbi, --data: its 5 contiguous folds) and partial masks (pennfudan, --pennfudan: "
+        "seeds 0 and 1) with train.ignore_value against the dense masks, scored on the dense held-out masks, "
+        "e.g. isbi=20,pennfudan=80",
+    )
+    parser.add_argument(
+        "--folds",
+        type=index_list(ISBI_FOLDS),
+        metavar="K,...",
+        help="--sparse-experiment: which of ISBI's 5 contiguous folds to train (0-4; default all), e.g. 0,2,4",
+    )
+    parser.add_argument(
+        "--pennfudan", type=path_argument, help="--instance- and --sparse-experiment: the PennFudanPed folder"
+    )
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,14 +214,14 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     across options; a wrong one ends the program with one line (exit code 2)."""
     parser = command_line()
     args = parser.parse_args(argv)
-    sets = args.instance_experiment or {}
+    sets = {**(args.instance_experiment or {}), **(args.sparse_experiment or {})}
     if (args.fine_tune_experiment or "isbi" in sets) and not args.data:
         parser.error(
-            "--data is needed: --fine-tune-experiment and --instance-experiment isbi=... read the ISBI 2012 folder "
-            "(train-volume.tif, train-labels.tif)"
+            "--data is needed: --fine-tune-experiment and --instance- or --sparse-experiment isbi=... read the ISBI "
+            "2012 folder (train-volume.tif, train-labels.tif)"
         )
     if "pennfudan" in sets and not args.pennfudan:
-        parser.error("--pennfudan is needed: --instance-experiment pennfudan=... reads the PennFudanPed folder")
+        parser.error("--pennfudan is needed: the experiments' pennfudan=... reads the PennFudanPed folder")
     try:
         resolve_device(args.device)
         if args.size is not None:
@@ -228,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         restart_cost_table(args.restart_cost)
     if args.instance_experiment:
         instance_experiment(args.instance_experiment, [0, 1], args.data, args.pennfudan)
+    if args.sparse_experiment:
+        sparse_experiment(args.sparse_experiment, [0, 1], args.data, args.pennfudan, args.folds)
     experiments = (args.nuclei_experiment, args.fine_tune_experiment, args.restart_cost, args.instance_experiment)
+    experiments += (args.sparse_experiment,)
     if args.data_scale or args.predict_stack or any(experiments):
         return
 

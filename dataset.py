@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from segmentation.config import UserError
 from segmentation.console import note as console_note
-from segmentation.data.cache import PreparedImage, PreprocessingSettings, prepare_images
+from segmentation.data.cache import BOUNDARY, PreparedImage, PreprocessingSettings, prepare_images
 from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
@@ -82,11 +82,8 @@ class TileDataset(Dataset):
         epoch, index = divmod(key, len(self))
         rng = np.random.default_rng([self.seed, epoch, index])
         prepared = self.images[index // self.samples_per_image]
+        top, left = self.tile_position(prepared, rng)
         height, width = prepared.shape
-        # the output tile lies inside the image (images smaller than it are mirrored up to its size);
-        # the input tile reaches margin px further, mirrored where it leaves the image
-        top = int(rng.integers(0, max(height, self.output_size) - self.output_size + 1))
-        left = int(rng.integers(0, max(width, self.output_size) - self.output_size + 1))
         rows = mirrored_indices(top - self.margin, self.tile_size, height)
         cols = mirrored_indices(left - self.margin, self.tile_size, width)
         image, label, border = prepared.arrays()
@@ -97,6 +94,20 @@ class TileDataset(Dataset):
             torch.from_numpy(label_tile.astype(np.int64)),
             torch.from_numpy(add_class_weights(label_tile, border_tile, self.class_weights)),
         )
+
+    def tile_position(self, prepared: PreparedImage, rng: np.random.Generator) -> tuple[int, int]:
+        """Top left corner (px) of a random output tile inside the image (images smaller than it are
+        mirrored up to its size; the input tile reaches ``margin`` px further, mirrored where it leaves the
+        image). Of an image annotated in part, the tile holds an annotated pixel drawn at random
+        (``PreparedImage.annotated_points``) at a random place: tiles are drawn where the annotations are."""
+        height, width = prepared.shape
+        last = [max(side, self.output_size) - self.output_size for side in (height, width)]
+        if not prepared.unannotated:
+            return int(rng.integers(0, last[0] + 1)), int(rng.integers(0, last[1] + 1))
+        points = prepared.annotated_points()
+        point = points[int(rng.integers(0, len(points)))]
+        offsets = rng.integers(0, self.output_size, size=2)
+        return tuple(int(np.clip(at - offset, 0, end)) for at, offset, end in zip(point, offsets, last))
 
 
 class WholeImageDataset(Dataset):
@@ -129,7 +140,7 @@ def folded(label: np.ndarray, prepared: PreparedImage, label_classes: int) -> np
     """``label`` of an entry with the objects' borders (``cache.BOUNDARY``) folded into the objects for a
     network of two classes; other labels as they are (a copy: memory-mapped arrays stay unwritten)."""
     if prepared.has_boundary and label_classes == 2:
-        return np.minimum(label, 1)
+        return np.where(label == BOUNDARY, 1, label).astype(label.dtype)  # unannotated pixels stay unannotated
     return np.array(label)
 
 
@@ -319,7 +330,29 @@ def prepare_data(
     mapped = data.mask_values is not None or data.mask_colors is not None
     if data.mask_type == "auto" and not mapped and (data.dataset_name == "folder" or data.val_data):
         note(mask_decision(prepared))
+    if data.ignore_value is not None or data.ignore_color is not None:
+        result = annotated_only(result, note)
     return result
+
+
+def annotated_only(prepared: PreparedData, note: Callable[[str], None]) -> PreparedData:
+    """``prepared`` without the images that have no annotated pixel (one note names them), with a note where
+    no mask holds the ignore value at all; a UserError where no training or validation image is left."""
+    every = prepared.train + prepared.val + prepared.test
+    if not any(image.unannotated for image in every):
+        note("train.ignore_value (or ignore_color) is in no mask: every pixel is annotated")
+    empty = [image.name for image in every if image.annotated == 0]
+    if empty:
+        named = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        note(f"{len(empty)} image(s) have no annotated pixel and are left out: {named}")
+    kept = PreparedData(*([image for image in part if image.annotated] for part in vars(prepared).values()))
+    for part in ("train", "val"):
+        if not getattr(kept, part) and getattr(prepared, part):
+            raise UserError(
+                f"no {part} image has an annotated pixel (train.ignore_value marks every pixel of them): "
+                "annotate some, or check train.ignore_value"
+            )
+    return kept
 
 
 def build_datasets(
@@ -367,10 +400,14 @@ def data_summary(
     counts = class_totals(train_images, classes)
     channels = sorted({image.source_channels for image in train_images})
     fractions = ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
+    unannotated = sum(image.unannotated for image in train_images)
+    annotated = (
+        f" of the {100 * (1 - unannotated / (unannotated + counts.sum())):.1f} % annotated" if unannotated else ""
+    )
     return (
         f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
         f"training images {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px (width x height), "
-        f"{'/'.join(map(str, channels))} channel(s), class fractions {fractions}"
+        f"{'/'.join(map(str, channels))} channel(s), class fractions{annotated} {fractions}"
     )
 
 

@@ -2,6 +2,7 @@
 
 All take raw logits ``(B, K, h, w)`` and integer targets ``(B, H, W)``. With valid convolutions the
 output is smaller than the input tile, so targets and weight maps are centre-cropped to the output.
+Targets of ``IGNORE_LABEL`` mark pixels nobody annotated (``train.ignore_value``): they count nowhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ import torch.nn.functional as F
 from model import center_crop
 
 LOSSES = ("ce", "dice", "ce+dice")
+IGNORE_LABEL = 255  # the target of a pixel that is not annotated: no class, no loss, no score
+
+
+def annotated(target: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor of ``target``'s shape: where a class is given (not ``IGNORE_LABEL``)."""
+    return target != IGNORE_LABEL
+
+
+def scored_classes(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``target`` in the user's ``num_classes`` classes, for scores: a class beyond them (the object border of a
+    network with the boundary class) is its object's, the last; unannotated pixels stay ``IGNORE_LABEL``."""
+    return torch.where(annotated(target), target.clamp(max=num_classes - 1), target)
 
 
 def weighted_cross_entropy(
@@ -25,7 +38,8 @@ def weighted_cross_entropy(
     Parameters
     ----------
     logits : (B, K, h, w) float tensor, unnormalised class scores.
-    target : (B, H, W) int64 tensor of class indices, H >= h and W >= w (cropped to the centre).
+    target : (B, H, W) int64 tensor of class indices, H >= h and W >= w (cropped to the centre);
+        ``IGNORE_LABEL`` where nothing is annotated, which weighs 0.
     weight_map : (B, H, W) float tensor of per-pixel weights w(x) >= 0, or None for all ones.
     class_weights : (K,) float tensor, multiplied into every pixel's weight by its target class.
 
@@ -37,12 +51,17 @@ def weighted_cross_entropy(
     """
     height, width = logits.shape[-2:]
     target = center_crop(target, height, width)
-    pixel_loss = F.cross_entropy(logits.float(), target, reduction="none")
+    pixel_loss = F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_LABEL)
     weight = torch.ones_like(pixel_loss) if weight_map is None else center_crop(weight_map, height, width).float()
+    given = annotated(target)
     if class_weights is not None:
-        weight = weight * class_weights.to(pixel_loss.device)[target]
+        weight = weight * class_weights.to(pixel_loss.device)[target.where(given, 0)]
+    # An unannotated pixel weighs nothing: its loss is 0 (ignore_index), and its weight leaves the normalisation
+    # by subtraction, which is exact (a sum of zeros) where every pixel is annotated: masking the weights instead
+    # would copy them into another memory layout and change the summation order of every other run.
+    total = weight.sum() - torch.where(given, 0.0, weight).sum()
     # clamp: a tile of pixels that all weigh 0 would otherwise give 0/0
-    return (weight * pixel_loss).sum() / weight.sum().clamp_min(1e-12)
+    return (weight * pixel_loss).sum() / total.clamp_min(1e-12)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -50,7 +69,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
     Parameters
     ----------
-    logits : (B, K, h, w) float tensor; target : (B, H, W) int64, centre-cropped to (h, w).
+    logits : (B, K, h, w) float tensor; target : (B, H, W) int64, centre-cropped to (h, w), where
+        ``IGNORE_LABEL`` pixels take part neither in the prediction's sums nor in the target's.
     smooth : added to numerator and denominator so that a class absent from target and prediction
         scores 1 instead of 0/0.
 
@@ -60,8 +80,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     """
     num_classes = logits.shape[1]
     target = center_crop(target, *logits.shape[-2:])
-    probabilities = logits.float().softmax(dim=1)
-    one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    given = annotated(target)[:, None]
+    probabilities = logits.float().softmax(dim=1) * given
+    one_hot = F.one_hot(target.where(given[:, 0], 0), num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    one_hot = one_hot * given
     dims = (0, 2, 3)
     intersection = (probabilities * one_hot).sum(dims)
     total = probabilities.sum(dims) + one_hot.sum(dims)

@@ -1,4 +1,4 @@
-"""U-Net (Ronneberger, Fischer & Brox, 2015) with the paper's size arithmetic.
+"""U-Net (Ronneberger, Fischer & Brox, 2015) in 2D and 3D, with the paper's size arithmetic.
 
 The network is built from small named blocks (``DoubleConv``, ``Down``,
 ``Up``) in the style of milesial/Pytorch-UNet.  With ``padding=0`` it is the
@@ -6,6 +6,12 @@ paper's network: unpadded ("valid") 3x3 convolutions, so the output is smaller
 than the input (572x572 -> 388x388) and only some input sizes fit.  The module
 functions ``output_size`` and ``valid_input_sizes`` do that arithmetic so that
 callers can pick tile sizes and crop targets without running the network.
+
+The spatial dimensions are an argument (``dims``: 2 for images, 3 for volumes, as MONAI's
+``spatial_dims``), and so are the kernel and pooling sizes along each axis and level
+(``kernel_sizes``, ``pool_sizes``), as nnU-Net's plans give them for anisotropic volumes: an axis
+whose voxels are much longer than the others' is convolved with kernels of 1 and not pooled until
+the others catch up. The size arithmetic works axis by axis with those sizes.
 """
 
 from __future__ import annotations
@@ -21,30 +27,22 @@ from torch import nn
 
 NORMS = ("layer", "batch", "group", "instance", "none")
 UPSAMPLE_MODES = ("transpose", "bilinear")
+CONVOLUTIONS = {2: nn.Conv2d, 3: nn.Conv3d}
+TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+POOLS = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+BATCH_NORMS = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+INSTANCE_NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+INTERPOLATION = {2: "bilinear", 3: "trilinear"}  # upsample: bilinear, as each dimension names it
 
 
 class ChannelLayerNorm(nn.Module):
-    """Layer normalisation over the channels of each pixel of a (B, C, H, W) map.
+    """Layer normalisation over the channels of each pixel of a (B, C, H, W) map, or voxel of (B, C, D, H, W).
 
-    This is ConvNeXt's ``LayerNorm2d``.  We prefer it to ``GroupNorm(1, C)``,
-    which normalises over a whole (C, H, W) sample: those statistics depend on
-    the size and content of the tile, so a tile would not get the same
-    features as the same region of the whole image.  Statistics taken per pixel
-    work for every input size and make tiled inference match whole-image
-    inference exactly.
-
-    Parameters
-    ----------
-    channels : int
-        Number of channels C.
-    eps : float, optional
-        Added to the variance for numerical stability.
-
-    Attributes
-    ----------
-    weight, bias : torch.nn.Parameter
-        Learnable per-channel scale and shift, shape (C,), initialised to 1
-        and 0.
+    This is ConvNeXt's ``LayerNorm2d``.  We prefer it to ``GroupNorm(1, C)``, which normalises over a whole
+    (C, H, W) sample: those statistics depend on the size and content of the tile, so a tile would not get the
+    same features as the same region of the whole image.  Statistics taken per pixel work for every input size
+    and make tiled inference match whole-image inference exactly. ``weight`` and ``bias`` (C,) are the learnable
+    per-channel scale and shift (initialised to 1 and 0); ``eps`` is added to the variance.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
@@ -54,49 +52,72 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x`` of shape (B, C, H, W); the result has the same shape."""
+        """Normalise ``x`` of shape (B, C, ...); the result has the same shape."""
         # F.layer_norm normalises the trailing dimensions, so move C last.
         # the normalised shape comes from the weight, not the input, so that ONNX tracing sees a constant
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        # explicit permutations: ONNX refuses the negative axes movedim(1, -1) exports
+        last = x.dim() - 1
+        x = F.layer_norm(x.permute(0, *range(2, last + 1), 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, last, *range(1, last))
 
 
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """Return the normalisation layer named ``norm`` (one of ``NORMS``) for ``channels`` channels.
+def make_norm(norm: str, channels: int, dims: int = 2) -> nn.Module:
+    """Return the normalisation layer named ``norm`` (one of ``NORMS``) for ``channels`` channels of ``dims``-D maps.
 
     ``"group"`` uses ``gcd(channels, 8)`` groups so that any channel count works.
     """
     if norm == "layer":
         return ChannelLayerNorm(channels)
     if norm == "batch":
-        return nn.BatchNorm2d(channels)
+        return BATCH_NORMS[dims](channels)
     if norm == "group":
         return nn.GroupNorm(math.gcd(channels, 8), channels)
     if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return INSTANCE_NORMS[dims](channels, affine=True)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(map(repr, NORMS))}")
 
 
+def same_kernel(kernel: int | Sequence[int]) -> int | tuple[int, ...]:
+    """A kernel or pooling size as PyTorch's layers take it: one int where it is the same along every axis."""
+    if isinstance(kernel, int):
+        return kernel
+    kernel = tuple(kernel)
+    return kernel[0] if len(set(kernel)) == 1 else kernel
+
+
 class DoubleConv(nn.Module):
-    """(3x3 convolution => norm => ReLU) * 2.
+    """(3x3 convolution => norm => ReLU) * 2, or with the ``kernel`` given per axis (3 or 1).
 
     With ``padding=0`` (the paper's valid convolutions) each convolution trims
     one pixel from every border, so the block shrinks H and W by 4; with
-    ``padding=1`` it keeps the size.
+    ``padding=1`` it keeps the size. An axis of kernel 1 keeps its size either way.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, padding: int, norm: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: int,
+        norm: str,
+        dims: int = 2,
+        kernel: int | Sequence[int] = 3,
+    ) -> None:
         super().__init__()
+        kernel = same_kernel(kernel)
+        pad = padding if isinstance(kernel, int) else tuple(padding * (size // 2) for size in kernel)
+        if isinstance(kernel, int) and kernel == 1:
+            pad = 0
+        convolution = CONVOLUTIONS[dims]
         # A norm's learnable shift makes a convolution bias redundant.
         bias = norm == "none"
         self.double_conv = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=bias),
-            make_norm(norm, out_channels),
+            convolution(in_channels, out_channels, kernel, padding=pad, bias=bias),
+            make_norm(norm, out_channels, dims),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=padding, bias=bias),
-            make_norm(norm, out_channels),
+            convolution(out_channels, out_channels, kernel, padding=pad, bias=bias),
+            make_norm(norm, out_channels, dims),
             nn.ReLU(inplace=True),
         )
 
@@ -105,41 +126,51 @@ class DoubleConv(nn.Module):
 
 
 class Down(nn.Module):
-    """2x2 max pooling, then DoubleConv."""
+    """2x2 max pooling (``pool`` per axis), then DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: int, norm: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: int,
+        norm: str,
+        dims: int = 2,
+        pool: int | Sequence[int] = 2,
+        kernel: int | Sequence[int] = 3,
+    ) -> None:
         super().__init__()
         self.maxpool_conv = nn.Sequential(
-            nn.MaxPool2d(2),
-            DoubleConv(in_channels, out_channels, padding, norm),
+            POOLS[dims](same_kernel(pool)),
+            DoubleConv(in_channels, out_channels, padding, norm, dims, kernel),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool_conv(x)
 
 
-def center_crop(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Crop the central ``height`` x ``width`` window of a (..., H, W) tensor.
+def center_crop(tensor: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Crop the central window of ``shape`` (height, width; or depth, height, width) from the last axes of a tensor.
 
-    Returns a view with shape (..., height, width).  When H - height is odd
-    the extra row is dropped from the bottom (likewise for columns).
+    Returns a view with shape (..., *shape).  When H - height is odd
+    the extra row is dropped from the bottom (likewise for columns and sections).
     """
-    in_height, in_width = tensor.shape[-2:]
-    if not (0 < height <= in_height and 0 < width <= in_width):
+    sizes = tensor.shape[-len(shape) :]
+    if not all(0 < size <= found for size, found in zip(shape, sizes)):
+        found = "x".join(map(str, sizes))
         raise ValueError(
-            f"cannot crop a {in_height}x{in_width} tensor to {height}x{width}: "
+            f"cannot crop a {found} tensor to {'x'.join(map(str, shape))}: "
             "the crop size must be positive and no larger than the tensor"
         )
-    top = (in_height - height) // 2
-    left = (in_width - width) // 2
-    return tensor[..., top : top + height, left : left + width]
+    starts = [(found - size) // 2 for size, found in zip(shape, sizes)]
+    window = tuple(slice(start, start + size) for start, size in zip(starts, shape))
+    return tensor[(..., *window)]
 
 
 class Up(nn.Module):
-    """Upsample by 2 halving the channels, concatenate the cropped skip, then DoubleConv.
+    """Upsample by 2 (``pool`` per axis) halving the channels, concatenate the cropped skip, then DoubleConv.
 
     ``upsample="transpose"`` is the paper's 2x2 up-convolution;
-    ``"bilinear"`` is bilinear upsampling followed by a 1x1 convolution, which
+    ``"bilinear"`` is bilinear (trilinear) upsampling followed by a 1x1 convolution, which
     gives the same channel counts.  The skip connection must have
     ``skip_channels`` channels (default ``in_channels // 2``, as in the paper
     where every level doubles the width); the DoubleConv then sees
@@ -154,14 +185,19 @@ class Up(nn.Module):
         norm: str,
         upsample: str,
         skip_channels: int | None = None,
+        dims: int = 2,
+        pool: int | Sequence[int] = 2,
+        kernel: int | Sequence[int] = 3,
     ) -> None:
         super().__init__()
+        pool = same_kernel(pool)
         if upsample == "transpose":
-            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+            self.up = TRANSPOSED[dims](in_channels, in_channels // 2, kernel_size=pool, stride=pool)
         elif upsample == "bilinear":
+            factor = float(pool) if isinstance(pool, int) else tuple(float(size) for size in pool)
             self.up = nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                nn.Conv2d(in_channels, in_channels // 2, kernel_size=1),
+                nn.Upsample(scale_factor=factor, mode=INTERPOLATION[dims], align_corners=False),
+                CONVOLUTIONS[dims](in_channels, in_channels // 2, kernel_size=1),
             )
         else:
             raise ValueError(
@@ -169,14 +205,14 @@ class Up(nn.Module):
             )
         if skip_channels is None:
             skip_channels = in_channels // 2
-        self.conv = DoubleConv(skip_channels + in_channels // 2, out_channels, padding, norm)
+        self.conv = DoubleConv(skip_channels + in_channels // 2, out_channels, padding, norm, dims, kernel)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Upsample ``x`` (B, C, h, w) and merge ``skip`` (B, C_skip, H, W), H >= 2h, W >= 2w."""
+        """Upsample ``x`` (B, C, h, w) and merge ``skip`` (B, C_skip, H, W), H >= 2h, W >= 2w (or in 3D)."""
         x = self.up(x)
         # Valid convolutions leave the skip larger than the upsampled map: the
         # paper crops it ("crop and copy").  With padding 1 this is a no-op.
-        skip = center_crop(skip, x.shape[-2], x.shape[-1])
+        skip = center_crop(skip, *x.shape[2:])
         return self.conv(torch.cat([skip, x], dim=1))
 
 
@@ -187,63 +223,70 @@ def _check_depth_padding(depth: int, padding: int) -> None:
         raise ValueError(f"padding must be 0 (valid convolutions) or 1 (same size), got {padding!r}")
 
 
-def _walk(size: int, depth: int, padding: int) -> tuple[int | None, str]:
+def _axis(depth: int, kernels: Sequence[int] | None, pools: Sequence[int] | None) -> tuple[tuple, tuple]:
+    """The kernel sizes of the ``depth + 1`` levels and the pooling factors of the ``depth`` poolings along one axis
+    (default: 3 and 2, the paper's)."""
+    kernels = (3,) * (depth + 1) if kernels is None else tuple(kernels)
+    pools = (2,) * depth if pools is None else tuple(pools)
+    if len(kernels) != depth + 1 or len(pools) != depth:
+        raise ValueError(f"a depth-{depth} U-Net has {depth + 1} kernel sizes and {depth} pooling factors per axis")
+    return kernels, pools
+
+
+def _walk(
+    size: int, depth: int, padding: int, kernels: Sequence[int] | None = None, pools: Sequence[int] | None = None
+) -> tuple[int | None, str]:
     """Follow one spatial size through the network: (output size, "") or (None, reason)."""
-    shrink = 4 if padding == 0 else 0  # per DoubleConv: two 3x3 convs trim 1 px per border each
+    kernels, pools = _axis(depth, kernels, pools)
+
+    def shrink(level: int) -> int:  # per DoubleConv: two convolutions trim (kernel - 1) / 2 px per border each
+        return 2 * (kernels[level] - 1) if padding == 0 else 0
+
     too_small = "a feature map would shrink below one pixel"
     if size < 1:
         return None, too_small
-    size -= shrink
+    size -= shrink(0)
     if size < 1:
         return None, too_small
-    for _ in range(depth):
-        # MaxPool2d would silently floor an odd size, and the skip would then
+    for level in range(1, depth + 1):
+        # MaxPool would silently floor an odd size, and the skip would then
         # no longer line up with the upsampled map.
-        if size % 2:
-            return None, "every pooling needs an even size"
-        size = size // 2 - shrink
+        if size % pools[level - 1]:
+            return None, "every pooling needs an even size" if pools[
+                level - 1
+            ] == 2 else "every pooling needs a size it divides"
+        size = size // pools[level - 1] - shrink(level)
         if size < 1:
             return None, too_small
-    for _ in range(depth):
-        size = 2 * size - shrink
+    for level in range(depth - 1, -1, -1):
+        size = pools[level] * size - shrink(level)
         if size < 1:
             return None, too_small
     return size, ""
 
 
-def valid_input_sizes(size: int, depth: int, padding: int) -> tuple[int | None, int]:
-    """Return the nearest valid input sizes ``(below, above)`` with ``below <= size <= above``.
-
-    Parameters
-    ----------
-    size : int
-        Input height or width in pixels.
-    depth : int
-        Number of poolings (``len(input_channels)`` of ``UNet``).
-    padding : int
-        0 for valid convolutions, 1 for same-size convolutions.
-
-    Returns
-    -------
-    below : int or None
-        Largest valid size <= ``size``; None when ``size`` is below the
-        smallest valid size.
-    above : int
-        Smallest valid size >= ``size``.  Both equal ``size`` when it is valid.
-    """
+def valid_input_sizes(
+    size: int, depth: int, padding: int, kernels: Sequence[int] | None = None, pools: Sequence[int] | None = None
+) -> tuple[int | None, int]:
+    """Return the nearest valid input sizes ``(below, above)`` with ``below <= size <= above`` along one axis, for
+    a U-Net of ``depth`` poolings (``len(input_channels)``) and ``padding`` (0 valid, 1 same-size convolutions),
+    with ``kernels`` and ``pools`` its kernel size per level and pooling factor per pooling along the axis (default
+    3 and 2, the paper's). ``below`` is None when ``size`` is below the smallest valid size; both equal ``size``
+    when it is valid."""
     _check_depth_padding(depth, padding)
-    shrink = 4 if padding == 0 else 0
+    kernels, pools = _axis(depth, kernels, pools)
     # The encoder is invertible: bottleneck size b comes from exactly one input
-    # size, 2**depth * b + offset, and every such input pools even sizes.  So
+    # size, period * b + offset, and every such input pools sizes the poolings divide.  So
     # the valid inputs are that progression for all b at which the decoder
     # stays positive, which holds for every b from some b_min on.
-    period = 2**depth
+    shrinks = [2 * (kernel - 1) if padding == 0 else 0 for kernel in kernels]
+    period = math.prod(pools)
     offset = 0
-    for _ in range(depth):
-        offset = 2 * (offset + shrink)
-    offset += shrink
+    for level in range(depth, 0, -1):
+        offset = pools[level - 1] * (offset + shrinks[level])
+    offset += shrinks[0]
     b_min = 1
-    while _walk(period * b_min + offset, depth, padding)[0] is None:
+    while _walk(period * b_min + offset, depth, padding, kernels, pools)[0] is None:
         b_min += 1
     b_below = (size - offset) // period
     b_above = -((offset - size) // period)
@@ -252,20 +295,29 @@ def valid_input_sizes(size: int, depth: int, padding: int) -> tuple[int | None, 
     return below, above
 
 
-def nearest_valid_input_size(size: int, depth: int, padding: int) -> int:
+def nearest_valid_input_size(
+    size: int, depth: int, padding: int, kernels: Sequence[int] | None = None, pools: Sequence[int] | None = None
+) -> int:
     """Return the valid input size closest to ``size`` (the larger one on a tie)."""
-    below, above = valid_input_sizes(size, depth, padding)
+    below, above = valid_input_sizes(size, depth, padding, kernels, pools)
     if below is None or above - size <= size - below:
         return above
     return below
 
 
-def _output_size(size: int, depth: int, padding: int, what: str) -> int:
+def _output_size(
+    size: int,
+    depth: int,
+    padding: int,
+    what: str,
+    kernels: Sequence[int] | None = None,
+    pools: Sequence[int] | None = None,
+) -> int:
     _check_depth_padding(depth, padding)
-    out, reason = _walk(size, depth, padding)
+    out, reason = _walk(size, depth, padding, kernels, pools)
     if out is not None:
         return out
-    below, above = valid_input_sizes(size, depth, padding)
+    below, above = valid_input_sizes(size, depth, padding, kernels, pools)
     nearest = (
         f"nearest valid sizes are {below} and {above}" if below is not None else f"the smallest valid size is {above}"
     )
@@ -275,113 +327,15 @@ def _output_size(size: int, depth: int, padding: int, what: str) -> int:
     )
 
 
-def output_size(input_size: int, depth: int, padding: int) -> int:
-    """Return the output height or width of a U-Net for an input height or width.
-
-    Parameters
-    ----------
-    input_size : int
-        Input height or width in pixels.
-    depth : int
-        Number of poolings.
-    padding : int
-        0 for valid convolutions (each shrinks the size by 2), 1 for
-        same-size convolutions.
-
-    Returns
-    -------
-    int
-        Output size in pixels, e.g. 388 for 572 at depth 4 with padding 0.
-
-    Raises
-    ------
-    ValueError
-        If the size does not fit: a pooling would see an odd size or a
-        feature map would vanish.  The message names the nearest valid sizes.
-    """
-    return _output_size(input_size, depth, padding, "input size")
-
-
-# the backward pass holds about this many copies of the largest feature map at once: gradients of a block's output
-# and input, the skip's gradient waiting for the encoder, the concatenation's, the kernels' reordered copies
-# (measured on a CPU, steps of 1 to 8 tiles: 3 to 8)
-GRADIENT_MAPS = 10
-PREDICTION_MAPS = 3  # a block predicting without gradients holds its input, a convolution's output and the norm's
-
-
-def unet_parameter_count(unet, out_channels: int) -> int:
-    """The trainable parameters of the U-Net of a config's ``unet`` section (``build_model``; any object with
-    its fields) with ``out_channels`` outputs, counted from the widths alone, without building it."""
-    widths, per_channel = tuple(unet.input_channels), 1 if unet.norm == "none" else 2  # a bias; a norm's 2
-
-    def double(c_in: int, c_out: int) -> int:
-        return 9 * c_in * c_out + 9 * c_out * c_out + 2 * per_channel * c_out
-
-    deeper = (*widths[1:], 2 * widths[-1])  # the output widths of the Downs and the bottleneck
-    total = sum(double(c_in, c_out) for c_in, c_out in zip((unet.image_channels, *widths), (widths[0], *deeper)))
-    for c_deep, c_skip in zip(deeper, widths):
-        half = c_deep // 2
-        total += (4 if unet.upsample == "transpose" else 1) * c_deep * half + half + double(c_skip + half, c_skip)
-    return total + (widths[0] + 1) * out_channels
-
-
-def forward_maps(unet, out_channels: int, tile: int, element_size: int = 4) -> list[tuple[list[int], int]]:
-    """The tensors that one ``tile`` x ``tile`` image makes in a training forward pass of the U-Net of a config's
-    ``unet`` section with ``out_channels`` outputs, block by block (``inc``, each ``Down``, the bottleneck,
-    each ``Up``, then the output layer and the loss): ``(bytes of each tensor that the block makes and autograd
-    keeps for the backward pass, bytes of the block's output)``. Feature maps take ``element_size`` bytes a value
-    (4: fp32, 2: bf16 or fp16 autocast), pooling indices 8, dropout masks 1; ``tile`` must be a valid input."""
-    widths = tuple(unet.input_channels)
-    deeper = (*widths[1:], 2 * widths[-1])
-    shrink = 2 if unet.padding == 0 else 0  # a 3x3 convolution's loss of side
-    copies = 1 if unet.norm == "none" else 2  # a convolution's output, and the norm's (ReLU works in place)
-
-    def maps(channels: int, side: int, size: int = element_size) -> int:
-        return channels * side * side * size
-
-    def double(channels: int, side: int) -> tuple[list[int], int]:
-        first, second = side - shrink, side - 2 * shrink
-        return [maps(channels, first)] * copies + [maps(channels, second)] * copies, second
-
-    tensors, side = double(widths[0], tile)
-    blocks = [(tensors, maps(widths[0], side))]
-    for c_in, c_out in zip(widths, deeper):
-        pooled = side // 2
-        tensors, side = double(c_out, pooled)
-        blocks.append(([maps(c_in, pooled), maps(c_in, pooled, 8), *tensors], maps(c_out, side)))  # pooled, indices
-    if unet.dropout > 0:  # the deepest encoder level and the bottleneck: each an output and a mask
-        for level in (len(widths) - 1, len(widths)):
-            tensors, output = blocks[level]
-            blocks[level] = ([*tensors, output, output // element_size], output)
-    for c_deep, c_skip in zip(reversed(deeper), reversed(widths)):
-        side, half = 2 * side, c_deep // 2
-        upsampled = [maps(half, side)] if unet.upsample == "transpose" else [maps(c_deep, side), maps(half, side)]
-        tensors, out = double(c_skip, side)
-        blocks.append(([*upsampled, maps(c_skip + half, side), *tensors], maps(c_skip, out)))
-        side = out
-    # the logits, then the loss's log-probabilities, per-pixel loss and weighted loss (fp32)
-    blocks.append(([maps(out_channels, side), maps(out_channels + 3, side, 4)], maps(out_channels, side)))
-    return blocks
-
-
-def training_activation_bytes(blocks: list[tuple[list[int], int]], checkpointing: bool = False) -> int:
-    """The bytes of one image's activations in a training step, from its ``forward_maps``: every tensor
-    autograd keeps (with activation checkpointing the blocks' outputs, and one block's inside while it is
-    recomputed), and the gradients of the largest maps that the backward pass holds at once."""
-    largest = max(size for tensors, _ in blocks for size in tensors)
-    if checkpointing:
-        return (
-            sum(output for _, output in blocks) + max(sum(tensors) for tensors, _ in blocks) + GRADIENT_MAPS * largest
-        )
-    return sum(sum(tensors) for tensors, _ in blocks) + GRADIENT_MAPS * largest
-
-
-def prediction_activation_bytes(blocks: list[tuple[list[int], int]]) -> int:
-    """The bytes of one tile's activations when predicting without gradients, from its ``forward_maps``: the
-    encoder's outputs (the skips, kept until the decoder takes them) and the largest maps a block holds."""
-    depth = (len(blocks) - 2) // 2
-    largest = max(size for tensors, _ in blocks for size in tensors)
-    return sum(output for _, output in blocks[:depth]) + PREDICTION_MAPS * largest
+def output_size(
+    input_size: int, depth: int, padding: int, kernels: Sequence[int] | None = None, pools: Sequence[int] | None = None
+) -> int:
+    """Return the output size along one axis (pixels) of a U-Net of ``depth`` poolings and ``padding`` (0: valid
+    convolutions, each shrinking the size by 2; 1: same-size ones) for an input size along it, e.g. 388 for 572 at
+    depth 4 with padding 0; ``kernels`` and ``pools``: along this axis, the kernel size of each level and the factor
+    of each pooling (default 3 and 2). A ValueError names the nearest valid sizes where the size does not fit (a
+    pooling would see a size it does not divide, or a feature map would vanish)."""
+    return _output_size(input_size, depth, padding, "input size", kernels, pools)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -391,22 +345,27 @@ def count_parameters(model: nn.Module) -> int:
 
 def _he_init(module: nn.Module) -> None:
     """Paper initialisation: weights ~ N(0, 2 / N), N = inputs to one output unit."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    if isinstance(module, (*CONVOLUTIONS.values(), *TRANSPOSED.values())):
         fan_in = module.in_channels / module.groups * math.prod(module.kernel_size)
-        if isinstance(module, nn.ConvTranspose2d):
+        if isinstance(module, tuple(TRANSPOSED.values())):
             # Each output pixel of a transposed convolution only sees the
             # kernel taps that land on it: one per stride cell.
             fan_in /= math.prod(module.stride)
         nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_in))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (ChannelLayerNorm, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)):
+    elif isinstance(module, (ChannelLayerNorm, nn.GroupNorm, *BATCH_NORMS.values(), *INSTANCE_NORMS.values())):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
 
+def default_geometry(depth: int, dims: int) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """``(kernel_sizes, pool_sizes)`` of the paper's network in ``dims`` dimensions: 3 and 2 along every axis."""
+    return ((3,) * dims,) * (depth + 1), ((2,) * dims,) * depth
+
+
 class UNet(nn.Module):
-    """U-Net for semantic segmentation; returns per-class logits.
+    """U-Net for semantic segmentation of images (``dims=2``) or volumes (``dims=3``); returns per-class logits.
 
     Parameters
     ----------
@@ -436,11 +395,26 @@ class UNet(nn.Module):
         as the paper's three-class baseline of the cell tracking data and most
         2018 Data Science Bowl entries learnt it (``out_channels`` =
         ``num_classes`` + 1; ``num_classes`` stays the user's classes).
+    dims : {2, 3}, optional
+        Spatial dimensions: (B, C, H, W) images or (B, C, D, H, W) volumes.
+    kernel_sizes : sequence of sequences of int, optional
+        For each of the ``depth + 1`` levels (the bottleneck last), the convolutions' kernel size along
+        each axis, 3 or 1 (default 3 everywhere).
+    pool_sizes : sequence of sequences of int, optional
+        For each of the ``depth`` poolings, its factor along each axis, 2 or 1 (default 2 everywhere).
 
     Notes
     -----
     Weights are initialised as in the paper: every convolution weight is drawn
     from N(0, 2 / N), N the number of inputs of one output unit; biases are 0.
+
+    Examples
+    --------
+    >>> UNet(1, 2, (8, 16), padding=1)(torch.zeros(1, 1, 64, 64)).shape
+    torch.Size([1, 2, 64, 64])
+    >>> net = UNet(1, 2, (8, 16), padding=1, dims=3, kernel_sizes=((1, 3, 3),) * 3, pool_sizes=((1, 2, 2),) * 2)
+    >>> net(torch.zeros(1, 1, 5, 32, 32)).shape  # sections apart: convolved and pooled in-plane only
+    torch.Size([1, 2, 5, 32, 32])
     """
 
     def __init__(
@@ -453,33 +427,14 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         upsample: str = "transpose",
         boundary_class: bool = False,
+        dims: int = 2,
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
+        pool_sizes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         widths = tuple(input_channels)
-        for name, value in (("image_channels", image_channels), ("num_classes", num_classes)):
-            if not _is_positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not widths:
-            raise ValueError("input_channels must list at least one level width, e.g. (64, 128, 256, 512)")
-        if not all(_is_positive_int(w) for w in widths):
-            raise ValueError(f"input_channels must be positive integers, got {widths!r}")
-        if any(w < 2 for w in widths[1:]):
-            raise ValueError(
-                f"input_channels after the first must be at least 2, got {widths!r}: "
-                "the decoder halves each of them when upsampling"
-            )
-        if padding not in (0, 1):
-            raise ValueError(f"padding must be 0 (valid convolutions) or 1 (same size), got {padding!r}")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(map(repr, NORMS))}")
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(
-                f"unknown upsample mode {upsample!r}; choose one of {', '.join(map(repr, UPSAMPLE_MODES))}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if not isinstance(boundary_class, bool) or (boundary_class and num_classes != 2):
-            raise ValueError(f"boundary_class must be False, or True with num_classes=2, got {boundary_class!r}")
+        _check_arguments(image_channels, num_classes, widths, padding, norm, upsample, dropout, boundary_class)
+        kernels, pools = _check_geometry(dims, len(widths), kernel_sizes, pool_sizes)
 
         self.image_channels = image_channels
         self.num_classes = num_classes
@@ -491,18 +446,22 @@ class UNet(nn.Module):
         self.upsample = upsample
         self.boundary_class = boundary_class
         self.out_channels = num_classes + int(boundary_class)
+        self.dims, self.kernel_sizes, self.pool_sizes = dims, kernels, pools
 
-        self.inc = DoubleConv(image_channels, widths[0], padding, norm)
-        self.downs = nn.ModuleList(Down(c_in, c_out, padding, norm) for c_in, c_out in zip(widths[:-1], widths[1:]))
-        self.bottleneck = Down(widths[-1], 2 * widths[-1], padding, norm)
+        self.inc = DoubleConv(image_channels, widths[0], padding, norm, dims, kernels[0])
+        self.downs = nn.ModuleList(
+            Down(c_in, c_out, padding, norm, dims, pools[level], kernels[level + 1])
+            for level, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:]))
+        )
+        self.bottleneck = Down(widths[-1], 2 * widths[-1], padding, norm, dims, pools[-1], kernels[-1])
         # Decoder level i gets the features of level i + 1 (the bottleneck for
         # the deepest) and the skip of encoder level i, and outputs widths[i].
         deeper = (*widths[1:], 2 * widths[-1])
         self.ups = nn.ModuleList(
-            Up(c_deep, c_skip, padding, norm, upsample, skip_channels=c_skip)
-            for c_deep, c_skip in zip(reversed(deeper), reversed(widths))
+            Up(c_deep, c_skip, padding, norm, upsample, c_skip, dims, pools[level], kernels[level])
+            for level, c_deep, c_skip in reversed(list(zip(range(self.depth), deeper, widths)))
         )
-        self.outc = nn.Conv2d(widths[0], self.out_channels, kernel_size=1)
+        self.outc = CONVOLUTIONS[dims](widths[0], self.out_channels, kernel_size=1)
         # The paper (and its Caffe model) drops out the deepest encoder
         # features, which feed both the last skip and the bottleneck, and the
         # bottleneck output.
@@ -513,13 +472,18 @@ class UNet(nn.Module):
 
         self.apply(_he_init)
 
-    def output_size(self, input_size: int) -> int:
-        """Return the output height or width for an input height or width; see ``output_size``."""
-        return output_size(input_size, self.depth, self.padding)
+    def axis(self, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(kernel sizes of the levels, pooling factors)`` along spatial ``axis`` (0 .. dims - 1, or -1 for the
+        last), for the size functions' ``kernels`` and ``pools``."""
+        return tuple(k[axis] for k in self.kernel_sizes), tuple(p[axis] for p in self.pool_sizes)
 
-    def valid_input_size(self, size: int) -> int:
-        """Return the valid input size nearest to ``size``; see ``nearest_valid_input_size``."""
-        return nearest_valid_input_size(size, self.depth, self.padding)
+    def output_size(self, input_size: int, axis: int = -1) -> int:
+        """Return the output size along ``axis`` for an input size along it; see ``output_size``."""
+        return output_size(input_size, self.depth, self.padding, *self.axis(axis))
+
+    def valid_input_size(self, size: int, axis: int = -1) -> int:
+        """Return the valid input size along ``axis`` nearest to ``size``; see ``nearest_valid_input_size``."""
+        return nearest_valid_input_size(size, self.depth, self.padding, *self.axis(axis))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment a batch of images.
@@ -527,22 +491,25 @@ class UNet(nn.Module):
         Parameters
         ----------
         x : torch.Tensor
-            Float images of shape (B, image_channels, H, W).  H and W must be
-            valid input sizes (see ``valid_input_sizes``).
+            Float images of shape (B, image_channels, H, W), or (B, image_channels, D, H, W) for
+            ``dims=3``.  Every spatial size must be a valid input size along its axis (see
+            ``valid_input_sizes``).
 
         Returns
         -------
         torch.Tensor
-            Logits of shape (B, out_channels, output_size(H), output_size(W)),
+            Logits of shape (B, out_channels, output_size(H), output_size(W)) (or with D),
             same dtype as ``x`` (``out_channels``: ``num_classes``, and the
             boundary after them with ``boundary_class``).
         """
-        if x.ndim != 4 or x.shape[1] != self.image_channels:
-            raise ValueError(f"expected a (B, {self.image_channels}, H, W) batch, got shape {tuple(x.shape)}")
+        if x.ndim != self.dims + 2 or x.shape[1] != self.image_channels:
+            spatial = "H, W" if self.dims == 2 else "D, H, W"
+            raise ValueError(f"expected a (B, {self.image_channels}, {spatial}) batch, got shape {tuple(x.shape)}")
         # Fail early with the nearest valid sizes rather than with a shape
         # mismatch deep inside the decoder.
-        _output_size(x.shape[-2], self.depth, self.padding, "input height")
-        _output_size(x.shape[-1], self.depth, self.padding, "input width")
+        names = ("input height", "input width") if self.dims == 2 else ("input depth", "input height", "input width")
+        for axis, (size, name) in enumerate(zip(x.shape[2:], names)):
+            _output_size(size, self.depth, self.padding, name, *self.axis(axis))
 
         run = _checkpointed if self.activation_checkpointing and self.training and torch.is_grad_enabled() else _call
         skips = [run(self.inc, x)]
@@ -555,11 +522,66 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
-def build_model(unet, boundary_class: bool = False) -> UNet:
+def _check_arguments(image_channels, num_classes, widths, padding, norm, upsample, dropout, boundary_class) -> None:
+    """A ValueError for the first constructor argument of ``UNet`` that no network has."""
+    for name, value in (("image_channels", image_channels), ("num_classes", num_classes)):
+        if not _is_positive_int(value):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not widths:
+        raise ValueError("input_channels must list at least one level width, e.g. (64, 128, 256, 512)")
+    if not all(_is_positive_int(w) for w in widths):
+        raise ValueError(f"input_channels must be positive integers, got {widths!r}")
+    if any(w < 2 for w in widths[1:]):
+        raise ValueError(
+            f"input_channels after the first must be at least 2, got {widths!r}: "
+            "the decoder halves each of them when upsampling"
+        )
+    if padding not in (0, 1):
+        raise ValueError(f"padding must be 0 (valid convolutions) or 1 (same size), got {padding!r}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(map(repr, NORMS))}")
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"unknown upsample mode {upsample!r}; choose one of {', '.join(map(repr, UPSAMPLE_MODES))}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(boundary_class, bool) or (boundary_class and num_classes != 2):
+        raise ValueError(f"boundary_class must be False, or True with num_classes=2, got {boundary_class!r}")
+
+
+def _check_geometry(
+    dims: int, depth: int, kernel_sizes: Sequence[Sequence[int]] | None, pool_sizes: Sequence[Sequence[int]] | None
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """The kernel and pooling sizes per level and axis (the paper's by default); a ValueError for others than
+    ``depth + 1`` kernels of 3 or 1 and ``depth`` poolings of 2 or 1 per axis, of ``dims`` axes each."""
+    if dims not in CONVOLUTIONS:
+        raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
+    kernels, pools = default_geometry(depth, dims)
+    kernels = kernels if kernel_sizes is None else tuple(tuple(int(k) for k in level) for level in kernel_sizes)
+    pools = pools if pool_sizes is None else tuple(tuple(int(p) for p in level) for level in pool_sizes)
+    shapes_fit = len(kernels) == depth + 1 and len(pools) == depth
+    if not shapes_fit or any(len(level) != dims for level in (*kernels, *pools)):
+        raise ValueError(
+            f"a depth-{depth} U-Net in {dims}D takes {depth + 1} kernel sizes and {depth} pooling sizes of {dims} "
+            f"axes each, got {kernels!r} and {pools!r}"
+        )
+    if any(k not in (1, 3) for level in kernels for k in level) or any(
+        p not in (1, 2) for level in pools for p in level
+    ):
+        raise ValueError(f"kernel sizes are 3 or 1 and pooling sizes 2 or 1, got {kernels!r} and {pools!r}")
+    return kernels, pools
+
+
+def build_model(
+    unet,
+    boundary_class: bool = False,
+    kernel_sizes: Sequence[Sequence[int]] | None = None,
+    pool_sizes: Sequence[Sequence[int]] | None = None,
+) -> UNet:
     """The U-Net of a config's ``unet`` section (``segmentation.settings.UNetSettings``, whose fields are this
-    class's constructor arguments), with the object border as one more output where ``boundary_class``
-    (as the run's plan decided ``unet.boundary_class``)."""
-    return UNet(**{**dataclasses.asdict(unet), "boundary_class": boundary_class})
+    class's constructor arguments), with the object border as one more output where ``boundary_class``, and the
+    kernel and pooling sizes per level and axis (as the run's plan decided them; default: the paper's)."""
+    settings = {**dataclasses.asdict(unet), "boundary_class": boundary_class}
+    return UNet(**settings, kernel_sizes=kernel_sizes, pool_sizes=pool_sizes)
 
 
 def _checkpointed(block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

@@ -220,8 +220,8 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     # a with block closes the bar on every way out, so that an error's one line starts a line of its own
     with bar:
         for batch in run.loading.loader:
-            augment, seed = run.config.augment, settings.seed
-            batch = augment_on_device(batch, augment, seed, progress.step, *processes.placement)
+            augment, seed, sparse = run.config.augment, settings.seed, run.plan.sparse
+            batch = augment_on_device(batch, augment, seed, progress.step, *processes.placement, sparse)
             loss_sum += take_step(run, batch)
             scheduler.step()
             if run.models.ema_model is not None:

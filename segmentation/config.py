@@ -343,6 +343,7 @@ def _cross_key_problems(config: dict) -> list[str]:
     if not re.fullmatch(DEVICE_PATTERN, train["device"]):
         problems.append(f"train.device: {shown(train['device'])} is not one of auto, cpu, cuda, cuda:N, mps")
     problems += _run_name_problems(train["run_name"])
+    problems += _ignore_problems(train, classes)
     side, most = train["synthetic_size"], train["max_image_pixels"]
     if train["dataset_name"] == "synthetic" and side**2 > most:
         problems.append(
@@ -405,6 +406,27 @@ def _run_name_problems(name: str | None) -> list[str]:
     }
     why = next((reason for reason, holds in broken.items() if holds), None)
     return [f"train.run_name: {shown(name)} is not one folder name: {why}; name the run, e.g. exp1"] if why else []
+
+
+def _ignore_problems(train: dict, classes: int) -> list[str]:
+    """``train.ignore_value`` or ``ignore_color`` that is also a class's value or colour, or no colour."""
+    value, colour = train["ignore_value"], train["ignore_color"]
+    problems = []
+    if value is not None:
+        values = train["mask_values"] if train["mask_values"] is not None else range(classes)
+        if value in values:
+            kind = "gray value" if train["mask_values"] is not None else "class index"
+            problems.append(
+                f"train.ignore_value: {value:g} is the {kind} of class {list(values).index(value)}: choose a value "
+                "that no class uses (e.g. 255 for class-index masks, 128 for 0/255 masks)"
+            )
+    if colour is not None:
+        if len(colour) != 3:
+            problems.append(f"train.ignore_color: expected one [r, g, b] colour, got {shown(colour)}")
+        elif train["mask_colors"] is not None and list(colour) in [list(c) for c in train["mask_colors"]]:
+            index = [list(c) for c in train["mask_colors"]].index(list(colour))
+            problems.append(f"train.ignore_color: {list(colour)} is the colour of class {index}: choose another")
+    return problems
 
 
 def _fold_problems(train: dict) -> list[str]:

@@ -9,13 +9,16 @@ import torch
 from skimage import measure
 from skimage.metrics import adapted_rand_error, variation_of_information
 
+from losses import IGNORE_LABEL
+
 
 def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Count pixels by (true class, predicted class).
 
     Parameters
     ----------
-    prediction, target : int tensors of the same shape, class indices in 0..num_classes-1.
+    prediction, target : int tensors of the same shape, class indices in 0..num_classes-1; a target of
+        ``losses.IGNORE_LABEL`` (not annotated) is not counted.
 
     Returns
     -------
@@ -23,7 +26,8 @@ def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    index = target.reshape(-1).long() * num_classes + prediction.reshape(-1).long()
+    given = target.reshape(-1) != IGNORE_LABEL
+    index = target.reshape(-1)[given].long() * num_classes + prediction.reshape(-1)[given].long()
     counts = torch.bincount(index, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu()
 
@@ -60,7 +64,8 @@ def em_segmentation_scores(cell_probability: np.ndarray, label: np.ndarray, thre
     ----------
     cell_probability : (H, W) float array, the predicted probability of class 1 (cell interior), or a
         boolean mask of the predicted cells.
-    label : (H, W) int array, 1 = cell interior, 0 = membrane (the ISBI polarity).
+    label : (H, W) int array, 1 = cell interior, 0 = membrane (the ISBI polarity); pixels of
+        ``losses.IGNORE_LABEL`` (not annotated) are left out like the membrane.
     threshold : a pixel is predicted cell where ``cell_probability >= threshold`` (fixed at 0.5 by
         default, which is the argmax for two classes).
 

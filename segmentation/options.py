@@ -286,6 +286,16 @@ def int_list(text: str) -> list[int]:
     return _argument(text, _comma_ints, lambda values: all(0 < value <= INT_LIMIT for value in values), expected)
 
 
+def index_list(count: int) -> Callable[[str], list[int]]:
+    """An argparse type: numbers from 0 to ``count - 1`` separated by commas, such as ``0,2,4``."""
+
+    def indices(text: str) -> list[int]:
+        expected = f"numbers from 0 to {count - 1} separated by commas, such as 0,2"
+        return _argument(text, _comma_ints, lambda values: all(0 <= value < count for value in values), expected)
+
+    return indices
+
+
 def _comma_ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",")]
 

@@ -44,7 +44,8 @@ class Plan:
     classes; ``boundary_class`` whether the network also learns object borders (its outputs are
     ``label_classes`` = num_classes + 1); ``mask_reading`` how the training masks were read
     (``classes``, ``instances`` or ``generated``); ``ignore_value`` the mask value of unannotated pixels
-    (None: every pixel is annotated); ``class_weights`` one loss weight per label class (None: all 1);
+    (``train.ignore_value``; None: every pixel is annotated), ``ignore_color`` their colour in colour masks;
+    ``class_weights`` one loss weight per label class (None: all 1);
     ``tile_size`` and ``output_size`` the training tile's input and labelled output sides in pixels;
     ``predict_tile_size`` the largest input tile of whole-image prediction; ``threshold`` the class-1
     probability from which a pixel is class 1 (two classes), ``threshold_source`` whether it was set,
@@ -70,11 +71,17 @@ class Plan:
     dims: int = 2
     spacing: tuple[float, ...] | None = None
     ignore_value: float | None = None
+    ignore_color: tuple[int, ...] | None = None
 
     @property
     def label_classes(self) -> int:
         """The network's outputs: the user's classes, then the object border where it is a class."""
         return self.num_classes + int(self.boundary_class)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether masks may leave pixels unannotated (``train.ignore_value`` or ``ignore_color`` set)."""
+        return self.ignore_value is not None or self.ignore_color is not None
 
     @property
     def instance_data(self) -> bool:
@@ -84,7 +91,7 @@ class Plan:
     def to_dict(self) -> dict:
         """Plain data (lists for tuples) with the plan's version: what checkpoints and plan.json store."""
         data = dataclasses.asdict(self)
-        for key in ("class_weights", "spacing"):
+        for key in ("class_weights", "spacing", "ignore_color"):
             data[key] = None if data[key] is None else list(data[key])
         return {"version": PLAN_VERSION, **data}
 
@@ -99,9 +106,9 @@ class Plan:
         if data.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise UserError(f"{where}: its plan is of version {data['version']}; update this repository to read it")
         values = {key: value for key, value in data.items() if key != "version"}
-        for key in ("class_weights", "spacing"):
+        for key, kind in (("class_weights", float), ("spacing", float), ("ignore_color", int)):
             if values.get(key) is not None:
-                values[key] = tuple(float(item) for item in values[key])
+                values[key] = tuple(kind(item) for item in values[key])
         plan = cls(**values)
         problem = plan.problem()
         if problem:
@@ -171,7 +178,15 @@ def decide_plan(
         # auto cleans the objects of models trained on object ids and leaves class masks as predicted
         min_object_size=learnt if instance_data else 0,
         fill_holes=instance_data,
+        ignore_value=data.ignore_value,
+        ignore_color=data.ignore_color,
     )
+    absent = [c for c, count in enumerate(class_totals(train_images, unet.num_classes)) if count == 0]
+    if absent and train_images and (data.ignore_value is not None or data.ignore_color is not None):
+        raise UserError(
+            f"train.ignore_value: no training pixel is of class {absent[0]} once the unannotated pixels are set "
+            "apart (with 0/255 masks, 255 is class 1): choose an ignore value that no class uses, e.g. 128"
+        )
     return automatic.for_prediction(predict)
 
 
@@ -249,7 +264,21 @@ def reading_problem(plan: Plan, train_images: Sequence) -> str | None:
     now read another way than the plan recorded (None when they fit)."""
     now = "+".join(sorted({image.mask_read_as for image in train_images}))
     if now != plan.mask_reading:
-        return f"its run read the training masks as {plan.mask_reading}, they now read as {now}"
+        return (
+            f"its run read the training masks as {plan.mask_reading}, they now read as {now}: set train.mask_type "
+            "as the run had it"
+        )
+    return None
+
+
+def ignore_problem(plan: Plan, data: DataSettings) -> str | None:
+    """Why the data settings of a run to continue set apart other unannotated pixels than its plan recorded
+    (``train.ignore_value``, ``ignore_color``), or None."""
+    if (plan.ignore_value, plan.ignore_color) != (data.ignore_value, data.ignore_color):
+        return (
+            f"its run set apart the mask value {plan.ignore_value} (colour {plan.ignore_color}) as unannotated, "
+            f"the config {data.ignore_value} (colour {data.ignore_color}): set train.ignore_value as the run had it"
+        )
     return None
 
 

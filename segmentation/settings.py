@@ -114,6 +114,20 @@ class DataSettings:
     mask_colors: tuple[tuple[int, int, int], ...] | None = setting(
         None, "colour_list", "RGB colours of the masks for classes 0, 1, ...; null: gray masks", nullable=True
     )
+    ignore_value: float | None = setting(
+        None,
+        "float",
+        "mask value of pixels nobody annotated (scribbles, partial masks): they count nowhere",
+        nullable=True,
+    )
+    ignore_color: tuple[int, ...] | None = setting(
+        None,
+        "int_list",
+        "colour masks: the [r, g, b] of pixels nobody annotated",
+        minimum=0,
+        maximum=255,
+        nullable=True,
+    )
     cache_dir: str = setting("cache", "str", "each image is preprocessed once into this folder; safe to delete")
     synthetic_images: int = setting(30, "int", "number of synthetic images (like ISBI's 30 slices)", minimum=2)
     synthetic_size: int = setting(256, "int", "side of each synthetic image in pixels", minimum=32)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from losses import IGNORE_LABEL
 from segmentation.config import AugmentSettings, ConfigError, resolve
 from segmentation.data.augment import BLUR_TRUNCATE, apply_parameters, augment_batch, random_parameters
 from segmentation.runs.figures import save_samples_figure
@@ -502,3 +503,23 @@ def test_default_settings_run(tmp_path):
     save_samples_figure(path, *out, count=2, title="defaults")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5000
+
+
+def test_labels_annotated_in_part_keep_the_ignore_label_and_their_weights_through_warps():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 1, 48, 48, generator=generator)
+    label = torch.randint(0, 2, (2, 48, 48), generator=generator)
+    unannotated = torch.zeros(2, 48, 48, dtype=torch.bool)
+    unannotated[:, :, 20:] = True
+    label[unannotated] = IGNORE_LABEL
+    weight = torch.where(unannotated, 0.0, 2.0)  # as the cache weighs them
+    settings = resolve({"augment": {"elastic_std": 4.0, "rotation": 30.0}}).augment
+    params = random_parameters(tuple(image.shape), settings, torch.Generator().manual_seed(1))
+    _, new_label, new_weight = apply_parameters(image, label, weight, params, settings, sparse=True)
+    # nearest sampling copies labels: no pixel becomes a class it never was, the unannotated stay unannotated
+    assert set(new_label.unique().tolist()) <= {0, 1, IGNORE_LABEL} and (new_label == IGNORE_LABEL).any()
+    given = new_label != IGNORE_LABEL
+    # an annotated pixel keeps its weight, also beside unannotated ones (bilinear from annotated neighbours)
+    torch.testing.assert_close(new_weight[given], torch.full_like(new_weight[given], 2.0))
+    _, _, blended = apply_parameters(image, label, weight, params, settings, sparse=False)
+    assert blended[given].min() < 1.9  # without it, the edge of the annotations would be blended with 0

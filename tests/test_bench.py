@@ -61,6 +61,10 @@ def refused_option(capsys, argv: list[str]) -> str:
     ("argv", "error"),
     [
         (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (
+            ["--folds", "0,5"],
+            "argument --folds: expected numbers from 0 to 4 separated by commas, such as 0,2, got '0,5'",
+        ),
         (["--batch", "-1"], "argument --batch: expected a positive integer, got '-1'"),
         (["--size", "abc"], "argument --size: expected a positive integer, got 'abc'"),
         (["--warmup", "1.5"], "argument --warmup: expected an integer >= 0, got '1.5'"),

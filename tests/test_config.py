@@ -435,3 +435,18 @@ def test_odd_yaml_values_are_refused_in_one_short_line(capsys, override, line):
 def test_an_integer_too_long_for_python_is_one_line(capsys):
     line = refusal(capsys, "train.seed=" + "1" * 5000)  # Python reads at most 4300 digits (3.10.7 and later)
     assert line.startswith("config error: train.seed: ") and len(line) < 200
+
+
+def test_an_ignore_value_that_is_also_a_class_is_refused_in_one_line():
+    assert problems_of({"train": {"ignore_value": 1}}) == [
+        "train.ignore_value: 1 is the class index of class 1: choose a value that no class uses (e.g. 255 for "
+        "class-index masks, 128 for 0/255 masks)"
+    ]
+    masks = {"unet": {"num_classes": 3}, "train": {"mask_values": [0, 128, 255], "ignore_value": 255}}
+    assert problems_of(masks)[0].startswith("train.ignore_value: 255 is the gray value of class 2")
+    colours = {"train": {"mask_colors": [[0, 0, 0], [9, 9, 9]], "ignore_color": [9, 9, 9]}}
+    assert problems_of(colours) == ["train.ignore_color: [9, 9, 9] is the colour of class 1: choose another"]
+    assert problems_of({"train": {"ignore_color": [1, 2]}}) == [
+        "train.ignore_color: expected one [r, g, b] colour, got [1, 2]"
+    ]
+    assert resolve({"train": {"ignore_value": 128}}).data.ignore_value == 128.0

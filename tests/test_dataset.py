@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.io
 import tifffile
 import torch
 from skimage import measure, segmentation
 
 from dataset import EpochSampler, TileDataset, fold_indices
+from losses import IGNORE_LABEL
 from segmentation.config import UserError, load_config
 from segmentation.data.cache import write_entry
 from segmentation.data.preprocess import network_margin, pad_for_model
@@ -257,3 +259,48 @@ def test_the_data_line_gives_sizes_as_width_x_height_as_every_message_does(tmp_p
     datasets_of(plain_folder_config(tmp_path, "unet.image_channels=3", "train.device=cpu"), notes.append)
     line = next(note for note in notes if note.startswith("data: "))
     assert "training images 48-48 x 40-40 px (width x height)" in line
+
+
+def test_tiles_of_an_image_annotated_in_part_are_drawn_where_the_annotations_are(tmp_path):
+    height, width, tile, out = 120, 100, 60, 20
+    label = np.full((height, width), IGNORE_LABEL, dtype=np.uint8)
+    label[100:104, 5:9] = 1  # two small strokes, far apart: a random tile would rarely hold either
+    label[10:12, 80:95] = 0
+    image = np.arange(height * width, dtype=np.float32).reshape(1, height, width) % 1000
+    entry = write_entry(tmp_path / "sparse", "sparse", image, label, None, 1, 2)
+    assert entry.unannotated == height * width - 16 - 30 and entry.annotated == 46
+    points = entry.annotated_points()
+    assert len(points) == 46 and np.all(label[points[:, 0], points[:, 1]] != IGNORE_LABEL)
+    dataset = TileDataset([entry], None, tile, out, samples_per_image=64, seed=0)
+    margin = (tile - out) // 2
+    for key in range(64):
+        _, label_tile, weight_tile = dataset[key]
+        centre = label_tile[margin : margin + out, margin : margin + out]
+        assert (centre != IGNORE_LABEL).any()  # every tile's labelled output holds an annotated pixel
+        assert torch.all(weight_tile[label_tile == IGNORE_LABEL] == 0)
+    # an image annotated everywhere draws its tiles as before: the same random draws, the same positions
+    dense = write_entry(tmp_path / "dense", "dense", image, np.ones((height, width), np.uint8), None, 1, 2)
+    tiles = TileDataset([dense], None, tile, out, samples_per_image=4, seed=3)
+    for key in range(4):
+        rng = np.random.default_rng([3, 0, key])
+        expected = int(rng.integers(0, height - out + 1)), int(rng.integers(0, width - out + 1))
+        assert tiles.tile_position(dense, np.random.default_rng([3, 0, key])) == expected
+
+
+def test_images_without_annotations_are_left_out_with_a_note_and_an_unused_ignore_value_is_noted(tmp_path):
+    make_rgb_folder(tmp_path, count=5, rgb=False)
+    notes = []
+    planned_data(plain_folder_config(tmp_path, "train.ignore_value=128", "train.val_images=[0]"), notes.append)
+    assert any("train.ignore_value (or ignore_color) is in no mask" in note for note in notes)
+    mask = skimage.io.imread(tmp_path / "masks" / "img4.png")
+    skimage.io.imsave(tmp_path / "masks" / "img4.png", np.full_like(mask, 128), check_contrast=False)
+    notes.clear()
+    config = plain_folder_config(tmp_path, "train.ignore_value=128", "train.val_images=[0]")
+    plan, data = planned_data(config, notes.append)
+    assert any("1 image(s) have no annotated pixel and are left out: img4.png" in note for note in notes)
+    assert "img4.png" not in [image.name for image in data.train.images] and plan.ignore_value == 128.0
+    assert plan.sparse and not any("in no mask" in note for note in notes)
+    for index in range(4):
+        skimage.io.imsave(tmp_path / "masks" / f"img{index}.png", np.full_like(mask, 128), check_contrast=False)
+    with pytest.raises(UserError, match="no train image has an annotated pixel"):
+        planned_data(plain_folder_config(tmp_path, "train.ignore_value=128", "train.val_images=[4]"))

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from model import forward_maps, training_activation_bytes
 from segmentation import device
 from segmentation.config import UserError, load_config
 from segmentation.device import resolve_device
 from segmentation.engine.run import check_training_memory
+from segmentation.memory import forward_maps, training_activation_bytes
 from tests.helpers import ROOT, folder_config, tiny_config
 from training import train
 

@@ -1,14 +1,16 @@
 """segmentation.runs.diagnostics against independent references: finite differences, gradients and
 submodule outputs computed by hand."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import segmentation_loss
+from losses import IGNORE_LABEL, segmentation_loss
 from model import center_crop
 from segmentation.runs.diagnostics import (
     activation_maps,
+    in_annotation,
     input_saliency,
     layer_gradient_norms,
 )
@@ -150,3 +152,17 @@ def test_activation_maps_reject_unknown_layers_and_remove_hooks_on_error():
         activation_maps(model, torch.rand(1, 1, 61, TILE))
     assert all(len(module._forward_hooks) == 0 for module in model.modules())
     assert modes(model) == [True] * len(modes(model))
+
+
+def test_predicted_objects_mostly_where_nobody_annotated_are_left_out_of_the_matching():
+    objects = np.zeros((10, 10), np.int32)
+    objects[0:3, 0:3] = 1  # all annotated
+    objects[5:9, 5:9] = 2  # 4 of its 16 px annotated: mostly unannotated
+    objects[0:4, 6:8] = 3  # 4 of its 8 px annotated: half, kept
+    label = np.full((10, 10), IGNORE_LABEL, np.int64)
+    label[:, :5] = 0
+    label[5, 5:9] = 1
+    label[0:2, 6:8] = 1
+    kept = in_annotation(objects, label)
+    assert sorted(np.unique(kept).tolist()) == [0, 1, 3] and np.array_equal(kept == 3, objects == 3)
+    assert in_annotation(objects, np.zeros((10, 10), np.int64)) is objects  # all annotated: as they are

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
+from losses import IGNORE_LABEL, segmentation_loss, soft_dice_loss, weighted_cross_entropy
 
 
 def test_unweighted_equals_torch_cross_entropy():
@@ -79,3 +79,39 @@ def random_case(seed=0, classes=3, size=6):
     logits = torch.randn(2, classes, size, size, generator=generator)
     target = torch.randint(0, classes, (2, size, size), generator=generator)
     return logits, target
+
+
+def test_unannotated_pixels_count_nowhere_in_the_cross_entropy():
+    logits, target = random_case(4)
+    generator = torch.Generator().manual_seed(5)
+    unannotated = torch.rand(target.shape, generator=generator) < 0.4
+    sparse = target.masked_fill(unannotated, IGNORE_LABEL)
+    weight = 0.5 + torch.rand(target.shape, generator=generator)
+    class_weights = torch.tensor([0.2, 1.0, 3.0])
+    # by hand: the weighted mean over the annotated pixels alone
+    pixel = F.cross_entropy(logits, target, reduction="none")
+    kept = weight * class_weights[target] * ~unannotated
+    expected = (kept * pixel).sum() / kept.sum()
+    found = weighted_cross_entropy(logits, sparse, weight, class_weights)
+    assert torch.allclose(found, expected, atol=1e-6)
+    # what the unannotated pixels' logits say changes nothing
+    changed = logits.clone()
+    changed[:, 0][unannotated] += 50.0
+    assert torch.allclose(weighted_cross_entropy(changed, sparse, weight, class_weights), found, atol=1e-6)
+    # a tile with no annotated pixel weighs nothing (0, not 0/0)
+    assert weighted_cross_entropy(logits, torch.full_like(target, IGNORE_LABEL)).item() == 0.0
+
+
+def test_unannotated_pixels_count_nowhere_in_the_dice():
+    logits, target = random_case(6)
+    generator = torch.Generator().manual_seed(7)
+    unannotated = torch.rand(target.shape, generator=generator) < 0.5
+    sparse = target.masked_fill(unannotated, IGNORE_LABEL)
+    # by hand: soft Dice over the annotated pixels of the batch, per foreground class, then 1 - mean
+    probabilities = logits.softmax(1).permute(0, 2, 3, 1)[~unannotated]  # (N, K)
+    truth = F.one_hot(target[~unannotated], logits.shape[1]).float()
+    dice = (2 * (probabilities * truth).sum(0) + 1) / (probabilities.sum(0) + truth.sum(0) + 1)
+    expected = 1 - dice[1:].mean()
+    assert soft_dice_loss(logits, sparse).item() == pytest.approx(expected.item(), rel=1e-5)
+    for kind in ("ce", "dice", "ce+dice"):
+        assert torch.isfinite(segmentation_loss(kind, logits, sparse))

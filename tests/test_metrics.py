@@ -6,7 +6,14 @@ import pytest
 import torch
 from skimage import measure
 
-from segmentation.metrics import confusion_matrix, matching_scores, object_matching, segmentation_scores
+from losses import IGNORE_LABEL
+from segmentation.metrics import (
+    confusion_matrix,
+    em_segmentation_scores,
+    matching_scores,
+    object_matching,
+    segmentation_scores,
+)
 
 
 def test_confusion_and_scores_by_hand():
@@ -123,3 +130,25 @@ def test_matching_agrees_with_stardist_per_image_and_over_images():
     theirs = matching.matching_dataset(*zip(*pairs), thresh=strictly_above_half, by_image=False, show_progress=False)
     ours = matching_scores(sum(object_matching(truth, predicted) for truth, predicted in pairs))
     assert {key: ours[key] for key in fields} == pytest.approx({key: getattr(theirs, key) for key in fields})
+
+
+def test_unannotated_pixels_are_not_counted():
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 3, (20, 30), generator=generator)
+    prediction = torch.randint(0, 3, (20, 30), generator=generator)
+    unannotated = torch.rand(20, 30, generator=generator) < 0.3
+    confusion = confusion_matrix(prediction, target.masked_fill(unannotated, IGNORE_LABEL), 3)
+    # by hand: count (true, predicted) pairs over the annotated pixels only
+    expected = np.zeros((3, 3), dtype=np.int64)
+    for true, predicted in zip(target[~unannotated].tolist(), prediction[~unannotated].tolist()):
+        expected[true, predicted] += 1
+    assert np.array_equal(confusion.numpy(), expected) and confusion.sum() == (~unannotated).sum()
+    # the cells of the Rand error are those the annotation shows; unannotated pixels are left out like the membrane
+    label = np.ones((10, 10), dtype=np.int64)
+    label[:, 5] = 0
+    sparse = label.copy()
+    sparse[:, 7:] = IGNORE_LABEL
+    predicted = label.copy()
+    predicted[:, 7:] = 0  # wrong only where nothing is annotated
+    assert em_segmentation_scores(predicted, sparse)["rand_error"] == 0.0
+    assert em_segmentation_scores(predicted, label)["rand_error"] > 0.0

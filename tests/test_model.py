@@ -18,16 +18,18 @@ from model import (
     build_model,
     center_crop,
     count_parameters,
-    forward_maps,
     make_norm,
     nearest_valid_input_size,
     output_size,
-    prediction_activation_bytes,
-    training_activation_bytes,
-    unet_parameter_count,
     valid_input_sizes,
 )
 from segmentation.config import resolve
+from segmentation.memory import (
+    forward_maps,
+    prediction_activation_bytes,
+    training_activation_bytes,
+    unet_parameter_count,
+)
 
 TINY = (4, 8)
 

@@ -15,7 +15,7 @@ import yaml
 
 from model import UNet
 from segmentation.config import UserError, load_config
-from segmentation.inference.package import export_package
+from segmentation.inference.package import export_package, readme
 
 
 def packaged(tmp_path, padding: int, channels: int, classes: int, dataset: str = "folder"):
@@ -141,3 +141,10 @@ def test_without_the_onnx_package_the_package_goes_without_onnx_weights(tmp_path
     monkeypatch.setitem(sys.modules, "onnx", None)  # import now raises ImportError
     _, rdf, folder = packaged(tmp_path, 0, 1, 2)
     assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript"} and not (folder / "weights.onnx").exists()
+
+
+def test_the_package_says_when_the_model_learnt_from_masks_annotated_in_part():
+    config = load_config(None, ["train.ignore_value=128"])
+    text = readme(config.unet, config.data, ["background", "cell"], {})
+    assert "It learnt from masks annotated in part: the value 128 marked the pixels nobody annotated" in text
+    assert "annotated in part" not in readme(config.unet, load_config(None, []).data, ["background", "cell"], {})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segmentation.config import UserError
-from segmentation.plan import Plan, decide_plan, learnt_min_object_size, reading_problem
+from segmentation.plan import Plan, decide_plan, ignore_problem, learnt_min_object_size, reading_problem
 from tests.helpers import make_id_folder, plain_folder_config, planned_data, tiny_config
 from training import train
 
@@ -93,7 +93,9 @@ def test_masks_that_read_otherwise_than_the_plan_recorded_are_named():
     plan = decide_plan(config.unet, config.data, config.predict, [entry("instances", (5, 4, 1))], lambda _: None)
     assert reading_problem(plan, [entry("instances", (9, 1, 0))]) is None
     problem = reading_problem(plan, [entry("classes", (9, 1))])
-    assert problem == "its run read the training masks as instances, they now read as classes"
+    assert problem == (
+        "its run read the training masks as instances, they now read as classes: set train.mask_type as the run had it"
+    )
 
 
 def test_the_predict_settings_in_force_go_on_top_of_the_plan(tmp_path):
@@ -140,3 +142,15 @@ def test_a_run_stores_its_plan_once_and_a_resumed_run_keeps_it(tmp_path):
     resumed = train(plain_folder_config(tmp_path / "data", "train.max_epochs=2", "train.resume=auto", *overrides))
     again = torch.load(resumed.folders.weights / "last.pt", weights_only=True)
     assert again["plan"]["class_weights"] == last["plan"]["class_weights"] and resumed.progress.epoch == 2
+
+
+def test_the_plan_records_the_ignore_value_and_a_resumed_run_must_keep_it(tmp_path):
+    config = tiny_config(tmp_path, "train.ignore_value=128")
+    images = [entry("classes", (70, 30))]
+    plan = decide_plan(config.unet, config.data, config.predict, images, lambda _: None)
+    assert plan.sparse and plan.ignore_value == 128.0 and Plan.from_dict(plan.to_dict(), "p") == plan
+    assert ignore_problem(plan, config.data) is None
+    assert "its run set apart the mask value 128.0" in ignore_problem(plan, tiny_config(tmp_path).data)
+    # 255 of 0/255 masks set apart: nothing is left of class 1, which is said in one line
+    with pytest.raises(UserError, match="no training pixel is of class 1 once the unannotated pixels are set apart"):
+        decide_plan(config.unet, config.data, config.predict, [entry("classes", (70, 0))], lambda _: None)

@@ -12,8 +12,9 @@ import tifffile
 from skimage import measure
 
 from dataset import list_samples
+from losses import IGNORE_LABEL
 from segmentation.config import ConfigError, UserError, load_config
-from segmentation.data.readers import MaskSettings, read_isbi2012, read_pennfudan
+from segmentation.data.readers import MaskSettings, label_from_mask, read_isbi2012, read_pennfudan
 from segmentation.data.weight_maps import border_weights
 from tests.helpers import SHARED, blobs_mask, datasets_of, make_rgb_folder, plain_folder_config, two_discs, write_image
 
@@ -526,3 +527,43 @@ def test_two_images_of_one_stem_beside_one_mask_are_refused_naming_both(tmp_path
         f"{tmp_path / 'images' / 'img0.png'} and img0.tif: 2 images match the one mask "
         f"{tmp_path / 'masks' / 'img0.png'}; keep one image, or rename the others and give each its own mask"
     )
+
+
+def test_unannotated_pixels_are_set_apart_in_every_kind_of_mask():
+    name, ignore = "m.png", IGNORE_LABEL
+    # 0/255 scribbles with 128 where nobody annotated
+    mask = np.array([[0, 128, 255], [255, 128, 0]], dtype=np.uint8)
+    label, instances, read_as = label_from_mask(mask, MaskSettings(ignore_value=128), name)
+    assert read_as == "classes" and label.tolist() == [[0, ignore, 1], [1, ignore, 0]]
+    assert instances[label == ignore].tolist() == [0, 0]
+    # class indices with 255 where nobody annotated (VOC's convention), three classes
+    mask = np.array([[0, 1, 2, 255]], dtype=np.uint8)
+    label, _, _ = label_from_mask(mask, MaskSettings(num_classes=3, ignore_value=255), name)
+    assert label.tolist() == [[0, 1, 2, ignore]]
+    # sparse gray values mapped by mask_values, the ignore value beside them
+    mask = np.array([[10, 20, 99]], dtype=np.uint8)
+    label, _, _ = label_from_mask(mask, MaskSettings(mask_values=(10, 20), ignore_value=99), name)
+    assert label.tolist() == [[0, 1, ignore]]
+    # a gray mask stored as RGB: the ignore value in every channel
+    rgb = np.repeat(np.array([[0, 128, 255]], dtype=np.uint8)[..., None], 3, axis=-1)
+    label, _, _ = label_from_mask(rgb, MaskSettings(ignore_value=128), name)
+    assert label.tolist() == [[0, ignore, 1]]
+    # colour masks: a colour of their own for what nobody annotated
+    colours = np.array([[[0, 0, 0], [200, 0, 0], [90, 90, 90]]], dtype=np.uint8)
+    settings = MaskSettings(mask_colors=((0, 0, 0), (200, 0, 0)), ignore_color=(90, 90, 90))
+    assert label_from_mask(colours, settings, name)[0].tolist() == [[0, 1, ignore]]
+
+
+def test_a_region_of_the_ignore_value_in_object_ids_is_no_object_and_leaves_the_objects_around_it(tmp_path):
+    ids = two_discs(gap=4).astype(np.int32)
+    ids[:, 40:] = 9  # unannotated: a strip on the right, beside the second disc
+    label, instances, read_as = label_from_mask(ids, MaskSettings(ignore_value=9), "m.tif", "instances")
+    assert read_as == "instances" and set(np.unique(instances).tolist()) == {0, 1000, 2000}
+    assert np.all(label[:, 40:] == IGNORE_LABEL) and np.all(instances[:, 40:] == 0)
+    inside = ids[:, :40]
+    assert np.array_equal(label[:, :40], (inside > 0).astype(np.uint8))  # the objects around it, as annotated
+    # auto reads ids without the ignore value among their values
+    write_pair(tmp_path, "a", ids.astype(np.uint16), mask_name="a.tif")
+    config = config_for(tmp_path, "train.ignore_value=9")
+    (sample,) = list_samples(config.data, 2, 0)[0]
+    assert sample.read(MaskSettings.from_settings(2, config.data)).mask_read_as == "instances"

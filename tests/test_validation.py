@@ -7,7 +7,10 @@ import skimage.io
 import test_script
 import torch
 
+from dataset import WholeImageDataset
+from losses import IGNORE_LABEL
 from model import build_model
+from segmentation.data.cache import write_entry
 from segmentation.engine.validation import evaluate
 from segmentation.inference.infer import predict_probabilities
 from tests.helpers import (
@@ -65,3 +68,25 @@ def test_evaluate_counts_the_images_predicted_as_one_class(tmp_path):
     with torch.no_grad():
         model.outc.bias.copy_(torch.tensor([-50.0, 50.0]))  # class 1 everywhere
     assert evaluate(predictor_of(model, config), data.val, config.train.loss).uniform_images == len(data.val) == 2
+
+
+def test_validation_scores_the_annotated_pixels_alone(tmp_path):
+    config = tiny_config(tmp_path)
+    model = build_model(config.unet)
+    rng = np.random.default_rng(2)
+    entries = []
+    for index in range(2):
+        label = (rng.random((40, 44)) < 0.6).astype(np.uint8)
+        label[:, 25:] = IGNORE_LABEL
+        image = rng.standard_normal((1, 40, 44)).astype(np.float32)
+        entries.append(write_entry(tmp_path / f"e{index}", f"e{index}", image, label, None, 1, 2))
+    dataset = WholeImageDataset(entries, None)
+    predictor = predictor_of(model, config)
+    result = evaluate(predictor, dataset, "ce")
+    wrong = total = 0
+    for image, label, _ in dataset:  # by hand: the predicted classes against the annotated labels
+        classes = predictor.classes(predictor.probabilities(image)).numpy()
+        given = label.numpy() != IGNORE_LABEL
+        wrong += np.count_nonzero(classes[given] != label.numpy()[given])
+        total += np.count_nonzero(given)
+    assert total == 2 * 40 * 25 and result.scores["pixel_error"] == pytest.approx(wrong / total)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from losses import IGNORE_LABEL
 from segmentation.data.synthetic import synthetic_em
-from segmentation.data.weight_maps import class_balance_weights, weight_map
+from segmentation.data.weight_maps import add_class_weights, class_balance_weights, class_counts, weight_map
 
 # ------------------------------------------------------------------ weight_map
 
@@ -105,3 +106,13 @@ def test_class_balance_weights_rejects_out_of_range_labels():
 
 
 # --------------------------------------------------------------------- figure
+
+
+def test_unannotated_pixels_weigh_nothing_and_are_not_counted():
+    label = np.array([[0, 1, IGNORE_LABEL], [1, IGNORE_LABEL, 0]], dtype=np.uint8)
+    border = np.full(label.shape, 0.5)
+    weights = add_class_weights(label, border, np.array([2.0, 3.0], dtype=np.float32))
+    # by hand: w_c + border where annotated, 0 where not
+    assert weights.tolist() == [[2.5, 3.5, 0.0], [3.5, 0.0, 2.5]]
+    assert add_class_weights(label, None).tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    assert class_counts(label, 2).tolist() == [2, 2]

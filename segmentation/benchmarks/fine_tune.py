@@ -49,9 +49,10 @@ def run(script: str, *arguments: str) -> str:
     return done.stdout
 
 
-def test_scores(checkpoint: Path, output: Path) -> list[float]:
-    """Pixel error, Dice, IoU, Rand error, VI and object F1 of ``python test.py`` on the checkpoint's test images."""
-    table = run("test.py", "--checkpoint", str(checkpoint), "--output", str(output))
+def test_scores(checkpoint: Path, output: Path, *overrides: str) -> list[float]:
+    """Pixel error, Dice, IoU, Rand error, VI and object F1 of ``python test.py`` on the checkpoint's test images
+    (``section.key=value`` overrides on top of its config)."""
+    table = run("test.py", "--checkpoint", str(checkpoint), "--output", str(output), *overrides)
     return [
         float(value) for value in next(line for line in table.splitlines() if line.split()[:1] == ["all"]).split()[1:]
     ]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from losses import IGNORE_LABEL
 from segmentation.settings import AugmentSettings
 
 # Below this sigma (px) a Gaussian kernel is a delta to float precision at the centre tap anyway;
@@ -278,7 +279,12 @@ def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: Augment
 
 
 def apply_parameters(
-    image: Tensor, label: Tensor, weight: Tensor, params: dict[str, Tensor], settings: AugmentSettings
+    image: Tensor,
+    label: Tensor,
+    weight: Tensor,
+    params: dict[str, Tensor],
+    settings: AugmentSettings,
+    sparse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Augment a batch with given per-sample parameters.
 
@@ -300,6 +306,10 @@ def apply_parameters(
         As returned by :func:`random_parameters`, on the tensors' device.
     settings : AugmentSettings
         The config's ``augment`` section; it decides which transforms run.
+    sparse : bool
+        Labels annotated in part (``losses.IGNORE_LABEL`` where not): the weights are resampled from the
+        annotated pixels alone (their bilinear mean over the annotated neighbours), so that an annotated
+        pixel beside unannotated ones keeps its weight instead of being blended with theirs.
 
     Returns
     -------
@@ -320,7 +330,9 @@ def apply_parameters(
         # Class indices are exact in float32 (below 2**24), and nearest sampling only copies them.
         label_plane = label[:, None].to(image.dtype)
         new_label = F.grid_sample(label_plane, grid, mode="nearest", **resample)[:, 0].to(label.dtype)
-        new_weight = F.grid_sample(weight[:, None], grid, mode="bilinear", **resample)[:, 0]
+        new_weight = warped_weight(weight, label, grid, resample) if sparse else None
+        if new_weight is None:
+            new_weight = F.grid_sample(weight[:, None], grid, mode="bilinear", **resample)[:, 0]
     new_image = adjust_intensity(new_image, params, settings)
     if settings.probability == 1.0:
         return new_image, new_label, new_weight
@@ -334,8 +346,23 @@ def apply_parameters(
     )
 
 
+def warped_weight(weight: Tensor, label: Tensor, grid: Tensor, resample: dict) -> Tensor:
+    """(B, H, W) ``weight`` resampled on ``grid`` from the annotated pixels of ``label`` alone: the bilinear
+    sum of weight x annotated over that of annotated (normalised convolution); 0 where no annotated pixel
+    reaches, where the label is unannotated anyway."""
+    given = (label != IGNORE_LABEL).to(weight.dtype)[:, None]
+    total = F.grid_sample(weight[:, None] * given, grid, mode="bilinear", **resample)[:, 0]
+    share = F.grid_sample(given, grid, mode="bilinear", **resample)[:, 0]
+    return torch.where(share > 0, total / share.clamp_min(1e-12), torch.zeros_like(total))
+
+
 def augment_batch(
-    image: Tensor, label: Tensor, weight: Tensor, settings: AugmentSettings, generator: torch.Generator
+    image: Tensor,
+    label: Tensor,
+    weight: Tensor,
+    settings: AugmentSettings,
+    generator: torch.Generator,
+    sparse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Randomly augment a batch of training tiles on their device (U-Net paper, sec. 3.1).
 
@@ -351,6 +378,8 @@ def augment_batch(
         The config's ``augment`` section.
     generator : torch.Generator
         Source of all randomness, on the same device type as the tensors.
+    sparse : bool
+        Labels annotated in part: see :func:`apply_parameters`.
 
     Returns
     -------
@@ -360,15 +389,22 @@ def augment_batch(
     if generator.device.type != image.device.type:
         raise ValueError(f"generator is on {generator.device}, the batch on {image.device}: use one device")
     params = random_parameters(tuple(image.shape), settings, generator)
-    return apply_parameters(image, label, weight, params, settings)
+    return apply_parameters(image, label, weight, params, settings, sparse)
 
 
 def augment_on_device(
-    batch, settings: AugmentSettings, seed: int, step: int, device: torch.device, rank: int = 0, world_size: int = 1
+    batch,
+    settings: AugmentSettings,
+    seed: int,
+    step: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    sparse: bool = False,
 ) -> list[torch.Tensor]:
     """Move ``(image, label, weight)`` to the device and augment them there, with randomness fixed by
     ``(seed, step, rank)`` so that a resumed run sees the same augmentation and the processes of a
-    distributed run draw different augmentations."""
+    distributed run draw different augmentations; ``sparse``: labels annotated in part."""
     batch = [tensor.to(device, non_blocking=True) for tensor in batch]
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * world_size + rank + 1)
-    return list(augment_batch(*batch, settings, generator))
+    return list(augment_batch(*batch, settings, generator, sparse))

@@ -8,15 +8,18 @@ An entry is a folder ``cache_dir/<image name>-<key>/`` holding
   ``train.image_scale``;
 - ``label.npy``  (H, W) uint8: class indices; for masks of object ids (two classes) the border pixels of
   each object are ``BOUNDARY`` (2), which ``unet.boundary_class`` learns as a class of its own and
-  training without it reads as the object (``dataset.py`` folds it);
+  training without it reads as the object (``dataset.py`` folds it); ``losses.IGNORE_LABEL`` (255) where
+  nobody annotated (``train.ignore_value``);
 - ``border.npy`` (H, W) float16: the border term of the paper's weight map (absent where it is 0
   everywhere). The class weights are added per tile (``weight_maps.add_class_weights``), so an entry
   depends neither on the split nor on the class balance;
 - ``instances.npy`` (H, W) uint16 (uint32 beyond 65535 objects): the object ids, for the instance
   scores of validation and test images (only in entries at the image's own size);
-- ``meta.json``: name, shape, channels of the source image, the pixel count of each class, how
-  the mask was read, and the areas (pixels at the image's own size) of its objects that do not touch
-  the image border, from which ``predict.min_object_size: auto`` learns how small an object can be.
+- ``annotated.npy`` (N, 2) int32: where some pixels are not annotated, up to ``ANNOTATED_POINTS`` annotated
+  ones (row, column), around which training tiles are cut;
+- ``meta.json``: name, shape, channels of the source image, the pixel count of each class and of the
+  unannotated pixels, how the mask was read, and the areas (pixels at the image's own size) of its objects
+  that do not touch the image border, from which ``predict.min_object_size: auto`` learns how small an object can be.
 
 The key hashes everything the arrays depend on: the source (the files' path, size and modification
 time, or a synthetic image's seed and index), the settings of preprocessing (``unet.image_channels``,
@@ -62,6 +65,7 @@ import torch
 from skimage import segmentation
 from tqdm import tqdm
 
+from losses import IGNORE_LABEL
 from segmentation.config import UserError
 from segmentation.console import first_line
 from segmentation.data.preprocess import normalize_image, resize_image, resize_mask, scaled_size
@@ -73,6 +77,7 @@ BOUNDARY = 2  # label value of an object's border pixels in entries of object-id
 CODE_MODULES = ("cache", "images", "readers", "synthetic", "preprocess", "weight_maps")  # their text is in every key
 MIN_PARALLEL = 8  # fewer missing entries are built in this process, without starting workers
 POLL_SECONDS = 0.5  # under torchrun: how often a process looks whether the others have built their share
+ANNOTATED_POINTS = 2**16  # annotated pixels kept per entry of a sparsely annotated image, to cut its tiles around
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,17 @@ class PreparedImage:
     mask_values: tuple[float, ...] = ()
     object_areas: tuple[int, ...] = ()
     has_boundary: bool = False
+    unannotated: int = 0
+
+    @property
+    def annotated(self) -> int:
+        """The pixels that carry a class (all but ``unannotated``, ``train.ignore_value``'s)."""
+        return int(sum(self.class_counts))
+
+    def annotated_points(self) -> np.ndarray:
+        """(N, 2) int32 (row, column) of up to ``ANNOTATED_POINTS`` annotated pixels drawn at random, stored
+        where some pixels are not annotated: training tiles are cut around them."""
+        return np.load(self.folder / "annotated.npy")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(image (C, H, W) float16, label (H, W) uint8, border (H, W) float16 or None)``, memory-mapped
@@ -217,6 +233,8 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             expected["border"] = ((height, width), np.float16)
         if meta["instances_dtype"]:
             expected["instances"] = ((height, width), np.dtype(meta["instances_dtype"]))
+        if meta.get("unannotated"):
+            expected["annotated"] = ((meta["annotated_points"], 2), np.int32)
         for array, (shape, dtype) in expected.items():
             check_array_file(folder / f"{array}.npy", shape, dtype)
         entry = PreparedImage(
@@ -231,6 +249,7 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             tuple(meta.get("mask_values", ())),
             tuple(meta.get("object_areas", ())),
             meta.get("has_boundary", False),
+            meta.get("unannotated", 0),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {first_line(error)}"
@@ -294,7 +313,8 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
     has_boundary = data.mask_read_as == "instances" and settings.masks.num_classes == 2
     if has_boundary:
         # at the network's scale, so that a border stays a line of pixels after train.image_scale
-        label = np.where(segmentation.find_boundaries(instances, mode="inner") & (label > 0), BOUNDARY, label)
+        objects = (label > 0) & (label != IGNORE_LABEL)
+        label = np.where(segmentation.find_boundaries(instances, mode="inner") & objects, BOUNDARY, label)
     source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
     try:
         # object ids only where validation and test can use them: at the image's own size
@@ -338,6 +358,7 @@ def write_entry(
     whole or not at all. Object ids are stored as uint16 where they fit, else uint32."""
     temporary = folder.with_name(f".{folder.name}.{host_name()}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
+    points = annotated_points(label)
     meta = {
         "name": name,
         "shape": list(image.shape),
@@ -349,6 +370,8 @@ def write_entry(
         "mask_values": list(mask_values),
         "object_areas": [] if object_areas is None else np.asarray(object_areas).tolist(),
         "has_boundary": has_boundary,
+        "unannotated": int(np.count_nonzero(label == IGNORE_LABEL)),
+        "annotated_points": None if points is None else len(points),
     }
     try:
         temporary.mkdir()
@@ -358,6 +381,8 @@ def write_entry(
             np.save(temporary / "border.npy", np.ascontiguousarray(border, dtype=np.float16))
         if instances is not None:
             np.save(temporary / "instances.npy", np.ascontiguousarray(instances, dtype=meta["instances_dtype"]))
+        if points is not None:
+            np.save(temporary / "annotated.npy", points)
         (temporary / "meta.json").write_text(json.dumps(meta))
         os.rename(temporary, folder)
     except BaseException as error:
@@ -365,6 +390,20 @@ def write_entry(
         if not (isinstance(error, OSError) and folder.is_dir()):  # else another process built the same entry first
             raise
     return read_entry(folder)[0]
+
+
+def annotated_points(label: np.ndarray) -> np.ndarray | None:
+    """(N, 2) int32 (row, column) of up to ``ANNOTATED_POINTS`` pixels of (H, W) ``label`` that carry a
+    class, drawn at random with a fixed seed (an entry is the same whenever it is built); None where every
+    pixel is annotated (tiles are cut anywhere then)."""
+    given = label != IGNORE_LABEL
+    if given.all():
+        return None
+    rows, columns = np.nonzero(given)
+    points = np.stack([rows, columns], axis=1).astype(np.int32)
+    if len(points) > ANNOTATED_POINTS:
+        points = points[np.sort(np.random.default_rng(0).choice(len(points), ANNOTATED_POINTS, replace=False))]
+    return points
 
 
 def whole_object_areas(instances: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from losses import IGNORE_LABEL
 from model import output_size
 from segmentation.config import UserError, auto_tile_size, load_config
 from segmentation.data.images import ImageLayout, image_layout, layout_image
@@ -35,6 +36,7 @@ from segmentation.data.readers import (
 
 LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
 MAX_CLASSES = 10  # integer masks with more distinct values than this hold object ids, not classes
+SHOWN_IMAGES = 12  # images whose annotated fraction the report names one by one
 
 
 def check_main(argv: list[str]) -> int:
@@ -48,12 +50,17 @@ def check_main(argv: list[str]) -> int:
     parser.add_argument(
         "--sample", type=int, default=200, help="masks to read at most, spread over the data set (default 200)"
     )
+    parser.add_argument(
+        "--ignore-value",
+        type=float,
+        help="the mask value of unannotated pixels (train.ignore_value), if you know it; else it is suggested",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        report = check_data(args.path, args.sample)
+        report = check_data(args.path, args.sample, args.ignore_value)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -144,8 +151,9 @@ def mask_kind(mask: np.ndarray, palette: bool) -> str:
     return "integer values" if all(float(value).is_integer() and value >= 0 for value in values) else "other values"
 
 
-def check_data(root: Path, sample_size: int = 200) -> dict:
-    """The fingerprint of the data set at ``root``: ``lines`` to print and the ``problems`` found."""
+def check_data(root: Path, sample_size: int = 200, ignore_value: float | None = None) -> dict:
+    """The fingerprint of the data set at ``root``: ``lines`` to print and the ``problems`` found; masks read
+    with ``ignore_value`` (``train.ignore_value``) as unannotated where given, else where it looks so."""
     layout = detect_layout(root)
     samples, problems = list_pairs(root, layout)
     if not samples:
@@ -174,7 +182,7 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
         kinds[kind] += 1
         # compared with the other masks by its values: a palette of 0/1 is as binary as a 0/1 gray mask
         masks.append((sample, mask, mask_kind(mask, False) if palette else kind))
-    suggestion = suggest(layout, root, headers, masks, kinds)
+    suggestion = suggest(layout, root, headers, masks, kinds, ignore_value)
     lines = describe(layout, root, samples, headers, masks, kinds, suggestion)
     problems += unreadable + suggestion["problems"]
     lines += [f"problem: {problem}" for problem in problems[:20]] + (
@@ -188,16 +196,27 @@ def check_data(root: Path, sample_size: int = 200) -> dict:
     return {"lines": lines, "problems": problems, "suggestion": suggestion}
 
 
-def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter) -> dict:
+def suggest(
+    layout: str, root: Path, headers: list, masks: list, kinds: Counter, ignore_value: float | None = None
+) -> dict:
     """The config that reads these masks and images: ``values`` (``section.key`` -> value), its
-    ``yaml`` lines, the class ``fractions`` under it and the masks it cannot read or that differ from
-    the rest (``problems``)."""
+    ``yaml`` lines, the class ``fractions`` under it (of the annotated pixels), the ``annotated`` fraction of
+    each sampled mask, and the masks it cannot read or that differ from the rest (``problems``)."""
     values: dict[str, object] = {"train.dataset_name": layout, "train.data": str(root)}
     channels = Counter(count for _, count, _ in headers)
     values["unet.image_channels"] = 3 if channels[3] + channels[4] > channels[1] + channels[2] else 1
     problems = []
+    if ignore_value is None and layout == "folder" and masks:
+        ignore_value = unlabelled_value(masks, kinds)
+    if ignore_value is not None:
+        values["train.ignore_value"] = int(ignore_value) if float(ignore_value).is_integer() else ignore_value
+        masks = [
+            (sample, mask, kind if kind != "integer values" else annotated_kind(mask, ignore_value))
+            for sample, mask, kind in masks
+        ]
+        kinds = Counter(kind for _, _, kind in masks)
     if layout == "folder" and masks:
-        values.update(mask_config(masks, kinds))
+        values.update(mask_config(masks, kinds, ignore_value))
         usual = kinds.most_common(1)[0][0]
         binary = {"0/255", "0/1", "float 0/1"}
         problems += [
@@ -211,7 +230,8 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
     config = load_config(
         None, [f"{key}={value}" for key, value in values.items() if key != "train.data"] + [f"train.data={root}"]
     )
-    fractions, unreadable = class_fractions(masks, MaskSettings.from_settings(config.unet.num_classes, config.data))
+    settings = MaskSettings.from_settings(config.unet.num_classes, config.data)
+    fractions, annotated, unreadable = class_fractions(masks, settings)
     if len(fractions) and fractions.min() < 0.1:
         values["train.class_weights"] = "balanced"
     sections: dict[str, list[str]] = {}
@@ -228,17 +248,45 @@ def suggest(layout: str, root: Path, headers: list, masks: list, kinds: Counter)
         "values": values,
         "yaml": yaml,
         "fractions": fractions,
+        "annotated": annotated,
         "problems": problems + unreadable,
         "tile": (tile, labelled),
     }
 
 
-def mask_config(masks: list, kinds: Counter) -> dict:
+def unlabelled_value(masks: list, kinds: Counter) -> float | None:
+    """The mask value that looks like "not annotated", or None: a third value between the 0 and 255 of
+    two-class masks that covers most pixels (128 in 0/128/255 scribbles; a class that covers a third of them
+    is a class), or 255 beside a few small class indices (as VOC's masks mark what nobody labelled)."""
+    if kinds.most_common(1)[0][0] not in ("integer values", "palette indices"):
+        return None
+    gray = [mask for _, mask, _ in masks if mask.ndim == 2]
+    distinct = sorted(set().union(*(set(np.unique(mask).tolist()) for mask in gray)))
+    if len(distinct) == 3 and distinct[0] == 0 and distinct[-1] == 255:
+        middle = distinct[1]
+        covered = sum(np.count_nonzero(mask == middle) for mask in gray) / sum(mask.size for mask in gray)
+        return middle if covered > 0.5 else None
+    small = [value for value in distinct if value != 255]
+    if 255 in distinct and small and small == list(range(len(small))) and len(small) <= MAX_CLASSES:
+        return 255
+    return None
+
+
+def annotated_kind(mask: np.ndarray, ignore_value: float) -> str:
+    """``mask_kind`` of a gray mask's annotated pixels (the ones not of ``ignore_value``)."""
+    annotated = mask[mask != ignore_value]
+    return mask_kind(annotated.reshape(1, -1), False) if annotated.size else "integer values"
+
+
+def mask_config(masks: list, kinds: Counter, ignore_value: float | None = None) -> dict:
     """The ``unet.num_classes`` and mask keys that read a folder's masks, from their usual kind:
     colours -> ``mask_colors``; many or sparse integers -> instance ids; a few small integers or
-    palette indices -> class indices; other values -> ``mask_values``; 0/1 and 0/255 -> two classes."""
+    palette indices -> class indices; other values -> ``mask_values``; 0/1 and 0/255 -> two classes.
+    Values of ``ignore_value`` (unannotated pixels) count as none of them."""
     usual = kinds.most_common(1)[0][0]
     typical = [mask for _, mask, kind in masks if kind == usual or usual == "palette indices"]
+    if ignore_value is not None:
+        typical = [mask[mask != ignore_value] if mask.ndim == 2 else mask for mask in typical]
     if usual == "colours":
         colours = sorted(
             {tuple(colour) for mask in typical for colour in np.unique(mask[..., :3].reshape(-1, 3), axis=0).tolist()}
@@ -254,10 +302,10 @@ def mask_config(masks: list, kinds: Counter) -> dict:
     return {"unet.num_classes": 2}
 
 
-def class_fractions(masks: list, settings: MaskSettings) -> tuple[np.ndarray, list[str]]:
-    """The fraction of each class over the sampled masks read as ``settings`` say, and the masks they
-    cannot read (one line each)."""
-    counts, problems = np.zeros(settings.num_classes, dtype=np.int64), []
+def class_fractions(masks: list, settings: MaskSettings) -> tuple[np.ndarray, dict[str, float], list[str]]:
+    """The fraction of each class over the annotated pixels of the sampled masks read as ``settings`` say,
+    the annotated fraction of each mask (by name), and the masks they cannot read (one line each)."""
+    counts, annotated, problems = np.zeros(settings.num_classes, dtype=np.int64), {}, []
     for sample, mask, _ in masks:
         try:
             label = label_from_mask(mask, settings, str(sample.mask), sample.mask_kind)[0]
@@ -265,7 +313,8 @@ def class_fractions(masks: list, settings: MaskSettings) -> tuple[np.ndarray, li
             problems.append(str(error))
             continue
         counts += np.bincount(label.ravel(), minlength=settings.num_classes)[: settings.num_classes]
-    return (counts / counts.sum() if counts.sum() else counts.astype(float)), problems
+        annotated[sample.name] = float(np.mean(label != IGNORE_LABEL))
+    return (counts / counts.sum() if counts.sum() else counts.astype(float)), annotated, problems
 
 
 def describe(
@@ -305,4 +354,26 @@ def describe(
             "class fractions (as the suggested config reads the masks): "
             + ", ".join(f"{c}: {100 * f:.1f} %" for c, f in enumerate(suggestion["fractions"]))
         )
+    ignore_value = suggestion["values"].get("train.ignore_value")
+    if ignore_value is not None:
+        lines += annotated_lines(suggestion["annotated"], ignore_value)
     return lines
+
+
+def annotated_lines(annotated: dict[str, float], ignore_value: float) -> list[str]:
+    """The annotated fraction overall and per image (the first ``SHOWN_IMAGES``) of the sampled masks."""
+    if not annotated:
+        return []
+    fractions = list(annotated.values())
+    shown = ", ".join(f"{name} {100 * fraction:.1f} %" for name, fraction in list(annotated.items())[:SHOWN_IMAGES])
+    more = f" and {len(annotated) - SHOWN_IMAGES} more" if len(annotated) > SHOWN_IMAGES else ""
+    empty = sum(fraction == 0 for fraction in fractions)
+    left_out = f"; {empty} with nothing annotated, which training leaves out" if empty else ""
+    return [
+        f"annotated pixels (value {ignore_value:g} marks the others: train.ignore_value): "
+        f"{100 * np.mean(fractions):.1f} % of the pixels, {100 * min(fractions):.1f}-{100 * max(fractions):.1f} % "
+        f"per image{left_out}",
+        f"per image: {shown}{more}",
+        f"(if {ignore_value:g} is a class rather than pixels nobody annotated, drop train.ignore_value and map it with "
+        "train.mask_values)",
+    ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from skimage import measure
 
+from losses import IGNORE_LABEL
 from segmentation.config import UserError
 from segmentation.console import note as console_note
 from segmentation.data.images import DEFAULT_MAX_PIXELS, ImageLayout, image_layout, layout_image
@@ -44,18 +45,31 @@ class Sample:
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """What reading a mask depends on: ``unet.num_classes`` and ``train.mask_type``, ``mask_values``
-    and ``mask_colors`` (see ``label_from_mask``)."""
+    """What reading a mask depends on: ``unet.num_classes`` and ``train.mask_type``, ``mask_values``,
+    ``mask_colors``, ``ignore_value`` and ``ignore_color`` (see ``label_from_mask``)."""
 
     num_classes: int = 2
     mask_type: str = "auto"
     mask_values: Sequence[float] | None = None
     mask_colors: Sequence[Sequence[int]] | None = None
+    ignore_value: float | None = None
+    ignore_color: Sequence[int] | None = None
 
     @classmethod
     def from_settings(cls, num_classes: int, data: DataSettings) -> MaskSettings:
         """The mask settings of a config: ``unet.num_classes`` and the data settings' mask keys."""
-        return cls(num_classes, data.mask_type, data.mask_values, data.mask_colors)
+        masks = (data.mask_type, data.mask_values, data.mask_colors, data.ignore_value, data.ignore_color)
+        return cls(num_classes, *masks)
+
+    def unannotated(self, mask: np.ndarray) -> np.ndarray | None:
+        """(H, W) bool: the pixels of a mask as stored (gray (H, W), or colour (H, W, 3|4)) that nobody
+        annotated (``train.ignore_value``, or ``ignore_color`` for colour masks); None where none are set apart."""
+        if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+            if self.ignore_color is not None:
+                return colour_codes(mask) == colour_code(self.ignore_color)
+            # a gray mask stored as RGB holds the ignore value in every channel
+            return None if self.ignore_value is None else (mask[..., :3] == self.ignore_value).all(axis=-1)
+        return None if self.ignore_value is None else mask == self.ignore_value
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,8 @@ class FileSample:
         kind = settings.mask_type if settings.mask_type != "auto" else self.mask_kind
         label, instances, read_as = label_from_mask(mask, settings, where, kind)
         decided = kind == "auto" and settings.mask_values is None and mask.ndim == 2
-        values = tuple(np.unique(mask)[:LISTED_VALUES].tolist()) if decided else ()
+        annotated = mask if settings.ignore_value is None or not decided else mask[mask != settings.ignore_value]
+        values = tuple(np.unique(annotated)[:LISTED_VALUES].tolist()) if decided else ()
         return Sample(image, label, instances, self.name, read_as, values)
 
 
@@ -166,8 +181,11 @@ def match_by_stem(image_folder: Path, mask_folder: Path) -> tuple[list[tuple[Pat
 def label_from_mask(
     mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(label, instances, read_as)`` of a mask's values: (H, W) uint8 class indices, (H, W) int32
-    object ids for the weight map, and ``classes`` or ``instances``.
+    """``(label, instances, read_as)`` of a mask's values: (H, W) uint8 class indices (``IGNORE_LABEL``
+    where nobody annotated: ``settings.unannotated``), (H, W) int32 object ids for the weight map (0
+    there), and ``classes`` or ``instances``. The unannotated pixels are set apart before the rest is read
+    as the mask's kind says, so that they decide nothing (a region of them in a mask of object ids is no
+    object; the objects around it are).
 
     - RGB masks map colours to classes by ``mask_colors`` (``[[r, g, b], ...]``, class i = colour i);
       gray masks stored as RGB (equal channels) are gray.
@@ -180,6 +198,30 @@ def label_from_mask(
 
     A value or colour outside the mapping is a UserError that lists the values found and the key to set.
     """
+    unannotated = settings.unannotated(mask)
+    if unannotated is None or not unannotated.any():
+        return annotated_label(mask, settings, name, kind)
+    label, instances, read_as = annotated_label(stand_in(mask, unannotated, settings), settings, name, kind)
+    label[unannotated], instances[unannotated] = IGNORE_LABEL, 0
+    return label, instances, read_as
+
+
+def stand_in(mask: np.ndarray, unannotated: np.ndarray, settings: MaskSettings) -> np.ndarray:
+    """A copy of ``mask`` whose ``unannotated`` pixels hold the value (or colour) of class 0, the background:
+    read like that they split no object and add no class, and they are marked unannotated afterwards."""
+    mask = mask.copy()
+    if mask.ndim == 3:
+        background = settings.mask_colors[0] if settings.mask_colors is not None else (0, 0, 0)
+        mask[unannotated, :3] = background
+    else:
+        mask[unannotated] = settings.mask_values[0] if settings.mask_values is not None else 0
+    return mask
+
+
+def annotated_label(
+    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``label_from_mask`` of a mask whose every pixel is annotated."""
     num_classes = settings.num_classes
     if mask.ndim == 3 and mask.shape[-1] in (3, 4):
         if settings.mask_colors is not None:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from losses import IGNORE_LABEL
+
 # Relative size of the border term below which it is treated as zero.
 _BORDER_TERM_TOLERANCE = 1e-6
 
@@ -109,16 +111,21 @@ def add_class_weights(
 ) -> np.ndarray:
     """The weight map ``w_c(label) + border`` as (H, W) float32, summed in float64.
 
-    ``label`` (H, W) class indices, ``border`` (H, W) from :func:`border_weights` in any float dtype
-    (None: 0), ``class_weights`` (num_classes,) or None for all ones. Works on any window of an image:
-    the weights of a tile are those of the whole image cut to the tile.
+    ``label`` (H, W) class indices (``losses.IGNORE_LABEL`` where nothing is annotated: weight 0),
+    ``border`` (H, W) from :func:`border_weights` in any float dtype (None: 0), ``class_weights``
+    (num_classes,) or None for all ones. Works on any window of an image: the weights of a tile are those
+    of the whole image cut to the tile.
     """
+    label = np.asarray(label)
+    given = label != IGNORE_LABEL
     if class_weights is None:
-        weights = np.ones(np.shape(label), dtype=np.float64)
+        weights = np.ones(label.shape, dtype=np.float64)
     else:
-        weights = np.asarray(class_weights, dtype=np.float64)[label]
+        weights = np.asarray(class_weights, dtype=np.float64)[np.where(given, label, 0)]
     if border is not None:
         weights += border
+    if not given.all():
+        weights[~given] = 0.0
     return weights.astype(np.float32)
 
 
@@ -149,9 +156,11 @@ def class_balance_weights(labels: Sequence[np.ndarray], num_classes: int) -> np.
 
 
 def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes,) int64: the number of pixels of each class in ``label``; a ValueError for
-    values outside ``[0, num_classes)``."""
+    """(num_classes,) int64: the number of pixels of each class in ``label`` (unannotated pixels,
+    ``losses.IGNORE_LABEL``, not counted); a ValueError for other values outside ``[0, num_classes)``."""
     label = np.asarray(label)
+    if label.size and label.max() == IGNORE_LABEL:
+        label = label[label != IGNORE_LABEL]
     if label.size and (label.min() < 0 or label.max() >= num_classes):
         raise ValueError(f"label values must lie in [0, {num_classes})")
     return np.bincount(label.ravel(), minlength=num_classes).astype(np.int64)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dataset import DataSets, EpochSampler, build_datasets, prepare_data
-from model import build_model, count_parameters, forward_maps, training_activation_bytes, unet_parameter_count
+from model import build_model, count_parameters
 from segmentation.checkpoints import Progress, save_checkpoint, stored_boundary
 from segmentation.config import Config, UserError, config_to_yaml
 from segmentation.console import note
@@ -36,7 +36,8 @@ from segmentation.engine.step import build_optimizer, build_scheduler
 from segmentation.engine.validation import Validation
 from segmentation.files import write_atomically
 from segmentation.inference.infer import Predictor
-from segmentation.plan import Plan, decide_plan, reading_problem, training_tile_size, write_plan
+from segmentation.memory import forward_maps, training_activation_bytes, unet_parameter_count
+from segmentation.plan import Plan, decide_plan, ignore_problem, reading_problem, training_tile_size, write_plan
 from segmentation.runs.figures import save_check_figures
 from segmentation.runs.folders import start_run_folders, write_metrics
 from segmentation.runs.tensorboard import open_writer, write_settings
@@ -254,7 +255,7 @@ def run_claimed(folders: RunFolders, name: str, main: bool, new: bool) -> Iterat
 def check_training_memory(config: Config, device: torch.device) -> None:
     """A UserError (one line) where a training step of ``config`` would not fit the memory that ``device`` has
     free, before anything is written or allocated: the parameters with their gradients, optimizer state and
-    moving average, and the activations of ``train.batch_size`` tiles (``model.forward_maps``; an upper-ish
+    moving average, and the activations of ``train.batch_size`` tiles (``memory.forward_maps``; an upper-ish
     estimate). On a CPU the processes that torchrun starts on this machine share the memory."""
     unet, train = config.unet, config.train
     tile = training_tile_size(config.data.tile_size, unet.depth, unet.padding)
@@ -288,9 +289,9 @@ def plan_and_data(
     )
     if checkpoint is not None and "plan" in checkpoint:
         plan = Plan.from_dict(checkpoint["plan"], str(resume_path))
-        problem = reading_problem(plan, prepared.train)
+        problem = ignore_problem(plan, config.data) or reading_problem(plan, prepared.train)
         if problem:
-            raise UserError(f"{resume_path}: {problem}; set train.mask_type as the run had it, or start a new run")
+            raise UserError(f"{resume_path}: {problem}, or start a new run")
     else:  # a new run, or one from before plans, which decided it again at every start
         plan = decide_plan(unet, data, config.predict, prepared.train, note)
         if checkpoint is not None and plan.boundary_class != stored_boundary(checkpoint, resume_path):

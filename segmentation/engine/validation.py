@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from losses import segmentation_loss
+from losses import scored_classes, segmentation_loss
 from segmentation.checkpoints import read_checkpoint, save_checkpoint
 from segmentation.engine.distributed import gather_from_processes
 from segmentation.inference.infer import Predictor, calibrate_threshold
@@ -65,7 +65,7 @@ def evaluate(
         log_probabilities = probabilities.clamp_min(1e-12).log()[None]
         losses.append(segmentation_loss(loss_kind, log_probabilities, label[None], weight[None]).item())
         classes = predictor.classes(probabilities)
-        label = label.clamp(max=num_classes - 1)  # the boundary class, where the network has it, is its object's
+        label = scored_classes(label, num_classes)  # the boundary class, where the network has it, is its object's
         uniform += int(classes.min() == classes.max())
         if len(examples) < keep:
             examples.append((dataset.names[index], image.numpy(), label.numpy(), classes.numpy()))
@@ -90,7 +90,7 @@ def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[d
     for image, label, _ in dataset:
         probabilities = predictor.class_probabilities(predictor.probabilities(image.to(predictor.device)).cpu())
         cell_probabilities.append(probabilities[1].numpy())
-        labels.append(label.clamp(max=1).numpy())
+        labels.append(scored_classes(label, 2).numpy())
     settings = predictor.settings
     return calibrate_threshold(
         cell_probabilities, labels, metric, settings.watershed_seeds, settings.watershed_min_seed

@@ -391,7 +391,7 @@ def calibrate_threshold(
     Parameters
     ----------
     cell_probabilities : (H, W) float arrays, the class-1 probabilities of each image.
-    labels : (H, W) int arrays of 0/1, the true classes.
+    labels : (H, W) int arrays of 0/1, the true classes (``losses.IGNORE_LABEL`` where not annotated: not scored).
     metric : ``pixel_error``, ``dice``, ``iou``, ``rand_error`` or ``vi``, pooled as in ``pool_scores``.
     watershed_seeds, min_seed_area : as in ``predicted_classes``.
     thresholds : the candidates.

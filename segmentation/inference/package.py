@@ -101,7 +101,7 @@ def readme(unet: UNetSettings, data: DataSettings, names: list[str], validation:
 
 A U-Net (Ronneberger et al. 2015) of widths {list(unet.input_channels)}, {"valid" if unet.padding == 0 else "same-size"}
 convolutions, {unet.norm} normalisation, trained for semantic segmentation into {len(names)} classes
-({", ".join(names)}) of {unet.image_channels}-channel images scaled by {data.image_scale}.
+({", ".join(names)}) of {unet.image_channels}-channel images scaled by {data.image_scale}.{sparse_labels(data)}
 
 Input: one image of {unet.image_channels} channel(s), normalised to zero mean and unit variance over the image
 (the package's preprocessing does it). Output: each class's probability (softmax over the channels).
@@ -115,6 +115,20 @@ each weight format reproduces it within a tolerance of {TOLERANCE}. Open the pac
 DeepImageJ Install Model, from a local zip), QuPath (the Pixel classification / deep learning extension:
 drag the zip or its TorchScript weights) or napari (the bioimageio or napari-bioimageio plugin).
 """
+
+
+def sparse_labels(data: DataSettings) -> str:
+    """The sentence that says the model learnt from masks annotated in part, and how they marked the rest
+    (``train.ignore_value`` or ``ignore_color``; the run's plan records it too); nothing for dense masks."""
+    if data.ignore_value is None and data.ignore_color is None:
+        return ""
+    marked = (
+        f"the value {data.ignore_value:g}" if data.ignore_value is not None else f"the colour {list(data.ignore_color)}"
+    )
+    return (
+        f" It learnt from masks annotated in part: {marked} marked the pixels nobody annotated, which counted "
+        "nowhere in training or validation."
+    )
 
 
 def description(
@@ -141,24 +155,16 @@ def description(
     ]
 
     def file(name: str) -> dict:
-        return {"source": files[name].name, "sha256": sha256(files[name])}
+        return packed_file(files[name])
 
-    torch_version = torch.__version__.split("+")[0]
-    weights = {
-        "pytorch_state_dict": {
-            **file("state_dict"),
-            "architecture": {**file("architecture"), "callable": "UNet", "kwargs": plain(dataclasses.asdict(unet))},
-            "pytorch_version": torch_version,
-        },
-        "torchscript": {**file("torchscript"), "parent": "pytorch_state_dict", "pytorch_version": torch_version},
-    }
-    if onnx_opset is not None:
-        weights["onnx"] = {**file("onnx"), "parent": "pytorch_state_dict", "opset_version": onnx_opset}
     return {
         "type": "model",
         "format_version": FORMAT_VERSION,
         "name": f"U-Net {data.dataset_name} {len(names)} classes",
-        "description": f"U-Net (Ronneberger et al. 2015) segmenting {data.dataset_name} images: {', '.join(names)}.",
+        "description": (
+            f"U-Net (Ronneberger et al. 2015) segmenting {data.dataset_name} images: {', '.join(names)}."
+            + sparse_labels(data)
+        ),
         "authors": [{"name": author}],
         "cite": [PAPER],
         "license": "MIT",
@@ -190,13 +196,40 @@ def description(
                 "postprocessing": [{"id": "softmax", "kwargs": {"axis": "channel"}}],
             }
         ],
-        "weights": weights,
+        "weights": weight_formats(unet, files, onnx_opset),
         "config": {
             "bioimageio": {
                 "reproducibility_tolerance": [{"relative_tolerance": TOLERANCE, "absolute_tolerance": TOLERANCE}]
             }
         },
     }
+
+
+def packed_file(path: Path) -> dict:
+    """A file of the package as its description names it: its name and SHA-256."""
+    return {"source": path.name, "sha256": sha256(path)}
+
+
+def weight_formats(unet: UNetSettings, files: dict[str, Path], onnx_opset: int | None) -> dict:
+    """The description's ``weights``: the state dict with its architecture, TorchScript and (where the onnx
+    package exported it, at ``onnx_opset``) ONNX."""
+    torch_version = torch.__version__.split("+")[0]
+    architecture = {**packed_file(files["architecture"]), "callable": "UNet", "kwargs": plain(dataclasses.asdict(unet))}
+    weights = {
+        "pytorch_state_dict": {
+            **packed_file(files["state_dict"]),
+            "architecture": architecture,
+            "pytorch_version": torch_version,
+        },
+        "torchscript": {
+            **packed_file(files["torchscript"]),
+            "parent": "pytorch_state_dict",
+            "pytorch_version": torch_version,
+        },
+    }
+    if onnx_opset is not None:
+        weights["onnx"] = {**packed_file(files["onnx"]), "parent": "pytorch_state_dict", "opset_version": onnx_opset}
+    return weights
 
 
 def sha256(path: Path) -> str:

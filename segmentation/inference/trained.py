@@ -17,14 +17,7 @@ from pathlib import Path
 import torch
 
 from dataset import DataSets, build_datasets, prepare_data
-from model import (
-    UNet,
-    build_model,
-    forward_maps,
-    prediction_activation_bytes,
-    unet_parameter_count,
-    valid_input_sizes,
-)
+from model import UNet, build_model, valid_input_sizes
 from segmentation.checkpoints import (
     Progress,
     check_architecture,
@@ -37,6 +30,7 @@ from segmentation.config import DEFAULT_CONFIG, Config, load_config, merge_overr
 from segmentation.console import note
 from segmentation.device import require_memory, resolve_device
 from segmentation.inference.infer import Predictor
+from segmentation.memory import forward_maps, prediction_activation_bytes, unet_parameter_count
 from segmentation.plan import Plan, stored_plan
 
 # where a run writes: the config in force decides, never the config stored in a checkpoint

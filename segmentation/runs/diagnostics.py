@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dataset import WholeImageDataset
-from losses import segmentation_loss
+from losses import IGNORE_LABEL, scored_classes, segmentation_loss
 from segmentation.console import note
 from segmentation.data.preprocess import network_margin, pad_for_model
 from segmentation.inference.infer import Predictor, evaluating, uniform_prediction_note
@@ -71,14 +71,14 @@ def diagnose(
         found = predictor.objects(probabilities) if num_classes == 2 else None
         classes = predictor.classes(probabilities, found).numpy()
         written = write_mask(output / "masks" / f"{Path(name).stem}.png", classes, num_classes)
-        label = label.clamp(max=num_classes - 1)  # the boundary class, where the network has it, is its object's
+        label = scored_classes(label, num_classes)  # the boundary class, where the network has it, is its object's
         confusion, cells = image_scores(torch.from_numpy(written), label, num_classes)
         total += confusion
         scores = {**segmentation_scores(confusion), **(cells or {})}
         if cells:
             cell_scores.append(cells)
         if found is not None:
-            matched = object_matching(dataset.images[index].instances(), found)
+            matched = object_matching(dataset.images[index].instances(), in_annotation(found, label.numpy()))
             objects += matched
             scores["object_f1"] = matching_scores(matched)["f1"]
             if instances:
@@ -102,12 +102,32 @@ def diagnose(
             "(Rand error and VI: on the 4-connected components of class 1 in the masks, foreground-restricted; "
             "means over images. Objects: the true ids against the predicted objects, matched at IoU > 0.5)"
         )
+    unannotated = sum(image.unannotated for image in dataset.images)
+    if unannotated:
+        pixels = sum(image.shape[0] * image.shape[1] for image in dataset.images)
+        print(
+            f"(scored on the annotated pixels alone, {100 * (1 - unannotated / pixels):.1f} % of the pixels "
+            "(train.ignore_value); predicted objects mostly on unannotated pixels are left out of the matching)"
+        )
     if uniform:
         note(uniform_prediction_note(uniform, len(dataset), images))
     print(
         f"masks: {output}/masks/; figures: {output}/{split}_*.png, saliency_*.png, gradient_norms.png, activations.png"
     )
     return overall
+
+
+def in_annotation(objects: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(H, W) ``objects`` (ids, 0 none) without those whose pixels lie mostly where ``label`` is not annotated
+    (``losses.IGNORE_LABEL``): nobody said whether they are right, so they are neither hits nor misses."""
+    given = label != IGNORE_LABEL
+    if given.all():
+        return objects
+    inside = np.bincount(objects[given].ravel(), minlength=objects.max() + 1)
+    every = np.bincount(objects.ravel(), minlength=objects.max() + 1)
+    outside = 2 * inside < every
+    outside[0] = False
+    return np.where(outside[objects], 0, objects)
 
 
 MATCHING_FIELDS = {  # matching_scores' keys, as the line names them

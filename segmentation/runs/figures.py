@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from losses import IGNORE_LABEL
 from segmentation.data.augment import augment_on_device
 from segmentation.runs.folders import per_class_columns
 from segmentation.settings import AugmentSettings
@@ -190,15 +191,18 @@ def save_prediction_figure(
     title: str,
 ) -> None:
     """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1) from the
-    (K, H, W) probabilities, errors, weights."""
+    (K, H, W) probabilities, errors, weights. Unannotated pixels (``losses.IGNORE_LABEL``) are gray in the
+    truth and in the errors, which they have none of."""
     from matplotlib.figure import Figure
 
+    given = label != IGNORE_LABEL
     errors = np.zeros(label.shape + (3,), dtype=np.float32)
+    errors[~given] = (0.5, 0.5, 0.5)
     errors[(prediction != label) & (label == 0)] = (1, 0.2, 0.2)  # predicted foreground on background: red
-    errors[(prediction != label) & (label != 0)] = (0.2, 0.4, 1)  # missed foreground: blue
+    errors[(prediction != label) & (label != 0) & given] = (0.2, 0.4, 1)  # missed foreground: blue
     panels = [
         ("input", display_image(image), "gray"),
-        ("ground truth", label, "viridis"),
+        ("ground truth", np.ma.masked_where(~given, label), "viridis"),
         ("prediction", prediction, "viridis"),
         ("P(class 1)", probability[1], "magma"),
         ("errors (red: false 1, blue: missed 1)", errors, None),
