@@ -4,6 +4,7 @@
                     [--precision fp32|bf16|fp16] [--channels-last] [--compile] [--steps 3]
                     [--models ours,bare,monai] [--infer-size 2048] [--workers 0 2] [--data ISBI_FOLDER]
     python bench.py                              # on a CPU: tiles of 252 px, batch 2, a 512 px image: minutes
+    python bench.py --dims 3 [--tiles 32,48,64]  # 3D: our U-Net against MONAI's BasicUNet(spatial_dims=3)
     python bench.py --data-scale 30,240,960      # data at scale: in memory (as before the cache) vs the cache
     python bench.py --predict-stack 2            # peak memory of test.py --input on a 2 GB multi-page TIFF
     python bench.py --nuclei-experiment 40       # touching nuclei: instance-id masks against 0/255 masks
@@ -11,6 +12,7 @@
     python bench.py --instance-experiment nuclei=40,isbi=20,pennfudan=60 --data ISBI --pennfudan PF   # ids vs 0/255
     python bench.py --restart-cost 3             # a torchrun worker killed: seconds to the restarted group's step
     python bench.py --sparse-experiment isbi=20,pennfudan=80 --data ISBI --pennfudan PF   # scribbles vs dense masks
+    python bench.py --volume-experiment damaged=30:30,isbi=20:20 --data ISBI   # a 3D U-Net against the 2D one
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -22,6 +24,11 @@ Prints numbers and asserts nothing. Three tables by default:
    FLOPs per image: compare TFLOP/s). MONAI is a benchmark-only dependency (``pip install monai``).
 2. Inference: one ``--infer-size`` square image predicted by the tiled predictor (``segmentation.inference.infer``).
 3. The data path (loader and augmentation) against the training step: the device must never wait.
+
+With ``--dims 3``, one table instead: the training step of our 3D U-Net (``UNet(dims=3)``, same-size
+convolutions), the bare loop and MONAI's ``BasicUNet(spatial_dims=3)`` on cubic tiles of each ``--tiles`` side:
+seconds per step, voxels per second, GFLOP per step and milliseconds per GFLOP, and the peak memory of the
+step beside ``segmentation.memory``'s estimate of it (the one training's set-up checks against the device).
 
 FLOPs are those of one forward pass as torch.utils.flop_counter counts them (2 x the multiply-adds of
 the convolutions and matrix products; ReLUs, norms and pooling are left out); a training step counts
@@ -51,7 +58,15 @@ from segmentation.benchmarks.nuclei import nuclei_experiment
 from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
 from segmentation.benchmarks.sparse import ISBI_FOLDS, SPARSE_SETS, sparse_experiment
-from segmentation.benchmarks.speed import data_path_table, in_child, print_training_table, time_inference, time_training
+from segmentation.benchmarks.speed import (
+    data_path_table,
+    in_child,
+    print_training_table,
+    print_volume_table,
+    time_inference,
+    time_training,
+)
+from segmentation.benchmarks.volumes import VOLUME_SETS, volume_experiment
 from segmentation.config import UserError
 from segmentation.device import resolve_device
 from segmentation.options import (
@@ -59,6 +74,7 @@ from segmentation.options import (
     device_name,
     index_list,
     int_list,
+    named_count_pairs,
     named_counts,
     non_negative_int,
     path_argument,
@@ -69,8 +85,13 @@ from segmentation.options import (
 
 # Defaults per device type: the paper's tiles and batch on a GPU; on a CPU a size that times in minutes
 DEVICE_DEFAULTS = {
-    "cuda": {"size": 572, "batch": 8, "steps": 3, "infer_size": 2048, "workers": [0, 2]},
-    "cpu": {"size": 252, "batch": 2, "steps": 2, "infer_size": 512, "workers": [0]},
+    "cuda": {"size": 572, "batch": 8, "steps": 3, "infer_size": 2048, "workers": [0, 2], "widths": [64, 128, 256, 512]},
+    "cpu": {"size": 252, "batch": 2, "steps": 2, "infer_size": 512, "workers": [0], "widths": [64, 128, 256, 512]},
+}
+# --dims 3: Cicek et al.'s 3D U-Net widths on a GPU; on a CPU widths and tiles that time in a couple of minutes
+VOLUME_DEFAULTS = {
+    "cuda": {"tiles": [64, 96, 128], "batch": 2, "steps": 3, "widths": [32, 64, 128, 256]},
+    "cpu": {"tiles": [32, 48, 64], "batch": 1, "steps": 2, "widths": [8, 16, 32, 64]},
 }
 INSTANCE_SETS = ("nuclei", "isbi", "pennfudan")  # the data sets of --instance-experiment
 
@@ -80,25 +101,39 @@ def command_line() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
+        "--dims",
+        default=2,
+        type=positive_int,
+        choices=(2, 3),
+        help="2: images, the three tables; 3: volumes, the 3D training table at each of --tiles",
+    )
+    parser.add_argument(
         "--size",
         type=positive_int,
-        help="training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)",
+        help="2D training tile size in px, valid for the network (default: 572 on a GPU, 252 on a CPU)",
     )
-    parser.add_argument("--batch", type=positive_int, help="training batch (default: 8 on a GPU, 2 on a CPU)")
+    parser.add_argument(
+        "--tiles",
+        type=int_list,
+        metavar="SIDE,...",
+        help="--dims 3: sides of the cubic training tiles in voxels, multiples of 2**depth (default: 64,96,128 on "
+        "a GPU, 32,48,64 on a CPU)",
+    )
+    parser.add_argument("--batch", type=positive_int, help="training batch (default: 8 on a GPU, 2 on a CPU; 3D: 2, 1)")
     parser.add_argument(
         "--widths",
-        default="64,128,256,512",
         type=int_list,
-        help="unet.input_channels, comma-separated (paper: 64,128,256,512)",
+        help="unet.input_channels, comma-separated (default: the paper's 64,128,256,512; --dims 3: 32,64,128,256 "
+        "on a GPU, 8,16,32,64 on a CPU)",
     )
     parser.add_argument(
         "--norm", default="batch", choices=("batch", "instance", "none"), help="normalisation in both networks"
     )
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="2D only")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
-        "--steps", type=positive_int, help="timed training steps per model (default: 3 on a GPU, 2 on a CPU)"
+        "--steps", type=positive_int, help="timed training steps per model and tile (default: 3 on a GPU, 2 on a CPU)"
     )
     parser.add_argument(
         "--warmup", type=non_negative_int, default=1, help="untimed steps first (cuDNN autotuning, compiling)"
@@ -199,10 +234,24 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. isbi=20,pennfudan=80",
     )
     parser.add_argument(
+        "--volume-experiment",
+        type=named_count_pairs(VOLUME_SETS),
+        metavar="SET=EPOCHS_3D:EPOCHS_2D,...",
+        help="instead: a 3D U-Net (unet.dims: 3) against the 2D one, on synthetic volumes with damaged sections "
+        "(damaged, seeds 0 and 1) and on ISBI 2012 as a volume (isbi, --data, --folds), e.g. damaged=30:30",
+    )
+    parser.add_argument(
+        "--nuclei3d",
+        type=path_argument,
+        help="--volume-experiment nuclei3d: the folder of stardist's img3d.tif and mask3d.tif (stardist/data/images "
+        "in its wheel: pip download stardist --no-deps)",
+    )
+    parser.add_argument(
         "--folds",
         type=index_list(ISBI_FOLDS),
         metavar="K,...",
-        help="--sparse-experiment: which of ISBI's 5 contiguous folds to train (0-4; default all), e.g. 0,2,4",
+        help="--sparse- and --volume-experiment: which of ISBI's 5 contiguous folds to train (0-4; default all for "
+        "the sparse, 0 for the volume experiment), e.g. 0,2,4",
     )
     parser.add_argument(
         "--pennfudan", type=path_argument, help="--instance- and --sparse-experiment: the PennFudanPed folder"
@@ -214,22 +263,31 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     across options; a wrong one ends the program with one line (exit code 2)."""
     parser = command_line()
     args = parser.parse_args(argv)
-    sets = {**(args.instance_experiment or {}), **(args.sparse_experiment or {})}
+    sets = {**(args.instance_experiment or {}), **(args.sparse_experiment or {}), **(args.volume_experiment or {})}
     if (args.fine_tune_experiment or "isbi" in sets) and not args.data:
         parser.error(
             "--data is needed: --fine-tune-experiment and --instance- or --sparse-experiment isbi=... read the ISBI "
             "2012 folder (train-volume.tif, train-labels.tif)"
         )
+    if "nuclei3d" in sets and not args.nuclei3d:
+        parser.error("--nuclei3d is needed: the volume experiment's nuclei3d=... reads img3d.tif and mask3d.tif there")
     if "pennfudan" in sets and not args.pennfudan:
         parser.error("--pennfudan is needed: the experiments' pennfudan=... reads the PennFudanPed folder")
+    if args.dims == 3 and (args.size or args.channels_last):
+        parser.error(f"argument {'--size' if args.size else '--channels-last'}: 2D only; --dims 3 takes --tiles")
+    if args.dims == 2 and args.tiles:
+        parser.error("argument --tiles: only with --dims 3; 2D takes --size")
     try:
         resolve_device(args.device)
-        if args.size is not None:
-            output_size(args.size, len(args.widths), 0)
     except UserError as error:
         parser.error(f"argument --device: {error}")
-    except ValueError as error:
-        parser.error(f"argument --size: {error}")
+    depth = len(args.widths or DEVICE_DEFAULTS["cpu"]["widths"])
+    sizes = [("--size", args.size, 0)] if args.size else [("--tiles", side, 1) for side in args.tiles or []]
+    for option, size, padding in sizes:  # valid convolutions in 2D, same-size ones in 3D (speed.build)
+        try:
+            output_size(size, depth, padding)
+        except ValueError as error:
+            parser.error(f"argument {option}: {error}")
     return args
 
 
@@ -250,17 +308,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.sparse_experiment:
         sparse_experiment(args.sparse_experiment, [0, 1], args.data, args.pennfudan, args.folds)
     experiments = (args.nuclei_experiment, args.fine_tune_experiment, args.restart_cost, args.instance_experiment)
-    experiments += (args.sparse_experiment,)
+    if args.volume_experiment:
+        volume_experiment(args.volume_experiment, [0, 1], args.data, args.folds, args.nuclei3d)
+    experiments += (args.sparse_experiment, args.volume_experiment)
     if args.data_scale or args.predict_stack or any(experiments):
         return
 
     device = resolve_device(args.device)
-    for key, value in DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+    defaults = VOLUME_DEFAULTS if args.dims == 3 else DEVICE_DEFAULTS
+    for key, value in defaults["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     models = [case for case in args.models if case != "monai" or importlib.util.find_spec("monai")]
+    if not models:
+        raise SystemExit("MONAI is not installed (pip install monai), and --models names no other model")
     if len(models) < len(args.models):
         print("note: MONAI is not installed (pip install monai): its BasicUNet is left out", file=sys.stderr)
+    if args.dims == 3:  # each model and tile in a process of its own, for its own peak memory
+        results = {}
+        for side in args.tiles:
+            tile_args = argparse.Namespace(**{**vars(args), "size": side})
+            results |= {(case, side): in_child(time_training, case, tile_args) for case in models}
+        print_volume_table(results, args, device)
+        return
     results = {case: in_child(time_training, case, args) for case in models}
     print_training_table(results, args, device)
     if args.infer_size:

@@ -26,6 +26,7 @@ from segmentation.data.cache import BOUNDARY, PreparedImage, PreprocessingSettin
 from segmentation.data.preprocess import mirrored_indices, take_window
 from segmentation.data.readers import LISTED_VALUES, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.data.synthetic import SyntheticSample
+from segmentation.data.synthetic_volumes import SyntheticVolumeSample
 from segmentation.data.weight_maps import add_class_weights
 from segmentation.plan import Plan, class_totals, decide_plan
 from segmentation.settings import DataSettings, PredictSettings, UNetSettings
@@ -45,29 +46,30 @@ class TileDataset(Dataset):
     class_weights : (K,) weights ``w_c`` added to each entry's border term, or None for all ones.
     tile_size : network input side in px; ``output_size`` : network output side in px for that input.
         For padding 0 the input tile reaches ``margin = (tile_size - output_size) / 2`` px beyond the
-        labelled output tile on every side, mirrored where it leaves the image.
+        labelled output tile on every side, mirrored where it leaves the image. Volumes: the sides per axis
+        ``(depth, height, width)`` (an int: the same along every axis).
     samples_per_image : tiles per image per epoch.
     label_classes : the classes the network learns (``UNet.out_channels``): 2 folds the object borders that
         entries of object ids mark (``cache.BOUNDARY``) into their objects, 3 keeps them a class.
 
     Each item is ``(image (C, T, T) float32, label (T, T) int64, weight (T, T) float32)``, T =
     ``tile_size``: labels and weights cover the whole input tile (mirrored like the image), so that
-    augmentation can move them with the image; the loss crops them to the output's centre. Only the
-    tile's pixels are read from disk.
+    augmentation can move them with the image; the loss crops them to the output's centre; a volume's tiles
+    have one more axis, (C, D, H, W) and (D, H, W). Only the tile's pixels are read from disk.
     """
 
     def __init__(
         self,
         images: Sequence[PreparedImage],
         class_weights: np.ndarray | None,
-        tile_size: int,
-        output_size: int,
+        tile_size: int | tuple[int, ...],
+        output_size: int | tuple[int, ...],
         samples_per_image: int,
         seed: int,
         label_classes: int = 2,
     ):
         self.images, self.class_weights, self.label_classes = list(images), class_weights, label_classes
-        self.margin = (tile_size - output_size) // 2
+        self.margin = np.subtract(tile_size, output_size) // 2
         self.tile_size, self.output_size, self.samples_per_image, self.seed = (
             tile_size,
             output_size,
@@ -82,31 +84,40 @@ class TileDataset(Dataset):
         epoch, index = divmod(key, len(self))
         rng = np.random.default_rng([self.seed, epoch, index])
         prepared = self.images[index // self.samples_per_image]
-        top, left = self.tile_position(prepared, rng)
-        height, width = prepared.shape
-        rows = mirrored_indices(top - self.margin, self.tile_size, height)
-        cols = mirrored_indices(left - self.margin, self.tile_size, width)
+        corner = self.tile_position(prepared, rng)
+        tiles, margins = self.per_axis(self.tile_size, prepared.dims), self.per_axis(self.margin, prepared.dims)
+        indices = [
+            mirrored_indices(start - margin, tile, side)
+            for start, margin, tile, side in zip(corner, margins, tiles, prepared.shape)
+        ]
         image, label, border = prepared.arrays()
-        label_tile = folded(take_window(label, rows, cols), prepared, self.label_classes)
-        border_tile = None if border is None else take_window(border, rows, cols)
+        label_tile = folded(take_window(label, *indices), prepared, self.label_classes)
+        border_tile = None if border is None else take_window(border, *indices)
         return (
-            torch.from_numpy(take_window(image, rows, cols).astype(np.float32)),
+            torch.from_numpy(take_window(image, *indices).astype(np.float32)),
             torch.from_numpy(label_tile.astype(np.int64)),
             torch.from_numpy(add_class_weights(label_tile, border_tile, self.class_weights)),
         )
 
-    def tile_position(self, prepared: PreparedImage, rng: np.random.Generator) -> tuple[int, int]:
-        """Top left corner (px) of a random output tile inside the image (images smaller than it are
-        mirrored up to its size; the input tile reaches ``margin`` px further, mirrored where it leaves the
-        image). Of an image annotated in part, the tile holds an annotated pixel drawn at random
-        (``PreparedImage.annotated_points``) at a random place: tiles are drawn where the annotations are."""
-        height, width = prepared.shape
-        last = [max(side, self.output_size) - self.output_size for side in (height, width)]
+    @staticmethod
+    def per_axis(size: int | tuple[int, ...] | np.ndarray, dims: int) -> tuple[int, ...]:
+        """A side given for every axis (an int) or per axis, as one int per axis of a ``dims``-D image."""
+        return tuple(int(side) for side in np.broadcast_to(size, (dims,)))
+
+    def tile_position(self, prepared: PreparedImage, rng: np.random.Generator) -> tuple[int, ...]:
+        """Top left corner (px; (section, row, column) of a volume) of a random output tile inside the image
+        (images smaller than it are mirrored up to its size; the input tile reaches ``margin`` px further,
+        mirrored where it leaves the image). Of an image annotated in part, the tile holds an annotated pixel
+        drawn at random (``PreparedImage.annotated_points``) at a random place: tiles are drawn where the
+        annotations are."""
+        outputs = self.per_axis(self.output_size, prepared.dims)
+        last = [max(side, output) - output for side, output in zip(prepared.shape, outputs)]
         if not prepared.unannotated:
-            return int(rng.integers(0, last[0] + 1)), int(rng.integers(0, last[1] + 1))
+            return tuple(int(rng.integers(0, end + 1)) for end in last)
         points = prepared.annotated_points()
         point = points[int(rng.integers(0, len(points)))]
-        offsets = rng.integers(0, self.output_size, size=2)
+        same = len(set(outputs)) == 1  # one draw of all axes, as 2D runs have always drawn them
+        offsets = rng.integers(0, outputs[0], size=len(outputs)) if same else [rng.integers(0, o) for o in outputs]
         return tuple(int(np.clip(at - offset, 0, end)) for at, offset, end in zip(point, offsets, last))
 
 
@@ -196,6 +207,7 @@ def list_samples(
     seed: int,
     image_channels: int = 1,
     note: Callable[[str], None] = console_note,
+    dims: int = 2,
 ) -> tuple[list, list | None]:
     """``(training samples, validation samples or None)`` of the configured data set, not yet read
     (``readers.FileSample``, ``synthetic.SyntheticSample``; synthetic images drawn from ``seed``).
@@ -204,13 +216,17 @@ def list_samples(
     ``train.val_data``; None means: split ``train.val_fraction`` off the training samples. A TIFF stack
     gives a sample per image, its pages read as ``unet.image_channels`` (``image_channels``) says
     (``images.tiff_image_pages``; how, where the user should know, goes to ``note``), and every file is
-    refused from its header beyond ``train.max_image_pixels``.
+    refused from its header beyond ``train.max_image_pixels``. ``dims`` 3 (``unet.dims``): each TIFF stack is
+    a volume (``readers.volume_samples``; ISBI 2012 one volume in blocks of sections), synthetic data are
+    ``train.synthetic_images`` volumes (``synthetic_volumes``).
     """
     name, root = data.dataset_name, Path(data.data)
-    reading = (image_channels, data.max_image_pixels, note)
+    reading = (image_channels, data.max_image_pixels, note, dims, data.spacing)
     if name == "synthetic":
         size, count = data.synthetic_size, data.synthetic_images
         samples = [SyntheticSample(f"synthetic {i}", seed, i, size, num_classes) for i in range(count)]
+        if dims == 3:
+            samples = [SyntheticVolumeSample(f"synthetic volume {i}", seed, i, size) for i in range(count)]
         val_samples = None
     else:
         if not root.exists():
@@ -221,7 +237,9 @@ def list_samples(
         if name == "isbi2012":
             samples, val_samples = read_isbi2012(root, *reading), None
         elif name == "pennfudan":
-            samples, val_samples = read_pennfudan(root, *reading)
+            if dims == 3:
+                raise UserError("unet.dims: 3 trains on volumes, and Penn-Fudan holds photographs: set unet.dims: 2")
+            samples, val_samples = read_pennfudan(root, *reading[:3])
         else:
             samples, val_samples = read_folder_pairs(root / "images", root / "masks", "auto", *reading), None
     if data.val_data:
@@ -301,12 +319,13 @@ def prepare_data(
     note: Callable[[str], None] = print,
     rank: int = 0,
     world_size: int = 1,
+    dims: int = 2,
 ) -> PreparedData:
     """The configured images (``data``; ``unet.image_channels`` and ``num_classes``; ``train.seed`` draws
     the synthetic images and, without ``train.split_seed``, the split), split, preprocessed into the cache
     once (``cache.prepare_images``; under torchrun the processes ``rank`` of ``world_size`` share the work)
     and read lazily from there."""
-    samples, val_samples = list_samples(data, num_classes, seed, image_channels, note)
+    samples, val_samples = list_samples(data, num_classes, seed, image_channels, note, dims)
     split = split_samples(data, len(samples), own_validation=val_samples is not None, seed=seed)
     train_index, val_index, test_index = split
     val_samples = val_samples if val_samples is not None else [samples[i] for i in val_index]
@@ -364,7 +383,7 @@ def build_datasets(
     classes = plan.label_classes
     note(data_summary(prepared.train, prepared.val, prepared.test, classes))
     weights = None if plan.class_weights is None else np.asarray(plan.class_weights, dtype=np.float32)
-    tiles = TileDataset(prepared.train, weights, plan.tile_size, plan.output_size, samples_per_image, seed, classes)
+    tiles = TileDataset(prepared.train, weights, plan.tile_shape, plan.output_shape, samples_per_image, seed, classes)
     example = tuple(tensor.numpy() for tensor in WholeImageDataset(prepared.train[:1], weights, classes)[0])
     return DataSets(
         tiles,
@@ -383,7 +402,7 @@ def planned_datasets(
 ) -> tuple[Plan, DataSets]:
     """A new run's data: the images prepared (``prepare_data``), the run's plan decided from them
     (``plan.decide_plan``) and the datasets it cuts (``build_datasets``)."""
-    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note)
+    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note, dims=unet.dims)
     plan = decide_plan(unet, data, predict, prepared.train, note)
     return plan, build_datasets(prepared, plan, data.samples_per_image, seed, note)
 
@@ -396,17 +415,21 @@ def data_summary(
 ) -> str:
     """One line on the data a run trains on (``python dataset.py check`` says more): counts, sizes,
     channels and the class fractions of the training images, over the ``classes`` the network learns."""
-    heights, widths = [image.shape[0] for image in train_images], [image.shape[1] for image in train_images]
+    heights, widths = [image.shape[-2] for image in train_images], [image.shape[-1] for image in train_images]
     counts = class_totals(train_images, classes)
     channels = sorted({image.source_channels for image in train_images})
     fractions = ", ".join(f"{c}: {100 * count / counts.sum():.1f} %" for c, count in enumerate(counts))
     unannotated = sum(image.unannotated for image in train_images)
+    kind, sections, axes = "images", "", "width x height"
+    if train_images and train_images[0].dims == 3:
+        depths = [image.shape[0] for image in train_images]
+        kind, sections, axes = "volumes", f" x {min(depths)}-{max(depths)}", "width x height x sections"
     annotated = (
         f" of the {100 * (1 - unannotated / (unannotated + counts.sum())):.1f} % annotated" if unannotated else ""
     )
     return (
         f"data: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
-        f"training images {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px (width x height), "
+        f"training {kind} {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)}{sections} px ({axes}), "
         f"{'/'.join(map(str, channels))} channel(s), class fractions{annotated} {fractions}"
     )
 

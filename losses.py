@@ -37,7 +37,8 @@ def weighted_cross_entropy(
 
     Parameters
     ----------
-    logits : (B, K, h, w) float tensor, unnormalised class scores.
+    logits : (B, K, h, w) float tensor, unnormalised class scores ((B, K, d, h, w) for volumes, with
+        target and weight map (B, D, H, W)).
     target : (B, H, W) int64 tensor of class indices, H >= h and W >= w (cropped to the centre);
         ``IGNORE_LABEL`` where nothing is annotated, which weighs 0.
     weight_map : (B, H, W) float tensor of per-pixel weights w(x) >= 0, or None for all ones.
@@ -49,10 +50,10 @@ def weighted_cross_entropy(
     ``F.cross_entropy(weight=class_weights)``, so the loss scale does not depend on the tile size or on
     the weights' overall scale.
     """
-    height, width = logits.shape[-2:]
-    target = center_crop(target, height, width)
+    spatial = logits.shape[2:]  # (h, w), or a volume's (d, h, w)
+    target = center_crop(target, *spatial)
     pixel_loss = F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_LABEL)
-    weight = torch.ones_like(pixel_loss) if weight_map is None else center_crop(weight_map, height, width).float()
+    weight = torch.ones_like(pixel_loss) if weight_map is None else center_crop(weight_map, *spatial).float()
     given = annotated(target)
     if class_weights is not None:
         weight = weight * class_weights.to(pixel_loss.device)[target.where(given, 0)]
@@ -79,12 +80,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     Scalar float32 tensor in [0, 1]; sums run over the whole batch, as in nnU-Net's batch Dice.
     """
     num_classes = logits.shape[1]
-    target = center_crop(target, *logits.shape[-2:])
+    target = center_crop(target, *logits.shape[2:])
     given = annotated(target)[:, None]
     probabilities = logits.float().softmax(dim=1) * given
-    one_hot = F.one_hot(target.where(given[:, 0], 0), num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    one_hot = F.one_hot(target.where(given[:, 0], 0), num_classes).movedim(-1, 1).to(probabilities.dtype)
     one_hot = one_hot * given
-    dims = (0, 2, 3)
+    dims = (0, *range(2, logits.ndim))
     intersection = (probabilities * one_hot).sum(dims)
     total = probabilities.sum(dims) + one_hot.sum(dims)
     dice = (2 * intersection + smooth) / (total + smooth)

@@ -39,7 +39,7 @@ import torch
 from segmentation.config import UserError
 from segmentation.console import note, report_error
 from segmentation.device import memory_description
-from segmentation.inference.export import check_onnx, export_onnx, export_torchscript
+from segmentation.inference.export import check_onnx, export_onnx, export_torchscript, sample_shape
 from segmentation.inference.package import export_package
 from segmentation.inference.predict import input_images, predict_files
 from segmentation.inference.trained import Trained, load_trained
@@ -164,7 +164,7 @@ def export(trained: Trained, path: Path) -> None:
     """``--export``: a bioimage.io package (``.zip``, its test tensors from the first validation image),
     TorchScript (``.pt``) or ONNX (``.onnx``), each checked against PyTorch."""
     model, config, plan, progress = trained.model, trained.config, trained.plan, trained.progress
-    channels, side = config.unet.image_channels, plan.tile_size
+    channels, side = config.unet.image_channels, plan.tile_shape  # a side (2D) or (depth, height, width)
     suffix = path.suffix.lower()
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise UserError(f"--export {path}: cannot write to {path.parent} (not a writable folder)")
@@ -175,7 +175,7 @@ def export(trained: Trained, path: Path) -> None:
             "checkpoint": f"{trained.path}, epoch {progress.epoch} of run {progress.run_name}",
             f"best validation {config.run.best_metric}": f"{progress.best_value}, epoch {progress.best_epoch}",
         }
-        summary = export_package(model, path, config.unet, config.data, image, validation)
+        summary = export_package(model, path, config.unet, config.data, image, validation, spacing=plan.spacing)
         differences = ", ".join(f"{name} {value:.2e}" for name, value in summary["differences"].items())
         print(f"wrote {path}: {', '.join(summary['files'])}; largest differences from PyTorch: {differences}")
     elif suffix == ".pt":
@@ -183,7 +183,7 @@ def export(trained: Trained, path: Path) -> None:
         print(f"wrote {path} (TorchScript); it and PyTorch differ by at most {difference:.2e}")
     elif suffix == ".onnx":
         export_onnx(model, path, channels, sample_size=side)
-        difference = check_onnx(model, path, torch.randn(1, channels, side, side))
+        difference = check_onnx(model, path, torch.randn(1, channels, *sample_shape(model, side)))
         print(f"wrote {path}; onnxruntime and PyTorch differ by at most {difference:.2e}")
     else:
         raise UserError(f"--export {path}: write MODEL.zip (bioimage.io package), MODEL.pt (TorchScript) or MODEL.onnx")

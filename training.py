@@ -172,6 +172,7 @@ def set_up(config: Config, processes: Processes) -> Run:
     with run_claimed(folders, name, rank == 0, new=checkpoint is None) as lock:
         torch.manual_seed(config.train.seed)
         plan, data = plan_and_data(config, processes, checkpoint, resume_path)
+        check_training_memory(config, device, plan)  # a volume's tile is its data's: checked from here
         tiles_per_step = config.train.batch_size * config.train.grad_accum_steps
         steps_per_epoch = count_steps(len(data.train), tiles_per_step, world_size)
         model, ema_model, loaded = build_models(config.unet, plan, config.train, device, initial, init_from)
@@ -220,8 +221,10 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     # a with block closes the bar on every way out, so that an error's one line starts a line of its own
     with bar:
         for batch in run.loading.loader:
-            augment, seed, sparse = run.config.augment, settings.seed, run.plan.sparse
-            batch = augment_on_device(batch, augment, seed, progress.step, *processes.placement, sparse)
+            augment, seed, plan = run.config.augment, settings.seed, run.plan
+            batch = augment_on_device(
+                batch, augment, seed, progress.step, *processes.placement, plan.sparse, plan.spacing
+            )
             loss_sum += take_step(run, batch)
             scheduler.step()
             if run.models.ema_model is not None:

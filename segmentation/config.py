@@ -110,7 +110,16 @@ LEGACY = {  # keys of the seed repository, read and translated by resolve
     }
 }
 SPLIT_KEYS = ("dataset_name", "folds", "fold", "fold_order", "test_images", "val_images", "val_fraction", "val_data")
-ARCHITECTURE_KEYS = ("input_channels", "image_channels", "num_classes", "padding", "norm", "upsample", "boundary_class")
+ARCHITECTURE_KEYS = (
+    "input_channels",
+    "image_channels",
+    "num_classes",
+    "padding",
+    "norm",
+    "upsample",
+    "boundary_class",
+    "dims",
+)
 
 
 def default_config() -> dict:
@@ -344,6 +353,7 @@ def _cross_key_problems(config: dict) -> list[str]:
         problems.append(f"train.device: {shown(train['device'])} is not one of auto, cpu, cuda, cuda:N, mps")
     problems += _run_name_problems(train["run_name"])
     problems += _ignore_problems(train, classes)
+    problems += _volume_problems(unet, train, config["augment"])
     side, most = train["synthetic_size"], train["max_image_pixels"]
     if train["dataset_name"] == "synthetic" and side**2 > most:
         problems.append(
@@ -426,6 +436,18 @@ def _ignore_problems(train: dict, classes: int) -> list[str]:
         elif train["mask_colors"] is not None and list(colour) in [list(c) for c in train["mask_colors"]]:
             index = [list(c) for c in train["mask_colors"]].index(list(colour))
             problems.append(f"train.ignore_color: {list(colour)} is the colour of class {index}: choose another")
+    return problems
+
+
+def _volume_problems(unet: dict, train: dict, augment: dict) -> list[str]:
+    """What a 3D run (``unet.dims: 3``) cannot take: a spacing of other than 3 sizes, photographs, bicubic warps."""
+    problems = []
+    if train["spacing"] is not None and len(train["spacing"]) != 3:
+        problems.append(f"train.spacing: expected the voxel size [z, y, x], got {shown(train['spacing'])}")
+    if unet["dims"] == 3 and train["dataset_name"] == "pennfudan":
+        problems.append("unet.dims: 3 trains on volumes, and Penn-Fudan holds photographs: set unet.dims: 2")
+    if unet["dims"] == 3 and augment["interpolation"] == "bicubic":
+        problems.append("augment.interpolation: bicubic warps only images; volumes take bilinear (trilinear)")
     return problems
 
 
@@ -516,7 +538,7 @@ def architecture_differences(
     checkpoint's stored config ``saved`` (plain data; ``boundary_class``: whether its network has the
     boundary class, as its run decided) and ``current`` differ; ``auto`` in ``current`` accepts either."""
     now = plain(dataclasses.asdict(current))
-    stored = {**saved["unet"], "boundary_class": boundary_class}
+    stored = {"dims": 2, **saved["unet"], "boundary_class": boundary_class}  # checkpoints from before dims: 2D
     return [
         f"unet.{key}: checkpoint {stored.get(key)!r}, config {now[key]!r}"
         for key in keys

@@ -126,3 +126,8 @@ def prediction_activation_bytes(blocks: list[tuple[list[int], int]]) -> int:
     depth = (len(blocks) - 2) // 2
     largest = max(size for tensors, _ in blocks for size in tensors)
     return sum(output for _, output in blocks[:depth]) + PREDICTION_MAPS * largest
+
+
+def shown_tile(tile: int | Sequence[int]) -> str:
+    """A tile's sides as messages name them: ``572x572`` for a side, ``24x96x96`` for a volume's tile."""
+    return "x".join(map(str, tile)) if isinstance(tile, Sequence) else f"{tile}x{tile}"

@@ -338,5 +338,32 @@ def named_counts(names: Sequence[str]) -> Callable[[str], dict[str, int]]:
     return counts
 
 
+def named_count_pairs(names: Sequence[str]) -> Callable[[str], dict[str, tuple[int, int]]]:
+    """An argparse type: ``NAME=A:B`` items separated by commas, each name one of ``names`` and ``A``, ``B``
+    positive integers (``damaged=30:20,isbi=10:20``)."""
+
+    def counts(text: str) -> dict[str, tuple[int, int]]:
+        expected = f"NAME=A:B items separated by commas, NAME one of {', '.join(names)}, such as {names[0]}=20:20"
+
+        def parse(given: str) -> dict[str, tuple[int, int]]:
+            return {name: tuple(int(part) for part in pair.split(":")) for name, pair in _items(given)}
+
+        def valid(pairs: dict) -> bool:
+            numbers = [value for pair in pairs.values() for value in pair]
+            return (
+                set(pairs) <= set(names)
+                and all(len(pair) == 2 for pair in pairs.values())
+                and all(0 < value <= INT_LIMIT for value in numbers)
+            )
+
+        return _argument(text, parse, valid, expected)
+
+    return counts
+
+
+def _items(text: str) -> list[tuple[str, str]]:
+    return [(name, value) for name, _, value in (item.partition("=") for item in text.split(","))]
+
+
 def _pairs(text: str) -> dict[str, int]:
     return {name: int(count) for name, _, count in (item.partition("=") for item in text.split(","))}

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from model import output_size
+from model import output_size, valid_input_sizes
 from segmentation.config import AUTO_TILE_SIDE, Config, UserError, auto_tile_size, stored_boundary_class
 from segmentation.data.weight_maps import balanced_class_weights
+from segmentation.geometry import axis_geometry, volume_tile
 from segmentation.settings import DataSettings, PredictSettings, UNetSettings
 
 PLAN_VERSION = 1
@@ -72,6 +73,26 @@ class Plan:
     spacing: tuple[float, ...] | None = None
     ignore_value: float | None = None
     ignore_color: tuple[int, ...] | None = None
+    kernel_sizes: tuple[tuple[int, ...], ...] | None = None
+    pool_sizes: tuple[tuple[int, ...], ...] | None = None
+    tile_depth: int = 1
+    output_depth: int = 1
+    predict_tile_depth: int = 1
+
+    @property
+    def tile_shape(self) -> int | tuple[int, int, int]:
+        """The training tile's input side (2D), or its (depth, height, width) in voxels (3D)."""
+        return self.tile_size if self.dims == 2 else (self.tile_depth, self.tile_size, self.tile_size)
+
+    @property
+    def output_shape(self) -> int | tuple[int, int, int]:
+        """The training tile's labelled output side (2D), or its (depth, height, width) (3D)."""
+        return self.output_size if self.dims == 2 else (self.output_depth, self.output_size, self.output_size)
+
+    @property
+    def predict_tile(self) -> int | tuple[int, int, int]:
+        """The largest input tile of whole-image prediction: a side (2D) or (depth, height, width) (3D)."""
+        return self.predict_tile_size if self.dims == 2 else (self.predict_tile_depth, *(self.predict_tile_size,) * 2)
 
     @property
     def label_classes(self) -> int:
@@ -93,6 +114,8 @@ class Plan:
         data = dataclasses.asdict(self)
         for key in ("class_weights", "spacing", "ignore_color"):
             data[key] = None if data[key] is None else list(data[key])
+        for key in ("kernel_sizes", "pool_sizes"):
+            data[key] = None if data[key] is None else [list(sizes) for sizes in data[key]]
         return {"version": PLAN_VERSION, **data}
 
     @classmethod
@@ -106,9 +129,17 @@ class Plan:
         if data.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise UserError(f"{where}: its plan is of version {data['version']}; update this repository to read it")
         values = {key: value for key, value in data.items() if key != "version"}
-        for key, kind in (("class_weights", float), ("spacing", float), ("ignore_color", int)):
-            if values.get(key) is not None:
-                values[key] = tuple(kind(item) for item in values[key])
+        try:
+            for key, kind in (("class_weights", float), ("spacing", float), ("ignore_color", int)):
+                if values.get(key) is not None:
+                    values[key] = tuple(kind(item) for item in values[key])
+            for key in ("kernel_sizes", "pool_sizes"):
+                if values.get(key) is not None:
+                    values[key] = tuple(tuple(int(size) for size in sizes) for sizes in values[key])
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{where}: its plan is not one this version reads (edited, or from another version)"
+            ) from None
         plan = cls(**values)
         problem = plan.problem()
         if problem:
@@ -123,8 +154,11 @@ class Plan:
             return f"has {len(self.class_weights)} class weights for {self.label_classes} classes"
         if self.boundary_class and self.num_classes != 2:
             return "has a border class beside more than two classes"
-        if self.dims not in (2, 3) or min(self.tile_size, self.output_size, self.predict_tile_size) < 1:
+        sizes = (self.tile_size, self.output_size, self.predict_tile_size, self.tile_depth, self.output_depth)
+        if self.dims not in (2, 3) or min(sizes) < 1:
             return "has impossible sizes"
+        if self.dims == 3 and (self.kernel_sizes is None or self.pool_sizes is None or self.spacing is None):
+            return "is of a 3D network without its kernel and pooling sizes or spacing"
         return None
 
     def calibrated(self, threshold: float) -> Plan:
@@ -161,7 +195,8 @@ def decide_plan(
     instance_data = readings == ["instances"]
     boundary = boundary_class_of(unet, instance_data, train_images)
     weights = class_weights_of(data.class_weights, train_images, unet.num_classes + boundary)
-    tile = training_tile_size(data.tile_size, unet.depth, unet.padding, note)
+    volume = volume_decisions(unet, data, train_images, note) if unet.dims == 3 else {}
+    tile = volume.pop("tile_size", None) or training_tile_size(data.tile_size, unet.depth, unet.padding, note)
     learnt = learnt_min_object_size(np.array([area for image in train_images for area in image.object_areas]))
     automatic = Plan(
         image_channels=unet.image_channels,
@@ -170,8 +205,8 @@ def decide_plan(
         mask_reading="+".join(readings),
         class_weights=None if weights is None else tuple(float(weight) for weight in weights),
         tile_size=tile,
-        output_size=output_size(tile, unet.depth, unet.padding),
-        predict_tile_size=DEFAULT_PREDICT_TILE[unet.padding],
+        output_size=volume.pop("output_size", None) or output_size(tile, unet.depth, unet.padding),
+        predict_tile_size=volume.pop("predict_tile_size", None) or DEFAULT_PREDICT_TILE[unet.padding],
         threshold=0.5,
         threshold_source="uncalibrated",
         learnt_object_size=learnt,
@@ -180,6 +215,7 @@ def decide_plan(
         fill_holes=instance_data,
         ignore_value=data.ignore_value,
         ignore_color=data.ignore_color,
+        **volume,
     )
     absent = [c for c, count in enumerate(class_totals(train_images, unet.num_classes)) if count == 0]
     if absent and train_images and (data.ignore_value is not None or data.ignore_color is not None):
@@ -188,6 +224,58 @@ def decide_plan(
             "apart (with 0/255 masks, 255 is class 1): choose an ignore value that no class uses, e.g. 128"
         )
     return automatic.for_prediction(predict)
+
+
+def volume_decisions(
+    unet: UNetSettings, data: DataSettings, train_images: Sequence, note: Callable[[str], None]
+) -> dict[str, Any]:
+    """The plan's fields of a 3D run (``unet.dims: 3``): the voxel spacing (the training volumes'), the kernel and
+    pooling sizes per level and axis from it (``geometry.kernels_and_pools``, nnU-Net's rule), and the training and
+    prediction tiles (``geometry.volume_tile``, ``train.tile_size`` and ``tile_depth``); a UserError names a
+    training image that is no volume, or one with fewer sections than the network needs."""
+    flat = next((image.name for image in train_images if image.dims != 3), None)
+    if flat is not None:
+        raise UserError(f"{flat}: a 2D image, but unet.dims: 3 trains on volumes: give TIFF stacks, or unet.dims: 2")
+    spacings = sorted({image.spacing for image in train_images if image.spacing is not None})
+    spacing = tuple(float(size) for size in np.median(spacings, axis=0)) if spacings else (1.0, 1.0, 1.0)
+    if len(spacings) > 1:
+        note(
+            f"the training volumes' voxel spacings differ ({len(spacings)} of them): planned for their median {spacing}"
+        )
+    in_plane = None if data.tile_size == "auto" else int(data.tile_size)
+    sections = None if data.tile_depth == "auto" else int(data.tile_depth)
+    try:
+        largest = [int(side) for side in np.max([image.shape for image in train_images], axis=0)]
+        (depth, side, _), kernels, pools = volume_tile(spacing, unet.depth, unet.padding, in_plane, sections, largest)
+    except ValueError as error:
+        raise UserError(f"train.tile_size, tile_depth: {error}") from None
+    along_z, in_plane_axis = axis_geometry(kernels, pools, 0), axis_geometry(kernels, pools, 2)
+    smallest = output_size(
+        valid_input_sizes(1, unet.depth, unet.padding, *along_z)[1], unet.depth, unet.padding, *along_z
+    )
+    short = next((image for image in train_images if image.shape[0] < smallest), None)
+    if short is not None:
+        raise UserError(
+            f"{short.name}: {short.shape[0]} sections, fewer than the {smallest} a tile of this network covers along z "
+            "(its smallest valid output): give a longer stack, fewer poolings (unet.input_channels) or unet.dims: 2"
+        )
+    note(
+        f"3D plan: voxel spacing {spacing} (z, y, x); kernels {kernels} and poolings {pools} per level and axis "
+        f"(nnU-Net's rule: z pooled once its spacing is within 2x of y's and x's); training tile {depth} x {side} x "
+        f"{side} voxels (train.tile_depth, tile_size)"
+    )
+    return {
+        "dims": 3,
+        "spacing": spacing,
+        "kernel_sizes": kernels,
+        "pool_sizes": pools,
+        "tile_size": side,
+        "tile_depth": depth,
+        "output_depth": output_size(depth, unet.depth, unet.padding, *along_z),
+        "output_size": output_size(side, unet.depth, unet.padding, *in_plane_axis),
+        "predict_tile_size": side,
+        "predict_tile_depth": depth,
+    }
 
 
 def training_tile_size(

@@ -82,6 +82,9 @@ class UNetSettings:
     boundary_class: bool | str = setting(
         "auto", "bool_or_auto", "two classes: also learn object borders as a class; auto: for object-id masks"
     )
+    dims: int = setting(
+        2, "int", "2: images (a stack's pages one by one); 3: volumes (3D convolutions)", choices=(2, 3)
+    )
 
     @property
     def depth(self) -> int:
@@ -156,6 +159,16 @@ class DataSettings:
         2**30, "int", "refuse images (or stack pages) of more pixels than this, from their headers", minimum=1
     )
     tile_size: int = setting("auto", "int_or_auto", "side of the network's input tile in pixels", minimum=8)
+    tile_depth: int | str = setting(
+        "auto", "int_or_auto", "3D: sections of the input tile; auto: from the spacing and tile_size", minimum=1
+    )
+    spacing: tuple[float, ...] | None = setting(
+        None,
+        "float_list",
+        "3D: voxel size [z, y, x] of every volume, over the files' (any unit)",
+        above=0.0,
+        nullable=True,
+    )
     samples_per_image: int = setting(4, "int", "random tiles cut from each training image per epoch", minimum=1)
     class_weights: str | tuple[float, ...] = setting("balanced", "weights", "balanced, none or one weight per class")
     w_0: float = setting(10.0, "float", "weight of the border term (paper: 10; 0: off)", minimum=0.0)

@@ -39,6 +39,22 @@ TINY = [
     "train.device=cpu",
 ]
 
+# A tiny 3D U-Net (widths 4, 8; same-size convolutions) on 4 synthetic volumes of 16 x 32 x 32 voxels, spacing
+# (5, 1, 1): one training volume's 2 tiles per epoch, volume 2 validates, volume 3 is the test volume.
+TINY_3D = [
+    "unet.dims=3",
+    "unet.input_channels=[4, 8]",
+    "unet.padding=1",
+    "train.synthetic_images=4",
+    "train.synthetic_size=32",
+    "train.val_images=[2]",
+    "train.test_images=[3]",
+    "train.batch_size=2",
+    "train.samples_per_image=2",
+    "train.max_epochs=1",
+    "train.device=cpu",
+]
+
 
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     paths = [f"train.save_path={tmp_path / 'weights'}", f"train.log_path={tmp_path / 'logs'}"]
@@ -133,7 +149,7 @@ def planned_data(
 ) -> tuple[Plan, DataSets]:
     """The plan and datasets of a new run of ``config``, as training decides and builds them."""
     unet, data, seed = config.unet, config.data, config.train.seed
-    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note, rank, world_size)
+    prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note, rank, world_size, unet.dims)
     plan = decide_plan(unet, data, config.predict, prepared.train, note)
     return plan, build_datasets(prepared, plan, data.samples_per_image, seed, note)
 

@@ -1,4 +1,7 @@
-"""bench.py's measurements: the FLOP count of a forward pass against a count by hand from the paper's sizes."""
+"""bench.py's measurements: the FLOP count of a forward pass against a count by hand from the paper's sizes, the
+options, and the 3D training table."""
+
+import importlib.util
 
 import pytest
 import torch
@@ -7,15 +10,21 @@ import bench
 from model import UNet
 from segmentation.benchmarks.speed import forward_flops
 
+MONAI = importlib.util.find_spec("monai") is not None
 
-def unet_flops_by_hand(widths: list[int], size: int, image_channels: int = 1, classes: int = 2) -> int:
-    """2 x the multiply-adds of the paper's U-Net (valid 3x3 convolutions, 2x2 up-convolutions, a 1x1
-    output layer) on a ``size`` x ``size`` input, walked level by level."""
+
+def unet_flops_by_hand(
+    widths: list[int], size: int, image_channels: int = 1, classes: int = 2, dims: int = 2, padding: int = 0
+) -> int:
+    """2 x the multiply-adds of the paper's U-Net (3x3 convolutions, valid with ``padding`` 0, 2x2
+    up-convolutions, a 1x1 output layer; 3x3x3 and 2x2x2 with ``dims`` 3) on an input of ``size`` px along
+    each axis, walked level by level."""
     flops, channels, skips = 0, image_channels, []
+    taps, cut = 3**dims, 0 if padding else 2  # each valid convolution trims one pixel per border
 
     def double_conv(channels_in: int, channels_out: int, side: int) -> tuple[int, int]:
-        first, second = side - 2, side - 4  # each valid 3x3 convolution trims one pixel per border
-        return 2 * 9 * (channels_in * channels_out * first**2 + channels_out * channels_out * second**2), second
+        first, second = side - cut, side - 2 * cut
+        return taps * 2 * (channels_in * channels_out * first**dims + channels_out**2 * second**dims), second
 
     for level, width in enumerate([*widths, 2 * widths[-1]]):
         if level:
@@ -24,17 +33,19 @@ def unet_flops_by_hand(widths: list[int], size: int, image_channels: int = 1, cl
         flops, channels = flops + count, width
         skips.append(width)
     for width in reversed(widths):
-        flops += 2 * 4 * channels * (channels // 2) * size**2  # 2x2 up-convolution: 4 taps per input pixel
+        flops += 2 * 2**dims * channels * (channels // 2) * size**dims  # up-convolution: 2**dims taps per input px
         size *= 2
         count, size = double_conv(width + channels // 2, width, size)
         flops, channels = flops + count, width
-    return flops + 2 * channels * classes * size**2  # the 1x1 output layer
+    return flops + 2 * channels * classes * size**dims  # the 1x1 output layer
 
 
 def test_forward_flops_of_the_paper_network_match_the_count_by_hand():
     widths = [64, 128, 256, 512]
     assert unet_flops_by_hand(widths, 572) == forward_flops(UNet(1, 2, widths), 1, 572)
     assert unet_flops_by_hand([4, 8], 92, 3, 5) == forward_flops(UNet(3, 5, [4, 8]), 3, 92)
+    volume_unet = UNet(1, 2, [4, 8], padding=1, dims=3)
+    assert unet_flops_by_hand([4, 8], 16, dims=3, padding=1) == forward_flops(volume_unet, 1, 16, 3)
 
 
 def test_forward_flops_leave_the_model_where_it_was():
@@ -106,6 +117,12 @@ def refused_option(capsys, argv: list[str]) -> str:
         (["--pennfudan", ""], "argument --pennfudan: expected a file or folder path, got ''"),
         (["--norm", "layer"], "argument --norm: invalid choice: 'layer'"),
         (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+        (["--dims", "4"], "argument --dims: invalid choice: 4"),
+        (["--dims", "3d"], "argument --dims: expected a positive integer, got '3d'"),
+        (
+            ["--dims", "3", "--tiles", "32x32"],
+            "argument --tiles: expected positive integers separated by commas, such as 64,128,256, got '32x32'",
+        ),
     ],
 )
 def test_each_bench_option_is_refused_in_one_line_naming_it_and_what_it_takes(capsys, argv, error):
@@ -119,6 +136,17 @@ def test_bench_options_that_need_each_other_are_refused_in_one_line(capsys):
     assert refused_option(capsys, ["--widths", "4,8", "--size", "61"]).startswith(
         "argument --size: input size 61 does not fit a depth-2 U-Net"
     )
+    assert refused_option(capsys, ["--dims", "3", "--tiles", "32,40"]).startswith(
+        "argument --tiles: input size 40 does not fit a depth-4 U-Net with padding 1"
+    )
+    assert refused_option(capsys, ["--dims", "3", "--widths", "4,8", "--tiles", "8,10"]).startswith(
+        "argument --tiles: input size 10 does not fit a depth-2 U-Net with padding 1"
+    )
+    assert (
+        refused_option(capsys, ["--dims", "3", "--size", "572"]) == "argument --size: 2D only; --dims 3 takes --tiles"
+    )
+    assert refused_option(capsys, ["--dims", "3", "--channels-last"]).startswith("argument --channels-last: 2D only")
+    assert refused_option(capsys, ["--tiles", "32"]) == "argument --tiles: only with --dims 3; 2D takes --size"
     for argv, folder in (
         (["--fine-tune-experiment", "2"], "--data"),
         (["--instance-experiment", "nuclei=2,isbi=3"], "--data"),
@@ -136,3 +164,37 @@ def test_every_bench_option_has_a_checked_type_and_parses_into_it():
     args = bench.parse_options(["--widths", "4,8", "--size", "60", "--instance-experiment", "nuclei=3", "--workers"])
     assert (args.widths, args.size, args.models, args.workers) == ([4, 8], 60, ["ours", "bare", "monai"], [])
     assert (args.instance_experiment, args.device, args.infer_tile) == ({"nuclei": 3}, "auto", 572)
+    args = bench.parse_options(["--dims", "3", "--tiles", "16,32"])
+    assert (args.dims, args.tiles, args.size, args.widths) == (3, [16, 32], None, None)
+
+
+def volume_table(capsys, widths: str, side: int, models: str) -> list[list[str]]:
+    """The rows of ``python bench.py --dims 3`` for one tile of ``side`` voxels, one untimed and one timed step,
+    split at the columns (each model in a process of its own)."""
+    argv = ["--dims", "3", "--device", "cpu", "--widths", widths, "--tiles", str(side), "--models", models]
+    bench.main([*argv, "--steps", "1", "--warmup", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU, ") and f"3D training, batch 1, widths [{widths.replace(',', ', ')}]" in lines[0]
+    assert lines[1].split() == ["tile", "s/step", "Mvoxel/s", "GFLOP/step", "ms/GFLOP", "peak", "MiB", "est.", "MiB"]
+    return [line.rsplit(maxsplit=7) for line in lines[2:]]
+
+
+@pytest.mark.slow
+def test_the_3d_bench_times_our_step_and_estimates_its_memory(capsys):
+    rows = volume_table(capsys, "4,8", 16, "ours,bare")
+    names = ["this repo (step.train_step)", "bare PyTorch loop, same U-Net"]
+    assert [row[:2] for row in rows] == [[name, "16x16x16"] for name in names]
+    flops = 3 * unet_flops_by_hand([4, 8], 16, dims=3, padding=1) / 1e9
+    for row in rows:
+        seconds, voxels, gflop, per_gflop = (float(column) for column in row[2:6])
+        assert float(seconds) > 0 and gflop == pytest.approx(flops, abs=0.001) and int(row[7]) > 0
+        assert voxels == pytest.approx(16**3 / seconds / 1e6, abs=0.001)
+        assert per_gflop == pytest.approx(1000 * seconds / flops, rel=0.01, abs=0.001)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MONAI, reason="MONAI is not installed (pip install monai)")
+def test_the_3d_bench_times_monai_basic_unet_beside_ours(capsys):
+    rows = volume_table(capsys, "4,8,16,32", 32, "ours,monai")  # 16: one voxel per channel for batch norm
+    assert [row[:2] for row in rows] == [["this repo (step.train_step)", "32x32x32"], ["MONAI BasicUNet", "32x32x32"]]
+    assert rows[1][-1] == "-" and float(rows[1][4]) > float(rows[0][4])  # no estimate; more FLOPs (a 5th level)

@@ -2,7 +2,8 @@
 
 ``bench.py`` prints the tables; each timing runs in a fresh process (``in_child``), so that the peak
 memory (CUDA: ``max_memory_allocated``; CPU: growth of the resident set while building and training
-the model) is the model's own.
+the model) is the model's own. In 3D (``bench.py --dims 3``) the table has a row per model and cubic tile,
+with the peak beside ``segmentation.memory``'s estimate of our step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.metadata
 import multiprocessing
 import resource
 import time
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
+
+from segmentation.memory import forward_maps, shown_tile, training_activation_bytes, unet_parameter_count
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (SXM modules; PCIe cards are lower)
 PEAK_TFLOPS = {
@@ -36,20 +40,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_flops(model: torch.nn.Module, image_channels: int, size: int) -> float:
-    """FLOPs of a forward pass of one ``size`` x ``size`` image, as ``torch.utils.flop_counter`` counts
-    them: 2 x the multiply-adds of the convolutions (transposed ones included) and matrix products, on
-    the meta device (nothing is computed)."""
+def forward_flops(model: torch.nn.Module, image_channels: int, size: int, dims: int = 2) -> float:
+    """FLOPs of a forward pass of one image of ``size`` px along each of its ``dims`` axes, as
+    ``torch.utils.flop_counter`` counts them: 2 x the multiply-adds of the convolutions (transposed ones
+    included) and matrix products, on the meta device (nothing is computed)."""
     meta_model = copy.deepcopy(model).to("meta").eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta_model(torch.zeros(1, image_channels, size, size, device="meta"))
+        meta_model(torch.zeros(1, image_channels, *(size,) * dims, device="meta"))
     return float(counter.get_total_flops())
 
 
-def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
-    """``ours`` and ``bare``: this project's U-Net (valid convolutions, as in the paper);
-    ``monai``: MONAI's BasicUNet with the same widths (its five levels are ours plus the bottleneck)."""
+def build(name: str, widths: list[int], norm: str, dims: int = 2) -> torch.nn.Module:
+    """``ours`` and ``bare``: this project's U-Net (in 2D valid convolutions, as in the paper; in 3D same-size
+    ones, as MONAI's); ``monai``: MONAI's BasicUNet with the same widths (its five levels are ours plus the
+    bottleneck)."""
     if name == "monai":
         from monai.networks.nets import BasicUNet
 
@@ -62,7 +67,7 @@ def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
             "none": ("instance", {"affine": False}),
         }[norm]
         model = BasicUNet(
-            spatial_dims=2,
+            spatial_dims=dims,
             in_channels=1,
             out_channels=2,
             features=features,
@@ -73,12 +78,21 @@ def build(name: str, widths: list[int], norm: str) -> torch.nn.Module:
         if norm == "none":  # BasicUNet always normalises: swap the norm layers for identities
             for parent in list(model.modules()):
                 for child_name, child in parent.named_children():
-                    if isinstance(child, torch.nn.InstanceNorm2d):
+                    if isinstance(child, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)):
                         setattr(parent, child_name, torch.nn.Identity())
         return model
     from model import UNet
 
-    return UNet(1, 2, widths, padding=0, norm=norm)
+    return UNet(1, 2, widths, padding=0 if dims == 2 else 1, norm=norm, dims=dims)
+
+
+def step_memory_estimate(model: torch.nn.Module, batch: int, size: int, precision: str) -> int:
+    """Bytes of a training step of our U-Net ``model`` on ``batch`` tiles of ``size`` px along each axis, as
+    training's set-up estimates it (``engine.run.check_training_memory``, Adam): the weights, their gradients
+    and Adam's state, and the activations (``segmentation.memory``)."""
+    blocks = forward_maps(model, model.out_channels, size, 4 if precision == "fp32" else 2)
+    weights = 4 * 5 * unet_parameter_count(model, model.out_channels)  # weights, gradients, Adam's 3 copies
+    return weights + batch * training_activation_bytes(blocks)
 
 
 def time_training(case: str, args: argparse.Namespace, queue) -> None:
@@ -89,17 +103,20 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
 
     device = resolve_device(args.device)
     prepare_device(device)
+    if case == "monai":  # imported before the baseline: the import's 170 MiB are not the step's
+        import monai.networks.nets  # noqa: F401
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
-    model = build(case, args.widths, args.norm)
-    flops = forward_flops(model, 1, args.size)
+    model = build(case, args.widths, args.norm, args.dims)
+    flops = forward_flops(model, 1, args.size, args.dims)
+    estimate = None if case == "monai" else step_memory_estimate(model, args.batch, args.size, args.precision)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(args.batch, 1, args.size, args.size, generator=generator)
-    label = (torch.rand(args.batch, args.size, args.size, generator=generator) > 0.3).long()
-    weight = 1 + torch.rand(args.batch, args.size, args.size, generator=generator)
+    generator, shape = torch.Generator().manual_seed(0), (args.batch, *(args.size,) * args.dims)
+    image = torch.randn(shape[0], 1, *shape[1:], generator=generator)
+    label = (torch.rand(shape, generator=generator) > 0.3).long()
+    weight = 1 + torch.rand(shape, generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     step_model = torch.compile(model) if args.compile else model
@@ -126,7 +143,7 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, args.precision):
                 logits = step_model(image)
-            loss = F.cross_entropy(logits.float(), center_crop(label, *logits.shape[-2:]))
+            loss = F.cross_entropy(logits.float(), center_crop(label, *logits.shape[2:]))
             if scaler:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -149,7 +166,9 @@ def time_training(case: str, args: argparse.Namespace, queue) -> None:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    queue.put({"seconds": seconds, "peak_bytes": peak, "flops": flops, "device": describe(device)})
+    queue.put(
+        {"seconds": seconds, "peak_bytes": peak, "flops": flops, "estimate_bytes": estimate, "device": describe(device)}
+    )
 
 
 def time_inference(args: argparse.Namespace, queue) -> None:
@@ -290,4 +309,31 @@ def print_training_table(results: dict, args: argparse.Namespace, device: torch.
             f"{names[case]:34} {result['seconds'] * 1000:>9.1f} {args.batch / result['seconds']:>8.1f} "
             f"{result['peak_bytes'] / 2**20:>9.0f} "
             f"{result['flops'] / 1e9:>10.1f} {tflops:>8.3f} {mfu:>6} {versus:>8}"
+        )
+
+
+def print_volume_table(results: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """The 3D training table, a row per model and tile (``results[(case, side)]``): seconds per step, voxels
+    per second, the step's FLOPs (3 x forward) and milliseconds per GFLOP, the peak memory and, for our
+    U-Net, ``segmentation.memory``'s estimate of it."""
+    device_name = next(iter(results.values()))["device"]
+    monai = f", MONAI {importlib.metadata.version('monai')}" if any(case == "monai" for case, _ in results) else ""
+    peak = "max_memory_allocated" if device.type == "cuda" else "growth of the process's peak RSS"
+    print(
+        f"{device_name}, torch {torch.__version__}{monai}; 3D training, batch {args.batch}, widths {args.widths}, "
+        f"norm {args.norm}, same-size convolutions, {args.precision}{', compiled' if args.compile else ''}; "
+        f"mean of {args.steps} steps after {args.warmup}; peak: {peak}, estimate: segmentation.memory"
+    )
+    names = {"ours": "this repo (step.train_step)", "bare": "bare PyTorch loop, same U-Net", "monai": "MONAI BasicUNet"}
+    print(
+        f"{'':30} {'tile':>11} {'s/step':>8} {'Mvoxel/s':>9} {'GFLOP/step':>11} {'ms/GFLOP':>9} "
+        f"{'peak MiB':>9} {'est. MiB':>9}"
+    )
+    for (case, side), result in results.items():
+        gflop = 3 * result["flops"] * args.batch / 1e9
+        estimate = "-" if result["estimate_bytes"] is None else f"{result['estimate_bytes'] / 2**20:.0f}"
+        print(
+            f"{names[case]:30} {shown_tile((side,) * 3):>11} {result['seconds']:>8.3f} "
+            f"{args.batch * side**3 / result['seconds'] / 1e6:>9.3f} {gflop:>11.3f} "
+            f"{1000 * result['seconds'] / gflop:>9.3f} {result['peak_bytes'] / 2**20:>9.0f} {estimate:>9}"
         )

@@ -17,11 +17,19 @@ Conventions: pixel (row i, column j) has its centre at coordinate (y, x) = (i, j
 ((H - 1) / 2, (W - 1) / 2). Vectors in parameters are (row, column) = (down, right) in px. Outside
 the tile, content is mirrored about the tile's edges (``padding_mode="reflection"``: the edge pixel
 is repeated, d c b a | a b c d, unlike NumPy's "reflect" padding).
+
+Volumes (B, C, D, H, W), as in the 3D U-Net (Cicek et al. 2016) and nnU-Net, are often anisotropic: few
+sections, thick in z. So flips also mirror z, but turns, rotation, zoom and shift act in-plane, the same
+in every section of a tile (no resampling along z), and the elastic deformation is 3D with its z part
+given in in-plane px and converted to sections by the voxel ``spacing``. Blur acts per section, the gray
+values per tile. Parameters and fields are ordered (z, y, x) = (deeper, down, right); section k has its
+centre at z = k.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +53,7 @@ def _symmetric_uniform(half_width: float, size: tuple[int, ...], generator: torc
 
 
 def random_parameters(
-    shape: tuple[int, int, int, int], settings: AugmentSettings, generator: torch.Generator
+    shape: tuple[int, ...], settings: AugmentSettings, generator: torch.Generator
 ) -> dict[str, Tensor]:
     """Draw random per-sample augmentation parameters for a batch.
 
@@ -55,7 +63,7 @@ def random_parameters(
     Parameters
     ----------
     shape : tuple of int
-        Image batch shape (B, C, H, W).
+        Image batch shape (B, C, H, W), or (B, C, D, H, W) for volumes.
     settings : AugmentSettings
         The config's ``augment`` section.
     generator : torch.Generator
@@ -73,16 +81,19 @@ def random_parameters(
         - ``zoom``: (B,) float32, magnification (> 1 enlarges the content).
         - ``shift``: (B, 2) float32, translation of the content in px (down, right).
         - ``displacement``: (B, 2, g, g) float32, elastic displacements in px (down, right) at the
-          coarse grid nodes; output pixel p shows the content found at p + displacement(p).
+          coarse grid nodes; output pixel p shows the content found at p + displacement(p). Volumes:
+          (B, 3, g, g, g), (deeper, down, right), all three in in-plane px.
         - ``brightness``: (B,) float32, additive offset in image units.
         - ``contrast``: (B,) float32, factor about the sample's mean.
         - ``gamma``: (B,) float32, exponent.
         - ``noise_std``: (B,) float32, noise standard deviation in image units.
         - ``blur_sigma``: (B,) float32, Gaussian blur sigma in px.
-        - ``noise``: (B, C, H, W) float32 standard normal noise, only present when
+        - ``flip_depth``: (B,) bool, volumes only: mirror along z (drawn after the others, so that a
+          volume's draws of the keys above are those of a 2D batch but for ``displacement``).
+        - ``noise``: (B, C, H, W) or (B, C, D, H, W) float32 standard normal noise, only present when
           ``settings.noise > 0``.
     """
-    batch, channels, height, width = shape
+    batch, spatial = shape[0], len(shape) - 2
     grid = settings.elastic_grid
     device = generator.device
 
@@ -97,43 +108,54 @@ def random_parameters(
         "angle": _symmetric_uniform(settings.rotation, (batch,), generator),
         "zoom": torch.exp(_symmetric_uniform(math.log1p(settings.scale), (batch,), generator)),
         "shift": _symmetric_uniform(settings.shift, (batch, 2), generator),
-        "displacement": settings.elastic_std * torch.randn((batch, 2, grid, grid), generator=generator, device=device),
+        "displacement": settings.elastic_std
+        * torch.randn((batch, spatial, *(grid,) * spatial), generator=generator, device=device),
         "brightness": _symmetric_uniform(settings.brightness, (batch,), generator),
         "contrast": 1.0 + _symmetric_uniform(settings.contrast, (batch,), generator),
         "gamma": torch.exp(_symmetric_uniform(math.log1p(settings.gamma), (batch,), generator)),
         "noise_std": settings.noise * unit(),
         "blur_sigma": settings.blur * unit(),
     }
+    if spatial == 3:
+        params["flip_depth"] = (unit() < 0.5) & settings.flip
     if settings.noise > 0:
         # Drawn last: the per-sample draws above do not depend on whether noise is on.
-        params["noise"] = torch.randn((batch, channels, height, width), generator=generator, device=device)
+        params["noise"] = torch.randn(tuple(shape), generator=generator, device=device)
     return params
 
 
-def sampling_grid(params: dict[str, Tensor], height: int, width: int, elastic: bool) -> Tensor:
+def sampling_grid(
+    params: dict[str, Tensor], size: tuple[int, ...], elastic: bool, spacing: Sequence[float] | None = None
+) -> Tensor:
     """Sampling grid of the geometric parameters, for ``F.grid_sample(..., align_corners=False)``.
 
     The content is flipped, turned by ``90 * quarter_turns + angle`` degrees counter-clockwise and
     zoomed, all about the tile centre, then shifted, then deformed elastically. The grid holds the
     inverse map: for each output pixel p the source point
     ``q = c + A^-1 (p + displacement(p) - shift - c)``, c = tile centre, A = zoom * rotation * flip.
+    In a volume A and the shift act in-plane, the same in every section, and along z A is the z flip
+    alone; the z displacement, in in-plane px, is divided by ``spacing_z / spacing_y`` to give sections.
 
     Parameters
     ----------
     params : dict of str to Tensor
         As returned by :func:`random_parameters`; uses ``flip_horizontal``, ``flip_vertical``,
-        ``quarter_turns``, ``angle``, ``zoom``, ``shift`` and, if ``elastic``, ``displacement``.
-    height, width : int
-        Tile size in px.
+        ``quarter_turns``, ``angle``, ``zoom``, ``shift``, for volumes ``flip_depth`` and, if
+        ``elastic``, ``displacement``.
+    size : tuple of int
+        Tile size (H, W) in px, or (D, H, W) in sections and px.
     elastic : bool
         Whether to add the elastic displacement field.
+    spacing : sequence of float, optional
+        Volumes: voxel size (z, y, x) in any one unit; None: isotropic. Ignored for 2D tiles.
 
     Returns
     -------
     Tensor
-        (B, H, W, 2) float32, source points in normalised (x, y) coordinates: -1 and 1 are the
-        outer edges of the tile, not the centres of its edge pixels.
+        (B, H, W, 2) or (B, D, H, W, 3) float32, source points in normalised (x, y) or (x, y, z)
+        coordinates: -1 and 1 are the outer edges of the tile, not the centres of its edge pixels.
     """
+    height, width = size[-2:]
     # Trigonometry in float64 so that multiples of 90 degrees give exact 0 and +-1 after the cast:
     # flips and quarter turns then move pixel centres exactly onto pixel centres.
     turn = torch.deg2rad(params["angle"].double() + 90.0 * params["quarter_turns"])
@@ -166,41 +188,58 @@ def sampling_grid(params: dict[str, Tensor], height: int, width: int, elastic: b
     entry = matrix[:, :, :, None, None]
     grid_x = entry[:, 0, 0] * offset_x + entry[:, 0, 1] * offset_y  # (B, H, W)
     grid_y = entry[:, 1, 0] * offset_x + entry[:, 1, 1] * offset_y
+    planes = [grid_x, grid_y]
+    if len(size) == 3:
+        # Every section gets the in-plane map; z is only mirrored: 2 (k - c) / D, times -1 if flipped.
+        depth = size[0]
+        to_depth = ((1.0 - 2.0 * params["flip_depth"].double()) * (2.0 / depth)).float()  # (B,)
+        offset_z = torch.arange(depth, dtype=torch.float32, device=matrix.device)[:, None, None] - (depth - 1) / 2.0
+        planes = [grid_x[:, None], grid_y[:, None], to_depth[:, None, None, None] * offset_z]  # (B, D, 1, 1) in z
     if elastic:
         # The map is linear, so the matrix can act on the few coarse displacement vectors before
         # they are upsampled rather than on every pixel's vector.
-        coarse = torch.einsum("bij,bjkl->bikl", matrix, params["displacement"].float().flip(1))
-        field = upsample_bicubic(coarse, height, width)
-        grid_x = grid_x + field[:, 0]
-        grid_y = grid_y + field[:, 1]
-    return torch.stack([grid_x, grid_y], dim=-1)
+        displacement = params["displacement"].float()
+        in_plane = displacement[:, -2:].flip(1)  # (x, y); a volume's (B, 2, g, g, g) acts as (B, 2, g, g * g)
+        coarse = torch.einsum("bij,bjkl->bikl", matrix, in_plane.flatten(3)).reshape(in_plane.shape)
+        if len(size) == 3:
+            sections_per_px = 1.0 if spacing is None else spacing[1] / spacing[0]
+            to_sections = (to_depth * sections_per_px)[:, None, None, None, None]
+            coarse = torch.cat([coarse, displacement[:, :1] * to_sections], dim=1)
+        field = upsample_bicubic(coarse, size)
+        planes = [plane + field[:, axis] for axis, plane in enumerate(planes)]
+    return torch.stack(torch.broadcast_tensors(*planes), dim=-1)
 
 
-def upsample_bicubic(coarse: Tensor, height: int, width: int) -> Tensor:
+def upsample_bicubic(coarse: Tensor, size: tuple[int, ...]) -> Tensor:
     """Bicubic upsampling of a coarse grid of values, e.g. displacements, to every pixel.
 
     Parameters
     ----------
     coarse : Tensor
         (B, K, m, n) float, values at the nodes of an m x n grid whose outer nodes lie on the
-        centres of the tile's corner pixels (``align_corners=True``).
-    height, width : int
-        Tile size in px.
+        centres of the tile's corner pixels (``align_corners=True``); volumes: (B, K, l, m, n).
+    size : tuple of int
+        Tile size (H, W) in px, or (D, H, W).
 
     Returns
     -------
     Tensor
-        (B, K, H, W), the same as ``F.interpolate(coarse, (H, W), mode="bicubic", align_corners=True)``.
+        (B, K, H, W), the same as ``F.interpolate(coarse, (H, W), mode="bicubic", align_corners=True)``;
+        volumes: (B, K, D, H, W), the same interpolation along each of the three axes in turn.
     """
 
     # Bicubic interpolation is separable and linear in the node values: interpolating each node's
     # unit impulse along one axis gives (H, m) and (W, n) weight matrices, and the result is
     # rows @ coarse @ cols^T: a few multiply-adds per pixel instead of 16 taps, much faster on a CPU.
-    def weights(nodes: int, size: int) -> Tensor:
+    def weights(nodes: int, length: int) -> Tensor:
         impulses = torch.eye(nodes, dtype=coarse.dtype, device=coarse.device)[None, :, :, None]
-        return F.interpolate(impulses, size=(size, 1), mode="bicubic", align_corners=True)[0, :, :, 0].T
+        return F.interpolate(impulses, size=(length, 1), mode="bicubic", align_corners=True)[0, :, :, 0].T
 
-    return weights(coarse.shape[-2], height) @ coarse @ weights(coarse.shape[-1], width).T
+    field = weights(coarse.shape[-2], size[-2]) @ coarse @ weights(coarse.shape[-1], size[-1]).T
+    if len(size) == 3:
+        # Along z last, on (l, H * W) planes: the in-plane pass then ran on l sections instead of D.
+        field = (weights(coarse.shape[-3], size[0]) @ field.flatten(-2)).unflatten(-1, size[-2:])
+    return field
 
 
 def gaussian_blur(image: Tensor, sigma: Tensor, radius: int) -> Tensor:
@@ -238,12 +277,14 @@ def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: Augment
     """Apply blur, gamma, contrast, brightness and noise, in this order, per sample.
 
     Blur comes first as the optics would; noise comes last, as the sensor adds it after everything
-    else. Transforms whose magnitude in ``settings`` is 0 are skipped.
+    else. Transforms whose magnitude in ``settings`` is 0 are skipped. In a volume each section is
+    blurred in-plane (a section is imaged, or cut, as a whole: thick sections set the z resolution
+    anyway), and the gray-value changes take the whole tile as one sample.
 
     Parameters
     ----------
     image : Tensor
-        (B, C, H, W) float.
+        (B, C, H, W) or (B, C, D, H, W) float.
     params : dict of str to Tensor
         As returned by :func:`random_parameters`.
     settings : AugmentSettings
@@ -252,15 +293,16 @@ def adjust_intensity(image: Tensor, params: dict[str, Tensor], settings: Augment
     Returns
     -------
     Tensor
-        (B, C, H, W), same dtype.
+        The shape and dtype of ``image``.
     """
-    per_sample = (-1, 1, 1, 1)
-    dims = (1, 2, 3)
+    per_sample = (-1,) + (1,) * (image.ndim - 1)
+    dims = tuple(range(1, image.ndim))
     # Each step is written in as few full-size passes as possible (addcmul, in-place on fresh
     # intermediates): on a CPU these element-wise passes, not the arithmetic, take the time.
     if settings.blur > 0:
         radius = max(1, math.ceil(BLUR_TRUNCATE * settings.blur))
-        image = gaussian_blur(image, params["blur_sigma"], radius)
+        # A volume's sections are the planes of a (B, C * D, H, W) batch: blurred with their sample's sigma.
+        image = gaussian_blur(image.flatten(1, -3), params["blur_sigma"], radius).reshape(image.shape)
     if settings.gamma > 0:
         low = image.amin(dim=dims, keepdim=True)
         span = (image.amax(dim=dims, keepdim=True) - low).clamp_min(torch.finfo(image.dtype).tiny)
@@ -285,23 +327,25 @@ def apply_parameters(
     params: dict[str, Tensor],
     settings: AugmentSettings,
     sparse: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Augment a batch with given per-sample parameters.
+    """Augment a batch of tiles or volumes with given per-sample parameters.
 
     Geometry: one sampling grid per sample (see :func:`sampling_grid`) and one ``F.grid_sample``
     call per tensor, mirroring at the tile edges: the image with ``settings.interpolation``, the
-    label with nearest neighbour (so it keeps its class values), the weight bilinearly. When all
-    geometric transforms are off, no resampling happens. Then the image's intensity is changed
-    (:func:`adjust_intensity`). Samples with ``params["augmented"]`` false are returned unchanged.
+    label with nearest neighbour (so it keeps its class values), the weight bilinearly (trilinearly
+    in volumes, which ``grid_sample`` cannot resample bicubically). When all geometric transforms are
+    off, no resampling happens. Then the image's intensity is changed (:func:`adjust_intensity`).
+    Samples with ``params["augmented"]`` false are returned unchanged.
 
     Parameters
     ----------
     image : Tensor
-        (B, C, H, W) float32.
+        (B, C, H, W) float32, or (B, C, D, H, W) for volumes.
     label : Tensor
-        (B, H, W) int64 class indices.
+        (B, H, W) or (B, D, H, W) int64 class indices.
     weight : Tensor
-        (B, H, W) float32 per-pixel loss weights.
+        (B, H, W) or (B, D, H, W) float32 per-pixel loss weights.
     params : dict of str to Tensor
         As returned by :func:`random_parameters`, on the tensors' device.
     settings : AugmentSettings
@@ -310,21 +354,19 @@ def apply_parameters(
         Labels annotated in part (``losses.IGNORE_LABEL`` where not): the weights are resampled from the
         annotated pixels alone (their bilinear mean over the annotated neighbours), so that an annotated
         pixel beside unannotated ones keeps its weight instead of being blended with theirs.
+    spacing : sequence of float, optional
+        Volumes: voxel size (z, y, x), which converts the elastic z displacement from in-plane px to
+        sections (see :func:`sampling_grid`); None: isotropic. Ignored for 2D tiles.
 
     Returns
     -------
     image, label, weight : Tensor
         Same shapes, dtypes and device as the inputs.
     """
-    if image.ndim != 4 or label.shape != (image.shape[0], *image.shape[2:]) or weight.shape != label.shape:
-        raise ValueError(
-            f"expected image (B, C, H, W) with label and weight (B, H, W), got image {tuple(image.shape)}, "
-            f"label {tuple(label.shape)}, weight {tuple(weight.shape)}"
-        )
-    height, width = image.shape[-2:]
+    check_batch(image, label, weight, settings, spacing)
     new_image, new_label, new_weight = image, label, weight
     if settings.geometric:
-        grid = sampling_grid(params, height, width, elastic=settings.elastic_std > 0)
+        grid = sampling_grid(params, tuple(image.shape[2:]), elastic=settings.elastic_std > 0, spacing=spacing)
         resample = {"padding_mode": "reflection", "align_corners": False}
         new_image = F.grid_sample(image, grid, mode=settings.interpolation, **resample)
         # Class indices are exact in float32 (below 2**24), and nearest sampling only copies them.
@@ -339,17 +381,35 @@ def apply_parameters(
     # Selecting per sample (rather than resampling with an identity grid) keeps skipped samples
     # bit-exact and needs no host round trip to know which samples those are.
     keep = ~params["augmented"]
+    per_voxel = keep.reshape((-1,) + (1,) * (label.ndim - 1))
     return (
-        torch.where(keep[:, None, None, None], image, new_image),
-        torch.where(keep[:, None, None], label, new_label),
-        torch.where(keep[:, None, None], weight, new_weight),
+        torch.where(per_voxel[:, None], image, new_image),
+        torch.where(per_voxel, label, new_label),
+        torch.where(per_voxel, weight, new_weight),
     )
 
 
+def check_batch(
+    image: Tensor, label: Tensor, weight: Tensor, settings: AugmentSettings, spacing: Sequence[float] | None
+) -> None:
+    """Raise ValueError unless image, label and weight are a batch of tiles or volumes that the settings and
+    ``spacing`` can augment."""
+    if image.ndim not in (4, 5) or label.shape != (image.shape[0], *image.shape[2:]) or weight.shape != label.shape:
+        raise ValueError(
+            "expected image (B, C, H, W) with label and weight (B, H, W), or image (B, C, D, H, W) with label and "
+            f"weight (B, D, H, W), got image {tuple(image.shape)}, label {tuple(label.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if image.ndim == 5 and settings.geometric and settings.interpolation == "bicubic":
+        raise ValueError("augment.interpolation: bicubic resamples 2D tiles only; use bilinear (trilinear) for volumes")
+    if image.ndim == 5 and spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        raise ValueError(f"spacing: expected three positive voxel sizes (z, y, x), got {tuple(spacing)}")
+
+
 def warped_weight(weight: Tensor, label: Tensor, grid: Tensor, resample: dict) -> Tensor:
-    """(B, H, W) ``weight`` resampled on ``grid`` from the annotated pixels of ``label`` alone: the bilinear
-    sum of weight x annotated over that of annotated (normalised convolution); 0 where no annotated pixel
-    reaches, where the label is unannotated anyway."""
+    """(B, H, W) or (B, D, H, W) ``weight`` resampled on ``grid`` from the annotated pixels of ``label`` alone:
+    the bilinear sum of weight x annotated over that of annotated (normalised convolution); 0 where no annotated
+    pixel reaches, where the label is unannotated anyway."""
     given = (label != IGNORE_LABEL).to(weight.dtype)[:, None]
     total = F.grid_sample(weight[:, None] * given, grid, mode="bilinear", **resample)[:, 0]
     share = F.grid_sample(given, grid, mode="bilinear", **resample)[:, 0]
@@ -363,23 +423,26 @@ def augment_batch(
     settings: AugmentSettings,
     generator: torch.Generator,
     sparse: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Randomly augment a batch of training tiles on their device (U-Net paper, sec. 3.1).
+    """Randomly augment a batch of training tiles or volumes on their device (U-Net paper, sec. 3.1).
 
     Parameters
     ----------
     image : Tensor
-        (B, C, H, W) float32, each image normalised to zero mean and unit std.
+        (B, C, H, W) float32, or (B, C, D, H, W) for volumes, each image normalised to zero mean and unit std.
     label : Tensor
-        (B, H, W) int64 class indices.
+        (B, H, W) or (B, D, H, W) int64 class indices.
     weight : Tensor
-        (B, H, W) float32 per-pixel loss weights.
+        (B, H, W) or (B, D, H, W) float32 per-pixel loss weights.
     settings : AugmentSettings
         The config's ``augment`` section.
     generator : torch.Generator
         Source of all randomness, on the same device type as the tensors.
     sparse : bool
         Labels annotated in part: see :func:`apply_parameters`.
+    spacing : sequence of float, optional
+        Volumes: voxel size (z, y, x), see :func:`apply_parameters`; None: isotropic. Ignored for 2D tiles.
 
     Returns
     -------
@@ -389,7 +452,7 @@ def augment_batch(
     if generator.device.type != image.device.type:
         raise ValueError(f"generator is on {generator.device}, the batch on {image.device}: use one device")
     params = random_parameters(tuple(image.shape), settings, generator)
-    return apply_parameters(image, label, weight, params, settings, sparse)
+    return apply_parameters(image, label, weight, params, settings, sparse, spacing)
 
 
 def augment_on_device(
@@ -401,10 +464,12 @@ def augment_on_device(
     rank: int = 0,
     world_size: int = 1,
     sparse: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """Move ``(image, label, weight)`` to the device and augment them there, with randomness fixed by
     ``(seed, step, rank)`` so that a resumed run sees the same augmentation and the processes of a
-    distributed run draw different augmentations; ``sparse``: labels annotated in part."""
+    distributed run draw different augmentations; ``sparse``: labels annotated in part; ``spacing``:
+    a volume's voxel size (z, y, x), None for isotropic voxels and for 2D tiles."""
     batch = [tensor.to(device, non_blocking=True) for tensor in batch]
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * world_size + rank + 1)
-    return list(augment_batch(*batch, settings, generator, sparse))
+    return list(augment_batch(*batch, settings, generator, sparse, spacing))

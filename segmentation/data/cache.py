@@ -68,7 +68,14 @@ from tqdm import tqdm
 from losses import IGNORE_LABEL
 from segmentation.config import UserError
 from segmentation.console import first_line
-from segmentation.data.preprocess import normalize_image, resize_image, resize_mask, scaled_size
+from segmentation.data.preprocess import (
+    channels_first,
+    normalize_image,
+    resize_image,
+    resize_mask,
+    row_axis,
+    scaled_size,
+)
 from segmentation.data.readers import MaskSettings
 from segmentation.data.weight_maps import border_weights, class_counts
 from segmentation.settings import DataSettings
@@ -87,11 +94,12 @@ class PreparedImage:
     ``mask_read_as`` (``classes``, ``instances`` or ``generated``), ``has_instances`` (the object
     ids are stored: entries at the image's own size, which validation and test images use) and
     ``mask_values`` (``readers.Sample.mask_values``), ``object_areas`` (``whole_object_areas`` at the
-    image's own size) and ``has_boundary`` (the label marks the objects' borders as ``BOUNDARY``)."""
+    image's own size) and ``has_boundary`` (the label marks the objects' borders as ``BOUNDARY``). A volume's
+    entry has ``shape`` (D, H, W), its arrays one more axis, and its voxel ``spacing`` (z, y, x)."""
 
     folder: Path
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     source_channels: int
     class_counts: tuple[int, ...]
     has_border: bool
@@ -101,6 +109,12 @@ class PreparedImage:
     object_areas: tuple[int, ...] = ()
     has_boundary: bool = False
     unannotated: int = 0
+    spacing: tuple[float, ...] | None = None
+
+    @property
+    def dims(self) -> int:
+        """2 for an image, 3 for a volume (``shape`` (D, H, W))."""
+        return len(self.shape)
 
     @property
     def annotated(self) -> int:
@@ -227,20 +241,21 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
         return None, None
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        channels, height, width = meta["shape"]
-        expected = {"image": ((channels, height, width), np.float16), "label": ((height, width), np.uint8)}
+        channels, *spatial = meta["shape"]
+        spatial = tuple(spatial)
+        expected = {"image": ((channels, *spatial), np.float16), "label": (spatial, np.uint8)}
         if meta["has_border"]:
-            expected["border"] = ((height, width), np.float16)
+            expected["border"] = (spatial, np.float16)
         if meta["instances_dtype"]:
-            expected["instances"] = ((height, width), np.dtype(meta["instances_dtype"]))
+            expected["instances"] = (spatial, np.dtype(meta["instances_dtype"]))
         if meta.get("unannotated"):
-            expected["annotated"] = ((meta["annotated_points"], 2), np.int32)
+            expected["annotated"] = ((meta["annotated_points"], len(spatial)), np.int32)
         for array, (shape, dtype) in expected.items():
             check_array_file(folder / f"{array}.npy", shape, dtype)
         entry = PreparedImage(
             folder,
             meta["name"],
-            (height, width),
+            spatial,
             meta["source_channels"],
             tuple(meta["class_counts"]),
             meta["has_border"],
@@ -250,6 +265,7 @@ def read_entry(folder: Path) -> tuple[PreparedImage | None, str | None]:
             tuple(meta.get("object_areas", ())),
             meta.get("has_boundary", False),
             meta.get("unannotated", 0),
+            None if meta.get("spacing") is None else tuple(meta["spacing"]),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{type(error).__name__}: {first_line(error)}"
@@ -302,20 +318,24 @@ def build_entries(
 def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSettings) -> None:
     """Read one image, preprocess it as training needs it and write its entry atomically."""
     data = sample.read(settings.masks)
-    image = normalize_image(data.image, settings.channels)
+    volume = data.label.ndim == 3
+    image = (
+        normalize_volume(data.image, settings.channels) if volume else normalize_image(data.image, settings.channels)
+    )
     label, instances = data.label, data.instances
     areas = whole_object_areas(instances)
     if scale != 1:
-        size = scaled_size(*label.shape, scale)
-        image = resize_image(torch.from_numpy(image), size).numpy()
-        label, instances = resize_mask(label, size), resize_mask(instances, size)
-    border = border_weights(label, instances, settings.w_0, settings.sigma)
+        size = scaled_size(*label.shape[-2:], scale)  # a volume's sections in-plane; z is never resampled
+        flat = torch.from_numpy(image.reshape(-1, *image.shape[-2:]))  # (C[, D], H, W): every plane alike
+        image = resize_image(flat, size).numpy().reshape(*image.shape[:-2], *size)
+        label, instances = resize_planes(label, size), resize_planes(instances, size)
+    border = border_weights(label, instances, settings.w_0, settings.sigma, data.spacing)
     has_boundary = data.mask_read_as == "instances" and settings.masks.num_classes == 2
     if has_boundary:
         # at the network's scale, so that a border stays a line of pixels after train.image_scale
         objects = (label > 0) & (label != IGNORE_LABEL)
         label = np.where(segmentation.find_boundaries(instances, mode="inner") & objects, BOUNDARY, label)
-    source_channels = 1 if data.image.ndim == 2 else data.image.shape[-1]
+    source_channels = image_source_channels(data.image, volume)
     try:
         # object ids only where validation and test can use them: at the image's own size
         write_entry(
@@ -331,6 +351,7 @@ def build_entry(sample, scale: float, folder: Path, settings: PreprocessingSetti
             data.mask_values,
             areas,
             has_boundary,
+            data.spacing,
         )
     except OSError as error:  # a full disk, a folder without write permission
         raise UserError(
@@ -352,6 +373,7 @@ def write_entry(
     mask_values: tuple[float, ...] = (),
     object_areas: np.ndarray | None = None,
     has_boundary: bool = False,
+    spacing: tuple[float, ...] | None = None,
 ) -> PreparedImage:
     """Write an entry from its arrays (``image`` (C, H, W), ``label`` (H, W), ``border`` and
     ``instances`` (H, W) or None) into a temporary folder, then rename it to ``folder``: it appears
@@ -373,6 +395,8 @@ def write_entry(
         "unannotated": int(np.count_nonzero(label == IGNORE_LABEL)),
         "annotated_points": None if points is None else len(points),
     }
+    if spacing is not None:
+        meta["spacing"] = list(spacing)
     try:
         temporary.mkdir()
         np.save(temporary / "image.npy", np.ascontiguousarray(image, dtype=np.float16))
@@ -394,13 +418,12 @@ def write_entry(
 
 def annotated_points(label: np.ndarray) -> np.ndarray | None:
     """(N, 2) int32 (row, column) of up to ``ANNOTATED_POINTS`` pixels of (H, W) ``label`` that carry a
-    class, drawn at random with a fixed seed (an entry is the same whenever it is built); None where every
-    pixel is annotated (tiles are cut anywhere then)."""
+    class ((N, 3) (section, row, column) of a volume's (D, H, W)), drawn at random with a fixed seed (an entry
+    is the same whenever it is built); None where every pixel is annotated (tiles are cut anywhere then)."""
     given = label != IGNORE_LABEL
     if given.all():
         return None
-    rows, columns = np.nonzero(given)
-    points = np.stack([rows, columns], axis=1).astype(np.int32)
+    points = np.stack(np.nonzero(given), axis=1).astype(np.int32)
     if len(points) > ANNOTATED_POINTS:
         points = points[np.sort(np.random.default_rng(0).choice(len(points), ANNOTATED_POINTS, replace=False))]
     return points
@@ -408,13 +431,33 @@ def annotated_points(label: np.ndarray) -> np.ndarray | None:
 
 def whole_object_areas(instances: np.ndarray) -> np.ndarray:
     """(N,) int64 pixel counts of the objects of (H, W) ``instances`` (0 = none) that do not touch the image
-    border: the border cuts the others to any size."""
+    border: the border cuts the others to any size. Of a volume's (D, H, W) ids: voxel counts of the objects
+    that touch no face of the volume."""
     counts = np.bincount(instances.ravel().astype(np.int64))
-    edge = np.concatenate([instances[0], instances[-1], instances[:, 0], instances[:, -1]]).astype(np.int64)
+    faces = [np.take(instances, index, axis=axis).ravel() for axis in range(instances.ndim) for index in (0, -1)]
+    edge = np.concatenate(faces).astype(np.int64)
     whole = counts > 0
     whole[0] = False
     whole[edge] = False
     return counts[whole]
+
+
+def resize_planes(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``preprocess.resize_mask`` of an (H, W) mask, or of each section of a (D, H, W) one."""
+    return resize_mask(mask, size) if mask.ndim == 2 else np.stack([resize_mask(plane, size) for plane in mask])
+
+
+def normalize_volume(image: np.ndarray, channels: int) -> np.ndarray:
+    """(channels, D, H, W) float32 of a volume's sections stacked first ((D, H, W), (D, H, W, C) or
+    (D, C, H, W)), each converted as ``normalize_image`` converts an image, normalised over the whole volume."""
+    sections = np.stack([channels_first(section, channels) for section in image], axis=1)
+    return normalize_image(sections.reshape(channels, -1, sections.shape[-1]), channels).reshape(sections.shape)
+
+
+def image_source_channels(image: np.ndarray, volume: bool) -> int:
+    """The channels of an image (or a volume's section) as its file stores them."""
+    section = image[0] if volume else image
+    return 1 if section.ndim == 2 else section.shape[-1 if row_axis(section.shape) == 0 else 0]
 
 
 def wait_for_entry(folder: Path, name: str, waiting: bool) -> PreparedImage:

@@ -21,8 +21,9 @@ import numpy as np
 from losses import IGNORE_LABEL
 from model import output_size
 from segmentation.config import UserError, auto_tile_size, load_config
-from segmentation.data.images import ImageLayout, image_layout, layout_image
+from segmentation.data.images import ImageLayout, image_layout, layout_image, tiff_spacing
 from segmentation.data.readers import (
+    ISBI_SPACING,
     FileSample,
     MaskSettings,
     label_from_mask,
@@ -33,6 +34,8 @@ from segmentation.data.readers import (
     read_pennfudan,
     size_mismatch,
 )
+from segmentation.geometry import volume_tile
+from segmentation.settings import UNetSettings
 
 LARGE_PHOTO_SIDE = 1000  # px: longer sides than this suggest train.image_scale
 MAX_CLASSES = 10  # integer masks with more distinct values than this hold object ids, not classes
@@ -184,6 +187,7 @@ def check_data(root: Path, sample_size: int = 200, ignore_value: float | None = 
         masks.append((sample, mask, mask_kind(mask, False) if palette else kind))
     suggestion = suggest(layout, root, headers, masks, kinds, ignore_value)
     lines = describe(layout, root, samples, headers, masks, kinds, suggestion)
+    lines += volume_lines(root, layout, sorted({sample.image for sample in samples}), layouts)
     problems += unreadable + suggestion["problems"]
     lines += [f"problem: {problem}" for problem in problems[:20]] + (
         [f"... and {len(problems) - 20} more problems"] if len(problems) > 20 else []
@@ -357,6 +361,34 @@ def describe(
     ignore_value = suggestion["values"].get("train.ignore_value")
     if ignore_value is not None:
         lines += annotated_lines(suggestion["annotated"], ignore_value)
+    return lines
+
+
+def volume_lines(root: Path, layout: str, images: list[Path], layouts: dict[Path, ImageLayout]) -> list[str]:
+    """For the TIFF stacks among ``images``: how ``unet.dims: 3`` reads them (each a volume), their sizes and
+    voxel spacing (the files' metadata; ISBI 2012's known one), and the 3D tile the plan would pick for the
+    default U-Net; none for a data set without stacks."""
+    stacks = [layouts[path] for path in images if path in layouts and layouts[path].count > 1]
+    if not stacks:
+        return []
+    lines = [f"volumes: {len(stacks)} TIFF stack(s); with unet.dims: 3 each is a volume (z, y, x):"]
+    spacings = []
+    for stack in stacks[:8]:
+        width, height = stack.sizes[0]
+        spacing = tiff_spacing(stack.path) or (ISBI_SPACING if layout == "isbi2012" else None)
+        spacings.append(spacing)
+        stated = f"spacing {spacing}" if spacing else "no spacing in its metadata (set train.spacing: [z, y, x])"
+        lines.append(f"  {stack.path.name}: {stack.count} x {height} x {width} voxels, {stated}")
+    if len(stacks) > 8:
+        lines.append(f"  ... and {len(stacks) - 8} more")
+    spacing = next((found for found in spacings if found), (1.0, 1.0, 1.0))
+    largest = [max(stack.count for stack in stacks), *(max(max(stack.sizes[0]) for stack in stacks),) * 2]
+    defaults = UNetSettings()
+    tile, kernels, pools = volume_tile(spacing, defaults.depth, defaults.padding, None, None, largest)
+    lines.append(
+        f"3D tiles: train.tile_depth and tile_size auto give {tile[0]} x {tile[1]} x {tile[2]} voxels for the default "
+        f"U-Net at spacing {spacing}, pooling z at {sum(pool[0] == 2 for pool in pools)} of {len(pools)} levels"
+    )
     return lines
 
 

@@ -11,6 +11,7 @@ are (``tiff_image_pages``: a stack of images, or the channels of one), one limit
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,27 @@ def tiff_image_pages(tiff: tifffile.TiffFile, channels: int, path: Path) -> tupl
             f"and no ImageJ or OME metadata says otherwise (with unet.image_channels: 1, a stack of {count} images)"
         )
     return [(index,) for index in range(count)], None
+
+
+def tiff_spacing(path: Path) -> tuple[float, float, float] | None:
+    """The voxel size ``(z, y, x)`` a TIFF stack's metadata states, in its unit, or None where it states no
+    section spacing: OME's ``PhysicalSizeZ/Y/X``, or ImageJ's ``spacing`` with the X and Y resolution tags
+    (pixels per unit; a missing in-plane size is taken as 1)."""
+    with reading(path), tifffile.TiffFile(path) as tiff:
+        if tiff.is_ome:
+            pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", tiff.ome_metadata or "")
+            found = {} if pixels is None else dict(re.findall(r'PhysicalSize([XYZ])="([^"]+)"', pixels.group(0)))
+            if "Z" in found:
+                return float(found["Z"]), float(found.get("Y", 1.0)), float(found.get("X", 1.0))
+        if tiff.is_imagej and (tiff.imagej_metadata or {}).get("spacing"):
+            page = tiff.pages[0]
+            sizes = []
+            for tag in ("YResolution", "XResolution"):
+                resolution = page.tags.get(tag)
+                numerator, denominator = resolution.value if resolution is not None else (1, 1)
+                sizes.append(denominator / numerator if numerator else 1.0)
+            return float(tiff.imagej_metadata["spacing"]), float(sizes[0]), float(sizes[1])
+    return None
 
 
 def check_pixels(where: str, size: tuple[int, int], max_pixels: int) -> None:

@@ -6,6 +6,8 @@ so that the network sees every image on the same scale.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,23 @@ def image_statistics(image: np.ndarray, channels: int, band_rows: int = 1024) ->
     return mean, float(np.sqrt(max(squares / count - mean**2, 0.0)))
 
 
+def volume_statistics(source: np.ndarray, chunk: int = 16) -> tuple[float, float]:
+    """Mean and standard deviation over all voxels and channels of a (C, D, H, W) volume of any numeric dtype that
+    may be larger than memory (an ``np.memmap``), read ``chunk`` planes along D at a time in float64. Chunks are
+    merged by their means and sums of squared deviations (Chan et al.), which stays exact for large means."""
+    count, mean, squares = 0, 0.0, 0.0
+    for start in range(0, source.shape[1], chunk):
+        block = np.asarray(source[:, start : start + chunk], dtype=np.float64)
+        block_mean = float(block.mean())
+        block_squares = float(np.square(block - block_mean).sum())
+        total = count + block.size
+        delta = block_mean - mean
+        mean += delta * block.size / total
+        squares += block_squares + delta**2 * count * block.size / total
+        count = total
+    return mean, float(np.sqrt(squares / count))
+
+
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """``(height, width)`` times ``scale``, rounded, at least 1 px."""
     return max(1, round(height * scale)), max(1, round(width * scale))
@@ -122,26 +141,44 @@ def mirrored_indices(start: int, length: int, size: int) -> np.ndarray:
     return np.where(folded < size, folded, period - folded).astype(np.int64)
 
 
-def take_window(array: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``array[..., rows, :][..., cols]`` for index arrays from ``mirrored_indices``, reading only the
-    block they span from a memory-mapped ``array`` (..., H, W); a new in-memory array."""
-    top, left = int(rows.min()), int(cols.min())
-    block = np.asarray(array[..., top : int(rows.max()) + 1, left : int(cols.max()) + 1])
-    return block.take(rows - top, axis=-2).take(cols - left, axis=-1)
+def take_window(array: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+    """``array`` at the index arrays ``indices`` (from ``mirrored_indices``) along its last ``len(indices)`` axes,
+    ``array[..., rows, :][..., cols]`` for two, reading only the block they span from a memory-mapped ``array``
+    (..., H, W) or (..., D, H, W); a new in-memory array."""
+    block = np.asarray(array[(..., *(slice(int(index.min()), int(index.max()) + 1) for index in indices))])
+    for axis, index in enumerate(indices, start=array.ndim - len(indices)):
+        block = block.take(index - int(index.min()), axis=axis)
+    return block
 
 
-def network_margin(depth: int, padding: int) -> int:
-    """Pixels the network's output loses on each side of its input: 0 with padding 1, 92 for the paper's network."""
-    smallest = valid_input_sizes(1, depth, padding)[1]
-    return (smallest - output_size(smallest, depth, padding)) // 2
+def network_margin(
+    depth: int, padding: int, kernels: Sequence[int] | None = None, pools: Sequence[int] | None = None
+) -> int:
+    """Pixels the network's output loses on each side of its input along an axis of ``kernels`` and ``pools`` (the
+    kernel size of each level and the pooling factors, default 3 and 2): 0 with padding 1, 92 for the paper's
+    network."""
+    smallest = valid_input_sizes(1, depth, padding, kernels, pools)[1]
+    return (smallest - output_size(smallest, depth, padding, kernels, pools)) // 2
 
 
-def pad_for_model(image: np.ndarray, depth: int, padding: int) -> np.ndarray:
+def pad_for_model(
+    image: np.ndarray, depth: int, padding: int, axes: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+) -> np.ndarray:
     """Mirror-pad a whole ``(C, H, W)`` image to a valid network input whose output covers it.
 
     The output's pixel (i, j) then lies over the image's pixel (i, j): crop the output to
-    ``[..., :H, :W]``. With padding 0 the image gets the network's context margin on every side.
+    ``[..., :H, :W]``. With padding 0 the image gets the network's context margin on every side. A volume
+    ``(C, D, H, W)`` is padded along its three axes, by the network's ``(kernels, pools)`` along each
+    (``axes``, as ``UNet.axis`` gives them).
     """
+    if axes is not None:
+        pads = [(0, 0)]
+        for side, (kernels, pools) in zip(image.shape[1:], axes):
+            margin = network_margin(depth, padding, kernels, pools)
+            pads.append(
+                (margin, valid_input_sizes(side + 2 * margin, depth, padding, kernels, pools)[1] - side - margin)
+            )
+        return np.pad(image, pads, mode="reflect")
     height, width = image.shape[-2:]
     margin = network_margin(depth, padding)
     sizes = [valid_input_sizes(side + 2 * margin, depth, padding)[1] for side in (height, width)]

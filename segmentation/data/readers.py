@@ -19,7 +19,14 @@ from skimage import measure
 from losses import IGNORE_LABEL
 from segmentation.config import UserError
 from segmentation.console import note as console_note
-from segmentation.data.images import DEFAULT_MAX_PIXELS, ImageLayout, image_layout, layout_image
+from segmentation.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLayout,
+    image_layout,
+    layout_image,
+    layout_images,
+    tiff_spacing,
+)
 from segmentation.settings import DataSettings
 
 LISTED_VALUES = 9  # distinct values of a mask kept to name in messages (the 9th says there are more)
@@ -33,7 +40,9 @@ class Sample:
     weight map, ``name`` (file or slice) for messages, ``mask_read_as``: how its mask was read
     (``classes`` or ``instances``; ``generated`` for synthetic images), and, where ``train.mask_type:
     auto`` decided that per mask, ``mask_values``: its first distinct values (at most ``LISTED_VALUES``),
-    so that the data set can be checked to read one way (``dataset.one_mask_reading``)."""
+    so that the data set can be checked to read one way (``dataset.one_mask_reading``). A volume's arrays are
+    its sections stacked first: ``image`` (D, H, W), (D, H, W, C) or (D, C, H, W), ``label`` and ``instances``
+    (D, H, W); ``spacing`` its voxel size (z, y, x) where known (the file's metadata, or the data set's)."""
 
     image: np.ndarray
     label: np.ndarray
@@ -41,6 +50,7 @@ class Sample:
     name: str
     mask_read_as: str = "classes"
     mask_values: tuple[float, ...] = ()
+    spacing: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +71,11 @@ class MaskSettings:
         masks = (data.mask_type, data.mask_values, data.mask_colors, data.ignore_value, data.ignore_color)
         return cls(num_classes, *masks)
 
-    def unannotated(self, mask: np.ndarray) -> np.ndarray | None:
-        """(H, W) bool: the pixels of a mask as stored (gray (H, W), or colour (H, W, 3|4)) that nobody
-        annotated (``train.ignore_value``, or ``ignore_color`` for colour masks); None where none are set apart."""
-        if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+    def unannotated(self, mask: np.ndarray, volume: bool = False) -> np.ndarray | None:
+        """(H, W) bool: the pixels of a mask as stored (gray (H, W), or colour (H, W, 3|4); a gray volume's
+        (D, H, W) where ``volume``) that nobody annotated (``train.ignore_value``, or ``ignore_color`` for colour
+        masks); None where none are set apart."""
+        if mask.ndim == 3 and mask.shape[-1] in (3, 4) and not volume:
             if self.ignore_color is not None:
                 return colour_codes(mask) == colour_code(self.ignore_color)
             # a gray mask stored as RGB holds the ignore value in every channel
@@ -87,19 +98,29 @@ class FileSample:
     page: int | None = None
     channels: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
+    sections: tuple[int, int] | None = None
+    spacing: tuple[float, ...] | None = None
+
+    @property
+    def volume(self) -> bool:
+        """Whether this sample is a volume: sections ``sections`` (start, stop) of the files' stacks."""
+        return self.sections is not None
 
     def identity(self) -> list:
         """What the pixels depend on: the files (resolved path, size, modification time in ns), the
-        page and the mask kind; a changed file gives a new identity."""
+        page (or a volume's sections and spacing) and the mask kind; a changed file gives a new identity."""
         files = []
         for path in (self.image, self.mask):
             status = path.stat()
             files.append([str(path.resolve()), status.st_size, status.st_mtime_ns])
-        return ["file", files, self.page, self.mask_kind]
+        volume = [list(self.sections), self.spacing] if self.volume else []
+        return ["file", files, self.page, self.mask_kind, *volume]
 
     def read(self, settings: MaskSettings) -> Sample:
         """Read the image and its mask as a ``Sample``, the mask as ``settings`` say; a UserError names
         a file that does not fit (sizes compared from the headers, before the pixels are read)."""
+        if self.volume:
+            return self.read_volume(settings)
         images = image_layout(self.image, self.channels, self.max_pixels)
         masks = image_layout(self.mask, 1, self.max_pixels)
         problem = size_mismatch(images, masks, self.page, self.name)
@@ -113,6 +134,23 @@ class FileSample:
         annotated = mask if settings.ignore_value is None or not decided else mask[mask != settings.ignore_value]
         values = tuple(np.unique(annotated)[:LISTED_VALUES].tolist()) if decided else ()
         return Sample(image, label, instances, self.name, read_as, values)
+
+    def read_volume(self, settings: MaskSettings) -> Sample:
+        """Read sections ``sections`` of the image and mask stacks as one volume (``Sample``)."""
+        images = image_layout(self.image, self.channels, self.max_pixels)
+        masks = image_layout(self.mask, 1, self.max_pixels)
+        start, stop = self.sections
+        for page in range(start, stop):
+            problem = size_mismatch(images, masks, page, self.name)
+            if problem:
+                raise UserError(problem)
+        image = np.stack(list(layout_images(images, range(start, stop))))
+        mask = np.stack(list(layout_images(masks, range(start, stop), palette=True)))
+        if mask.ndim != 3:
+            raise UserError(f"{self.mask}: a mask stack of sections of shape {mask.shape[1:]}; expected gray sections")
+        kind = settings.mask_type if settings.mask_type != "auto" else self.mask_kind
+        label, instances, read_as = label_from_mask(mask, settings, str(self.mask), kind, volume=True)
+        return Sample(image, label, instances, self.name, read_as, (), self.spacing)
 
 
 def size_mismatch(image: ImageLayout, mask: ImageLayout, page: int | None, name: str) -> str | None:
@@ -179,7 +217,7 @@ def match_by_stem(image_folder: Path, mask_folder: Path) -> tuple[list[tuple[Pat
 
 
 def label_from_mask(
-    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto"
+    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto", volume: bool = False
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """``(label, instances, read_as)`` of a mask's values: (H, W) uint8 class indices (``IGNORE_LABEL``
     where nobody annotated: ``settings.unannotated``), (H, W) int32 object ids for the weight map (0
@@ -196,21 +234,25 @@ def label_from_mask(
       4-connected components of each class. ``auto``: instances when there
       are two classes and the mask holds other values than 0/1 or 0/255, else classes.
 
+    ``volume``: ``mask`` is a (D, H, W) stack of gray sections of one volume (objects and their ids span
+    sections; colour masks are read section by section only in 2D).
+
     A value or colour outside the mapping is a UserError that lists the values found and the key to set.
     """
-    unannotated = settings.unannotated(mask)
+    unannotated = settings.unannotated(mask, volume)
     if unannotated is None or not unannotated.any():
-        return annotated_label(mask, settings, name, kind)
-    label, instances, read_as = annotated_label(stand_in(mask, unannotated, settings), settings, name, kind)
+        return annotated_label(mask, settings, name, kind, volume)
+    standing_in = stand_in(mask, unannotated, settings, volume)
+    label, instances, read_as = annotated_label(standing_in, settings, name, kind, volume)
     label[unannotated], instances[unannotated] = IGNORE_LABEL, 0
     return label, instances, read_as
 
 
-def stand_in(mask: np.ndarray, unannotated: np.ndarray, settings: MaskSettings) -> np.ndarray:
+def stand_in(mask: np.ndarray, unannotated: np.ndarray, settings: MaskSettings, volume: bool = False) -> np.ndarray:
     """A copy of ``mask`` whose ``unannotated`` pixels hold the value (or colour) of class 0, the background:
     read like that they split no object and add no class, and they are marked unannotated afterwards."""
     mask = mask.copy()
-    if mask.ndim == 3:
+    if mask.ndim == 3 and not volume:
         background = settings.mask_colors[0] if settings.mask_colors is not None else (0, 0, 0)
         mask[unannotated, :3] = background
     else:
@@ -219,11 +261,14 @@ def stand_in(mask: np.ndarray, unannotated: np.ndarray, settings: MaskSettings) 
 
 
 def annotated_label(
-    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto"
+    mask: np.ndarray, settings: MaskSettings, name: str, kind: str = "auto", volume: bool = False
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """``label_from_mask`` of a mask whose every pixel is annotated."""
     num_classes = settings.num_classes
-    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+    if volume:
+        if mask.ndim != 3:
+            raise UserError(f"{name}: a mask volume of shape {mask.shape}; expected gray sections (D, H, W)")
+    elif mask.ndim == 3 and mask.shape[-1] in (3, 4):
         if settings.mask_colors is not None:
             codes = [colour_code(colour) for colour in settings.mask_colors]
             label = mapped(colour_codes(mask), codes, name, "colour", "train.mask_colors", colours_of(mask))
@@ -270,13 +315,13 @@ def annotated_label(
 
 
 def separation_lines(instances: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the pixels of an object that touch another object (4-neighbours, the one of the
+    """(H, W) or (D, H, W) bool: the pixels of an object that touch another object (4-neighbours, the one of the
     larger id), a line 1 px wide between touching objects. As background they separate the objects
     in the label, as the paper's cell masks do, and the border term of the weight map weighs them."""
     lines = np.zeros(instances.shape, dtype=bool)
-    for axis in (0, 1):
-        here = [slice(None)] * 2
-        there = [slice(None)] * 2
+    for axis in range(instances.ndim):  # (D, H, W) volumes: 6-neighbours
+        here = [slice(None)] * instances.ndim
+        there = [slice(None)] * instances.ndim
         here[axis], there[axis] = slice(1, None), slice(None, -1)
         a, b = instances[tuple(here)], instances[tuple(there)]
         touching = (a > 0) & (b > 0) & (a != b)
@@ -360,6 +405,55 @@ def pair_samples(
     ], images.note
 
 
+def volume_samples(
+    image: Path,
+    mask: Path,
+    mask_kind: str = "auto",
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spacing: Sequence[float] | None = None,
+    blocks: int = 1,
+) -> tuple[list[FileSample], str | None]:
+    """``(samples, note)`` of a TIFF stack and its mask stack read as a volume (``unet.dims: 3``): one sample, or
+    ``blocks`` samples of contiguous sections (for splits and folds along z), named ``<image> sections a-b``.
+    The voxel size is ``spacing`` where given (``train.spacing``, or the data set's), else the file's metadata's
+    (``images.tiff_spacing``), else isotropic, with a ``note`` saying so and naming the key that sets it. A UserError
+    names a file that is no stack (a 2D image for a 3D model) or a mask stack of another length."""
+    images, masks = image_layout(image, channels, max_pixels), image_layout(mask, 1, max_pixels)
+    if images.count < 2:
+        raise UserError(
+            f"{image}: one 2D image, but unet.dims: 3 trains on volumes: give a TIFF stack per volume (an image "
+            "and a mask stack of as many sections), or set unet.dims: 2"
+        )
+    problem = pages_mismatch(images, masks, image.name)
+    if problem:
+        raise UserError(problem)
+    found, note = tiff_spacing(image) if spacing is None else tuple(float(size) for size in spacing), None
+    if found is None:
+        found = (1.0, 1.0, 1.0)
+        note = (
+            f"{image}: its metadata states no voxel spacing; assumed isotropic voxels (1, 1, 1): set train.spacing: "
+            "[z, y, x] if its sections are thicker than its pixels are wide"
+        )
+    bounds = np.linspace(0, images.count, min(blocks, images.count) + 1).round().astype(int)
+    name = image.name
+    samples = [
+        FileSample(
+            name if blocks == 1 else f"{name} sections {start}-{stop - 1}",
+            image,
+            mask,
+            mask_kind,
+            None,
+            channels,
+            max_pixels,
+            (int(start), int(stop)),
+            found,
+        )
+        for start, stop in zip(bounds[:-1], bounds[1:])
+    ]
+    return samples, note
+
+
 def pages_mismatch(images: ImageLayout, masks: ImageLayout, name: str) -> str | None:
     """The line that names a mask that does not hold one page per image of its image file; else None."""
     if images.count == masks.count:
@@ -378,13 +472,19 @@ def read_folder_pairs(
     channels: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     note: Callable[[str], None] = console_note,
+    dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> list[FileSample]:
     """Images and masks paired by stem (``pair_by_stem``), named by the image file, a TIFF stack giving a
-    sample per image (``pair_samples``); how TIFF pages were read, where the user should know, goes to
-    ``note`` (once, for the first such file)."""
+    sample per image (``pair_samples``), or with ``dims`` 3 a volume each (``volume_samples``, ``spacing``
+    where given, else its metadata's); how TIFF pages were read, or what spacing was assumed, where the user should
+    know, goes to ``note`` (once, for the first such file)."""
     samples, notes = [], []
     for image, mask in pair_by_stem(image_folder, mask_folder):
-        found, message = pair_samples(image, mask, mask_kind, channels, max_pixels)
+        if dims == 3:
+            found, message = volume_samples(image, mask, mask_kind, channels, max_pixels, spacing)
+        else:
+            found, message = pair_samples(image, mask, mask_kind, channels, max_pixels)
         samples += found
         notes += [message] if message else []
     if notes:
@@ -392,11 +492,21 @@ def read_folder_pairs(
     return samples
 
 
+ISBI_SPACING = (50.0, 4.0, 4.0)  # nm (z, y, x): serial-section TEM of the Drosophila ventral nerve cord
+ISBI_BLOCKS = 10  # as a volume: blocks of 3 contiguous sections, the units of its splits (5 folds: 2 blocks each)
+
+
 def read_isbi2012(
-    root: Path, channels: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, note: Callable[[str], None] = console_note
+    root: Path,
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    note: Callable[[str], None] = console_note,
+    dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> list[FileSample]:
     """The ISBI 2012 training slices: the challenge's TIFF stacks (a ``FileSample`` per page), or
-    ``images/`` + ``labels/`` folders.
+    ``images/`` + ``labels/`` folders. ``dims`` 3: the stacks as one volume of ``ISBI_SPACING`` (or
+    ``spacing``), in ``ISBI_BLOCKS`` samples of contiguous sections.
 
     Labels: 255 = cell interior -> class 1, 0 = membrane -> class 0; cells are the 4-connected
     components of class 1.
@@ -405,13 +515,18 @@ def read_isbi2012(
     if volume.is_file():
         if not labels.is_file():
             raise UserError(f"{labels}: not found next to {volume.name}; ISBI 2012 needs both stacks")
+        if dims == 3:
+            return volume_samples(
+                volume, labels, "classes", channels, max_pixels, spacing or ISBI_SPACING, ISBI_BLOCKS
+            )[0]
         samples, message = pair_samples(volume, labels, "classes", channels, max_pixels, volume.name, "slice")
         if message:
             note(message)
         return samples
     for folder in (root, root / "train"):
         if (folder / "images").is_dir() and (folder / "labels").is_dir():
-            return read_folder_pairs(folder / "images", folder / "labels", "classes", channels, max_pixels, note)
+            folders = (folder / "images", folder / "labels", "classes", channels, max_pixels, note)
+            return read_folder_pairs(*folders, dims, spacing or ISBI_SPACING)
     raise UserError(
         f"{root}: no ISBI 2012 data: expected train-volume.tif and train-labels.tif, or images/ and labels/ (see "
         "python dataset.py download isbi2012)"

@@ -69,12 +69,19 @@ def weight_map(
 
 
 def border_weights(
-    label: np.ndarray, instances: np.ndarray, w_0: float = 10.0, sigma: float = 5.0
+    label: np.ndarray,
+    instances: np.ndarray,
+    w_0: float = 10.0,
+    sigma: float = 5.0,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray | None:
     """The border term of :func:`weight_map` alone: ``w_0 * exp(-(d1 + d2)**2 / (2 sigma**2))`` on
-    background pixels (``label == 0``), 0 elsewhere; (H, W) float64, or None where it is 0 everywhere
-    (``w_0 == 0`` or fewer than two instances). It does not depend on the class weights, so it can be
-    computed once per image and stored, whatever split and class balance a run chooses."""
+    background pixels (``label == 0``), 0 elsewhere; float64 of the shape of ``label`` ((H, W) or a volume's
+    (D, H, W)), or None where it is 0 everywhere (``w_0 == 0`` or fewer than two instances). It does not depend
+    on the class weights, so it can be computed once per image and stored, whatever split and class balance a
+    run chooses. ``spacing``: the voxel size per axis (any unit, e.g. (50, 4, 4) nm for serial-section EM);
+    distances and ``sigma`` are then in units of the last axis's pixel, so a section 12.5 pixels thick is 12.5
+    pixels away from the next (None: every axis one pixel)."""
     label = np.asarray(label)
     instances = np.asarray(instances)
     if label.shape != instances.shape:
@@ -85,19 +92,20 @@ def border_weights(
     if w_0 == 0 or len(present) < 2:
         return None
 
-    radius = math.ceil(sigma * math.sqrt(-2.0 * math.log(_BORDER_TERM_TOLERANCE)))
-    height, width = instances.shape
+    reach = sigma * math.sqrt(-2.0 * math.log(_BORDER_TERM_TOLERANCE))
+    sampling = None if spacing is None else tuple(float(size) / float(spacing[-1]) for size in spacing)
+    radii = [math.ceil(reach / (1.0 if sampling is None else sampling[axis])) for axis in range(instances.ndim)]
     # Running two smallest distances per pixel: keeps memory at two images
     # instead of stacking one distance image per instance.
     nearest = np.full(instances.shape, np.inf)
     second = np.full(instances.shape, np.inf)
-    for instance_id, (row_slice, col_slice) in present:
-        window = (
-            slice(max(row_slice.start - radius, 0), min(row_slice.stop + radius, height)),
-            slice(max(col_slice.start - radius, 0), min(col_slice.stop + radius, width)),
+    for instance_id, box in present:
+        window = tuple(
+            slice(max(part.start - radius, 0), min(part.stop + radius, side))
+            for part, radius, side in zip(box, radii, instances.shape)
         )
         # The window contains the whole instance, so distances inside it are exact.
-        distance = ndimage.distance_transform_edt(instances[window] != instance_id)
+        distance = ndimage.distance_transform_edt(instances[window] != instance_id, sampling=sampling)
         nearest_window = nearest[window]
         second[window] = np.minimum(second[window], np.maximum(nearest_window, distance))
         nearest[window] = np.minimum(nearest_window, distance)

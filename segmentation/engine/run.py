@@ -36,7 +36,7 @@ from segmentation.engine.step import build_optimizer, build_scheduler
 from segmentation.engine.validation import Validation
 from segmentation.files import write_atomically
 from segmentation.inference.infer import Predictor
-from segmentation.memory import forward_maps, training_activation_bytes, unet_parameter_count
+from segmentation.memory import forward_maps, shown_tile, training_activation_bytes, unet_parameter_count
 from segmentation.plan import Plan, decide_plan, ignore_problem, reading_problem, training_tile_size, write_plan
 from segmentation.runs.figures import save_check_figures
 from segmentation.runs.folders import start_run_folders, write_metrics
@@ -173,7 +173,7 @@ class Run:
         progress, folders = self.progress, self.folders
         lines = [
             f"U-Net {count_parameters(self.models.model):,} parameters on {self.processes.device}{processes}, "
-            f"{settings.precision}; {len(self.data.train)} tiles of {self.plan.tile_size} px per epoch "
+            f"{settings.precision}; {len(self.data.train)} tiles of {shown_tile(self.plan.tile_shape)} px per epoch "
             f"({self.loading.steps_per_epoch} steps of {step_batch}{split}), {len(self.data.val)} validation images",
             f"run {progress.run_name}: logs in {folders.log}, checkpoints in {folders.weights}",
         ]
@@ -215,7 +215,9 @@ def start_logs(
     write_run_plan(folders.log / "plan.json", plan)
     writer = open_writer(folders.log, progress.epoch) if config.run.tensorboard else None
     if not resumed:
-        save_check_figures(folders.log, data.example, data.train, config.augment, config.train.seed, device)
+        save_check_figures(
+            folders.log, data.example, data.train, config.augment, config.train.seed, device, plan.spacing
+        )
         if writer is not None:
             write_settings(writer, config.to_dict())
     return writer
@@ -252,26 +254,34 @@ def run_claimed(folders: RunFolders, name: str, main: bool, new: bool) -> Iterat
         raise
 
 
-def check_training_memory(config: Config, device: torch.device) -> None:
+def check_training_memory(config: Config, device: torch.device, plan: Plan | None = None) -> None:
     """A UserError (one line) where a training step of ``config`` would not fit the memory that ``device`` has
     free, before anything is written or allocated: the parameters with their gradients, optimizer state and
     moving average, and the activations of ``train.batch_size`` tiles (``memory.forward_maps``; an upper-ish
-    estimate). On a CPU the processes that torchrun starts on this machine share the memory."""
-    unet, train = config.unet, config.train
-    tile = training_tile_size(config.data.tile_size, unet.depth, unet.padding)
+    estimate). On a CPU the processes that torchrun starts on this machine share the memory. A 3D run's tile
+    and geometry come from its data's spacing: it is checked once its ``plan`` is decided (before the network
+    is built); without a plan it passes."""
+    unet, train, data = config.unet, config.train, config.data
+    geometry: tuple = (None, None)
+    if unet.dims == 3 and plan is None:
+        return
+    if plan is not None and plan.dims == 3:
+        tile, geometry = plan.tile_shape, (plan.kernel_sizes, plan.pool_sizes)
+    else:
+        tile = training_tile_size(data.tile_size, unet.depth, unet.padding)
     classes = unet.num_classes + (unet.boundary_class is not False)  # auto may add the border class
-    blocks = forward_maps(unet, classes, tile, 4 if train.precision == "fp32" else 2)
+    blocks = forward_maps(unet, classes, tile, 4 if train.precision == "fp32" else 2, *geometry)
     # the weights, their gradients, the optimizer's state (Adam: two moments, and a step's temporaries), the average
     copies = 2 + (2 if train.optim == "sgd" else 3) + (train.ema > 0)
     batch = train.batch_size
     activations = batch * training_activation_bytes(blocks, train.activation_checkpointing)
     parts = {
-        "parameters, gradients and optimizer state": 4 * copies * unet_parameter_count(unet, classes),
-        f"activations of {batch} tiles of {tile}x{tile} px": activations,
+        "parameters, gradients and optimizer state": 4 * copies * unet_parameter_count(unet, classes, *geometry),
+        f"activations of {batch} tiles of {shown_tile(tile)} px": activations,
     }
     switch = "" if train.activation_checkpointing else ", or set train.activation_checkpointing=true"
     advice = (
-        f"lower train.batch_size ({batch}), train.tile_size ({tile}) or unet.input_channels "
+        f"lower train.batch_size ({batch}), train.tile_size ({shown_tile(tile)}) or unet.input_channels "
         f"({list(unet.input_channels)}){switch}"
     )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
@@ -285,7 +295,14 @@ def plan_and_data(
     the checkpoint's for a resumed one, whose masks must read as they did) and the datasets it cuts."""
     unet, data = config.unet, config.data
     prepared = prepare_data(
-        data, unet.image_channels, unet.num_classes, config.train.seed, note, processes.rank, processes.world_size
+        data,
+        unet.image_channels,
+        unet.num_classes,
+        config.train.seed,
+        note,
+        processes.rank,
+        processes.world_size,
+        unet.dims,
     )
     if checkpoint is not None and "plan" in checkpoint:
         plan = Plan.from_dict(checkpoint["plan"], str(resume_path))
@@ -315,7 +332,7 @@ def build_models(
     started from the weights of the ``initial`` checkpoint read from ``init_from`` where there is one
     (``train.init_from``; the note says what was loaded), laid out and checkpointed as ``train`` says, and
     its moving average under ``train.ema``."""
-    model = build_model(unet, plan.boundary_class)
+    model = build_model(unet, plan.boundary_class, plan.kernel_sizes, plan.pool_sizes)
     message = load_initial_weights(model, initial, init_from) if initial is not None else None
     model = model.to(device)
     model.activation_checkpointing = train.activation_checkpointing

@@ -1,25 +1,28 @@
-"""Whole-image inference by tiles, for images of any size.
+"""Whole-image and whole-volume inference by tiles, for images and volumes of any size.
 
-``predict_probabilities`` runs a U-Net over an image of any height and width in tiles, a few at a
-time, so that device memory is bounded by ``batch_size`` tiles whatever the image size.
+``predict_probabilities`` runs a U-Net over a (C, H, W) image, or a (C, D, H, W) volume for a 3D network, in
+tiles, a few at a time, so that device memory is bounded by ``batch_size`` tiles whatever the image size;
+``predict_slabs`` does it for a volume larger than memory (a memory-mapped stack), slab by slab along z.
 
 - ``padding=0`` (the paper's valid convolutions): the overlap-tile strategy of Ronneberger et al.
   (2015, Fig. 2). The image is mirrored at its borders by the network's context margin and output
   tiles are laid side by side. Every output pixel sees its full context, so the tiles join without
   seams: the result equals one pass over the whole mirrored image (``preprocess.pad_for_model``).
 - ``padding=1`` (same-size convolutions): tiles overlap and their class probabilities are blended
-  with a Gaussian importance map (sigma = tile side / 8, as in nnU-Net and MONAI), because pixels
-  near a tile's edge see zero padding instead of the image.
+  with a Gaussian importance map (sigma = tile side / 8 per axis, as in nnU-Net and MONAI), because
+  pixels near a tile's edge see zero padding instead of the image.
 
-Tiles start at multiples of ``2**depth`` px in the mirrored image, so every pooling sees the same
-2x2 windows as in a whole-image pass.
+Along each axis tiles start at multiples of the product of its pooling factors (``2**depth`` px for the paper's
+network) in the mirrored image, so every pooling sees the same windows as in a whole-image pass; margins, periods
+and valid sizes are those of the axis (``UNet.axis``), which differ along z in anisotropic 3D networks.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import product
 
 import numpy as np
 import torch
@@ -27,21 +30,16 @@ import torch.nn.functional as F
 from skimage import measure, segmentation
 from torch import Tensor, nn
 
-from model import UNet, output_size, valid_input_sizes
+from model import UNet
 from segmentation.config import UserError
 from segmentation.console import note
-from segmentation.data.preprocess import (
-    mirrored_indices,
-    network_margin,
-    resize_image,
-    scaled_size,
-    take_window,
-)
+from segmentation.data.preprocess import resize_image, scaled_size, take_window
 from segmentation.data.readers import object_instances
 from segmentation.device import bf16_supported, memory_description, release_cached_memory
 from segmentation.inference.objects import ObjectRules, cleaned_objects, objects_from_boundary_probabilities
+from segmentation.inference.tiles import SlabAccumulator, TileGrid, tile_grid
 from segmentation.metrics import image_scores, pool_scores
-from segmentation.plan import DEFAULT_PREDICT_TILE, Plan
+from segmentation.plan import Plan
 from segmentation.settings import AugmentSettings, PredictSettings
 
 CANDIDATE_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # what predict.threshold: auto tries
@@ -51,59 +49,64 @@ DIHEDRAL = [(turns, flip) for flip in (False, True) for turns in range(4)]  # (q
 def predict_probabilities(
     model: UNet,
     image: Tensor,
-    tile_size: int | None = None,
+    tile_size: int | Sequence[int] | None = None,
     overlap: float = 0.25,
     batch_size: int = 4,
     tta: bool | Sequence[tuple[int, bool]] = False,
     amp: bool = True,
     image_scale: float = 1.0,
 ) -> Tensor:
-    """Class probabilities of a whole image of any size, predicted tile by tile.
+    """Class probabilities of a whole image or volume of any size, predicted tile by tile.
 
     Parameters
     ----------
     model : UNet
         The network (or any module with the attributes ``image_channels``, ``num_classes``,
-        ``depth`` and ``padding`` of ``UNet`` that returns (B, num_classes, h, w) logits). It runs
+        ``depth`` and ``padding`` of ``UNet`` that returns (B, num_classes, h, w) logits; ``dims``
+        and ``axis`` where it is not a 2D network of the paper's kernel and pooling sizes). It runs
         on the device of its parameters, in eval mode; its train/eval mode is restored afterwards.
     image : torch.Tensor
-        (C, H, W) float image, normalised as for training (``preprocess.normalize_image``),
-        C = ``model.image_channels``, any H, W >= 1, on any device.
-    tile_size : int, optional
-        Side of the network's input tiles in px, rounded up to a valid input size (see
-        ``model.valid_input_sizes``): the largest tile, which bounds memory. Default 572 for
-        padding 0 (388 px output tiles at depth 4) and 512 for padding 1. Along each axis the
-        tiles then shrink to the smallest valid size that covers the image with as few tiles, so
-        an image smaller than a tile takes one tile of its own (mirror-padded) size.
+        (C, H, W) float image, or (C, D, H, W) volume for a model of ``dims`` 3, normalised as for
+        training (``preprocess.normalize_image``), C = ``model.image_channels``, every spatial side
+        >= 1, on any device.
+    tile_size : int or sequence of int, optional
+        Side of the network's input tiles in px, one for every axis or one per spatial axis, rounded
+        up to a valid input size along the axis (see ``model.valid_input_sizes``): the largest tile,
+        which bounds memory. Default for images 572 for padding 0 (388 px output tiles at depth 4)
+        and 512 for padding 1; for volumes 96 per axis for padding 1 and, for padding 0, the valid
+        size at or above 116 (``tiles.DEFAULT_VOLUME_TILE``). Along each axis the tiles then shrink to
+        the smallest valid size that covers the image with as few tiles, so an image smaller than a
+        tile takes one tile of its own (mirror-padded) size.
     overlap : float, optional
         Fraction of a tile shared with its neighbour, in [0, 1), for padding 1; the stride is
-        rounded down to a multiple of ``2**depth`` px. Ignored for padding 0, where output tiles
-        need no overlap.
+        rounded down to a multiple of the axis' pooling period (``2**depth`` px). Ignored for
+        padding 0, where output tiles need no overlap.
     batch_size : int, optional
         Tiles per forward pass.
     tta : bool or sequence of (int, bool), optional
         Test-time augmentation: average the probabilities over transforms of each tile. True: the 8
         rotations and reflections; or the ``(quarter turns, left-right flip)`` pairs to use, such as
-        ``tta_transforms(augment)``, the ones the model was trained to handle.
+        ``tta_transforms(augment)``, the ones the model was trained to handle. They act on the last
+        two axes (H, W); volumes are never flipped along z, which training does not augment either.
     amp : bool, optional
         On CUDA, run the network under autocast in bfloat16 (float16 where the GPU lacks
         bfloat16). Softmax and blending are always float32; no autocast on other devices.
     image_scale : float, optional
-        ``train.image_scale`` of a model trained on rescaled images: the image is resized by this
-        factor first (``preprocess.resize_image``), and the probabilities are resized back
-        (bilinearly) to (H, W).
+        ``train.image_scale`` of a model trained on rescaled images: the image (each z-plane of a
+        volume; D is not scaled) is resized by this factor first (``preprocess.resize_image``), and
+        the probabilities are resized back to (H, W) bilinearly, or to (D, H, W) trilinearly.
 
     Returns
     -------
     torch.Tensor
-        (num_classes, H, W) float32 softmax probabilities on the CPU, summing to 1 over classes.
-        The CPU keeps device memory independent of the image size.
+        (num_classes, H, W) or (num_classes, D, H, W) float32 softmax probabilities on the CPU,
+        summing to 1 over classes. The CPU keeps device memory independent of the image size.
 
     Raises
     ------
     ValueError
-        If ``image`` is not (C, H, W) with C = ``model.image_channels``, or an argument is out of
-        range.
+        If ``image`` is not (C, H, W), or (C, D, H, W) for a 3D model, with C =
+        ``model.image_channels``, or an argument is out of range.
 
     Notes
     -----
@@ -111,71 +114,114 @@ def predict_probabilities(
     up to float rounding, the softmax of one forward pass over ``preprocess.pad_for_model(image)``
     cropped to (H, W), whatever the tile size: the tile size trades memory for the work spent on
     the context margins of the tiles. "group" and "instance" normalise over each tile instead.
+    The probabilities are ``predict_slabs``' slabs put together.
     """
-    if image.ndim != 3 or min(image.shape[-2:]) < 1:
-        raise ValueError(f"image must be a (C, H, W) tensor with H, W >= 1, got shape {tuple(image.shape)}")
-    if image.shape[0] != model.image_channels:
-        raise ValueError(
-            f"image has {image.shape[0]} channels but the model expects {model.image_channels} (unet.image_channels)"
-        )
+    _check_image(tuple(image.shape), model, "tensor")
+    if image_scale != 1:
+        return _predict_rescaled(model, image, image_scale, tile_size, overlap, batch_size, tta, amp)
+    source = image.detach().float().cpu().numpy()
+    probabilities = torch.empty(getattr(model, "out_channels", model.num_classes), *source.shape[1:])
+    for start, slab in predict_slabs(model, source, None, tile_size, overlap, batch_size, tta, amp):
+        probabilities[:, start : start + slab.shape[1]] = slab
+    return probabilities
+
+
+def predict_slabs(
+    model: UNet,
+    source: np.ndarray,
+    normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    tile_size: int | Sequence[int] | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool | Sequence[tuple[int, bool]] = False,
+    amp: bool = True,
+) -> Iterator[tuple[int, Tensor]]:
+    """Class probabilities of a volume that may be larger than memory, slab by slab along z as the tiles finish.
+
+    Parameters
+    ----------
+    model : UNet
+        The network, as ``predict_probabilities`` takes it.
+    source : array_like
+        (C, D, H, W) raw volume of any numeric dtype (a NumPy array, or an ``np.memmap`` such as
+        ``tifffile.memmap`` of a stack on disk), or a (C, H, W) image for a 2D model, whose slabs are
+        then bands of rows. Only the block each tile spans is read.
+    normalize : callable, optional
+        Applied to each tile's input window, a (C, d, h, w) float32 array cut from ``source`` with
+        its mirrored context, returning the same shape: the training normalisation with statistics
+        of the whole volume, e.g. ``lambda window: (window - mean) / std`` with the mean and std of
+        ``preprocess.volume_statistics``. None: ``source`` is already normalised.
+    tile_size, overlap, batch_size, tta, amp
+        As in ``predict_probabilities``.
+
+    Yields
+    ------
+    z_start : int
+        The first plane of the slab.
+    probabilities : torch.Tensor
+        (num_classes, slab_depth, H, W) float32 softmax probabilities on the CPU. Slabs come in order
+        of z and cover 0 .. D - 1 exactly once; each is yielded as soon as no later tile reaches it.
+
+    Notes
+    -----
+    Tiles are predicted in z order. Besides ``batch_size`` tiles, memory holds the sums of the tiles
+    along one tile depth of the volume (num_classes + 1 float32 values per voxel of a (tile depth,
+    H, W) block), never the whole volume.
+    """
+    _check_image(tuple(source.shape), model, "array")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    if image_scale != 1:
-        resized = resize_image(image.float(), scaled_size(*image.shape[-2:], image_scale))
-        probabilities = predict_probabilities(model, resized, tile_size, overlap, batch_size, tta, amp)
-        return F.interpolate(probabilities[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    transforms, grid = _tta_pairs(model, tta), tile_grid(model, source.shape[1:], tile_size, overlap)
+    slabs = SlabAccumulator(getattr(model, "out_channels", model.num_classes), grid, blend=model.padding == 1)
+    positions, device = list(product(*grid.starts)), next(model.parameters()).device
+    for first in range(0, len(positions), batch_size):
+        batch = positions[first : first + batch_size]
+        tiles = torch.stack([torch.from_numpy(_window(source, grid, position, normalize)) for position in batch])
+        # inside the with block only: a generator's caller must not run in inference mode while it waits
+        with evaluating(model), torch.inference_mode():
+            probabilities = _predict_tiles(model, tiles.to(device), transforms, amp).cpu()
+        for position, tile_probabilities in zip(batch, probabilities):
+            yield from slabs.release(position[0])  # no later tile starts before this one along z
+            slabs.add(position, tile_probabilities)
+    yield from slabs.release(grid.frame[0])
 
-    depth, padding = model.depth, model.padding
-    period = 2**depth
-    margin = network_margin(depth, padding)
-    height, width = image.shape[-2:]
-    # The output frame over the mirrored input of ``pad_for_model``: pixel (i, j) of the network's
-    # output lies over image pixel (i, j), for any tile that starts at a multiple of the period. Tiles
-    # are cut from the image with mirrored indices, so the mirrored copy is never made.
-    source = image.detach().float().cpu().numpy()
-    frame = tuple(valid_input_sizes(side + 2 * margin, depth, padding)[1] - 2 * margin for side in (height, width))
 
-    # The largest tile's output must reach at least one period so that tiles can move.
-    requested = DEFAULT_PREDICT_TILE[padding] if tile_size is None else tile_size
-    largest = output_size(valid_input_sizes(max(requested, period + 2 * margin), depth, padding)[1], depth, padding)
-    smallest = output_size(valid_input_sizes(1, depth, padding)[1], depth, padding)
-    (tile_height, tops), (tile_width, lefts) = (
-        _axis_tiles(side, largest, smallest, period, 1.0 if padding == 0 else 1 - overlap) for side in frame
-    )
-    positions = [(top, left) for top in tops for left in lefts]
-    weight = gaussian_importance_map(tile_height, tile_width) if padding else None
+def _window(
+    source: np.ndarray, grid: TileGrid, position: tuple[int, ...], normalize: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray:
+    """(C, *input tile) float32 input of the tile at ``position``, cut from ``source`` and normalised."""
+    window = take_window(source, *grid.window(position)).astype(np.float32, copy=False)
+    return window if normalize is None else np.asarray(normalize(window), dtype=np.float32)
 
-    device = next(model.parameters()).device
-    total = torch.zeros(getattr(model, "out_channels", model.num_classes), *frame)
-    # padding 0: output tiles meet or overlap with equal values, so each is written, not blended
-    weight_sum = torch.zeros(frame) if padding else None
-    with evaluating(model), torch.inference_mode():
-        for first in range(0, len(positions), batch_size):
-            batch = positions[first : first + batch_size]
-            tiles = torch.stack(
-                [
-                    torch.from_numpy(
-                        take_window(
-                            source,
-                            mirrored_indices(top - margin, tile_height + 2 * margin, height),
-                            mirrored_indices(left - margin, tile_width + 2 * margin, width),
-                        )
-                    )
-                    for top, left in batch
-                ]
-            )
-            probabilities = _predict_tiles(model, tiles.to(device), tta, amp).cpu()
-            for (top, left), tile_probabilities in zip(batch, probabilities):
-                if weight_sum is None:
-                    total[:, top : top + tile_height, left : left + tile_width] = tile_probabilities
-                else:
-                    total[:, top : top + tile_height, left : left + tile_width] += tile_probabilities * weight
-                    weight_sum[top : top + tile_height, left : left + tile_width] += weight
-    if weight_sum is not None:
-        total /= weight_sum  # in place: the result is the size of the image, not a second copy of it
-    return total[:, :height, :width]
+
+def _check_image(shape: tuple[int, ...], model: UNet, kind: str) -> None:
+    """Raise a ValueError unless ``shape`` is (C, H, W) for a 2D model or (C, D, H, W) for a 3D one, C its channels."""
+    dims = getattr(model, "dims", 2)
+    axes = "H, W" if dims == 2 else "D, H, W"
+    if len(shape) != dims + 1 or min(shape[1:]) < 1:
+        raise ValueError(
+            f"image must be a (C, {axes}) {kind} with {axes} >= 1 for a {dims}D model (unet.dims: {dims}), "
+            f"got shape {shape}"
+        )
+    if shape[0] != model.image_channels:
+        raise ValueError(
+            f"image has {shape[0]} channels but the model expects {model.image_channels} (unet.image_channels)"
+        )
+
+
+def _predict_rescaled(model: UNet, image: Tensor, image_scale: float, *settings) -> Tensor:
+    """``predict_probabilities`` (with its ``settings`` from ``tile_size`` on) of ``image`` resized by
+    ``image_scale`` in H and W (each z-plane of a volume), resized back bilinearly (trilinearly for volumes)."""
+    size = scaled_size(*image.shape[-2:], image_scale)
+    if image.ndim == 3:
+        resized = resize_image(image.float(), size)
+    else:
+        resized = torch.stack([resize_image(image[:, plane].float(), size) for plane in range(image.shape[1])], 1)
+    probabilities = predict_probabilities(model, resized, *settings)
+    mode = "bilinear" if image.ndim == 3 else "trilinear"
+    return F.interpolate(probabilities[None], size=tuple(image.shape[1:]), mode=mode, align_corners=False)[0]
 
 
 class Predictor:
@@ -247,7 +293,7 @@ class Predictor:
         """(K, H, W) float32 probabilities of the network's outputs on the CPU (K = ``model.out_channels``:
         the classes, then the boundary where the network has it) of a (C, H, W) normalised image (on any
         device): ``predict_probabilities`` at each test-time scale, averaged."""
-        scales, tile_size = self.settings.scales, self.plan.predict_tile_size
+        scales, tile_size = self.settings.scales, self.plan.predict_tile
         while True:
             try:
                 # summed in place: an image's probabilities can be large, and one scale (the default) adds no copy
@@ -435,47 +481,6 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def gaussian_importance_map(height: int, width: int) -> Tensor:
-    """(height, width) float32 blending weights: a Gaussian centred on the tile, sigma = side / 8 per axis.
-
-    The peak is 1; the smallest weight, at a corner, is about exp(-16) = 1e-7, far above float32's
-    underflow, so a pixel that only a tile's corner reaches still gets that tile's prediction. Unlike
-    MONAI we set no floor (nnU-Net does not either): one as large as 1e-3 would give the corners of
-    tiles along the image border as much weight as the inner parts of their neighbours there.
-    """
-    axes = [
-        torch.exp(-0.5 * ((torch.arange(side, dtype=torch.float32) - (side - 1) / 2) / (side / 8)) ** 2)
-        for side in (height, width)
-    ]
-    return torch.outer(*axes)
-
-
-def _axis_tiles(
-    frame_side: int, largest: int, smallest: int, period: int, stride_fraction: float
-) -> tuple[int, list[int]]:
-    """Output side of the tiles along one axis of the output frame, and where they start.
-
-    Tile output sides are valid ones, ``smallest + k * period`` px up to ``largest``; strides are
-    ``stride_fraction`` of a tile rounded down to a multiple of ``period``, and the last tile ends
-    at the frame's border. We take the smallest tiles that still cover the frame with as few tiles
-    as the largest need: a 516 px frame takes two 260 px tiles rather than two of 388 px that
-    overlap by 260 px, and a frame smaller than a tile takes one tile of its own size.
-    """
-
-    def stride(side: int) -> int:
-        return max(period, int(side * stride_fraction) // period * period)
-
-    def starts(side: int) -> list[int]:
-        return [*range(0, frame_side - side, stride(side)), frame_side - side]
-
-    count = len(starts(largest))
-    side = smallest
-    # Frame sides are valid output sides too, so a single tile stops exactly at the frame's size.
-    while side < frame_side and (side < period or (count - 1) * stride(side) + side < frame_side):
-        side += period
-    return side, starts(side)
-
-
 def tta_transforms(augment: AugmentSettings) -> list[tuple[int, bool]]:
     """The ``(quarter turns, left-right flip)`` pairs of test-time augmentation that the training
     augmentation (a config's ``augment`` section) covered: all 8 with 90-degree turns (or rotations of
@@ -490,9 +495,21 @@ def tta_transforms(augment: AugmentSettings) -> list[tuple[int, bool]]:
     return [(0, False)]
 
 
-def _predict_tiles(model: UNet, tiles: Tensor, tta: bool | Sequence[tuple[int, bool]], amp: bool) -> Tensor:
-    """Float32 softmax of the model on a (B, C, h, w) batch, averaged over the ``tta`` transforms."""
+def _tta_pairs(model: UNet, tta: bool | Sequence[tuple[int, bool]]) -> list[tuple[int, bool]]:
+    """The ``(quarter turns, left-right flip)`` pairs that ``tta`` asks for; odd turns swap H and W, so they need
+    the same kernel and pooling sizes along both."""
     transforms = (DIHEDRAL if tta is True else list(tta)) if tta else [(0, False)]
+    if any(turns % 2 for turns, _ in transforms) and hasattr(model, "axis") and model.axis(-2) != model.axis(-1):
+        raise ValueError(
+            "tta with quarter turns swaps H and W, whose kernel or pooling sizes differ in this model: "
+            "use pairs of 0 or 2 turns"
+        )
+    return transforms
+
+
+def _predict_tiles(model: UNet, tiles: Tensor, transforms: Sequence[tuple[int, bool]], amp: bool) -> Tensor:
+    """Float32 softmax of the model on a (B, C, h, w) or (B, C, d, h, w) batch, averaged over the ``transforms``
+    in the last two axes."""
     total = 0
     for turns, flip in transforms:
         transformed = (tiles.flip(-1) if flip else tiles).rot90(turns, (-2, -1))

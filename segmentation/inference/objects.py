@@ -71,7 +71,7 @@ def filled_holes(ids: np.ndarray) -> np.ndarray:
     if holes.max() == 0:
         return ids
     # the ids of the pixels next to each hole: one id means one object around it
-    ring = ndimage.grey_dilation(holes, footprint=ndimage.generate_binary_structure(2, 1)) * (ids > 0)
+    ring = ndimage.grey_dilation(holes, footprint=ndimage.generate_binary_structure(ids.ndim, 1)) * (ids > 0)
     pairs = np.unique(np.stack([ring[ring > 0], ids[ring > 0]]), axis=1)
     hole_labels, counts = np.unique(pairs[0], return_counts=True)
     owner = np.zeros(holes.max() + 1, dtype=ids.dtype)

@@ -34,6 +34,7 @@ from segmentation.data.images import (
 from segmentation.data.preprocess import image_statistics, network_margin, normalize_image, row_axis
 from segmentation.data.readers import IMAGE_SUFFIXES, image_files, object_instances
 from segmentation.inference.infer import Predictor, uniform_prediction_note
+from segmentation.inference.volumes import predict_volume
 
 BAND_PIXELS = 16 * 2**20  # a single image with more pixels is predicted in bands of about this many rows x width
 BYTES_PER_PIXEL = {"mask": 1, "probability": 4, "instances": 2}  # of the TIFF outputs, for the BigTIFF decision
@@ -166,12 +167,14 @@ def predict_files(
     output.mkdir(parents=True, exist_ok=True)
     written, uniform, total = [], [], 0
     for path, layout, targets in zip(inputs, layouts, every):
-        if instances and is_large(layout):
+        if instances and is_large(layout) and getattr(predictor.model, "dims", 2) == 2:
             note(
                 f"{path.name}: no object ids for an image over {BAND_PIXELS // 2**20} Mpixel (it is predicted in bands)"
             )
         try:
-            if is_large(layout):
+            if getattr(predictor.model, "dims", 2) == 3:
+                described = predict_volume(predictor, layout, targets, partial)
+            elif is_large(layout):
                 described = predict_large_image(predictor, layout, targets)
             else:
                 found = predict_file(predictor, layout, targets)

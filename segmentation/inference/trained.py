@@ -29,8 +29,9 @@ from segmentation.checkpoints import (
 from segmentation.config import DEFAULT_CONFIG, Config, load_config, merge_overrides, resolve
 from segmentation.console import note
 from segmentation.device import require_memory, resolve_device
+from segmentation.geometry import axis_geometry
 from segmentation.inference.infer import Predictor
-from segmentation.memory import forward_maps, prediction_activation_bytes, unet_parameter_count
+from segmentation.memory import forward_maps, prediction_activation_bytes, shown_tile, unet_parameter_count
 from segmentation.plan import Plan, stored_plan
 
 # where a run writes: the config in force decides, never the config stored in a checkpoint
@@ -58,7 +59,7 @@ class Trained:
         checkpoint from before plans has its balanced class weights decided again from its training images)."""
         config = self.config
         unet, data, seed = config.unet, config.data, config.train.seed
-        prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note)
+        prepared = prepare_data(data, unet.image_channels, unet.num_classes, seed, note, dims=unet.dims)
         plan = stored_plan(self.state, config, str(self.path), prepared.train)
         return build_datasets(prepared, plan, data.samples_per_image, seed, note)
 
@@ -103,7 +104,7 @@ def load_trained(
     plan = stored_plan(state, config, str(checkpoint))
     device = device or resolve_device(config.train.device)
     check_prediction_memory(config, plan, device, checkpoint)
-    model = build_model(config.unet, plan.boundary_class).to(device)
+    model = build_model(config.unet, plan.boundary_class, plan.kernel_sizes, plan.pool_sizes).to(device)
     load_weights(model, state["model"], checkpoint)
     model.eval()
     uncalibrated = config.predict.threshold == "auto" and plan.threshold_source == "uncalibrated"
@@ -136,14 +137,22 @@ def check_prediction_memory(config: Config, plan: Plan, device: torch.device, ch
     (``predict.batch_size`` tiles of ``predict.tile_size``, rounded up to a valid size) would not fit the
     memory ``device`` has free: a checkpoint whose stored widths were edited, or tiles too large."""
     unet, batch = config.unet, config.predict.batch_size
-    tile = valid_input_sizes(plan.for_prediction(config.predict).predict_tile_size, unet.depth, unet.padding)[1]
-    blocks = forward_maps(unet, plan.label_classes, tile)
+    planned = plan.for_prediction(config.predict).predict_tile
+    geometry = (plan.kernel_sizes, plan.pool_sizes)
+    if plan.dims == 3:
+        tile = tuple(
+            valid_input_sizes(side, unet.depth, unet.padding, *axis_geometry(*geometry, axis))[1]
+            for axis, side in enumerate(planned)
+        )
+    else:
+        tile = valid_input_sizes(planned, unet.depth, unet.padding)[1]
+    blocks = forward_maps(unet, plan.label_classes, tile, 4, *geometry)
     parts = {
-        "parameters": 4 * unet_parameter_count(unet, plan.label_classes),
-        f"activations of {batch} tiles of {tile}x{tile} px": batch * prediction_activation_bytes(blocks),
+        "parameters": 4 * unet_parameter_count(unet, plan.label_classes, *geometry),
+        f"activations of {batch} tiles of {shown_tile(tile)} px": batch * prediction_activation_bytes(blocks),
     }
     advice = (
-        f"lower predict.tile_size ({tile}) or predict.batch_size ({batch}), or use a checkpoint of smaller "
+        f"lower predict.tile_size ({shown_tile(tile)}) or predict.batch_size ({batch}), or use a checkpoint of smaller "
         f"unet.input_channels (this one has {list(unet.input_channels)})"
     )
     require_memory(f"{checkpoint}: predicting", parts, device, advice)

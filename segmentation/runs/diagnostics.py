@@ -70,7 +70,8 @@ def diagnose(
         name = dataset.names[index]
         found = predictor.objects(probabilities) if num_classes == 2 else None
         classes = predictor.classes(probabilities, found).numpy()
-        written = write_mask(output / "masks" / f"{Path(name).stem}.png", classes, num_classes)
+        suffix = ".tif" if classes.ndim == 3 else ".png"  # a volume's mask: a stack of its sections
+        written = write_mask(output / "masks" / f"{Path(name).stem}{suffix}", classes, num_classes)
         label = scored_classes(label, num_classes)  # the boundary class, where the network has it, is its object's
         confusion, cells = image_scores(torch.from_numpy(written), label, num_classes)
         total += confusion
@@ -91,7 +92,10 @@ def diagnose(
         print(table_line(name, scores, columns))
         figures = (output, split, index, name)
         shown = predictor.class_probabilities(probabilities)  # the user's classes, the border in its object
-        save_image_figures(predictor.model, loss_kind, figures, (image, label, weight), classes, shown, scores, layers)
+        item = (image, label, weight)
+        spacing = predictor.plan.spacing
+        aspect = 1.0 if spacing is None else spacing[0] / spacing[-1]  # a section's thickness in pixel widths
+        save_image_figures(predictor.model, loss_kind, figures, item, classes, shown, scores, layers, aspect)
     overall = pool_scores(total, cell_scores)
     if num_classes == 2:
         overall.update({f"object_{key}": value for key, value in matching_scores(objects).items()})
@@ -149,10 +153,15 @@ def matching_line(counts: np.ndarray) -> str:
 
 
 def write_mask(path: Path, classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """Write the mask of (H, W) ``classes`` (``predict.mask_image``) and read it back as class indices:
-    scores are those of the file, which is what a user would submit."""
-    skimage.io.imsave(path, mask_image(classes, num_classes), check_contrast=False)
-    written = skimage.io.imread(path).astype(np.int64)
+    """Write the mask of (H, W) ``classes`` (``predict.mask_image``; a volume's (D, H, W) as a TIFF stack of
+    its sections) and read it back as class indices: scores are those of the file, which is what a user would
+    submit."""
+    if classes.ndim == 3:
+        tifffile.imwrite(path, mask_image(classes, num_classes), photometric="minisblack", imagej=True)
+        written = tifffile.imread(path).astype(np.int64)
+    else:
+        skimage.io.imsave(path, mask_image(classes, num_classes), check_contrast=False)
+        written = skimage.io.imread(path).astype(np.int64)
     return written // 255 if num_classes == 2 else written
 
 
@@ -202,20 +211,22 @@ def save_image_figures(
     probabilities: Tensor,
     scores: dict,
     layers: list[str] | None,
+    aspect: float = 1.0,
 ) -> None:
     """The figures of one image (``where``: output folder, split, index and name; ``item``: image,
     label and weight map): prediction panels and saliency; for the first image also the per-layer
-    gradient and weight norms and the activation maps."""
+    gradient and weight norms and the activation maps. Volumes: orthogonal views, z stretched by ``aspect``."""
     output, split, index, name = where
     image, label, weight = item
     title = f"{name}: pixel error {scores['pixel_error']:.4f}, Dice {scores['dice']:.4f}"
     panels = (image.numpy(), label.numpy(), classes, probabilities.numpy(), weight.numpy())
-    save_prediction_figure(output / f"{split}_{index:03d}.png", *panels, title)
+    save_prediction_figure(output / f"{split}_{index:03d}.png", *panels, title, aspect)
     device = next(model.parameters()).device
     whole = whole_image_batch(model, image, label, weight, device)
     saliency = input_saliency(model, *whole, loss_kind)
-    margin = network_margin(model.depth, model.padding)
-    saliency = saliency[margin : margin + label.shape[0], margin : margin + label.shape[1]]
+    axes = [model.axis(axis) for axis in range(label.ndim)] if label.ndim == 3 else [(None, None)] * 2
+    margins = [network_margin(model.depth, model.padding, *along) for along in axes]
+    saliency = saliency[tuple(slice(margin, margin + side) for margin, side in zip(margins, label.shape))]
     path = output / f"saliency_{index:03d}.png"
     save_saliency_figure(path, image.numpy(), saliency.cpu(), title=f"{name}: |d loss / d input|")
     if index == 0:
@@ -234,12 +245,14 @@ def whole_image_batch(
     lies over the image's) and the label and weight map ``(1, h, w)`` at the output's size, the weight
     0 beyond the image so that the loss counts the image's pixels only.
     """
-    padded = torch.from_numpy(pad_for_model(image.numpy(), model.depth, model.padding))[None]
-    out_height, out_width = (model.output_size(side) for side in padded.shape[-2:])
-    height, width = label.shape
-    full_label = torch.zeros(1, out_height, out_width, dtype=torch.int64)
-    full_weight = torch.zeros(1, out_height, out_width)
-    full_label[0, :height, :width], full_weight[0, :height, :width] = label, weight
+    axes = [model.axis(axis) for axis in range(label.ndim)] if label.ndim == 3 else None  # a volume's geometry
+    padded = torch.from_numpy(pad_for_model(image.numpy(), model.depth, model.padding, axes))[None]
+    spatial = padded.shape[2:]
+    outputs = [model.output_size(side, axis - len(spatial)) for axis, side in enumerate(spatial)]
+    full_label = torch.zeros(1, *outputs, dtype=torch.int64)
+    full_weight = torch.zeros(1, *outputs)
+    inside = (0, *(slice(0, side) for side in label.shape))
+    full_label[inside], full_weight[inside] = label, weight
     return padded.to(device), full_label.to(device), full_weight.to(device)
 
 

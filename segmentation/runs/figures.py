@@ -53,6 +53,10 @@ def save_samples_figure(
     # with Agg and is never registered with pyplot, so it needs no GUI backend and no closing.
     from matplotlib.figure import Figure
 
+    if label.ndim == 4:  # volumes (B, C, D, H, W): their middle sections
+        middle = label.shape[1] // 2
+        image, label, weight = image[:, :, middle], label[:, middle], weight[:, middle]
+        title = f"{title} (middle sections)" if title else title
     rows = min(count, image.shape[0])
     images = image[:rows].detach().float().cpu().numpy()
     labels = label[:rows].detach().cpu().numpy()
@@ -81,16 +85,23 @@ def save_samples_figure(
 
 
 def save_check_figures(
-    run_log: Path, example: tuple, tiles, augment: AugmentSettings, seed: int, device: torch.device
+    run_log: Path,
+    example: tuple,
+    tiles,
+    augment: AugmentSettings,
+    seed: int,
+    device: torch.device,
+    spacing: tuple[float, ...] | None = None,
 ) -> None:
     """The figures of a new run to check by eye before trusting the training: ``weight_map.png``, the first
     training image with its label and weight map (``example``: (C, H, W), (H, W), (H, W) arrays), and
-    ``augmented_samples.png``, the first few training ``tiles`` as the augmentation turns them."""
+    ``augmented_samples.png``, the first few training ``tiles`` as the augmentation turns them (volumes: their
+    middle sections; ``spacing`` their voxel size)."""
     title = "first training image and its weight map"
     save_samples_figure(run_log / "weight_map.png", *(torch.from_numpy(array)[None] for array in example), title=title)
     first = [tiles[i] for i in range(min(4, len(tiles)))]
     batch = [torch.stack(tensors) for tensors in zip(*first)]
-    augmented = augment_on_device(batch, augment, seed, -1, device)
+    augmented = augment_on_device(batch, augment, seed, -1, device, spacing=spacing)
     title = "augmented training tiles (the loss uses the centre of label and weight)"
     save_samples_figure(run_log / "augmented_samples.png", *augmented, title=title)
 
@@ -189,12 +200,44 @@ def save_prediction_figure(
     probability: np.ndarray,
     weight: np.ndarray,
     title: str,
+    aspect: float = 1.0,
 ) -> None:
     """Six panels: input (C, H, W), truth and prediction (H, W) class maps, P(class 1) from the
     (K, H, W) probabilities, errors, weights. Unannotated pixels (``losses.IGNORE_LABEL``) are gray in the
-    truth and in the errors, which they have none of."""
+    truth and in the errors, which they have none of. Of a volume ((C, D, H, W) and (D, H, W) arrays), a row
+    of the six per orthogonal view through its centre: xy (the middle section), xz and yz, z stretched by
+    ``aspect`` (a section's thickness over a pixel's width)."""
     from matplotlib.figure import Figure
 
+    views = [("", (slice(None),) * 2)]
+    if label.ndim == 3:
+        depth, height, width = label.shape
+        views = [
+            ("xy", (depth // 2, slice(None), slice(None))),
+            ("xz", (slice(None), height // 2, slice(None))),
+            ("yz", (slice(None), slice(None), width // 2)),
+        ]
+    figure = Figure(figsize=(18, 3.6 * len(views)))
+    for row, (view, at) in enumerate(views):
+        arrays = (image[(slice(None), *at)], label[at], prediction[at], probability[(slice(None), *at)], weight[at])
+        panels = prediction_panels(*arrays)
+        for index, (name, data, colormap) in enumerate(panels):
+            axis = figure.add_subplot(len(views), len(panels), row * len(panels) + index + 1)
+            stretch = aspect if view in ("xz", "yz") else 1.0
+            shown = axis.imshow(data, cmap=colormap, interpolation="nearest", aspect=stretch)
+            if name in ("P(class 1)", "weight map"):
+                figure.colorbar(shown, ax=axis, fraction=0.046)
+            axis.set_title(f"{name} ({view})" if view else name, fontsize=9)
+            axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+
+
+def prediction_panels(
+    image: np.ndarray, label: np.ndarray, prediction: np.ndarray, probability: np.ndarray, weight: np.ndarray
+) -> list[tuple[str, np.ndarray, str | None]]:
+    """The six ``(name, data, colour map)`` panels of ``save_prediction_figure`` of one 2D view."""
     given = label != IGNORE_LABEL
     errors = np.zeros(label.shape + (3,), dtype=np.float32)
     errors[~given] = (0.5, 0.5, 0.5)
@@ -208,17 +251,7 @@ def save_prediction_figure(
         ("errors (red: false 1, blue: missed 1)", errors, None),
         ("weight map", weight, "inferno"),
     ]
-    figure = Figure(figsize=(18, 3.6))
-    for index, (name, data, colormap) in enumerate(panels):
-        axis = figure.add_subplot(1, len(panels), index + 1)
-        shown = axis.imshow(data, cmap=colormap, interpolation="nearest")
-        if name in ("P(class 1)", "weight map"):
-            figure.colorbar(shown, ax=axis, fraction=0.046)
-        axis.set_title(name, fontsize=9)
-        axis.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    return panels
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -311,6 +344,7 @@ def save_activation_figure(path: str | Path, activations: dict[str, Tensor], tit
     axes = np.asarray(figure.subplots(rows, columns, squeeze=False))
     for row, (name, maps) in enumerate(activations.items()):
         data = maps.float().numpy()
+        data = data[:, data.shape[1] // 2] if data.ndim == 4 else data  # a volume's maps: the middle section
         for column in range(columns):
             axis = axes[row, column]
             axis.set_xticks([])
@@ -356,6 +390,8 @@ def save_saliency_figure(
         if isinstance(saliency, Tensor)
         else np.asarray(saliency, dtype=np.float32)
     )
+    if saliency.ndim == 3:  # a volume's (C, D, H, W) input and (D, H, W) saliency: the middle section
+        image, saliency = image[:, saliency.shape[0] // 2], saliency[saliency.shape[0] // 2]
     shown = _display_range(np.moveaxis(image, 0, -1) if image.shape[0] == 3 else image.mean(axis=0))
     top = float(np.percentile(saliency, 99))
     scaled = np.clip(saliency / top, 0.0, 1.0) if top > 0 else np.zeros_like(saliency)
