@@ -171,9 +171,10 @@ class Run:
         )
         processes = f" in each of {world_size} processes" if world_size > 1 else ""
         progress, folders = self.progress, self.folders
+        tile = "x".join(map(str, self.plan.tile_shape)) if self.plan.dims == 3 else self.plan.tile_size
         lines = [
             f"U-Net {count_parameters(self.models.model):,} parameters on {self.processes.device}{processes}, "
-            f"{settings.precision}; {len(self.data.train)} tiles of {shown_tile(self.plan.tile_shape)} px per epoch "
+            f"{settings.precision}; {len(self.data.train)} tiles of {tile} px per epoch "
             f"({self.loading.steps_per_epoch} steps of {step_batch}{split}), {len(self.data.val)} validation images",
             f"run {progress.run_name}: logs in {folders.log}, checkpoints in {folders.weights}",
         ]
@@ -280,8 +281,9 @@ def check_training_memory(config: Config, device: torch.device, plan: Plan | Non
         f"activations of {batch} tiles of {shown_tile(tile)} px": activations,
     }
     switch = "" if train.activation_checkpointing else ", or set train.activation_checkpointing=true"
+    sides = tile if isinstance(tile, int) else shown_tile(tile)
     advice = (
-        f"lower train.batch_size ({batch}), train.tile_size ({shown_tile(tile)}) or unet.input_channels "
+        f"lower train.batch_size ({batch}), train.tile_size ({sides}) or unet.input_channels "
         f"({list(unet.input_channels)}){switch}"
     )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1

@@ -152,7 +152,7 @@ def check_prediction_memory(config: Config, plan: Plan, device: torch.device, ch
         f"activations of {batch} tiles of {shown_tile(tile)} px": batch * prediction_activation_bytes(blocks),
     }
     advice = (
-        f"lower predict.tile_size ({shown_tile(tile)}) or predict.batch_size ({batch}), or use a checkpoint of smaller "
-        f"unet.input_channels (this one has {list(unet.input_channels)})"
+        f"lower predict.tile_size ({tile if plan.dims == 2 else shown_tile(tile)}) or predict.batch_size ({batch}), "
+        f"or use a checkpoint of smaller unet.input_channels (this one has {list(unet.input_channels)})"
     )
     require_memory(f"{checkpoint}: predicting", parts, device, advice)
