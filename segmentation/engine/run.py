@@ -171,7 +171,7 @@ class Run:
         )
         processes = f" in each of {world_size} processes" if world_size > 1 else ""
         progress, folders = self.progress, self.folders
-        tile = "x".join(map(str, self.plan.tile_shape)) if self.plan.dims == 3 else self.plan.tile_size
+        tile = shown_tile(self.plan.tile_shape) if self.plan.dims == 3 else self.plan.tile_size
         lines = [
             f"U-Net {count_parameters(self.models.model):,} parameters on {self.processes.device}{processes}, "
             f"{settings.precision}; {len(self.data.train)} tiles of {tile} px per epoch "

@@ -95,14 +95,13 @@ def write_sections(predictor: Predictor, probabilities: torch.Tensor, writers: d
     sections to the output stacks of ``writers`` (``mask``, ``probability``, ``instances``)."""
     if not bool(torch.isfinite(probabilities).all()):
         raise UserError(f"{name}: the model's probabilities are NaN (the checkpoint's weights?): use another")
-    objects = None
+    objects, user = None, predictor.class_probabilities(probabilities)  # the user's classes, the border in its object
     if whole and (predictor.decides_by_objects or "instances" in writers) and predictor.model.num_classes == 2:
         objects = predictor.objects(probabilities)
     if whole:
         classes = predictor.classes(probabilities, objects).numpy()
     else:
-        classes = predicted_classes(predictor.class_probabilities(probabilities), predictor.threshold).numpy()
-    user = predictor.class_probabilities(probabilities)
+        classes = predicted_classes(user, predictor.threshold).numpy()
     mask = classes.astype(np.uint8) * (255 if user.shape[0] == 2 else 1)
     for index in range(mask.shape[0]):
         writers["mask"].write(mask[index], photometric="minisblack", contiguous=True)
