@@ -13,6 +13,8 @@
     python bench.py --restart-cost 3             # a torchrun worker killed: seconds to the restarted group's step
     python bench.py --sparse-experiment isbi=20,pennfudan=80 --data ISBI --pennfudan PF   # scribbles vs dense masks
     python bench.py --volume-experiment damaged=30:30,isbi=20:20 --data ISBI   # a 3D U-Net against the 2D one
+    python bench.py --peers nnunet,stardist --data TRAIN --held HELD --minutes 10 [--csv OUT] [--config OURS.yaml]
+                                                 # ours, nnU-Net and StarDist on the same images for the same minutes
 
 Prints numbers and asserts nothing. Three tables by default:
 
@@ -55,6 +57,7 @@ from model import output_size
 from segmentation.benchmarks.fine_tune import fine_tune_experiment
 from segmentation.benchmarks.instances import instance_experiment
 from segmentation.benchmarks.nuclei import nuclei_experiment
+from segmentation.benchmarks.peers import PEERS, peer_table, plot_peer_curves
 from segmentation.benchmarks.restart import restart_cost_table
 from segmentation.benchmarks.scale import data_scale_table, predict_stack_table
 from segmentation.benchmarks.sparse import ISBI_FOLDS, SPARSE_SETS, sparse_experiment
@@ -76,6 +79,7 @@ from segmentation.options import (
     int_list,
     named_count_pairs,
     named_counts,
+    named_paths,
     non_negative_int,
     path_argument,
     positive_float,
@@ -155,14 +159,22 @@ def command_line() -> argparse.ArgumentParser:
         help="loader worker counts to time (none: skip the data path; default: 0 2 on a GPU, 0 on a CPU)",
     )
     parser.add_argument(
-        "--data", type=path_argument, help="ISBI 2012 folder for the data path (default: synthetic images)"
+        "--data",
+        type=path_argument,
+        help="ISBI 2012 folder for the data path (default: synthetic images); --peers: the training folder",
     )
+    add_scale_arguments(parser)
+    add_experiment_arguments(parser)
+    return parser
+
+
+def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    """The measurements of data, stacks and restarts at scale (each "instead" of the speed tables)."""
     parser.add_argument(
         "--data-scale",
         type=int_list,
         help="instead: the data path for folders of this many 512 px images, e.g. 30,240,960 (in memory vs the cache)",
     )
-    add_experiment_arguments(parser)
     parser.add_argument(
         "--restart-cost",
         type=positive_int,
@@ -175,7 +187,6 @@ def command_line() -> argparse.ArgumentParser:
         metavar="GB",
         help="instead: peak memory of test.py --input on a multi-page TIFF of this many GB, e.g. 2",
     )
-    return parser
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +267,49 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pennfudan", type=path_argument, help="--instance- and --sparse-experiment: the PennFudanPed folder"
     )
+    add_peer_arguments(parser)
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """--peers: ours against nnU-Net and StarDist for the same minutes (segmentation.benchmarks.peers)."""
+    parser.add_argument(
+        "--peers",
+        type=word_list(PEERS),
+        metavar="PEER,...",
+        help="instead: train ours and these peers (nnunet, stardist) on --data for --minutes each, one after "
+        "another, and score them on --held",
+    )
+    parser.add_argument("--held", type=path_argument, help="--peers: the held-out folder (images and masks)")
+    parser.add_argument(
+        "--minutes",
+        type=positive_float,
+        help="--peers: wall-time minutes of training per system; --volume-experiment damaged and isbi: per run (the "
+        "epochs an upper bound)",
+    )
+    parser.add_argument("--csv", type=path_argument, help="--peers: also write the table to this CSV file")
+    parser.add_argument(
+        "--config", type=path_argument, help="--peers: our config (default: the shipped defaults on --data)"
+    )
+    parser.add_argument(
+        "--peer-python",
+        type=named_paths(PEERS),
+        default={},
+        metavar="PEER=PYTHON,...",
+        help="--peers: the Python of a peer's environment (default: cache/peers/PEER/bin/python)",
+    )
+    parser.add_argument(
+        "--peer-figure",
+        type=path_argument,
+        metavar="PNG",
+        help="instead: plot the scores against minutes of the --peers CSV files given after it, named "
+        "<data set>-<anything>.csv",
+    )
+    parser.add_argument("tables", nargs="*", type=path_argument, help="--peer-figure: the CSV files")
+    parser.add_argument(
+        "--install-peers",
+        action="store_true",
+        help="--peers: build a missing peer environment under cache/peers/ (pip, once)",
+    )
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -269,6 +323,14 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
             "--data is needed: --fine-tune-experiment and --instance- or --sparse-experiment isbi=... read the ISBI "
             "2012 folder (train-volume.tif, train-labels.tif)"
         )
+    if args.peers and not (args.data and args.held and args.minutes):
+        parser.error("--peers needs --data (the training folder), --held (the held-out folder) and --minutes")
+    if args.tables and not args.peer_figure:
+        parser.error(f"unrecognized arguments: {' '.join(map(str, args.tables))}")
+    if args.peer_figure and not args.tables:
+        parser.error("--peer-figure needs the CSV files to plot, e.g. --peer-figure docs/peers.png isbi-10.csv")
+    if args.csv and args.csv.exists():
+        parser.error(f"argument --csv: {args.csv} exists; name a new file")
     if "nuclei3d" in sets and not args.nuclei3d:
         parser.error("--nuclei3d is needed: the volume experiment's nuclei3d=... reads img3d.tif and mask3d.tif there")
     if "pennfudan" in sets and not args.pennfudan:
@@ -293,6 +355,15 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_options(argv)
+    if args.peer_figure:
+        plot_peer_curves(args.tables, args.peer_figure)
+        print(f"wrote {args.peer_figure}")
+        return
+    if args.peers:
+        peer_table(
+            args.peers, args.data, args.held, args.minutes, args.config, args.csv, args.peer_python, args.install_peers
+        )
+        return
     if args.data_scale:
         data_scale_table(args.data_scale)
     if args.predict_stack:
@@ -309,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         sparse_experiment(args.sparse_experiment, [0, 1], args.data, args.pennfudan, args.folds)
     experiments = (args.nuclei_experiment, args.fine_tune_experiment, args.restart_cost, args.instance_experiment)
     if args.volume_experiment:
-        volume_experiment(args.volume_experiment, [0, 1], args.data, args.folds, args.nuclei3d)
+        volume_experiment(args.volume_experiment, [0, 1], args.data, args.folds, args.nuclei3d, args.minutes)
     experiments += (args.sparse_experiment, args.volume_experiment)
     if args.data_scale or args.predict_stack or any(experiments):
         return
@@ -347,4 +418,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad data or files: one line, as training.py and test.py say it
+        raise SystemExit(f"error: {error}") from None

@@ -39,6 +39,7 @@ from segmentation.console import first_line, note, report_error
 from segmentation.data.augment import augment_on_device
 from segmentation.device import bf16_supported, out_of_memory_advice, prepare_device
 from segmentation.engine import search
+from segmentation.engine.budget import TimeBudget, clock
 from segmentation.engine.distributed import (
     from_rank_zero,
     lost_process,
@@ -66,7 +67,7 @@ from segmentation.engine.run import (
     write_run_plan,
 )
 from segmentation.engine.signals import stop_requests
-from segmentation.engine.step import loss_cure, train_step, update_ema
+from segmentation.engine.step import fit_schedule, loss_cure, train_step, update_ema
 from segmentation.engine.validation import Validation, calibrate_checkpoint, evaluate, improved
 from segmentation.inference.infer import Predictor, uniform_prediction_note
 from segmentation.inference.trained import load_trained
@@ -108,17 +109,24 @@ def train_process(config: Config, processes: Processes) -> TrainResult:
 def train_epochs(run: Run) -> TrainResult:
     """The epochs of a set-up run, from where its progress stands, then (process 0) ``finish``."""
     config, processes = run.config, run.processes
-    max_epochs, patience = config.train.max_epochs, config.run.early_stopping
+    patience = config.run.early_stopping
     validation = None
     run.models.model.train()
     with stop_requests() as stop_requested, run.writer or contextlib.nullcontext():
-        for epoch in range(run.progress.epoch, max_epochs):
-            # train: one pass over the tiles; a stop request ends it after a whole step, last.pt saved
+        first_epoch = run.progress.epoch
+        for epoch in range(first_epoch, config.train.max_epochs):
+            if run.time_up():  # train.max_minutes spent: a resumed run's, or the planned last epoch ran long
+                if epoch == first_epoch:
+                    note(f"the run has used its train.max_minutes ({config.run.max_minutes:g}): raise it to go on")
+                break
+            # train: one pass over the tiles (under train.max_minutes: up to the budget's end); a stop request
+            # ends it after a whole step, last.pt saved
+            epoch_start = clock()
             row = train_epoch(run, epoch, stop_requested)
             if row is None:
                 return run.result(True, validation)
             # validate: whole images, predicted as test.py predicts them; a better score saves best.pt
-            last_epoch = epoch + 1 == max_epochs
+            last_epoch = epoch + 1 == run.fit_to_budget(epoch, clock() - epoch_start)
             stop, examples = False, []
             if (epoch + 1) % config.run.eval_epoch == 0 or last_epoch:
                 validation = validate(run, epoch)
@@ -133,10 +141,13 @@ def train_epochs(run: Run) -> TrainResult:
             # save
             if run.processes.main and ((epoch + 1) % config.run.save_epoch == 0 or due or run.save_due()):
                 run.save_last()
+            run.budget.epoch_seconds.append(clock() - epoch_start)
             if stop_requested and processes.world_size == 1:
                 saved = f"saved {run.folders.weights / 'last.pt'} after epoch {epoch + 1}"
                 print(f"stopped: {saved}; continue with train.resume=auto", file=sys.stderr)
                 return run.result(True, validation)
+            if last_epoch:
+                break
             if stop:
                 if run.processes.main:
                     best = run.progress.best_epoch
@@ -152,6 +163,7 @@ def set_up(config: Config, processes: Processes) -> Run:
     memory a step needs checked, the checkpoint to resume, the data and the plan, the model, optimizer and
     schedule, the run folders (a new run's name claimed, the run locked by process 0), the loader."""
     rank, world_size, device = processes.rank, processes.world_size, processes.device
+    started = clock()  # train.max_minutes count from here
     check_training_memory(config, device)  # before anything is read, written or allocated
     resume_path = from_rank_zero(find_resume_checkpoint(config.run.resume, Path(config.run.save_path)), world_size)
     checkpoint = load_checkpoint(resume_path, config.unet, config.data, config.train.seed) if resume_path else None
@@ -182,6 +194,9 @@ def set_up(config: Config, processes: Processes) -> Run:
         if checkpoint:
             optimizer, scheduler, scaler = optimisation.optimizer, optimisation.scheduler, optimisation.scaler
             progress = restore(checkpoint, model, optimizer, scheduler, scaler, device, ema_model, resume_path)
+            if progress.planned_epochs and config.run.max_minutes:  # the schedule the budget fitted last
+                fit_schedule(scheduler, config.train, steps_per_epoch, progress.planned_epochs)
+            progress.planned_epochs = progress.planned_epochs if config.run.max_minutes else 0
         else:
             progress = Progress(run_name=name)
         writer = start_logs(config, plan, folders, progress, data, device, bool(checkpoint)) if rank == 0 else None
@@ -192,7 +207,7 @@ def set_up(config: Config, processes: Processes) -> Run:
         models = Models(model, ema_model, step_model, compiling=config.train.compile)
         rows = read_metrics(folders.log / "metrics.csv", progress.epoch)
         parts = (data, models, predictor, optimisation, loading, progress, folders, rows, writer, lock)
-        run = Run(config, plan, processes, *parts)
+        run = Run(config, plan, processes, *parts, budget=TimeBudget(config.run.max_minutes, progress.seconds, started))
         if rank == 0:
             print("\n".join(run.start_lines(resume_path if checkpoint else None)), flush=True)
             if not checkpoint:
@@ -212,7 +227,7 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
     bar = tqdm(
         total=steps,
         initial=progress.batch,
-        desc=f"epoch {epoch + 1}/{settings.max_epochs}",
+        desc=f"epoch {epoch + 1}/{run.epochs}",
         unit="step",
         dynamic_ncols=True,
         leave=False,
@@ -235,7 +250,8 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
             bar.update()
             # processes stop together: they agree at the same steps, so a Ctrl-C waits for the next one
             ends = progress.batch % CHECK_EVERY == 0 or progress.batch == steps
-            if ends or (stop_requested and processes.world_size == 1):
+            time_up = progress.batch < steps and run.time_up()  # train.max_minutes: checked at every step
+            if ends or time_up or (stop_requested and processes.world_size == 1):
                 stop_votes = read_loss(run, loss_sum, bool(stop_requested), epoch)
                 speed = images_seen / (time.perf_counter() - epoch_start)
                 loss, lr = progress.loss_sum / progress.batch, scheduler.get_last_lr()[0]
@@ -244,6 +260,8 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
                     bar.close()
                     save_interrupted_epoch(run, epoch)
                     return None
+                if time_up:
+                    break  # this epoch, validated, is the run's last
                 # process 0's weights and buffers are those every process resumes with (DDP broadcasts them)
                 if processes.main and progress.batch < steps and run.save_due():
                     run.save_last()
@@ -253,7 +271,7 @@ def train_epoch(run: Run, epoch: int, stop_requested: list) -> dict | None:
         "epoch": epoch + 1,
         "step": progress.step,
         "lr": scheduler.get_last_lr()[0],
-        "train_loss": progress.loss_sum / steps,
+        "train_loss": progress.loss_sum / progress.batch,
         "epoch_seconds": round(seconds, 2),
         "images_per_second": round(images_seen / seconds, 2),
     }
@@ -337,7 +355,7 @@ def log_epoch(run: Run, row: dict, examples: list, due: bool) -> None:
     the run ends; TensorBoard's events."""
     if not run.processes.main:
         return
-    tqdm.write(epoch_line(row, run.config.train.max_epochs))
+    tqdm.write(epoch_line(row, run.epochs))
     if row["epoch"] % run.config.run.log_epoch == 0 or due:
         write_metrics(run.folders.log / "metrics.csv", run.rows)
         plot_curves(run.rows, run.folders.log / "curves.png")

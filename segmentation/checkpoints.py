@@ -27,7 +27,9 @@ class Progress:
     """Where a run stands: ``epoch`` epochs done, ``batch`` steps into the next, ``step`` steps in all,
     ``best_value`` of ``train.best_metric`` so far (None before the first validation) at ``best_epoch``
     (-1: none yet), ``loss_sum`` the summed training loss of the epoch so far, ``run_name`` its folder,
-    ``stopped_early`` whether early stopping ended it. Checkpoints store it as plain data (``to_dict``)."""
+    ``stopped_early`` whether early stopping ended it, ``seconds`` the wall time its sessions have used and
+    ``planned_epochs`` the epochs a time budget (``train.max_minutes``) planned last (0: none). Checkpoints
+    store it as plain data (``to_dict``)."""
 
     run_name: str
     epoch: int = 0
@@ -37,6 +39,8 @@ class Progress:
     best_epoch: int = -1
     loss_sum: float = 0.0
     stopped_early: bool = False
+    seconds: float = 0.0
+    planned_epochs: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +61,11 @@ class Progress:
                 "wrote it"
             )
         return cls(**values)
+
+
+def read_progress(path: Path) -> Progress:
+    """The progress of the checkpoint at ``path`` (``read_checkpoint``'s checks apply)."""
+    return Progress.from_dict(read_checkpoint(path)["progress"], path)
 
 
 def is_folder_name(name: object) -> bool:

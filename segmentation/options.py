@@ -361,6 +361,21 @@ def named_count_pairs(names: Sequence[str]) -> Callable[[str], dict[str, tuple[i
     return counts
 
 
+def named_paths(names: Sequence[str]) -> Callable[[str], dict[str, Path]]:
+    """An argparse type: ``NAME=PATH`` pairs separated by commas, each name one of ``names``
+    (``nnunet=envs/nnunet/bin/python``)."""
+
+    def paths(text: str) -> dict[str, Path]:
+        expected = f"NAME=PATH pairs separated by commas, NAME one of {', '.join(names)}, such as {names[0]}=PATH"
+
+        def parse(given: str) -> dict[str, Path]:
+            return {name: Path(path) for name, path in _items(given) if path}
+
+        return _argument(text, parse, lambda pairs: bool(pairs) and set(pairs) <= set(names), expected)
+
+    return paths
+
+
 def _items(text: str) -> list[tuple[str, str]]:
     return [(name, value) for name, _, value in (item.partition("=") for item in text.split(","))]
 

@@ -224,6 +224,12 @@ class RunSettings:
     )
     best_metric: str = setting("val_dice", "str", "what picks best.pt and drives early stopping", choices=BEST_METRICS)
     early_stopping: int = setting(0, "int", "stop after this many epochs without a better best_metric", minimum=0)
+    max_minutes: float = setting(
+        0.0,
+        "float",
+        "wall-time budget: epochs (max_epochs at most) and schedule planned to end by then (0: none)",
+        minimum=0.0,
+    )
     resume: str | None = setting(None, "str", "auto, or a checkpoint path", nullable=True)
     init_from: str | None = setting(None, "str", "start from this checkpoint's weights, all else fresh", nullable=True)
 

@@ -1,7 +1,9 @@
 """The volumes experiment: a 3D U-Net (``unet.dims: 3``) against the 2D one on the same stacks.
 
-``bench.py --volume-experiment damaged=E3:E2,isbi=E3:E2,nuclei3d=E3:E2 [--data ISBI] [--nuclei3d FOLDER]``
-(E3, E2: epochs of the 3D and of the 2D network)
+``bench.py --volume-experiment damaged=E3:E2,isbi=E3:E2,nuclei3d=E3:E2 [--data ISBI] [--nuclei3d FOLDER]
+[--minutes M]`` (E3, E2: epochs of the 3D and of the 2D network; with ``--minutes`` the runs of the damaged and
+isbi sets train for M minutes of wall time each, ``train.max_minutes``, the epochs an upper bound: equal minutes,
+not epochs)
 
 - ``damaged``: synthetic serial-section volumes (``synthetic_volumes.synthetic_em_volume``: sections 5 px thick,
   a fifth of them blurred and noisy) written as TIFF stacks with their ImageJ spacing: 12 to train, 2 to validate,
@@ -15,8 +17,8 @@
   ``configs/isbi2012_3d_cpu.yaml`` against the 2D recipe ``configs/isbi2012_cpu.yaml``, on the contiguous folds
   of ``--folds``; both scored by ``test.py`` on the fold's 6 held-out sections.
 
-Rows give pixel error and Rand error (scikit-image's foreground-restricted adapted Rand error of each section's
-4-connected cells, as the ISBI challenge scores a slice) and the minutes of training.
+Rows give the epochs trained, pixel error and Rand error (scikit-image's foreground-restricted adapted Rand error
+of each section's 4-connected cells, as the ISBI challenge scores a slice) and the minutes of training.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import tifffile
 import torch
 from skimage import measure
 
-from segmentation.benchmarks.fine_tune import run, test_scores
+from segmentation.benchmarks.fine_tune import run
+from segmentation.benchmarks.peers import Annotated, score
 from segmentation.benchmarks.speed import ROOT
+from segmentation.checkpoints import read_progress
 from segmentation.data.cache import normalize_volume
 from segmentation.data.preprocess import normalize_image
 from segmentation.data.synthetic_volumes import Z_RATIO, synthetic_em_volume
@@ -109,11 +113,17 @@ def section_scores(checkpoint: Path, folder: Path, volumes: list[int], damaged: 
 
 
 def damaged_experiment(
-    epochs_3d: int, epochs_2d: int, seeds: list[int], root: Path, variants: tuple[str, ...] = DAMAGED_VARIANTS
+    epochs_3d: int,
+    epochs_2d: int,
+    seeds: list[int],
+    root: Path,
+    variants: tuple[str, ...] = DAMAGED_VARIANTS,
+    minutes: float | None = None,
 ) -> None:
     """Train the damaged set's recipe per seed as each of ``variants`` and print the held-out scores: ``3D`` as the
     plan decides from the spacing (z convolved at the deepest level alone), ``3D-z`` with ``train.spacing: [1, 1,
-    1]`` (3 x 3 x 3 kernels and z pooled at every level, as for isotropic voxels), ``2D`` (see the module)."""
+    1]`` (3 x 3 x 3 kernels and z pooled at every level, as for isotropic voxels), ``2D`` (see the module). With
+    ``minutes`` every run has that wall time (``train.max_minutes``), the epochs an upper bound."""
     train_count, val_count, held = DAMAGED_VOLUMES
     damaged = write_damaged_set(root / "damaged", seed=100)
     sections = DAMAGED_SHAPE[0]
@@ -123,15 +133,17 @@ def damaged_experiment(
         for variant in variants:
             dims, epochs = (2, epochs_2d) if variant == "2D" else (3, epochs_3d)
             geometry = ["train.spacing=[1, 1, 1]"] if variant == "3D-z" else []
+            geometry += [f"train.max_minutes={minutes}"] if minutes else []
             # 2D: every section an image, so the validation and held-out volumes are their sections
             unit = 1 if dims == 3 else sections
             val = list(range(train_count * unit, (train_count + val_count) * unit))
             test = list(range((train_count + val_count) * unit, (train_count + val_count + held) * unit))
             name = f"d{variant}-s{seed}"
-            minutes = train_folder(root, "damaged", name, [*DAMAGED_RECIPE, *geometry], dims, val, test, epochs, seed)
+            took = train_folder(root, "damaged", name, [*DAMAGED_RECIPE, *geometry], dims, val, test, epochs, seed)
             scores = section_scores(root / "weights" / name / "best.pt", root / "damaged", held_out, damaged)
             numbers = [f"{value:.4f}" for kind in ("damaged", "intact") for value in scores[kind]]
-            print(ROW.format(variant, seed, epochs, *numbers, f"{minutes:.1f}"), flush=True)
+            trained = read_progress(root / "weights" / name / "last.pt").epoch
+            print(ROW.format(variant, seed, trained, *numbers, f"{took:.1f}"), flush=True)
 
 
 def train_folder(
@@ -159,8 +171,13 @@ def train_folder(
     return (time.perf_counter() - start) / 60
 
 
-def isbi_experiment(epochs_3d: int, epochs_2d: int, isbi: Path, folds: list[int], root: Path) -> None:
-    """ISBI 2012 in 3D (blocks of sections) against the 2D recipe per contiguous fold; test.py's scores."""
+def isbi_experiment(
+    epochs_3d: int, epochs_2d: int, isbi: Path, folds: list[int], root: Path, minutes: float | None = None
+) -> None:
+    """ISBI 2012 in 3D (blocks of sections) against the 2D recipe per contiguous fold, both scored section by
+    section on the fold's 6 held-out sections (``held_out_section_scores``). With ``minutes`` each run trains for
+    that wall time (``train.max_minutes``), the epochs an upper bound."""
+    volume, labels = tifffile.imread(isbi / "train-volume.tif"), tifffile.imread(isbi / "train-labels.tif")
     print(ROW.format("dims", "fold", "epochs", "pixel error", "Rand error", "Dice", "object F1", "minutes"))
     for fold in folds:
         for dims, epochs, recipe in ((3, epochs_3d, "isbi2012_3d_cpu.yaml"), (2, epochs_2d, "isbi2012_cpu.yaml")):
@@ -172,13 +189,35 @@ def isbi_experiment(epochs_3d: int, epochs_2d: int, isbi: Path, folds: list[int]
             ]
             split = ["train.folds=5", f"train.fold={fold}", "train.val_images=null", "train.test_images=null"]
             overrides = [f"train.data={isbi}", f"train.max_epochs={epochs}", f"train.run_name={name}", *split]
+            overrides += [f"train.max_minutes={minutes}"] if minutes else []
             start = time.perf_counter()
             run("training.py", "--config", str(ROOT / "configs" / recipe), *overrides, *folders)
-            minutes = (time.perf_counter() - start) / 60
+            took = (time.perf_counter() - start) / 60
             checkpoint = root / "weights" / f"{name}-fold{fold}" / "best.pt"
-            scores = test_scores(checkpoint, root / "scores" / f"{name}-{fold}", f"train.data={isbi}", *folders)
-            numbers = [f"{scores[i]:.4f}" for i in (0, 3, 1, 5)]
-            print(ROW.format(f"{dims}D", fold, epochs, *numbers, f"{minutes:.1f}"), flush=True)
+            held = slice(6 * fold, 6 * fold + 6)  # contiguous folds: 6 neighbouring sections each, in 2D and 3D
+            scores = held_out_section_scores(checkpoint, volume[held], labels[held] == 255)
+            numbers = [f"{scores[key]:.4f}" for key in ("pixel_error", "rand_error", "dice", "object_f1")]
+            trained = read_progress(checkpoint.with_name("last.pt")).epoch
+            print(ROW.format(f"{dims}D", fold, trained, *numbers, f"{took:.1f}"), flush=True)
+
+
+def held_out_section_scores(checkpoint: Path, volume: np.ndarray, cells: np.ndarray) -> dict[str, float]:
+    """``peers.score`` of a model's predictions of a (D, H, W) ``volume`` against its (D, H, W) bool ``cells``,
+    section by section, the same for a 3D model (the volume predicted whole) as for a 2D one (each section): the
+    pixel error, foreground Dice, the adapted Rand error of each section's 4-connected cells and object F1."""
+    trained = load_trained(checkpoint)
+    predictor = trained.predictor
+    if trained.plan.dims == 3:
+        classes = predictor.classes(predictor.probabilities(torch.from_numpy(normalize_volume(volume, 1)))).numpy()
+    else:
+        probabilities = [predictor.probabilities(torch.from_numpy(normalize_image(s, 1))) for s in volume]
+        classes = np.stack([predictor.classes(p).numpy() for p in probabilities])
+    truths = [
+        Annotated(str(index), section, truth, measure.label(truth, connectivity=1).astype(np.int32), False)
+        for index, (section, truth) in enumerate(zip(volume, cells))
+    ]
+    found = [(section == 1, measure.label(section == 1, connectivity=1)) for section in classes]
+    return score(truths, found)
 
 
 def nuclei_experiment(epochs_3d: int, epochs_2d: int, nuclei: Path, seeds: list[int], root: Path) -> None:
@@ -224,14 +263,16 @@ def volume_experiment(
     isbi: Path | None = None,
     folds: list[int] | None = None,
     nuclei: Path | None = None,
+    minutes: float | None = None,
 ) -> None:
-    """Run the experiments of ``sets`` (name -> (epochs in 3D, epochs in 2D)); see the module's docstring."""
+    """Run the experiments of ``sets`` (name -> (epochs in 3D, epochs in 2D)); see the module's docstring. With
+    ``minutes``, the damaged and isbi sets' runs train for that wall time each (the epochs an upper bound)."""
     root = Path(tempfile.mkdtemp(prefix="unet-bench-volumes-"))
     try:
         if "damaged" in sets:
-            damaged_experiment(*sets["damaged"], seeds, root)
+            damaged_experiment(*sets["damaged"], seeds, root, minutes=minutes)
         if "isbi" in sets:
-            isbi_experiment(*sets["isbi"], isbi, folds or [0], root)
+            isbi_experiment(*sets["isbi"], isbi, folds or [0], root, minutes)
         if "nuclei3d" in sets:
             nuclei_experiment(*sets["nuclei3d"], nuclei, seeds, root)
     finally:

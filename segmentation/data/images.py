@@ -214,3 +214,12 @@ def layout_image(layout: ImageLayout, page: int | None = None, palette: bool = F
         raise UserError(f"{layout.path}: no page {page}; it holds {layout.count} image(s)")
     (image,) = layout_images(layout, [page or 0], palette)
     return image
+
+
+def tiff_memmap(path: Path) -> np.ndarray | None:
+    """The pixels of a TIFF (one page, or a stack of same-shaped pages) memory-mapped, read only where used, or
+    None where its layout does not allow it (compressed, not contiguous)."""
+    try:
+        return tifffile.memmap(path, mode="r")
+    except ValueError:
+        return None

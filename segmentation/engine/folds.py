@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from segmentation.checkpoints import Progress, read_checkpoint
+from segmentation.checkpoints import read_progress
 from segmentation.config import Config
 from segmentation.console import note
 from segmentation.engine.resume import finished, newest_fold_series
@@ -34,8 +34,8 @@ def train_every_fold(config: Config, train: Callable[[Config], TrainResult]) -> 
         )
         last = save_path / f"{base}-fold{fold}" / "last.pt"
         if resume and last.is_file():
-            progress = Progress.from_dict(read_checkpoint(last)["progress"], last)
-            ended = finished(progress, config.train.max_epochs, run.early_stopping)
+            progress = read_progress(last)
+            ended = finished(progress, config.train.max_epochs, run.early_stopping, run.max_minutes)
             if ended:
                 note(f"fold {fold}: {last} {ended}; skipping it")
                 best_checkpoints.append(last.with_name("best.pt"))

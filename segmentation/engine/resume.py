@@ -105,11 +105,13 @@ def find_resume_checkpoint(resume: str | None, save_path: Path) -> Path | None:
     return path
 
 
-def finished(progress: Progress, max_epochs: int, early_stopping: int) -> str | None:
-    """Why a run whose checkpoint holds ``progress`` has ended (all ``max_epochs`` epochs, or early stopping
-    under ``early_stopping`` > 0), or None when it has epochs to go."""
+def finished(progress: Progress, max_epochs: int, early_stopping: int, max_minutes: float = 0.0) -> str | None:
+    """Why a run whose checkpoint holds ``progress`` has ended (all ``max_epochs`` epochs, early stopping under
+    ``early_stopping`` > 0, or its ``max_minutes`` > 0 spent), or None when it has epochs to go."""
     if progress.epoch >= max_epochs:
         return f"has finished its {max_epochs} epochs"
+    if 0 < max_minutes <= progress.seconds / 60:
+        return f"has used its train.max_minutes ({max_minutes:g})"
     if progress.stopped_early and early_stopping > 0:
         return "ended by early stopping"
     return None

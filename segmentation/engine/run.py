@@ -30,9 +30,11 @@ from segmentation.checkpoints import Progress, save_checkpoint, stored_boundary
 from segmentation.config import Config, UserError, config_to_yaml
 from segmentation.console import note
 from segmentation.device import require_memory
+from segmentation.engine.budget import TimeBudget
+from segmentation.engine.distributed import from_rank_zero
 from segmentation.engine.lock import RunLock, take_run_lock
 from segmentation.engine.resume import load_initial_weights, training_state
-from segmentation.engine.step import build_optimizer, build_scheduler
+from segmentation.engine.step import build_optimizer, build_scheduler, fit_schedule
 from segmentation.engine.validation import Validation
 from segmentation.files import write_atomically
 from segmentation.inference.infer import Predictor
@@ -131,12 +133,14 @@ class Run:
     rows: list[dict]
     writer: object | None = None
     lock: RunLock | None = None  # process 0's, released when training ends
+    budget: TimeBudget = field(default_factory=lambda: TimeBudget(0.0))  # train.max_minutes
     warned_uniform: bool = False  # the note on predictions of a single class is given once
     last_saved: float = field(default_factory=time.monotonic)  # when last.pt was written
 
     def state(self) -> dict:
-        """The run as it stands, as a checkpoint."""
+        """The run as it stands, as a checkpoint (its progress's ``seconds`` brought up to date)."""
         optimisation, models = self.optimisation, self.models
+        self.progress.seconds = round(self.budget.used(), 2)
         return training_state(
             models.model,
             optimisation.optimizer,
@@ -161,6 +165,29 @@ class Run:
         minutes = self.config.run.save_minutes
         return minutes > 0 and time.monotonic() - self.last_saved >= 60 * minutes
 
+    @property
+    def epochs(self) -> int:
+        """The epochs the run will have trained when it ends: a time budget's latest plan, else
+        ``train.max_epochs``."""
+        return self.progress.planned_epochs or self.config.train.max_epochs
+
+    def fit_to_budget(self, epoch: int, seconds_into_epoch: float) -> int:
+        """Under ``train.max_minutes``, during epoch ``epoch`` (from 0): plan the epochs that fit the time
+        left (process 0's plan, in every process), fit the learning-rate schedule to them and return them;
+        without a budget ``train.max_epochs``."""
+        if not self.budget.limited:
+            return self.config.train.max_epochs
+        planned = self.budget.planned_epochs(epoch, self.config.train.max_epochs, seconds_into_epoch)
+        planned = from_rank_zero(planned, self.processes.world_size)
+        if planned != self.progress.planned_epochs:
+            fit_schedule(self.optimisation.scheduler, self.config.train, self.loading.steps_per_epoch, planned)
+            self.progress.planned_epochs = planned
+        return planned
+
+    def time_up(self) -> bool:
+        """Whether ``train.max_minutes`` are spent (process 0's clock, in every process; never without one)."""
+        return self.budget.limited and from_rank_zero(self.budget.over(), self.processes.world_size)
+
     def start_lines(self, resumed_from: Path | None) -> list[str]:
         """The run's first lines: model, device, precision, tiles and steps per epoch, where it writes."""
         settings, world_size = self.config.train, self.processes.world_size
@@ -178,6 +205,11 @@ class Run:
             f"({self.loading.steps_per_epoch} steps of {step_batch}{split}), {len(self.data.val)} validation images",
             f"run {progress.run_name}: logs in {folders.log}, checkpoints in {folders.weights}",
         ]
+        if self.budget.limited:
+            lines.append(
+                f"time budget {self.budget.minutes:g} min (train.max_minutes), {self.budget.used() / 60:.1f} used: "
+                f"epochs planned from their timing, {settings.max_epochs} at most, the schedule fitted to them"
+            )
         if resumed_from:
             lines.append(f"resuming {resumed_from} at epoch {progress.epoch + 1}, batch {progress.batch}")
         return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -69,15 +70,27 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int, epochs: int | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of ``train`` (``lr_factor``), stepped once per optimisation step."""
-    total_steps = train.max_epochs * steps_per_epoch
+    """The learning-rate schedule of ``train`` (``lr_factor``) over ``epochs`` (default ``train.max_epochs``),
+    stepped once per optimisation step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(train, steps_per_epoch, epochs))
+
+
+def fit_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainSettings, steps_per_epoch: int, epochs: int
+) -> None:
+    """Stretch or shrink ``scheduler``'s decay to end after ``epochs`` (a time budget's plan, which changes as
+    epochs are timed); the step count and warm-up stay as they are."""
+    scheduler.lr_lambdas = [schedule_factor(train, steps_per_epoch, epochs)] * len(scheduler.lr_lambdas)
+
+
+def schedule_factor(train: TrainSettings, steps_per_epoch: int, epochs: int | None) -> Callable[[int], float]:
+    """``lr_factor`` of a step under ``train``'s schedule over ``epochs`` of ``steps_per_epoch`` steps."""
+    total_steps = (epochs or train.max_epochs) * steps_per_epoch
     warmup_steps = round(train.warmup_epochs * steps_per_epoch)
     min_factor = train.min_lr / train.lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train.scheduler_type, min_factor)
-    )
+    return lambda step: lr_factor(step, total_steps, warmup_steps, train.scheduler_type, min_factor)
 
 
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:

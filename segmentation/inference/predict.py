@@ -30,6 +30,7 @@ from segmentation.data.images import (
     image_layout,
     layout_image,
     layout_images,
+    tiff_memmap,
 )
 from segmentation.data.preprocess import image_statistics, network_margin, normalize_image, row_axis
 from segmentation.data.readers import IMAGE_SUFFIXES, image_files, object_instances
@@ -263,15 +264,6 @@ def needs_bigtiff(data_bytes: int) -> bool:
 def partial(path: Path) -> Path:
     """Where ``path`` is written until it is complete (same folder and suffix, so readers know the format)."""
     return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
-def tiff_memmap(path: Path) -> np.ndarray | None:
-    """The pixels of a one-page TIFF memory-mapped (read only when used), or None where its layout
-    does not allow it (compressed, not contiguous)."""
-    try:
-        return tifffile.memmap(path, mode="r")
-    except ValueError:
-        return None
 
 
 def predict_large_image(predictor: Predictor, layout: ImageLayout, targets: dict[str, Path]) -> str:

@@ -17,7 +17,7 @@ import tifffile
 import torch
 
 from segmentation.config import UserError
-from segmentation.data.images import ImageLayout, layout_images
+from segmentation.data.images import ImageLayout, layout_images, tiff_memmap
 from segmentation.data.preprocess import volume_statistics
 from segmentation.data.readers import object_instances
 from segmentation.inference.infer import Predictor, predict_slabs, predicted_classes
@@ -29,10 +29,8 @@ def volume_source(layout: ImageLayout, channels: int) -> np.ndarray:
     ``channels`` (``unet.image_channels``)."""
     if layout.count < 2 and not (layout.pages and len(layout.pages[0]) > 1):
         raise UserError(f"{layout.path}: one 2D image, but the model is 3D (unet.dims: 3): give a TIFF stack")
-    try:
-        voxels = tifffile.memmap(layout.path, mode="r")
-    except ValueError:
-        voxels = np.stack(list(layout_images(layout)))
+    voxels = tiff_memmap(layout.path)
+    voxels = np.stack(list(layout_images(layout))) if voxels is None else voxels
     if voxels.ndim == 3:
         voxels = voxels[None]
     elif voxels.ndim == 4 and voxels.shape[-1] in (3, 4):
