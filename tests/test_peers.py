@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -130,6 +131,8 @@ def test_ours_trains_for_the_minutes_and_a_missing_peer_is_one_line_in_its_row(t
     write_nuclei(tmp_path / "train", 6, seed=4)
     write_nuclei(tmp_path / "held", 2, seed=5)
     monkeypatch.setattr(peers, "ENVIRONMENTS", tmp_path / "peers")  # no environments there
+    (tmp_path / "temporary").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))  # where the systems' work folders go
     out = tmp_path / "table.csv"
     arguments = ["--peers", "nnunet", "--data", str(tmp_path / "train"), "--held", str(tmp_path / "held")]
     bench.main([*arguments, "--minutes", "0.1", "--config", tiny_yaml(tmp_path), "--csv", str(out)])
@@ -142,7 +145,7 @@ def test_ours_trains_for_the_minutes_and_a_missing_peer_is_one_line_in_its_row(t
     assert rows[1]["pixel_error"] == ""
     assert "nnunet: no environment; build it with --install-peers, or: python -m venv" in printed
     assert "pip install torch==2.14.1 torchvision==0.29.1 nnunetv2==2.8.1" in printed
-    assert not list(tmp_path.glob("unet-peers-*"))
+    assert list((tmp_path / "temporary").iterdir()) == []  # every system's work folder removed
 
 
 def test_peers_options_are_checked_in_one_line(tmp_path, capsys):
