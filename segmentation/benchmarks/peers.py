@@ -47,8 +47,9 @@ from skimage.metrics import adapted_rand_error
 from segmentation.benchmarks.speed import ROOT
 from segmentation.checkpoints import read_progress
 from segmentation.config import UserError
+from segmentation.data.datacheck import detect_layout
 from segmentation.data.preprocess import normalize_image
-from segmentation.data.readers import MaskSettings, read_folder_pairs, read_isbi2012
+from segmentation.data.readers import MaskSettings, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.inference.trained import load_trained
 from segmentation.metrics import matching_scores, object_matching
 
@@ -81,16 +82,18 @@ class Annotated:
 
 
 def read_annotated(folder: Path, channels: int) -> list[Annotated]:
-    """The images and masks of ``folder``: ISBI 2012's layout (its stacks, or images/ + labels/) or images/ +
-    masks/ (any mask our reader reads: 0/255, class indices, object ids); foreground is class 1, or the objects
-    of id masks; objects are the ids, or the 4-connected components of the foreground."""
-    isbi = (folder / "train-volume.tif").is_file() or (folder / "labels").is_dir()
-    if isbi:
+    """The images and masks of ``folder`` in any layout ``dataset.py check`` recognises (``detect_layout``):
+    ISBI 2012's (its stacks, or images/ + labels/), Penn-Fudan's, or images/ + masks/ (any mask our reader reads:
+    0/255, class indices, object ids); foreground is class 1, or the objects of id masks; objects are the ids, or
+    the 4-connected components of the foreground."""
+    layout = detect_layout(folder)
+    if layout == "isbi2012":
         samples = read_isbi2012(folder, channels)
-    elif (folder / "images").is_dir() and (folder / "masks").is_dir():
-        samples = read_folder_pairs(folder / "images", folder / "masks", channels=channels)
+    elif layout == "pennfudan":
+        training, validation = read_pennfudan(folder, channels)
+        samples = training + (validation or [])
     else:
-        raise UserError(f"{folder}: neither images/ + masks/ nor ISBI 2012's layout; see docs/datasets.md")
+        samples = read_folder_pairs(folder / "images", folder / "masks", channels=channels)
     found = []
     for sample in samples:
         read = sample.read(MaskSettings())
@@ -127,9 +130,8 @@ def score(truths: list[Annotated], predictions: list[tuple[np.ndarray, np.ndarra
 def train_ours(train: Path, held: list[Annotated], minutes: float, config: Path | None, work: Path) -> tuple[list, str]:
     """Train ours on ``train`` for ``minutes`` (``train.max_minutes``); its predictions of ``held`` (foreground,
     objects) and its last line."""
-    isbi = (train / "train-volume.tif").is_file() or (train / "labels").is_dir()
     overrides = [
-        f"train.dataset_name={'isbi2012' if isbi else 'folder'}",
+        f"train.dataset_name={detect_layout(train)}",
         f"train.data={train}",
         f"train.max_minutes={minutes}",
         "train.max_epochs=1000000",

@@ -40,7 +40,7 @@ from segmentation.checkpoints import read_progress
 from segmentation.data.cache import normalize_volume
 from segmentation.data.preprocess import normalize_image
 from segmentation.data.synthetic_volumes import Z_RATIO, synthetic_em_volume
-from segmentation.inference.trained import load_trained
+from segmentation.inference.trained import Trained, load_trained
 from segmentation.metrics import em_segmentation_scores, matching_scores, object_matching
 
 VOLUME_SETS = ("damaged", "isbi", "nuclei3d")
@@ -87,24 +87,24 @@ def write_damaged_set(root: Path, seed: int) -> list[np.ndarray]:
     return damaged
 
 
+def section_classes(trained: Trained, volume: np.ndarray) -> np.ndarray:
+    """(D, H, W) int64 classes of a gray (D, H, W) ``volume``: a 3D model predicts it whole, a 2D one section by
+    section."""
+    predictor = trained.predictor
+    if trained.plan.dims == 3:
+        return predictor.classes(predictor.probabilities(torch.from_numpy(normalize_volume(volume, 1)))).numpy()
+    sections = [predictor.probabilities(torch.from_numpy(normalize_image(s, 1))) for s in volume]
+    return np.stack([predictor.classes(probabilities).numpy() for probabilities in sections])
+
+
 def section_scores(checkpoint: Path, folder: Path, volumes: list[int], damaged: list[np.ndarray]) -> dict:
     """Pixel and Rand error of a model's predictions of ``volumes`` (indices into ``folder``), per section,
     pooled over the damaged and over the intact sections: ``{"damaged": (pixel, rand), "intact": ...}``."""
-    trained = load_trained(checkpoint)
-    predictor, scores = trained.predictor, {"damaged": [], "intact": []}
+    trained, scores = load_trained(checkpoint), {"damaged": [], "intact": []}
     for index in volumes:
         image = tifffile.imread(folder / "images" / f"v{index:02d}.tif")
         label = (tifffile.imread(folder / "masks" / f"v{index:02d}.tif") > 0).astype(np.int64)
-        if trained.plan.dims == 3:
-            probabilities = predictor.probabilities(torch.from_numpy(normalize_volume(image, 1)))
-            classes = predictor.classes(probabilities).numpy()
-        else:
-            classes = np.stack(
-                [
-                    predictor.classes(predictor.probabilities(torch.from_numpy(normalize_image(s, 1)))).numpy()
-                    for s in image
-                ]
-            )
+        classes = section_classes(trained, image)
         for section in range(len(image)):
             kind = "damaged" if section in damaged[index] else "intact"
             rand = em_segmentation_scores(classes[section] == 1, label[section])["rand_error"]
@@ -205,13 +205,7 @@ def held_out_section_scores(checkpoint: Path, volume: np.ndarray, cells: np.ndar
     """``peers.score`` of a model's predictions of a (D, H, W) ``volume`` against its (D, H, W) bool ``cells``,
     section by section, the same for a 3D model (the volume predicted whole) as for a 2D one (each section): the
     pixel error, foreground Dice, the adapted Rand error of each section's 4-connected cells and object F1."""
-    trained = load_trained(checkpoint)
-    predictor = trained.predictor
-    if trained.plan.dims == 3:
-        classes = predictor.classes(predictor.probabilities(torch.from_numpy(normalize_volume(volume, 1)))).numpy()
-    else:
-        probabilities = [predictor.probabilities(torch.from_numpy(normalize_image(s, 1))) for s in volume]
-        classes = np.stack([predictor.classes(p).numpy() for p in probabilities])
+    classes = section_classes(load_trained(checkpoint), volume)
     truths = [
         Annotated(str(index), section, truth, measure.label(truth, connectivity=1).astype(np.int32), False)
         for index, (section, truth) in enumerate(zip(volume, cells))
