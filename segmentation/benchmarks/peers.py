@@ -51,7 +51,7 @@ from segmentation.data.datacheck import detect_layout
 from segmentation.data.preprocess import normalize_image
 from segmentation.data.readers import MaskSettings, read_folder_pairs, read_isbi2012, read_pennfudan
 from segmentation.inference.trained import load_trained
-from segmentation.metrics import matching_scores, object_matching
+from segmentation.metrics import confusion_matrix, matching_scores, object_matching, segmentation_scores
 
 PEERS = ("nnunet", "stardist")
 # what each peer's environment installs; torch and torchvision as a pair that imports together (nnU-Net's trainer
@@ -108,20 +108,16 @@ def read_annotated(folder: Path, channels: int) -> list[Annotated]:
 
 def score(truths: list[Annotated], predictions: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """The scores of ``predictions`` ((foreground (H, W) bool, objects (H, W) int) per image of ``truths``)."""
-    wrong = pixels = overlap = predicted = true = 0
-    rand, counts = [], np.zeros(4)
+    confusion, rand, counts = torch.zeros(2, 2, dtype=torch.int64), [], np.zeros(4)
     for truth, (foreground, objects) in zip(truths, predictions, strict=True):
-        wrong += np.count_nonzero(foreground != truth.foreground)
-        pixels += foreground.size
-        overlap += np.count_nonzero(foreground & truth.foreground)
-        predicted, true = predicted + np.count_nonzero(foreground), true + np.count_nonzero(truth.foreground)
+        confusion += confusion_matrix(torch.from_numpy(foreground), torch.from_numpy(truth.foreground), 2)
         rand.append(adapted_rand_error(truth.ids, np.asarray(objects, np.int64), ignore_labels=(0,))[0])
         counts += object_matching(truth.ids, objects)
-    union = predicted + true - overlap
+    pixels = segmentation_scores(confusion)
     return {
-        "pixel_error": wrong / pixels,
-        "dice": 2 * overlap / max(1, predicted + true),
-        "iou": overlap / max(1, union),
+        "pixel_error": pixels["pixel_error"],
+        "dice": pixels["dice"],
+        "iou": pixels["iou"],
         "rand_error": float(np.mean(rand)),
         "object_f1": matching_scores(counts)["f1"],
     }
