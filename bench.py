@@ -302,7 +302,7 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
         type=path_argument,
         metavar="PNG",
         help="instead: plot the scores against minutes of the --peers CSV files given after it, named "
-        "<data set>-<anything>.csv",
+        "<data set>-<anything>.csv, and print the minutes each peer needed to reach our 10-minute scores",
     )
     parser.add_argument("tables", nargs="*", type=path_argument, help="--peer-figure: the CSV files")
     parser.add_argument(
@@ -356,7 +356,8 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_options(argv)
     if args.peer_figure:
-        plot_peer_curves(args.tables, args.peer_figure)
+        for line in plot_peer_curves(args.tables, args.peer_figure):
+            print(line)
         print(f"wrote {args.peer_figure}")
         return
     if args.peers:

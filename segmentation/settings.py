@@ -251,7 +251,12 @@ class PredictSettings:
         0.5, "threshold", "two classes: class 1 at this probability; auto: calibrated", above=0.0, maximum=0.999
     )
     watershed_seeds: float | None = setting(
-        None, "float", "two classes: seeds of the watershed cut", above=0.0, maximum=0.999, nullable=True
+        None,
+        "float",
+        "two classes: seeds of the watershed cut (border class: of the objects)",
+        above=0.0,
+        maximum=0.999,
+        nullable=True,
     )
     watershed_min_seed: int = setting(0, "int", "with watershed_seeds: smallest seed in pixels", minimum=0)
     min_object_size: int | str = setting(

@@ -73,3 +73,22 @@ def test_touching_objects_grow_from_their_insides_and_part_along_their_borders()
     assert len(np.unique(objects_from_boundary_probabilities(probabilities))) == 4
     # without seeds (none has min_seed_area pixels) the touching discs are one object, the blob another
     assert objects_from_boundary_probabilities(probabilities, min_seed_area=10_000).max() == 2
+
+
+def test_a_seed_threshold_keeps_apart_insides_that_meet_where_the_network_is_unsure():
+    # two 9 px squares of sure inside (0.9) joined by a 3 px neck where the inside is most probable but unsure (0.5)
+    probabilities = np.zeros((3, 12, 25), np.float32)
+    probabilities[0] = 1.0
+    sure, neck = np.zeros((12, 25), bool), np.zeros((12, 25), bool)
+    sure[1:10, 1:10] = sure[1:10, 15:24] = True
+    neck[4:7, 10:15] = True
+    probabilities[:, sure] = np.array([0.05, 0.9, 0.05])[:, None]
+    probabilities[:, neck] = np.array([0.2, 0.5, 0.3])[:, None]
+    default = objects_from_boundary_probabilities(probabilities)
+    assert default.max() == 1 and np.count_nonzero(default) == 2 * 81 + 15  # one seed across the neck: merged
+    found = objects_from_boundary_probabilities(probabilities, seed_threshold=0.6)
+    assert found.max() == 2 and np.count_nonzero(found) == 2 * 81 + 15  # two seeds, the neck shared out
+    left, right = np.unique(found[1:10, 1:10]), np.unique(found[1:10, 15:24])
+    assert len(left) == 1 and len(right) == 1 and left[0] != right[0]
+    # the neck floods from both sides: each square's object takes the neck columns next to it
+    assert set(np.unique(found[neck])) == {1, 2}

@@ -177,6 +177,10 @@ def test_peer_figure_plots_each_data_set_and_refuses_tables_without_scores(tmp_p
     bench.main(
         ["--peer-figure", str(figure), *(str(tmp_path / n) for n in ("isbi-3.csv", "isbi-10.csv", "nuclei-10.csv"))]
     )
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "isbi: nnunet to reach ours at 10 min: pixel_error 0.1000 not by 10 min (best 0.1600); "
+        "rand_error 0.2000 not by 10 min (best 0.5800); object_f1 0.7500 not by 10 min (best 0.5500)"
+    )
     image = skimage.io.imread(figure)
     assert image.shape[1] == 2 * 400 and image.shape[0] == 3 * 300  # 2 data sets x 3 scores, 100 dpi
     (tmp_path / "empty-1.csv").write_text(",".join(peers.CSV_COLUMNS) + "\nstardist,1,,,,\n")
@@ -194,3 +198,22 @@ def test_peer_figure_plots_each_data_set_and_refuses_tables_without_scores(tmp_p
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty-1.csv'}: no scored rows to plot"
     ]
+
+
+def test_catch_up_names_the_first_budget_at_which_a_peer_scores_as_well_as_ours():
+    def scores(pixel, rand, f1):
+        return {"pixel_error": pixel, "dice": 0.0, "rand_error": rand, "object_f1": f1}
+
+    curves = {
+        "nuclei": {
+            "ours": [(3.0, scores(0.08, 0.5, 0.4)), (10.0, scores(0.05, 0.3, 0.5))],
+            "stardist": [(3.0, scores(0.2, 0.7, 0.45)), (10.0, scores(0.1, 0.6, 0.55)), (30.0, scores(0.05, 0.4, 0.6))],
+        }
+    }
+    # ours at 10 min: pixel 0.05 (stardist equals it at 30, not at 10), rand 0.3 (never), F1 0.5 (passed at 10)
+    assert peers.catch_up_lines(curves) == [
+        "nuclei: stardist to reach ours at 10 min: pixel_error 0.0500 by 30 min (not at 10); "
+        "rand_error 0.3000 not by 30 min (best 0.4000); object_f1 0.5000 by 10 min (not at 3)"
+    ]
+    # the reference is ours' budget nearest the one asked for
+    assert peers.catch_up_lines(curves, reference_minutes=4)[0].startswith("nuclei: stardist to reach ours at 3 min")

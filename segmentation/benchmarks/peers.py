@@ -334,31 +334,80 @@ def environment_ready(peer: str) -> bool:
     return (folder / INSTALLED).is_file() and os.access(folder / "bin" / "python", os.X_OK)
 
 
-def plot_peer_curves(tables: list[Path], figure: Path) -> None:
-    """Scores against minutes per system, one column of panels per data set: ``tables`` are CSV files that
-    ``--peers --csv`` wrote, named ``<data set>-<anything>.csv`` (``isbi-10.csv``); a PNG at ``figure``."""
-    from matplotlib.figure import Figure
+Curves = dict[str, dict[str, list[tuple[float, dict[str, float]]]]]  # data set -> system -> (minutes, scores)
+LOWER_IS_BETTER = ("pixel_error", "rand_error")
+CURVE_SCORES = ("pixel_error", "rand_error", "object_f1")  # the scores plotted and caught up with
 
-    points: dict[str, dict[str, list[tuple[float, dict]]]] = {}
+
+def read_peer_tables(tables: list[Path]) -> Curves:
+    """The scored rows of CSV files that ``--peers --csv`` wrote, named ``<data set>-<anything>.csv``
+    (``isbi-10.csv``), per data set and system, sorted by minutes; a UserError when none has scores."""
+    curves: Curves = {}
     for table in tables:
         with table.open(newline="") as file:
             for row in csv.DictReader(file):
                 if row.get("pixel_error"):
-                    curve = points.setdefault(table.stem.split("-")[0], {}).setdefault(row["system"], [])
+                    curve = curves.setdefault(table.stem.split("-")[0], {}).setdefault(row["system"], [])
                     curve.append((float(row["minutes"]), {key: float(row[key]) for key in CSV_COLUMNS[2:]}))
-    if not points:
+    if not curves:
         raise UserError(f"{', '.join(map(str, tables))}: no scored rows to plot")
-    scores = ("pixel_error", "rand_error", "object_f1")
-    plot = Figure(figsize=(4 * len(points), 3 * len(scores)), layout="constrained")
-    axes = plot.subplots(len(scores), len(points), squeeze=False)
+    for systems in curves.values():
+        for curve in systems.values():
+            curve.sort(key=lambda point: point[0])
+    return curves
+
+
+def catch_up_lines(curves: Curves, reference_minutes: float = 10.0) -> list[str]:
+    """For each data set, peer and score: the fewest measured minutes at which the peer scored at least as well
+    as ours did in ``reference_minutes`` (ours' budget nearest to it), bracketed by the budget before, or the
+    longest budget at which it had not."""
+    lines = []
+    for data, systems in sorted(curves.items()):
+        if "ours" not in systems:
+            continue
+        minutes, ours = min(systems["ours"], key=lambda point: abs(point[0] - reference_minutes))
+        for system, curve in sorted(systems.items()):
+            if system == "ours":
+                continue
+            parts = []
+            for key in CURVE_SCORES:
+                target = ours[key]
+                reached = [
+                    at
+                    for at, scores in curve
+                    if (scores[key] <= target if key in LOWER_IS_BETTER else scores[key] >= target)
+                ]
+                if reached:
+                    before = [at for at, _ in curve if at < reached[0]]
+                    since = f" (not at {before[-1]:g})" if before else ""
+                    parts.append(f"{key} {target:.4f} by {reached[0]:g} min{since}")
+                else:
+                    best = (min if key in LOWER_IS_BETTER else max)(scores[key] for _, scores in curve)
+                    parts.append(f"{key} {target:.4f} not by {curve[-1][0]:g} min (best {best:.4f})")
+            lines.append(f"{data}: {system} to reach ours at {minutes:g} min: " + "; ".join(parts))
+    return lines
+
+
+def plot_peer_curves(tables: list[Path], figure: Path) -> list[str]:
+    """Scores against minutes per system, one column of panels per data set, from the CSV files ``tables``
+    (``read_peer_tables``); a PNG at ``figure``. Returns ``catch_up_lines`` of the same tables."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    points = read_peer_tables(tables)
+    plot = Figure(figsize=(4 * len(points), 3 * len(CURVE_SCORES)), layout="constrained")
+    axes = plot.subplots(len(CURVE_SCORES), len(points), squeeze=False)
     for column, (data, systems) in enumerate(sorted(points.items())):
-        for row, key in enumerate(scores):
+        for row, key in enumerate(CURVE_SCORES):
             axis = axes[row][column]
             for system, curve in sorted(systems.items()):
-                curve.sort(key=lambda point: point[0])
                 axis.plot([m for m, _ in curve], [s[key] for _, s in curve], marker="o", label=system)
             axis.set_xscale("log")
+            budgets = sorted({minutes for curve in systems.values() for minutes, _ in curve})
+            axis.xaxis.set_minor_locator(NullLocator())  # ticks at the budgets measured, written as plain minutes
+            axis.set_xticks(budgets, [f"{minutes:g}" for minutes in budgets])
             axis.set_title(f"{data}: {key.replace('_', ' ')}")
             axis.set_xlabel("minutes of training (2-core CPU)")
             axis.legend(fontsize="small")
     plot.savefig(figure, dpi=100)
+    return catch_up_lines(points)

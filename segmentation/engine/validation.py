@@ -92,9 +92,9 @@ def calibrate(predictor: Predictor, dataset, metric: str) -> tuple[float, list[d
         cell_probabilities.append(probabilities[1].numpy())
         labels.append(scored_classes(label, 2).numpy())
     settings = predictor.settings
-    return calibrate_threshold(
-        cell_probabilities, labels, metric, settings.watershed_seeds, settings.watershed_min_seed
-    )
+    # with the border class, watershed_seeds seeds the objects' insides, not a cut of class 1
+    seeds = None if predictor.model.boundary_class else settings.watershed_seeds
+    return calibrate_threshold(cell_probabilities, labels, metric, seeds, settings.watershed_min_seed)
 
 
 def calibrate_checkpoint(

@@ -350,7 +350,7 @@ class Predictor:
         settings = self.settings
         if self.model.boundary_class:
             ids = objects_from_boundary_probabilities(
-                probabilities.numpy(), self.threshold, settings.watershed_min_seed
+                probabilities.numpy(), self.threshold, settings.watershed_min_seed, settings.watershed_seeds
             )
         else:
             classes = predicted_classes(

@@ -3,7 +3,8 @@
 For two classes the network's class-1 probability says where objects are, not which pixel belongs to
 which object. Object ids come from the predicted mask's 4-connected components (cut apart by a seeded
 watershed where ``predict.watershed_seeds`` asks for it) or, for a network with the boundary class
-(``unet.boundary_class``), from the objects' insides: each connected inside is a seed, and the seeds
+(``unet.boundary_class``), from the objects' insides: each connected inside (or inside probability of at least
+``predict.watershed_seeds``) is a seed, and the seeds
 grow over the predicted foreground (inside and border) by a watershed on the inside probability, so
 that objects that touch come apart along their borders. ``ObjectRules`` then remove objects smaller
 than ``min_size`` pixels (the specks and fragments of a noisy prediction) and fill the holes inside
@@ -34,15 +35,18 @@ class ObjectRules:
 
 
 def objects_from_boundary_probabilities(
-    probabilities: np.ndarray, threshold: float = 0.5, min_seed_area: int = 0
+    probabilities: np.ndarray, threshold: float = 0.5, min_seed_area: int = 0, seed_threshold: float | None = None
 ) -> np.ndarray:
     """(H, W) int32 object ids (0 = background) from (3, H, W) probabilities of background, object inside
     and object border. Foreground: inside + border >= ``threshold``; seeds: the 4-connected regions where
-    the inside is the most probable class (at least ``min_seed_area`` pixels); each seed floods the
-    foreground downhill in inside probability, and foreground that no seed reaches is an object of its own."""
+    the inside probability is >= ``seed_threshold`` (None: where the inside is the most probable class), of
+    at least ``min_seed_area`` pixels; each seed floods the foreground downhill in inside probability, and
+    foreground that no seed reaches is an object of its own. A seed threshold above the inside's usual
+    share keeps apart the insides of clumped objects that meet where the network is unsure."""
     background, inside, border = probabilities
     foreground = inside + border >= threshold
-    seeds = measure.label(foreground & (inside >= np.maximum(background, border)), connectivity=1)
+    seeded = inside >= (np.maximum(background, border) if seed_threshold is None else seed_threshold)
+    seeds = measure.label(foreground & seeded, connectivity=1)
     if min_seed_area > 0:
         too_small = np.bincount(seeds.ravel()) < min_seed_area
         too_small[0] = False
