@@ -70,11 +70,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int, epochs: int | None = None
+    optimizer: torch.optim.Optimizer, train: TrainSettings, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of ``train`` (``lr_factor``) over ``epochs`` (default ``train.max_epochs``),
-    stepped once per optimisation step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(train, steps_per_epoch, epochs))
+    """The learning-rate schedule of ``train`` (``lr_factor``) over ``train.max_epochs``, stepped once per
+    optimisation step (``fit_schedule`` refits it to a time budget's plan)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(train, steps_per_epoch, train.max_epochs))
 
 
 def fit_schedule(
@@ -85,9 +85,9 @@ def fit_schedule(
     scheduler.lr_lambdas = [schedule_factor(train, steps_per_epoch, epochs)] * len(scheduler.lr_lambdas)
 
 
-def schedule_factor(train: TrainSettings, steps_per_epoch: int, epochs: int | None) -> Callable[[int], float]:
+def schedule_factor(train: TrainSettings, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     """``lr_factor`` of a step under ``train``'s schedule over ``epochs`` of ``steps_per_epoch`` steps."""
-    total_steps = (epochs or train.max_epochs) * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
     warmup_steps = round(train.warmup_epochs * steps_per_epoch)
     min_factor = train.min_lr / train.lr
     return lambda step: lr_factor(step, total_steps, warmup_steps, train.scheduler_type, min_factor)
